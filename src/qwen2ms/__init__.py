@@ -1,6 +1,7 @@
 """qwen2ms: the Qwen2 LLM family (dense and MoE) on MindSpore — tokenizer, HF checkpoints, generation, fine-tuning."""
 from .config import PRESETS, ConfigError, Qwen2Config
 from .hub import HubError
+from .generation import GenerationConfig, GenerationConfigError, TextStreamer
 
 __version__ = "0.1.0"
 
@@ -10,4 +11,7 @@ __all__ = [
     "PRESETS",
     "ConfigError",
     "HubError",
+    "GenerationConfig",
+    "GenerationConfigError",
+    "TextStreamer",
 ]
