@@ -1,0 +1,429 @@
+"""CPU backend: our own C++ kernels (fused RMSNorm, RoPE, SwiGLU, low-precision linear) run through ``ops.Custom``.
+
+The kernels in ``ops/csrc/*.cpp`` are compiled with the system C++ compiler on first use into a cache
+folder keyed by a hash of the sources, the flags and the compiler version
+(``~/.cache/qwen2ms/kernels/<hash>/``, or ``$QWEN2MS_KERNEL_CACHE/<hash>/``). The build writes to a
+temporary file and renames it into place, so concurrent processes never load a half-written library.
+Each kernel has a bprop where training uses it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import mindspore as ms
+import numpy as np
+from mindspore import ops
+
+__all__ = [
+    "KernelBuildError",
+    "CpuKernels",
+    "QuantizedWeight",
+    "build_kernels",
+    "compiler_flags",
+    "find_compiler",
+    "kernel_cache_dir",
+    "quantize_int8",
+]
+
+CSRC_DIR = Path(__file__).resolve().parent / "csrc"
+LIB_NAME = "libqwen2ms_kernels.so"
+_SOURCES = ("common.h", "norm.cpp", "rope.cpp", "swiglu.cpp", "linear.cpp")
+_build_lock = threading.Lock()
+
+
+class KernelBuildError(RuntimeError):
+    """The CPU kernels could not be compiled (no compiler, or the compiler failed)."""
+
+
+def kernel_cache_dir() -> Path:
+    """Folder holding compiled kernel libraries, one sub-folder per source hash.
+
+    Returns:
+        ``$QWEN2MS_KERNEL_CACHE`` if set, else ``~/.cache/qwen2ms/kernels``.
+
+    Example:
+        >>> kernel_cache_dir().name
+        'kernels'
+    """
+    env = os.environ.get("QWEN2MS_KERNEL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "qwen2ms" / "kernels"
+
+
+def find_compiler() -> Optional[str]:
+    """The C++ compiler used for the kernels: ``$CXX`` if set, else the first of g++, c++, clang++ on PATH.
+
+    Returns:
+        Absolute path of the compiler, or None when none is found.
+
+    Example:
+        >>> find_compiler() is None or os.path.isabs(find_compiler())
+        True
+    """
+    env = os.environ.get("CXX")
+    if env:
+        return shutil.which(env)
+    for name in ("g++", "c++", "clang++"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _cpu_flags() -> set:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def compiler_flags(cpu_flags: Optional[set] = None) -> List[str]:
+    """Compiler flags for this CPU: AVX2+FMA+F16C code when ``/proc/cpuinfo`` lists all three, else portable -O3.
+
+    Args:
+        cpu_flags: CPU feature flags to decide from (default: read ``/proc/cpuinfo``).
+
+    Returns:
+        The flag list passed to the compiler (always with ``-fopenmp -shared -fPIC``).
+
+    Example:
+        >>> "-mavx2" in compiler_flags({"avx2", "fma", "f16c"})
+        True
+    """
+    flags = _cpu_flags() if cpu_flags is None else set(cpu_flags)
+    out = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
+    if {"avx2", "fma", "f16c"} <= flags:
+        out += ["-mavx2", "-mfma", "-mf16c"]
+    return out
+
+
+def _compiler_version(cxx: str) -> str:
+    try:
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def build_kernels(cxx: Optional[str] = None, cache_dir: Optional[Path] = None, force: bool = False,
+                  flags: Optional[Sequence[str]] = None) -> Path:
+    """Compile the kernel library if it is not cached yet, and return its absolute path.
+
+    Args:
+        cxx: compiler to use (default: :func:`find_compiler`).
+        cache_dir: cache root (default: :func:`kernel_cache_dir`).
+        force: rebuild even when a cached library exists.
+        flags: compiler flags (default: :func:`compiler_flags` for this CPU).
+
+    Returns:
+        Absolute path of ``libqwen2ms_kernels.so`` inside ``<cache_dir>/<hash>/``.
+
+    Raises:
+        KernelBuildError: no compiler was found, or compilation failed (the message has its output).
+
+    Example:
+        >>> lib = build_kernels()
+        >>> lib.name
+        'libqwen2ms_kernels.so'
+    """
+    cxx = cxx or find_compiler()
+    if not cxx:
+        raise KernelBuildError(
+            "no C++ compiler found for the qwen2ms CPU kernels (looked for $CXX, g++, c++, clang++): "
+            "install g++ (e.g. `apt-get install g++`) or use the reference ops with "
+            "QWEN2MS_OPS_BACKEND=reference"
+        )
+    flags = list(flags) if flags is not None else compiler_flags()
+    digest = hashlib.sha256()
+    for name in _SOURCES:
+        digest.update(name.encode())
+        digest.update((CSRC_DIR / name).read_bytes())
+    digest.update(" ".join(flags).encode())
+    digest.update(_compiler_version(cxx).encode())
+    folder = Path(cache_dir or kernel_cache_dir()) / digest.hexdigest()[:20]
+    lib = folder / LIB_NAME
+    with _build_lock:
+        if lib.is_file() and not force:
+            return lib.resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=folder)
+        os.close(fd)
+        cpp = [str(CSRC_DIR / n) for n in _SOURCES if n.endswith(".cpp")]
+        cmd = [cxx, *flags, "-I", str(CSRC_DIR), "-o", tmp, *cpp]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if proc.returncode != 0:
+                raise KernelBuildError(
+                    f"compiling the qwen2ms CPU kernels failed (exit {proc.returncode}):\n"
+                    f"$ {' '.join(cmd)}\n{proc.stderr.strip()[-4000:]}\n"
+                    "Use QWEN2MS_OPS_BACKEND=reference to run without them."
+                )
+            os.replace(tmp, lib)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise KernelBuildError(f"running the compiler {cxx!r} failed: {exc}") from exc
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return lib.resolve()
+
+
+class QuantizedWeight:
+    """An int8 weight-only quantised matrix: ``W ~= q * scale[:, None]`` with per-output-channel scales.
+
+    Args:
+        q: int8 tensor [N, K].
+        scale: float32 tensor [N].
+
+    Example:
+        >>> qw = quantize_int8(np.ones((4, 8), np.float32))
+        >>> qw.q.shape, qw.scale.shape
+        ((4, 8), (4,))
+    """
+
+    def __init__(self, q, scale):
+        self.q = q
+        self.scale = scale
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return tuple(self.q.shape)
+
+
+def quantize_int8(weight) -> QuantizedWeight:
+    """Symmetric per-output-channel int8 quantisation of a [N, K] weight (round to nearest).
+
+    Args:
+        weight: numpy array or MindSpore tensor [N, K], any float dtype.
+
+    Returns:
+        :class:`QuantizedWeight` with numpy ``q`` (int8) and ``scale`` (float32, max|row|/127; 1 for zero rows).
+
+    Example:
+        >>> qw = quantize_int8(np.array([[0.5, -1.0]], np.float32))
+        >>> qw.q.tolist(), float(qw.scale[0]) == 1.0 / 127
+        ([[64, -127]], True)
+    """
+    w = weight.astype("float32").asnumpy() if hasattr(weight, "asnumpy") else np.asarray(weight, np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"quantize_int8 expects a [out, in] weight matrix, got shape {w.shape}")
+    amax = np.abs(w).max(axis=1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    return QuantizedWeight(q, scale)
+
+
+def _shape_same(*shapes):
+    return shapes[0]
+
+
+class CpuKernels:
+    """The compiled kernels as MindSpore ``Custom`` primitives, with bprops; usable in PyNative, jit and graph mode.
+
+    Args:
+        lib_path: the compiled library (default: :func:`build_kernels`).
+
+    Example:
+        >>> k = CpuKernels()
+        >>> y = k.swiglu(ms.Tensor(np.ones((2, 3), np.float32)), ms.Tensor(np.ones((2, 3), np.float32)))
+    """
+
+    def __init__(self, lib_path: Optional[Path] = None):
+        self.lib_path = Path(lib_path or build_kernels()).resolve()
+        lib = str(self.lib_path)
+
+        def custom(name, out_shape, out_dtype, bprop=None):
+            return ops.Custom(f"{lib}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot",
+                              bprop=bprop)
+
+        def first_dtype(*dts):
+            return dts[0]
+
+        # --- RMSNorm -------------------------------------------------------------------------------------
+        self._rms_norm_grad = custom(
+            "RmsNormGrad", lambda dy, x, w, e: (x, w), lambda dy, x, w, e: (x, w))
+
+        def rms_norm_bprop(x, w, eps, out, dout):
+            dx, dw = self._rms_norm_grad(dout, x, w, eps)
+            return dx, dw, ops.zeros_like(eps)
+
+        self._rms_norm = custom("RmsNorm", lambda x, w, e: x, lambda x, w, e: x, rms_norm_bprop)
+
+        def add_rms_norm_bprop(x, res, w, eps, out, dout):
+            dy, ds = dout
+            dsum, dw = self._rms_norm_grad(dy, out[1], w, eps)
+            total = ops.cast(dsum, ms.float32) + ops.cast(ds, ms.float32)
+            return ops.cast(total, x.dtype), ops.cast(total, res.dtype), dw, ops.zeros_like(eps)
+
+        self._add_rms_norm = custom(
+            "AddRmsNorm", lambda x, r, w, e: (x, x), lambda x, r, w, e: (x, x), add_rms_norm_bprop)
+
+        # --- RoPE ----------------------------------------------------------------------------------------
+        def rope_pair(fwd: str, grad: str):
+            grad_op = custom(grad, lambda q, k, c, s: (q, k), lambda q, k, c, s: (q, k))
+
+            def bprop(q, k, cos, sin, out, dout):
+                dq, dk = grad_op(dout[0], dout[1], cos, sin)
+                return dq, dk, ops.zeros_like(cos), ops.zeros_like(sin)
+
+            return custom(fwd, lambda q, k, c, s: (q, k), lambda q, k, c, s: (q, k), bprop)
+
+        self._rope = {"BNSD": rope_pair("RopeBNSD", "RopeBNSDGrad"), "BSND": rope_pair("RopeBSND", "RopeBSNDGrad")}
+
+        # --- SwiGLU --------------------------------------------------------------------------------------
+        self._swiglu_grad = custom("SwiGLUGrad", lambda d, g, u: (g, u), lambda d, g, u: (g, u))
+
+        def swiglu_bprop(gate, up, out, dout):
+            return self._swiglu_grad(dout, gate, up)
+
+        self._swiglu = custom("SwiGLU", lambda g, u: g, first_dtype, swiglu_bprop)
+
+        # --- Linear --------------------------------------------------------------------------------------
+        def linear_shape(x, w, *rest):
+            return list(x[:-1]) + [w[0]]
+
+        def dx_of(dout, w_f32, x):
+            # dx = dy @ W; dW = dy^T @ x, both in fp32 (bf16 matmul does not run on CPU).
+            k = w_f32.shape[1]
+            dy2 = ops.reshape(ops.cast(dout, ms.float32), (-1, w_f32.shape[0]))
+            dx = ops.reshape(ops.matmul(dy2, w_f32), x.shape)
+            dw = ops.matmul(ops.transpose(dy2, (1, 0)), ops.reshape(ops.cast(x, ms.float32), (-1, k)))
+            return ops.cast(dx, x.dtype), dw, dy2
+
+        def linear_bprop(x, w, out, dout):
+            dx, dw, _ = dx_of(dout, ops.cast(w, ms.float32), x)
+            return dx, ops.cast(dw, w.dtype)
+
+        def linear_bias_bprop(x, w, b, out, dout):
+            dx, dw, dy2 = dx_of(dout, ops.cast(w, ms.float32), x)
+            return dx, ops.cast(dw, w.dtype), ops.cast(ops.reduce_sum(dy2, 0), b.dtype)
+
+        def linear_q_bprop(x, q, scale, out, dout):
+            w = ops.cast(q, ms.float32) * ops.expand_dims(scale, 1)
+            dx, _, _ = dx_of(dout, w, x)
+            # int8 weights are frozen: no gradient flows into them or their scales.
+            return dx, ops.zeros_like(q), ops.zeros_like(scale)
+
+        def linear_q_bias_bprop(x, q, scale, b, out, dout):
+            w = ops.cast(q, ms.float32) * ops.expand_dims(scale, 1)
+            dx, _, dy2 = dx_of(dout, w, x)
+            return dx, ops.zeros_like(q), ops.zeros_like(scale), ops.cast(ops.reduce_sum(dy2, 0), b.dtype)
+
+        self._linear = custom("Linear", linear_shape, first_dtype, linear_bprop)
+        self._linear_bias = custom("Linear", linear_shape, first_dtype, linear_bias_bprop)
+        self._linear_q = custom("Linear", linear_shape, first_dtype, linear_q_bprop)
+        self._linear_q_bias = custom("Linear", linear_shape, first_dtype, linear_q_bias_bprop)
+
+    def rms_norm(self, x, weight, eps: float):
+        """RMSNorm over the last axis: ``weight * cast(x * rsqrt(mean(x^2) + eps), x.dtype)``.
+
+        Args:
+            x: [..., H] fp32/fp16/bf16.
+            weight: [H].
+            eps: variance epsilon.
+
+        Returns:
+            [..., H] in the dtype of x.
+        """
+        return self._rms_norm(x, weight, ms.Tensor([eps], ms.float32))
+
+    def add_rms_norm(self, x, residual, weight, eps: float):
+        """Residual add then RMSNorm: returns ``(rms_norm(x + residual), x + residual)``.
+
+        Args:
+            x: [..., H]; residual: [..., H]; weight: [H]; eps: variance epsilon.
+
+        Returns:
+            Tuple (normed, summed), both [..., H] in the dtype of x.
+        """
+        return self._add_rms_norm(x, residual, weight, ms.Tensor([eps], ms.float32))
+
+    def apply_rope(self, q, k, cos, sin, layout: str = "BNSD"):
+        """Rotary embedding (rotate-half convention) applied to q and k in one kernel.
+
+        Args:
+            q: [B, Nq, S, D] (layout "BNSD") or [B, S, Nq, D] ("BSND").
+            k: same layout with Nkv heads.
+            cos, sin: [S, D], [1, S, D] or [B, S, D] (also [B, 1, S, D]), one dtype.
+            layout: "BNSD" or "BSND".
+
+        Returns:
+            Tuple (q_rot, k_rot) with the shapes and dtypes of q and k.
+        """
+        op = self._rope.get(layout)
+        if op is None:
+            raise ValueError(f"apply_rope layout must be 'BNSD' or 'BSND', got {layout!r}")
+        return op(q, k, cos, sin)
+
+    def swiglu(self, gate, up):
+        """``silu(gate) * up`` elementwise (gate and up of one shape).
+
+        Args:
+            gate, up: same shape, fp32/fp16/bf16.
+
+        Returns:
+            Tensor of that shape in the dtype of gate.
+        """
+        return self._swiglu(gate, up)
+
+    def linear(self, x, weight, bias=None):
+        """``x @ weight.T (+ bias)`` with fp32 accumulation, for fp32/fp16/bf16 or int8 weights.
+
+        Args:
+            x: [..., K] fp32/fp16/bf16.
+            weight: [N, K] tensor, or a :class:`QuantizedWeight` whose ``q``/``scale`` are MindSpore tensors.
+            bias: optional [N].
+
+        Returns:
+            [..., N] in the dtype of x.
+        """
+        if isinstance(weight, QuantizedWeight):
+            if bias is None:
+                return self._linear_q(x, weight.q, weight.scale)
+            return self._linear_q_bias(x, weight.q, weight.scale, bias)
+        if bias is None:
+            return self._linear(x, weight)
+        return self._linear_bias(x, weight, bias)
+
+    def linear_int8(self, x, q, scale, bias=None):
+        """Int8 weight-only linear: ``(x @ q.T) * scale (+ bias)``.
+
+        Args:
+            x: [..., K]; q: int8 [N, K]; scale: float32 [N]; bias: optional [N].
+
+        Returns:
+            [..., N] in the dtype of x.
+        """
+        if bias is None:
+            return self._linear_q(x, q, scale)
+        return self._linear_q_bias(x, q, scale, bias)
+
+
+_shared: Dict[str, CpuKernels] = {}
+
+
+def shared_kernels() -> CpuKernels:
+    """One :class:`CpuKernels` per process (building the primitives is cheap, compiling is not).
+
+    Returns:
+        The process-wide :class:`CpuKernels`.
+
+    Example:
+        >>> shared_kernels() is shared_kernels()
+        True
+    """
+    k = _shared.get("k")
+    if k is None:
+        k = CpuKernels()
+        _shared["k"] = k
+    return k

@@ -1,0 +1,152 @@
+// Shared helpers for qwen2ms CPU kernels: dtype tags, scalar and 8-wide conversions, the AOT signature.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define QK_SIMD 1
+#else
+#define QK_SIMD 0
+#endif
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// MindSpore calls every AOT kernel with this signature; inputs come first in params, then outputs.
+#define QK_KERNEL(name)                                                                          \
+  extern "C" int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, \
+                      void *stream, void *extra)
+
+namespace qk {
+
+enum DType { F32 = 0, F16 = 1, BF16 = 2, I8 = 3, UNSUPPORTED = 9 };
+
+inline DType dtype_of(const char *s) {
+  if (std::strcmp(s, "float32") == 0 || std::strcmp(s, "float") == 0) return F32;
+  if (std::strcmp(s, "float16") == 0) return F16;
+  if (std::strcmp(s, "bfloat16") == 0) return BF16;
+  if (std::strcmp(s, "int8") == 0) return I8;
+  return UNSUPPORTED;
+}
+
+inline int64_t numel(int ndim, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < ndim; ++i) n *= shape[i];
+  return n;
+}
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, keeping NaN a (quiet) NaN: the same rounding MindSpore's Cast uses.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float f16_to_f32(uint16_t h) {
+#if QK_SIMD
+  return _cvtsh_ss(h);
+#else
+  uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+  if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: renormalise
+      exp = 127 - 15 + 1;
+      while ((man & 0x400u) == 0) { man <<= 1; --exp; }
+      u = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else {
+    u = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+inline uint16_t f32_to_f16(float f) {
+#if QK_SIMD
+  return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint32_t sign = (u >> 16) & 0x8000u;
+  int32_t exp = static_cast<int32_t>((u >> 23) & 0xffu) - 127 + 15;
+  uint32_t man = u & 0x7fffffu;
+  if (((u >> 23) & 0xffu) == 0xffu) return static_cast<uint16_t>(sign | 0x7c00u | (man ? 0x200u : 0u));
+  if (exp >= 31) return static_cast<uint16_t>(sign | 0x7c00u);
+  if (exp <= 0) {
+    if (exp < -10) return static_cast<uint16_t>(sign);
+    man |= 0x800000u;
+    uint32_t shift = static_cast<uint32_t>(14 - exp);
+    uint32_t half = 1u << (shift - 1);
+    uint32_t r = man >> shift;
+    uint32_t rem = man & ((1u << shift) - 1);
+    if (rem > half || (rem == half && (r & 1u))) ++r;
+    return static_cast<uint16_t>(sign | r);
+  }
+  uint32_t r = (static_cast<uint32_t>(exp) << 10) | (man >> 13);
+  uint32_t rem = man & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) ++r;
+  return static_cast<uint16_t>(sign | r);
+#endif
+}
+
+inline float load(const void *p, DType t, int64_t i) {
+  switch (t) {
+    case F32: return static_cast<const float *>(p)[i];
+    case F16: return f16_to_f32(static_cast<const uint16_t *>(p)[i]);
+    case BF16: return bf16_to_f32(static_cast<const uint16_t *>(p)[i]);
+    case I8: return static_cast<float>(static_cast<const int8_t *>(p)[i]);
+    default: return 0.f;
+  }
+}
+
+inline void store(void *p, DType t, int64_t i, float v) {
+  switch (t) {
+    case F32: static_cast<float *>(p)[i] = v; break;
+    case F16: static_cast<uint16_t *>(p)[i] = f32_to_f16(v); break;
+    case BF16: static_cast<uint16_t *>(p)[i] = f32_to_bf16(v); break;
+    default: break;
+  }
+}
+
+// The value v would have after a round trip through dtype t (models the reference's intermediate casts).
+inline float round_to(DType t, float v) {
+  switch (t) {
+    case F16: return f16_to_f32(f32_to_f16(v));
+    case BF16: return bf16_to_f32(f32_to_bf16(v));
+    default: return v;
+  }
+}
+
+// Rows of `len` elements converted to fp32 into a caller-owned buffer (no copy for fp32 input).
+inline const float *as_f32(const void *p, DType t, int64_t n, std::vector<float> &buf) {
+  if (t == F32) return static_cast<const float *>(p);
+  buf.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) buf[i] = load(p, t, i);
+  return buf.data();
+}
+
+inline bool is_float(DType t) { return t == F32 || t == F16 || t == BF16; }
+
+// Threads only pay off above a few tens of thousands of elements (a parallel region costs ~1-2 us).
+inline bool worth_threads(int64_t work) { return work >= (1 << 15); }
+
+}  // namespace qk

@@ -1,0 +1,103 @@
+// Fused RMSNorm kernels (optionally with the residual add) and their backward pass.
+#include "common.h"
+
+using namespace qk;
+
+namespace {
+
+// y = round(round(x * r) * w) with r = 1/sqrt(mean(x^2) + eps): the reference computes the norm in
+// fp32, casts back to the input dtype, then multiplies by the weight in that dtype.
+void rms_rows(const void *x, DType xt, const void *w, DType wt, float eps, void *y, DType yt, int64_t rows,
+              int64_t h) {
+  std::vector<float> wf(static_cast<size_t>(h));
+  for (int64_t j = 0; j < h; ++j) wf[j] = load(w, wt, j);
+#pragma omp parallel for schedule(static) if (worth_threads(rows * h))
+  for (int64_t r = 0; r < rows; ++r) {
+    std::vector<float> buf;
+    const float *xr;
+    if (xt == F32) {
+      xr = static_cast<const float *>(x) + r * h;
+    } else {
+      buf.resize(static_cast<size_t>(h));
+      for (int64_t j = 0; j < h; ++j) buf[j] = load(x, xt, r * h + j);
+      xr = buf.data();
+    }
+    double ss = 0.0;  // double: hidden sizes up to 8192 summed without order effects
+    for (int64_t j = 0; j < h; ++j) ss += static_cast<double>(xr[j]) * xr[j];
+    float inv = 1.0f / std::sqrt(static_cast<float>(ss / static_cast<double>(h)) + eps);
+    for (int64_t j = 0; j < h; ++j) store(y, yt, r * h + j, round_to(xt, xr[j] * inv) * wf[j]);
+  }
+}
+
+}  // namespace
+
+// inputs: x [..., H], weight [H], eps [1] fp32; output: y [..., H] (dtype of x)
+QK_KERNEL(RmsNorm) {
+  if (nparam != 4) return 1;
+  DType xt = dtype_of(dtypes[0]), wt = dtype_of(dtypes[1]), yt = dtype_of(dtypes[3]);
+  if (!is_float(xt) || !is_float(wt) || !is_float(yt) || dtype_of(dtypes[2]) != F32) return 2;
+  int64_t h = shapes[0][ndims[0] - 1];
+  int64_t rows = h ? numel(ndims[0], shapes[0]) / h : 0;
+  float eps = *static_cast<const float *>(params[2]);
+  rms_rows(params[0], xt, params[1], wt, eps, params[3], yt, rows, h);
+  return 0;
+}
+
+// inputs: x [..., H], residual [..., H], weight [H], eps [1]; outputs: y = rms_norm(s), s = x + residual
+QK_KERNEL(AddRmsNorm) {
+  if (nparam != 6) return 1;
+  DType xt = dtype_of(dtypes[0]), rt = dtype_of(dtypes[1]), wt = dtype_of(dtypes[2]);
+  DType yt = dtype_of(dtypes[4]), st = dtype_of(dtypes[5]);
+  if (!is_float(xt) || !is_float(rt) || !is_float(wt) || dtype_of(dtypes[3]) != F32) return 2;
+  int64_t h = shapes[0][ndims[0] - 1];
+  int64_t n = numel(ndims[0], shapes[0]);
+  int64_t rows = h ? n / h : 0;
+  float eps = *static_cast<const float *>(params[3]);
+  const void *x = params[0], *res = params[1];
+  void *s = params[5];
+#pragma omp parallel for schedule(static) if (worth_threads(n))
+  for (int64_t i = 0; i < n; ++i) store(s, st, i, load(x, xt, i) + load(res, rt, i));
+  rms_rows(s, st, params[2], wt, eps, params[4], yt, rows, h);
+  return 0;
+}
+
+// inputs: dy [..., H], x [..., H], weight [H], eps [1]; outputs: dx [..., H], dweight [H]
+// With r = (mean(x^2)+eps)^-1/2 and g = dy*w: dx = r*g - x * r^3 * mean(g*x); dw = sum_rows dy*x*r.
+QK_KERNEL(RmsNormGrad) {
+  if (nparam != 6) return 1;
+  DType gt = dtype_of(dtypes[0]), xt = dtype_of(dtypes[1]), wt = dtype_of(dtypes[2]);
+  DType dxt = dtype_of(dtypes[4]), dwt = dtype_of(dtypes[5]);
+  if (!is_float(gt) || !is_float(xt) || !is_float(wt) || dtype_of(dtypes[3]) != F32) return 2;
+  int64_t h = shapes[1][ndims[1] - 1];
+  int64_t rows = h ? numel(ndims[1], shapes[1]) / h : 0;
+  float eps = *static_cast<const float *>(params[3]);
+  const void *dy = params[0], *x = params[1];
+  std::vector<float> wf(static_cast<size_t>(h));
+  for (int64_t j = 0; j < h; ++j) wf[j] = load(params[2], wt, j);
+  std::vector<double> dw_total(static_cast<size_t>(h), 0.0);
+#pragma omp parallel if (worth_threads(rows * h))
+  {
+    std::vector<double> dw_local(static_cast<size_t>(h), 0.0);
+    std::vector<float> xr(static_cast<size_t>(h)), gr(static_cast<size_t>(h));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      double ss = 0.0, gx = 0.0;
+      for (int64_t j = 0; j < h; ++j) {
+        xr[j] = load(x, xt, r * h + j);
+        gr[j] = load(dy, gt, r * h + j);
+        ss += static_cast<double>(xr[j]) * xr[j];
+        gx += static_cast<double>(gr[j]) * wf[j] * xr[j];
+      }
+      double inv = 1.0 / std::sqrt(ss / static_cast<double>(h) + eps);
+      double coef = inv * inv * inv * gx / static_cast<double>(h);
+      for (int64_t j = 0; j < h; ++j) {
+        store(params[4], dxt, r * h + j, static_cast<float>(inv * gr[j] * wf[j] - coef * xr[j]));
+        dw_local[j] += static_cast<double>(gr[j]) * xr[j] * inv;
+      }
+    }
+#pragma omp critical
+    for (int64_t j = 0; j < h; ++j) dw_total[j] += dw_local[j];
+  }
+  for (int64_t j = 0; j < h; ++j) store(params[5], dwt, j, static_cast<float>(dw_total[j]));
+  return 0;
+}

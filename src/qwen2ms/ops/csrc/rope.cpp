@@ -1,0 +1,65 @@
+// Fused rotary position embedding (rotate-half convention) for q and k in one call, and its adjoint.
+#include "common.h"
+
+using namespace qk;
+
+namespace {
+
+// x: [B, A, C, D]; the position axis is C when seq_axis == 2 ("BNSD") or A when seq_axis == 1 ("BSND").
+// cos/sin: [Bc, S, D] flattened, Bc in {1, B}. adjoint=true applies the transpose of the rotation,
+// which is the backward pass (and the inverse when cos/sin halves are equal, as in Qwen2).
+void rope_one(const void *x, DType xt, const int64_t *shape, const void *cosp, const void *sinp, DType ct,
+              int64_t bc, int seq_axis, bool adjoint, void *y) {
+  const int64_t B = shape[0], A = shape[1], C = shape[2], D = shape[3], half = D / 2;
+  const int64_t S = seq_axis == 2 ? C : A;
+  const int64_t rows = B * A * C;
+#pragma omp parallel for schedule(static) if (worth_threads(rows * D))
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t c = r % C, a = (r / C) % A, b = r / (A * C);
+    const int64_t s = seq_axis == 2 ? c : a;
+    const int64_t cbase = ((bc == 1 ? 0 : b) * S + s) * D, base = r * D;
+    for (int64_t i = 0; i < half; ++i) {
+      float x1 = load(x, xt, base + i), x2 = load(x, xt, base + i + half);
+      float c1 = load(cosp, ct, cbase + i), c2 = load(cosp, ct, cbase + i + half);
+      float s1 = load(sinp, ct, cbase + i), s2 = load(sinp, ct, cbase + i + half);
+      float o1, o2;
+      if (!adjoint) {
+        o1 = x1 * c1 - x2 * s1;
+        o2 = x2 * c2 + x1 * s2;
+      } else {
+        o1 = x1 * c1 + x2 * s2;
+        o2 = x2 * c2 - x1 * s1;
+      }
+      store(y, xt, base + i, o1);
+      store(y, xt, base + i + half, o2);
+    }
+  }
+}
+
+int rope_qk(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int seq_axis,
+            bool adjoint) {
+  if (nparam != 6) return 1;
+  if (ndims[0] != 4 || ndims[1] != 4) return 3;
+  DType qt = dtype_of(dtypes[0]), kt = dtype_of(dtypes[1]), ct = dtype_of(dtypes[2]);
+  if (!is_float(qt) || !is_float(kt) || !is_float(ct) || dtype_of(dtypes[3]) != ct) return 2;
+  const int64_t D = shapes[0][3];
+  if (D % 2 != 0 || shapes[1][3] != D || shapes[2][ndims[2] - 1] != D) return 3;
+  const int64_t S = seq_axis == 2 ? shapes[0][2] : shapes[0][1];
+  const int64_t cn = numel(ndims[2], shapes[2]);
+  if (S == 0 || D == 0) return 0;
+  const int64_t bc = cn / (S * D);
+  if (bc * S * D != cn || (bc != 1 && bc != shapes[0][0]) || (bc != 1 && bc != shapes[1][0])) return 3;
+  rope_one(params[0], qt, shapes[0], params[2], params[3], ct, bc, seq_axis, adjoint, params[4]);
+  rope_one(params[1], kt, shapes[1], params[2], params[3], ct, bc, seq_axis, adjoint, params[5]);
+  return 0;
+}
+
+}  // namespace
+
+// inputs: q, k, cos, sin; outputs: q_rot, k_rot. Layout [B, N, S, D].
+QK_KERNEL(RopeBNSD) { return rope_qk(nparam, params, ndims, shapes, dtypes, 2, false); }
+// Layout [B, S, N, D].
+QK_KERNEL(RopeBSND) { return rope_qk(nparam, params, ndims, shapes, dtypes, 1, false); }
+// inputs: dq_rot, dk_rot, cos, sin; outputs: dq, dk.
+QK_KERNEL(RopeBNSDGrad) { return rope_qk(nparam, params, ndims, shapes, dtypes, 2, true); }
+QK_KERNEL(RopeBSNDGrad) { return rope_qk(nparam, params, ndims, shapes, dtypes, 1, true); }

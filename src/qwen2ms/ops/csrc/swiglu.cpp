@@ -1,0 +1,46 @@
+// Fused SwiGLU, silu(gate) * up, and its backward pass.
+#include "common.h"
+
+using namespace qk;
+
+// inputs: gate [...], up [...] (same shape); output: silu(gate) * up, dtype of gate.
+// Matches the reference's rounding: silu(gate) is cast to the input dtype before the product.
+QK_KERNEL(SwiGLU) {
+  if (nparam != 3) return 1;
+  DType gt = dtype_of(dtypes[0]), ut = dtype_of(dtypes[1]), yt = dtype_of(dtypes[2]);
+  if (!is_float(gt) || !is_float(ut) || !is_float(yt)) return 2;
+  const int64_t n = numel(ndims[0], shapes[0]);
+  if (numel(ndims[1], shapes[1]) != n) return 3;
+  const void *g = params[0], *u = params[1];
+  void *y = params[2];
+  if (gt == F32 && ut == F32) {
+    const float *gf = static_cast<const float *>(g), *uf = static_cast<const float *>(u);
+    float *yf = static_cast<float *>(y);
+#pragma omp parallel for schedule(static) if (worth_threads(n))
+    for (int64_t i = 0; i < n; ++i) yf[i] = gf[i] / (1.0f + std::exp(-gf[i])) * uf[i];
+    return 0;
+  }
+#pragma omp parallel for schedule(static) if (worth_threads(n))
+  for (int64_t i = 0; i < n; ++i) {
+    float a = load(g, gt, i);
+    store(y, yt, i, round_to(gt, a / (1.0f + std::exp(-a))) * load(u, ut, i));
+  }
+  return 0;
+}
+
+// inputs: dy, gate, up; outputs: dgate = dy*up*s*(1 + gate*(1-s)) with s = sigmoid(gate), dup = dy*silu(gate).
+QK_KERNEL(SwiGLUGrad) {
+  if (nparam != 5) return 1;
+  DType dt = dtype_of(dtypes[0]), gt = dtype_of(dtypes[1]), ut = dtype_of(dtypes[2]);
+  DType dgt = dtype_of(dtypes[3]), dut = dtype_of(dtypes[4]);
+  if (!is_float(dt) || !is_float(gt) || !is_float(ut)) return 2;
+  const int64_t n = numel(ndims[1], shapes[1]);
+#pragma omp parallel for schedule(static) if (worth_threads(n))
+  for (int64_t i = 0; i < n; ++i) {
+    float d = load(params[0], dt, i), a = load(params[1], gt, i), b = load(params[2], ut, i);
+    float s = 1.0f / (1.0f + std::exp(-a));
+    store(params[3], dgt, i, d * b * s * (1.0f + a * (1.0f - s)));
+    store(params[4], dut, i, d * a * s);
+  }
+  return 0;
+}

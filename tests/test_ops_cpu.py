@@ -1,0 +1,312 @@
+"""The CPU C++ kernels against NumPy references: values for fp32/fp16/bf16 and odd shapes, gradients, jit, build cache."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ms = pytest.importorskip("mindspore")
+from mindspore import Tensor, ops  # noqa: E402
+
+from qwen2ms.ops import cpu  # noqa: E402
+from qwen2ms.ops.cpu import CpuKernels, KernelBuildError, QuantizedWeight, build_kernels, quantize_int8  # noqa: E402
+
+DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+# Tolerance relative to the output's scale: one or two roundings in the low-precision dtype.
+TOL = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    lib = build_kernels(cache_dir=tmp_path_factory.mktemp("kcache"))
+    return CpuKernels(lib)
+
+
+def _t(a, dt="float32"):
+    return Tensor(np.ascontiguousarray(a, np.float32)).astype(DTYPES[dt])
+
+
+def _np(t):
+    return t.astype(ms.float32).asnumpy().astype(np.float64)
+
+
+def _rounded(a, dt):
+    """The values the kernel actually sees after the input is stored in dtype dt."""
+    return _np(_t(a, dt))
+
+
+def _close(got, want, dt):
+    scale = max(1.0, float(np.abs(want).max()))
+    err = float(np.abs(got - want).max())
+    assert err <= TOL[dt] * scale, f"{dt}: max error {err} > {TOL[dt] * scale}"
+
+
+rng = np.random.default_rng(1234)
+
+
+def _rms_ref(x, w, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("shape", [(1, 7), (3, 33), (2, 5, 896), (1, 4864)])
+def test_rms_norm_matches_numpy(kernels, dt, shape):
+    x = rng.standard_normal(shape) * 3
+    w = rng.standard_normal(shape[-1])
+    y = kernels.rms_norm(_t(x, dt), _t(w, dt), 1e-6)
+    assert y.dtype == DTYPES[dt] and y.shape == shape
+    _close(_np(y), _rms_ref(_rounded(x, dt), _rounded(w, dt), 1e-6), dt)
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_add_rms_norm_returns_norm_and_sum(kernels, dt):
+    x, r = rng.standard_normal((4, 33)), rng.standard_normal((4, 33))
+    w = rng.standard_normal(33)
+    y, s = kernels.add_rms_norm(_t(x, dt), _t(r, dt), _t(w, dt), 1e-5)
+    want_s = _rounded(x, dt) + _rounded(r, dt)
+    _close(_np(s), want_s, dt)
+    _close(_np(y), _rms_ref(_rounded(want_s, dt), _rounded(w, dt), 1e-5), dt)
+
+
+def _rope_ref(x, cos, sin, layout):
+    """HF rotate-half convention; cos/sin broadcast as [B|1, S, D]."""
+    if cos.ndim == 2:
+        cos, sin = cos[None], sin[None]
+    c = cos[:, None] if layout == "BNSD" else cos[:, :, None]
+    s = sin[:, None] if layout == "BNSD" else sin[:, :, None]
+    half = x.shape[-1] // 2
+    rot = np.concatenate([-x[..., half:], x[..., :half]], -1)
+    return x * c + rot * s
+
+
+def _cos_sin(b, s, d, batched):
+    pos = np.arange(s)[None, :] + (np.arange(b)[:, None] * 3 if batched else 0)
+    inv = 1.0 / (10000 ** (np.arange(0, d, 2) / d))
+    ang = pos[..., None] * inv
+    emb = np.concatenate([ang, ang], -1)
+    return (np.cos(emb), np.sin(emb)) if batched else (np.cos(emb[0]), np.sin(emb[0]))
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("layout", ["BNSD", "BSND"])
+@pytest.mark.parametrize("batched_cos", [False, True])
+def test_rope_matches_numpy(kernels, dt, layout, batched_cos):
+    b, nq, nk, s, d = 2, 3, 1, 5, 16
+    qs = (b, nq, s, d) if layout == "BNSD" else (b, s, nq, d)
+    ks = (b, nk, s, d) if layout == "BNSD" else (b, s, nk, d)
+    q, k = rng.standard_normal(qs), rng.standard_normal(ks)
+    cos, sin = _cos_sin(b, s, d, batched_cos)
+    qo, ko = kernels.apply_rope(_t(q, dt), _t(k, dt), _t(cos, dt), _t(sin, dt), layout=layout)
+    assert qo.shape == qs and ko.shape == ks and qo.dtype == DTYPES[dt]
+    c, sn = _rounded(cos, dt), _rounded(sin, dt)
+    _close(_np(qo), _rope_ref(_rounded(q, dt), c, sn, layout), dt)
+    _close(_np(ko), _rope_ref(_rounded(k, dt), c, sn, layout), dt)
+
+
+def test_rope_rejects_unknown_layout(kernels):
+    x = _t(np.zeros((1, 1, 1, 4)))
+    with pytest.raises(ValueError, match="BNSD"):
+        kernels.apply_rope(x, x, _t(np.zeros((1, 4))), _t(np.zeros((1, 4))), layout="SBH")
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("shape", [(7,), (3, 33), (2, 4864)])
+def test_swiglu_matches_numpy(kernels, dt, shape):
+    g, u = rng.standard_normal(shape) * 2, rng.standard_normal(shape)
+    y = kernels.swiglu(_t(g, dt), _t(u, dt))
+    gg, uu = _rounded(g, dt), _rounded(u, dt)
+    _close(_np(y), gg / (1 + np.exp(-gg)) * uu, dt)
+
+
+@pytest.mark.parametrize("xdt", list(DTYPES))
+@pytest.mark.parametrize("wdt", ["float32", "float16", "bfloat16", "int8"])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
+def test_linear_matches_numpy(kernels, xdt, wdt, m):
+    n, k = 45, 33
+    x = rng.standard_normal((m, k))
+    w = rng.standard_normal((n, k)) * 0.2
+    b = rng.standard_normal(n)
+    if wdt == "int8":
+        qw = quantize_int8(w)
+        w_eff = qw.q.astype(np.float64) * qw.scale[:, None]
+        y = kernels.linear(_t(x, xdt), QuantizedWeight(Tensor(qw.q), Tensor(qw.scale)), _t(b, xdt))
+        tol_dt = xdt
+    else:
+        w_eff = _rounded(w, wdt)
+        y = kernels.linear(_t(x, xdt), _t(w, wdt), _t(b, xdt))
+        tol_dt = xdt if wdt == "float32" else ("float16" if xdt == "float32" else xdt)
+    assert y.shape == (m, n) and y.dtype == DTYPES[xdt]
+    _close(_np(y), _rounded(x, xdt) @ w_eff.T + _rounded(b, xdt), tol_dt)
+
+
+def test_linear_real_shapes_and_leading_dims(kernels):
+    x = rng.standard_normal((2, 3, 896))
+    w = rng.standard_normal((4864, 896)) * 0.05
+    y = kernels.linear(_t(x), _t(w, "bfloat16"))
+    assert y.shape == (2, 3, 4864)
+    _close(_np(y), x @ _rounded(w, "bfloat16").T, "float32")
+    w2 = rng.standard_normal((896, 4864)) * 0.05
+    qw = quantize_int8(w2)
+    y2 = kernels.linear_int8(_t(rng.standard_normal((1, 4864))), Tensor(qw.q), Tensor(qw.scale))
+    assert y2.shape == (1, 896)
+
+
+def test_quantize_int8_error_is_within_half_a_step():
+    w = rng.standard_normal((9, 33)).astype(np.float32)
+    w[3] = 0.0
+    qw = quantize_int8(w)
+    assert qw.q.dtype == np.int8 and qw.scale.dtype == np.float32 and qw.shape == (9, 33)
+    err = np.abs(qw.q * qw.scale[:, None] - w)
+    assert np.all(err <= qw.scale[:, None] / 2 + 1e-7)
+    assert np.abs(qw.q).max() == 127 and qw.scale[3] == 1.0
+    with pytest.raises(ValueError, match="matrix"):
+        quantize_int8(np.zeros(3))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gradients against MindSpore autodiff of a plain-ops reference.
+
+def _ref_rms(x, w, eps):
+    return x * ops.rsqrt((x * x).mean(-1, keep_dims=True) + eps) * w
+
+
+def _grads(fn, args, argnums):
+    return [g.asnumpy() for g in ms.grad(fn, argnums)(*args)]
+
+
+def _assert_grads(a, b, tol=1e-4):
+    for ga, gb in zip(a, b):
+        np.testing.assert_allclose(ga, gb, rtol=tol, atol=tol)
+
+
+def test_rms_norm_and_add_rms_norm_gradients(kernels):
+    x, r = _t(rng.standard_normal((3, 33))), _t(rng.standard_normal((3, 33)))
+    w = _t(rng.standard_normal(33))
+    proj = _t(rng.standard_normal((3, 33)))
+    _assert_grads(_grads(lambda x, w: (kernels.rms_norm(x, w, 1e-6) * proj).sum(), (x, w), (0, 1)),
+                  _grads(lambda x, w: (_ref_rms(x, w, 1e-6) * proj).sum(), (x, w), (0, 1)))
+
+    def ours(x, r, w):
+        y, s = kernels.add_rms_norm(x, r, w, 1e-6)
+        return (y * proj).sum() + (s * s * proj).sum()
+
+    def ref(x, r, w):
+        s = x + r
+        return (_ref_rms(s, w, 1e-6) * proj).sum() + (s * s * proj).sum()
+
+    _assert_grads(_grads(ours, (x, r, w), (0, 1, 2)), _grads(ref, (x, r, w), (0, 1, 2)))
+
+
+@pytest.mark.parametrize("layout", ["BNSD", "BSND"])
+def test_rope_gradient(kernels, layout):
+    qs, ks = ((2, 3, 4, 8), (2, 1, 4, 8)) if layout == "BNSD" else ((2, 4, 3, 8), (2, 4, 1, 8))
+    q, k = _t(rng.standard_normal(qs)), _t(rng.standard_normal(ks))
+    cos_np, sin_np = _cos_sin(2, 4, 8, True)
+    cos, sin = _t(cos_np), _t(sin_np)
+    pq, pk = _t(rng.standard_normal(qs)), _t(rng.standard_normal(ks))
+    c4 = ops.expand_dims(cos, 1 if layout == "BNSD" else 2)
+    s4 = ops.expand_dims(sin, 1 if layout == "BNSD" else 2)
+
+    def rot(x):
+        h = x.shape[-1] // 2
+        return ops.concat((-x[..., h:], x[..., :h]), -1)
+
+    def ours(q, k):
+        qo, ko = kernels.apply_rope(q, k, cos, sin, layout=layout)
+        return (qo * pq).sum() + (ko * pk).sum()
+
+    def ref(q, k):
+        return ((q * c4 + rot(q) * s4) * pq).sum() + ((k * c4 + rot(k) * s4) * pk).sum()
+
+    _assert_grads(_grads(ours, (q, k), (0, 1)), _grads(ref, (q, k), (0, 1)))
+
+
+def test_swiglu_gradient(kernels):
+    g, u, p = (_t(rng.standard_normal((5, 33))) for _ in range(3))
+    _assert_grads(_grads(lambda g, u: (kernels.swiglu(g, u) * p).sum(), (g, u), (0, 1)),
+                  _grads(lambda g, u: (ops.silu(g) * u * p).sum(), (g, u), (0, 1)))
+
+
+def test_linear_gradients_fp32_and_int8(kernels):
+    x = _t(rng.standard_normal((2, 3, 33)))
+    w, b = _t(rng.standard_normal((7, 33))), _t(rng.standard_normal(7))
+    p = _t(rng.standard_normal((2, 3, 7)))
+    _assert_grads(_grads(lambda x, w, b: (kernels.linear(x, w, b) * p).sum(), (x, w, b), (0, 1, 2)),
+                  _grads(lambda x, w, b: ((ops.matmul(x, w.T) + b) * p).sum(), (x, w, b), (0, 1, 2)))
+    qw = quantize_int8(w.asnumpy())
+    wq = Tensor(qw.q.astype(np.float32) * qw.scale[:, None])
+    got = ms.grad(lambda x: (kernels.linear_int8(x, Tensor(qw.q), Tensor(qw.scale), b) * p).sum())(x)
+    want = ms.grad(lambda x: ((ops.matmul(x, wq.T) + b) * p).sum())(x)
+    np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_under_jit_equal_pynative(kernels):
+    x = _t(rng.standard_normal((1, 4, 32)))
+    w_norm = _t(rng.standard_normal(32))
+    wg, wu = _t(rng.standard_normal((48, 32)), "bfloat16"), _t(rng.standard_normal((48, 32)), "bfloat16")
+    qd = quantize_int8(rng.standard_normal((32, 48)))
+    dq, ds = Tensor(qd.q), Tensor(qd.scale)
+
+    def block(x):
+        h = kernels.rms_norm(x, w_norm, 1e-6)
+        a = kernels.swiglu(kernels.linear(h, wg), kernels.linear(h, wu))
+        return kernels.add_rms_norm(kernels.linear_int8(a, dq, ds), x, w_norm, 1e-6)
+
+    eager = block(x)
+    jitted = ms.jit(block)(x)
+    for a, b in zip(eager, jitted):
+        np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building the library.
+
+def test_build_is_cached_by_source_hash(tmp_path):
+    lib = build_kernels(cache_dir=tmp_path)
+    assert lib.is_file() and lib.parent.parent == tmp_path.resolve()
+    mtime = lib.stat().st_mtime_ns
+    assert build_kernels(cache_dir=tmp_path) == lib
+    assert lib.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert not [p for p in lib.parent.iterdir() if p.name.startswith(".build-")]
+
+
+def test_cache_dir_env_override(monkeypatch, tmp_path):
+    monkeypatch.setenv("QWEN2MS_KERNEL_CACHE", str(tmp_path / "kc"))
+    assert cpu.kernel_cache_dir() == tmp_path / "kc"
+    monkeypatch.delenv("QWEN2MS_KERNEL_CACHE")
+    assert cpu.kernel_cache_dir() == Path.home() / ".cache" / "qwen2ms" / "kernels"
+
+
+def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu, "find_compiler", lambda: None)
+    with pytest.raises(KernelBuildError, match="QWEN2MS_OPS_BACKEND=reference"):
+        build_kernels(cache_dir=tmp_path)
+
+
+def test_failing_compiler_reports_and_leaves_no_file(tmp_path):
+    false = "/bin/false" if os.path.exists("/bin/false") else "/usr/bin/false"
+    with pytest.raises(KernelBuildError, match="failed"):
+        build_kernels(cxx=false, cache_dir=tmp_path)
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_compiler_flags_follow_cpu_features():
+    assert {"-mavx2", "-mfma", "-mf16c"} <= set(cpu.compiler_flags({"avx2", "fma", "f16c", "sse2"}))
+    portable = cpu.compiler_flags({"sse2"})
+    assert "-mavx2" not in portable and "-O3" in portable and "-fopenmp" in portable
+
+
+def test_portable_build_without_avx_matches(tmp_path):
+    """The scalar fallback (no AVX2/F16C: software fp16 conversion) computes the same values."""
+    lib = build_kernels(cache_dir=tmp_path, flags=cpu.compiler_flags({"sse2"}))
+    k = CpuKernels(lib)
+    x, w = rng.standard_normal((3, 37)), rng.standard_normal((11, 37))
+    for dt in ("float16", "bfloat16"):
+        y = k.linear(_t(x, dt), _t(w, dt))
+        _close(_np(y), _rounded(x, dt) @ _rounded(w, dt).T, dt)
+        n = k.rms_norm(_t(x, dt), _t(w[0], dt), 1e-6)
+        _close(_np(n), _rms_ref(_rounded(x, dt), _rounded(w[0], dt), 1e-6), dt)
+    tiny = np.array([[6e-8, 1e-5, 70000.0, -3.0]])  # fp16 subnormal, normal, overflow to inf
+    got = _np(k.swiglu(_t(tiny, "float16"), _t(np.ones((1, 4)), "float16")))
+    want = _np(ops.silu(_t(tiny, "float16")))
+    np.testing.assert_array_equal(got, want)
