@@ -130,7 +130,9 @@ def read_mindrecord(
         path: the first data file written by :func:`write_mindrecord` (its sibling shards are
             found through it), or a list of files.
         columns: columns to read (default: all).
-        num_shards: number of data-parallel readers; each gets a disjoint ~1/num_shards of the rows.
+        num_shards: number of data-parallel readers. Each gets ``ceil(rows / num_shards)`` rows,
+            disjoint when ``num_shards`` divides the row count; otherwise MindDataset repeats a few
+            rows so that every rank runs the same number of steps.
         shard_id: this reader's index in ``[0, num_shards)``.
         shuffle: shuffle rows (seeded by ``mindspore.dataset.config.set_seed``).
         num_parallel_workers: reader threads.
