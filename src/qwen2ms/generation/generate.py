@@ -1,0 +1,300 @@
+"""The generate loop: prompts in, tokens (or text) out, with processors, sampling, stopping and streaming.
+
+The loop itself is model-agnostic: it drives a :class:`Decoder` (prefill once, then one step per
+token) and does everything else in NumPy. :func:`generate` wires a Qwen2 model to it through
+:class:`qwen2ms.generation.engine.CachedDecoder` (static KV cache, compiled decode step).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union
+
+import numpy as np
+
+from .config import GenerationConfig, GenerationConfigError
+from .processors import LogitsProcessor, apply_processors, build_processors
+from .sampling import Sampler, greedy, make_rng, sample
+from .stopping import RowText, StoppingCriterion, StopState, StopStrings, run_criteria
+from .streamers import Streamer, as_streamer
+
+__all__ = ["Decoder", "decode_loop", "prepare_inputs", "generate", "chat", "resolve_config"]
+
+
+class Decoder(Protocol):
+    """What the loop needs from a model: next-token logits for a prompt batch, then per appended token.
+
+    ``prefill(input_ids [B, T], attention_mask [B, T]) -> logits [B, V]`` (float32, last position)
+    and ``step(tokens [B]) -> logits [B, V]`` for the token just appended to every row.
+    """
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
+
+    def step(self, tokens: np.ndarray) -> np.ndarray: ...
+
+
+def decode_loop(
+    decoder: Decoder,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    config: GenerationConfig,
+    processors: Sequence[LogitsProcessor] = (),
+    sampler: Optional[Sampler] = None,
+    rng: Optional[np.random.Generator] = None,
+    row_texts: Optional[List[RowText]] = None,
+    streamer: Optional[Streamer] = None,
+    stopping_criteria: Sequence[StoppingCriterion] = (),
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Generate up to ``config.max_new_tokens`` tokens for every row, HF's sampling loop.
+
+    Each step: processors on float32 scores, ``sampler`` picks ids, finished rows get
+    ``pad_token_id``, the stopping rules update the per-row flags. The loop ends when every row
+    finished or the budget is spent; like HF the output is only as long as the longest row needs.
+
+    Args:
+        decoder: the model side (see :class:`Decoder`).
+        input_ids: prompt ids [B, T] (left-padded).
+        attention_mask: [B, T], 0 on padding.
+        config: a validated config with ``pad_token_id`` resolved.
+        processors: from :func:`build_processors` (plus the caller's).
+        sampler: ``(scores, rng) -> ids``; default greedy or :func:`sample` per ``config``.
+        rng: the call's generator (sampling only).
+        row_texts: one :class:`RowText` per row to track text and stop strings, or None.
+        streamer: receives row 0's text pieces (batches of one row only), then ``end()``.
+        stopping_criteria: caller criteria ``(input_ids) -> bool [B]``.
+
+    Returns:
+        ``(ids [B, T + n], new_lengths [B])``: prompt then ``n`` new tokens (pad after a row
+        finished), and how many tokens each row generated before it finished (its final token included).
+    """
+    batch, prompt_len = input_ids.shape
+    if sampler is None:
+        sampler = greedy if config.is_greedy else sample
+    if rng is None:
+        rng = make_rng(config.seed)
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    state = StopState(batch, config.eos_token_ids, pad)
+    out = np.empty((batch, prompt_len + config.max_new_tokens), dtype=np.int64)
+    out[:, :prompt_len] = input_ids
+    lengths = np.zeros(batch, dtype=np.int64)
+    logits = decoder.prefill(input_ids, attention_mask)
+    steps = 0
+    for steps in range(1, config.max_new_tokens + 1):
+        scores = apply_processors(processors, out[:, :prompt_len + steps - 1], logits)
+        appended = state.select(sampler(scores, rng))
+        out[:, prompt_len + steps - 1] = appended
+        running = state.unfinished.copy()
+        lengths += running
+        stopped = np.zeros(batch, dtype=bool)
+        if row_texts is not None:
+            for b in np.flatnonzero(running):
+                piece = row_texts[b].push(int(appended[b]))
+                stopped[b] = row_texts[b].stopped
+                if streamer is not None and piece:
+                    streamer.put(piece)
+        extra = run_criteria(stopping_criteria, out[:, :prompt_len + steps])
+        state.update(appended, stopped if extra is None else stopped | extra)
+        if state.done or steps == config.max_new_tokens:
+            break
+        logits = decoder.step(appended)
+    if row_texts is not None:
+        for b in range(batch):
+            piece = row_texts[b].flush()
+            if streamer is not None and piece:
+                streamer.put(piece)
+    if streamer is not None:
+        streamer.end()
+    return out[:, :prompt_len + steps], lengths
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "asnumpy"):  # a MindSpore Tensor
+        return x.asnumpy()
+    return np.asarray(x)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Stack ragged id lists into left-padded ``(ids [B, T], attention_mask [B, T])``.
+
+    Example:
+        >>> left_pad([[5, 6], [7]], pad_token_id=0)
+        (array([[5, 6],
+               [0, 7]]), array([[1, 1],
+               [0, 1]]))
+    """
+    width = max((len(r) for r in rows), default=0)
+    ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for b, row in enumerate(rows):
+        if len(row):
+            ids[b, width - len(row):] = np.asarray(row, dtype=np.int64)
+            mask[b, width - len(row):] = 1
+    return ids, mask
+
+
+def prepare_inputs(
+    inputs: Any,
+    attention_mask: Any = None,
+    tokenizer: Any = None,
+    pad_token_id: int = 0,
+    eos_token_ids: Sequence[int] = (),
+) -> Tuple[np.ndarray, np.ndarray, str]:
+    """Turn ``generate``'s prompt argument into left-padded int64 ids and a mask.
+
+    Args:
+        inputs: a string, a list of strings (needs ``tokenizer``), a list of id lists (ragged
+            lists are left-padded), or a [T] / [B, T] NumPy array or MindSpore Tensor.
+        attention_mask: [B, T] (0 on padding) for array inputs. Without it every position counts,
+            unless ``pad_token_id`` occurs and is not an eos id (HF's rule).
+        tokenizer: has ``encode(text) -> list[int]``.
+        pad_token_id: fills padding.
+        eos_token_ids: used by the mask inference rule above.
+
+    Returns:
+        ``(ids, mask, kind)`` with ``kind`` one of "str", "list[str]", "ids".
+
+    Raises:
+        GenerationConfigError: empty prompts, right padding or holes in the mask, shape mismatch,
+            strings without a tokenizer.
+    """
+    err = GenerationConfigError
+    kind = "ids"
+    if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and all(isinstance(s, str) for s in inputs)):
+        kind = "str" if isinstance(inputs, str) else "list[str]"
+        if tokenizer is None:
+            raise err("a text prompt needs a tokenizer: pass tokenizer=, or load the model with from_hf/"
+                      "from_pretrained so that model.tokenizer is set; or pass token ids")
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        ids, mask = left_pad([list(tokenizer.encode(t)) for t in texts], pad_token_id)
+        if attention_mask is not None:
+            raise err("attention_mask is computed from text prompts; pass it only with token ids")
+    elif isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], (list, tuple, np.ndarray)):
+        ids, mask = left_pad([list(r) for r in inputs], pad_token_id)
+        if attention_mask is not None:
+            mask = _to_numpy(attention_mask)
+    else:
+        ids = _to_numpy(inputs)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) and ids.size:
+            raise err(f"input_ids must be integer token ids of shape [T] or [B, T], got dtype {ids.dtype} "
+                      f"shape {ids.shape}")
+        ids = ids.astype(np.int64)
+        if attention_mask is not None:
+            mask = _to_numpy(attention_mask)
+            if mask.ndim == 1:
+                mask = mask[None, :]
+        elif pad_token_id is not None and pad_token_id not in set(eos_token_ids) and (ids == pad_token_id).any():
+            mask = (ids != pad_token_id).astype(np.int64)
+        else:
+            mask = np.ones_like(ids)
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise err("the prompt is empty: give at least one token (Qwen2 has no BOS token to start from)")
+    if mask.shape != ids.shape:
+        raise err(f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(ids.shape)}; they must match")
+    mask = (np.asarray(mask) != 0).astype(np.int64)
+    empty = np.flatnonzero(mask.sum(axis=1) == 0)
+    if empty.size:
+        raise err(f"prompt row {int(empty[0])} is empty (its attention_mask is all zeros); every row needs a token")
+    holes = np.flatnonzero((mask[:, 1:] < mask[:, :-1]).any(axis=1))
+    if holes.size:
+        raise err(f"attention_mask row {int(holes[0])} has padding after a real token; decoder-only generation "
+                  "needs left padding (pad at the start of each row, e.g. tokenizer padding_side='left')")
+    return ids, mask, kind
+
+
+def _first_not_none(*values: Any) -> Any:
+    for v in values:
+        if v is not None:
+            return v
+    return None
+
+
+def resolve_config(
+    generation_config: Union[GenerationConfig, Dict[str, Any], None],
+    model: Any = None,
+    tokenizer: Any = None,
+    **overrides: Any,
+) -> GenerationConfig:
+    """The config a call runs with: the given one (or ``model.generation_config``, or defaults) plus overrides.
+
+    Unset ``eos_token_id`` falls back to the model config's, then the tokenizer's; unset
+    ``pad_token_id`` to the model config's, the tokenizer's, then the first eos id (HF does the
+    same), then 0.
+
+    Example:
+        >>> resolve_config(None, eos_token_id=[2, 3]).pad_token_id
+        2
+    """
+    if generation_config is None:
+        generation_config = getattr(model, "generation_config", None)
+    if generation_config is None:
+        base = GenerationConfig()
+    elif isinstance(generation_config, dict):
+        base = GenerationConfig.from_dict(generation_config)
+    elif isinstance(generation_config, GenerationConfig):
+        base = generation_config
+    else:
+        raise TypeError(f"generation_config must be a GenerationConfig or a dict, got {type(generation_config).__name__}")
+    cfg = base.update(**overrides)
+    model_cfg = getattr(model, "config", None)
+    if cfg.eos_token_id is None:
+        eos = _first_not_none(getattr(model_cfg, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None))
+        if eos is not None:
+            cfg = cfg.update(eos_token_id=eos)
+    if cfg.pad_token_id is None:
+        eos = cfg.eos_token_ids
+        pad = _first_not_none(getattr(model_cfg, "pad_token_id", None), getattr(tokenizer, "pad_token_id", None),
+                              eos[0] if eos else None, 0)
+        cfg = cfg.update(pad_token_id=int(pad))
+    return cfg
+
+
+DecoderFactory = Callable[[int, int], Decoder]
+
+
+def run_generation(
+    make_decoder: DecoderFactory,
+    inputs: Any,
+    config: GenerationConfig,
+    attention_mask: Any = None,
+    tokenizer: Any = None,
+    streamer: Any = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    stopping_criteria: Sequence[StoppingCriterion] = (),
+    sampler: Optional[Sampler] = None,
+    max_position_embeddings: Optional[int] = None,
+) -> Any:
+    """Everything :func:`generate` does except building the model's decoder (``make_decoder(batch, max_length)``).
+
+    Returns:
+        For id inputs a NumPy int64 array ``[B * num_return_sequences, T + n]``; for a string the
+        completion string (a list of ``num_return_sequences`` strings when > 1); for a list of
+        strings a list of completions (each a list when ``num_return_sequences`` > 1).
+    """
+    ids, mask, kind = prepare_inputs(inputs, attention_mask, tokenizer, config.pad_token_id, config.eos_token_ids)
+    prompt_len = ids.shape[1]
+    config.validate(prompt_len=prompt_len, max_position_embeddings=max_position_embeddings)
+    streamer = as_streamer(streamer)
+    n = config.num_return_sequences
+    if n > 1:
+        ids, mask = np.repeat(ids, n, axis=0), np.repeat(mask, n, axis=0)
+    batch = ids.shape[0]
+    if streamer is not None and batch != 1:
+        raise GenerationConfigError(f"streaming needs a single sequence, but this call generates {batch} "
+                                    "(batch size x num_return_sequences); stream one prompt at a time")
+    need_text = streamer is not None or bool(config.stop_strings) or kind != "ids"
+    if need_text and tokenizer is None:
+        what = "streaming" if streamer is not None else "stop_strings"
+        raise GenerationConfigError(f"{what} needs a tokenizer to decode the generated text; pass tokenizer=")
+    stops = StopStrings(config.stop_string_list) if config.stop_strings else None
+    row_texts = [RowText(tokenizer, stops) for _ in range(batch)] if need_text else None
+    vocab_limit = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
+    processors = build_processors(config, prompt_len, vocab_limit, mask, extra=logits_processors)
+    decoder = make_decoder(batch, prompt_len + config.max_new_tokens)
+    out, _ = decode_loop(decoder, ids, mask, config, processors, sampler, make_rng(config.seed), row_texts,
+                         streamer, stopping_criteria)
+    if kind == "ids":
+        return out
+    texts = [row.text for row in row_texts]
+    if n > 1:
+        texts = [texts[i * n:(i + 1) * n] for i in range(len(texts) // n)]
+    return texts[0] if kind == "str" else texts
