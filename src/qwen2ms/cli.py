@@ -44,6 +44,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_alpaca_convert(args: argparse.Namespace) -> int:
+    from .data import DataFormatError, convert_file
+
+    system = None if args.no_system_prompt else args.system_prompt
+    try:
+        report = convert_file(args.data_path, args.output_path, system_prompt=system, strict=args.strict)
+    except DataFormatError as e:
+        print(f"qwen2ms alpaca-convert: error: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    print(f"wrote {report.converted} conversations to {args.output_path}")
+    return 0
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from .data import DataFormatError, preprocess_file
+    from .tokenization import Qwen2Tokenizer
+
+    tok = Qwen2Tokenizer.from_pretrained(args.tokenizer)
+    system = None if args.no_system_prompt else args.system_prompt
+    try:
+        report = preprocess_file(
+            args.input, tok, args.seq_length, args.output, packing=args.packing,
+            overflow="drop" if args.drop_long else "truncate", only_last_turn=args.only_last_turn,
+            strategy=args.strategy, system_prompt=system, strict=args.strict,
+            shard_num=args.shard_num, progress=not args.no_progress,
+        )
+    except (DataFormatError, ValueError, FileNotFoundError) as e:
+        print(f"qwen2ms preprocess: error: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    print(f"wrote {report.rows} rows of up to {args.seq_length} tokens to {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="qwen2ms", description=__doc__)
@@ -56,6 +91,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     # Subcommands below are registered by their own blocks; keep each block self-contained.
+    p = sub.add_parser("alpaca-convert", help="alpaca/ShareGPT/messages JSON(L) -> chat-message JSONL")
+    p.add_argument("--data-path", required=True, help="input JSON array or JSONL file")
+    p.add_argument("--output-path", required=True, help="output JSONL, one {\"messages\": [...]} per line")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
+    p.add_argument("--system-prompt", default="You are a helpful assistant.", help="system message for records without one")
+    p.add_argument("--no-system-prompt", action="store_true", help="add no system message")
+    p.set_defaults(func=_cmd_alpaca_convert)
+
+    p = sub.add_parser("preprocess", help="tokenise SFT data with loss masks into MindRecord (or JSONL)")
+    p.add_argument("--input", required=True, help="alpaca/ShareGPT/messages JSON or JSONL")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder or hub id")
+    p.add_argument("--seq-length", type=int, default=4096, help="tokens per row (default 4096)")
+    p.add_argument("--output", required=True, help="out.mindrecord, or out.jsonl for the dynamic-padding path")
+    p.add_argument("--packing", action="store_true", help="pack several samples per row")
+    p.add_argument("--strategy", choices=["ffd", "greedy"], default="ffd", help="packing strategy (default ffd)")
+    over = p.add_mutually_exclusive_group()
+    over.add_argument("--truncate", action="store_true", help="cut over-long samples to --seq-length (default)")
+    over.add_argument("--drop-long", action="store_true", help="drop over-long samples")
+    p.add_argument("--only-last-turn", action="store_true", help="train only the last assistant reply")
+    p.add_argument("--system-prompt", default="You are a helpful assistant.", help="system message for records without one")
+    p.add_argument("--no-system-prompt", action="store_true", help="add no system message")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
+    p.add_argument("--shard-num", type=int, default=1, help="MindRecord files to write (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_cmd_preprocess)
+
     return parser
 
 
