@@ -2,6 +2,24 @@
 from .config import PRESETS, ConfigError, Qwen2Config
 from .hub import HubError
 from .generation import GenerationConfig, GenerationConfigError, TextStreamer
+from .data import (
+    ConversionReport,
+    DataCollatorForSFT,
+    DataFormatError,
+    PreprocessReport,
+    TemplateMismatchError,
+    convert_file,
+    load_records,
+    load_samples_jsonl,
+    pack_samples,
+    preprocess_file,
+    read_mindrecord,
+    record_to_messages,
+    save_samples_jsonl,
+    tokenize_conversation,
+    tokenize_dataset,
+    write_mindrecord,
+)
 
 __version__ = "0.1.0"
 
@@ -14,4 +32,20 @@ __all__ = [
     "GenerationConfig",
     "GenerationConfigError",
     "TextStreamer",
+    "ConversionReport",
+    "DataCollatorForSFT",
+    "DataFormatError",
+    "PreprocessReport",
+    "TemplateMismatchError",
+    "convert_file",
+    "load_records",
+    "load_samples_jsonl",
+    "pack_samples",
+    "preprocess_file",
+    "read_mindrecord",
+    "record_to_messages",
+    "save_samples_jsonl",
+    "tokenize_conversation",
+    "tokenize_dataset",
+    "write_mindrecord",
 ]
