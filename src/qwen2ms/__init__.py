@@ -1,6 +1,7 @@
 """qwen2ms: the Qwen2 LLM family (dense and MoE) on MindSpore — tokenizer, HF checkpoints, generation, fine-tuning."""
 from .config import PRESETS, ConfigError, Qwen2Config
 from .hub import HubError
+from .tokenization import IncrementalDetokenizer, Qwen2Tokenizer, TokenizerError
 from .generation import GenerationConfig, GenerationConfigError, TextStreamer
 from .data import (
     ConversionReport,
@@ -29,6 +30,9 @@ __all__ = [
     "PRESETS",
     "ConfigError",
     "HubError",
+    "Qwen2Tokenizer",
+    "TokenizerError",
+    "IncrementalDetokenizer",
     "GenerationConfig",
     "GenerationConfigError",
     "TextStreamer",
