@@ -6,6 +6,7 @@ from qwen2ms.config import Qwen2Config
 from qwen2ms.modeling.mindformers import (
     CheckpointNamingError,
     concat_qkv_grouped,
+    detect_expert_layout,
     detect_naming,
     from_mindformers,
     hf_key_to_mindformers,
@@ -95,8 +96,12 @@ def test_gmm_layout_is_transposed_and_detected_on_import():
     back = from_mindformers(no_router, cfg)  # detected from config.hidden_size
     assert back["model.layers.2.mlp.experts.1.down_proj.weight"].tobytes() == \
         hf["model.layers.2.mlp.experts.1.down_proj.weight"].tobytes()
-    with pytest.raises(CheckpointNamingError, match="expert_layout|config"):
-        from_mindformers(no_router)
+    assert detect_expert_layout({k: v.shape for k, v in no_router.items()}) == "in_out"  # hidden from the norm
+    bare = {k: v for k, v in no_router.items() if "experts.ffn" in k}
+    with pytest.raises(CheckpointNamingError, match="expert_layout"):
+        from_mindformers(bare)
+    assert detect_expert_layout({k: v.shape for k, v in to_mindformers(hf).items()}) == "out_in"
+    assert detect_expert_layout({"model.norm_out.weight": (16,)}) is None
 
 
 @pytest.mark.parametrize("fuse", [False, True])

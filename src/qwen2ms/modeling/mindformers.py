@@ -59,6 +59,7 @@ __all__ = [
     "split_gate_up",
     "hf_parameter_shapes",
     "split_training_state",
+    "detect_expert_layout",
 ]
 
 HF = "hf"
@@ -446,11 +447,7 @@ def to_mindformers(
     return out
 
 
-def _expert_layout_of(w1_shape: Sequence[int], hidden: Optional[int], key: str) -> str:
-    if hidden is None:
-        raise CheckpointNamingError(
-            f"{key}: cannot tell whether the experts are [E, out, in] or [E, in, out] without the router "
-            "weight or a config; pass config= or expert_layout=")
+def _expert_layout_of(w1_shape: Sequence[int], hidden: int, key: str) -> str:
     if len(w1_shape) != 3:
         raise CheckpointNamingError(f"{key} must be a 3-D stacked expert tensor, got shape {tuple(w1_shape)}")
     inner_in, inner_out = w1_shape[2] == hidden, w1_shape[1] == hidden
@@ -463,6 +460,60 @@ def _expert_layout_of(w1_shape: Sequence[int], hidden: Optional[int], key: str) 
             f"{key}: expert intermediate size equals hidden size ({hidden}), so [E, out, in] and [E, in, out] "
             "look alike; pass expert_layout='out_in' or 'in_out'")
     raise CheckpointNamingError(f"{key}: shape {tuple(w1_shape)} has no axis of the hidden size {hidden}")
+
+
+def detect_expert_layout(shapes: Mapping[str, Sequence[int]], config: Any = None) -> Optional[str]:
+    """Which way a MindFormers checkpoint stacks its routed experts, from tensor shapes alone.
+
+    The hidden size comes from ``config``, else from the router (``[E, hidden]``), the final norm
+    (``[hidden]``) or the embedding (``[vocab, hidden]``).
+
+    Args:
+        shapes: MindFormers key -> shape.
+        config: optional :class:`~qwen2ms.Qwen2Config`.
+
+    Returns:
+        ``"out_in"`` (``[E, out, in]``), ``"in_out"`` (``[E, in, out]``), or ``None`` when there
+        are no stacked experts.
+
+    Raises:
+        CheckpointNamingError: the hidden size cannot be found, the layouts disagree between
+            tensors, or the expert size equals the hidden size (ambiguous).
+
+    Example:
+        >>> detect_expert_layout({"model.norm_out.weight": (16,),
+        ...                       "model.layers.0.feed_forward.routed_experts.ffn.w1.weight": (4, 8, 16)})
+        'out_in'
+    """
+    experts = {}
+    for key, shape in shapes.items():
+        m = _LAYER_KEY.match(key)
+        em = _MF_EXPERT.match(m.group(2)) if m else None
+        if em:
+            shape = tuple(shape)
+            experts[key] = shape if em.group(1) != "w2" else shape[:1] + shape[:0:-1]
+    if not experts:
+        return None
+    hidden = getattr(config, "hidden_size", None) if config is not None else None
+    if hidden is None:
+        for key, shape in shapes.items():
+            m = _LAYER_KEY.match(key)
+            if m and m.group(2) == _ROUTER_MF:
+                hidden = tuple(shape)[1]
+                break
+        else:
+            if "model.norm_out.weight" in shapes:
+                hidden = tuple(shapes["model.norm_out.weight"])[0]
+            elif "model.tok_embeddings.embedding_weight" in shapes:
+                hidden = tuple(shapes["model.tok_embeddings.embedding_weight"])[1]
+    if hidden is None:
+        raise CheckpointNamingError(
+            "cannot tell whether the experts are [E, out, in] or [E, in, out]: no router, norm or embedding "
+            "weight to read the hidden size from; pass config= or expert_layout=")
+    layouts = {key: _expert_layout_of(shape, int(hidden), key) for key, shape in experts.items()}
+    if len(set(layouts.values())) > 1:
+        raise CheckpointNamingError(f"stacked experts mix [E, out, in] and [E, in, out] layouts: {layouts}")
+    return next(iter(layouts.values()))
 
 
 def from_mindformers(
@@ -480,8 +531,8 @@ def from_mindformers(
         state_dict: MindFormers key -> array.
         config: a :class:`~qwen2ms.Qwen2Config`; needed to split ``w_qkv`` and used to tell the
             stacked-expert layout apart.
-        expert_layout: ``"out_in"`` or ``"in_out"``; ``None`` detects it per layer from the
-            router weight (``[E, hidden]``) or ``config.hidden_size``.
+        expert_layout: ``"out_in"`` or ``"in_out"``; ``None`` detects it with
+            :func:`detect_expert_layout` from this dict's shapes and ``config``.
 
     Returns:
         A new dict with HF keys.
@@ -496,12 +547,9 @@ def from_mindformers(
     """
     if expert_layout is not None and expert_layout not in EXPERT_LAYOUTS:
         raise CheckpointNamingError(f"expert_layout must be one of {EXPERT_LAYOUTS} or None, got {expert_layout!r}")
-    routers: Dict[str, int] = {}
-    for key, value in state_dict.items():
-        m = _LAYER_KEY.match(key)
-        if m and m.group(2) == _ROUTER_MF:
-            routers[m.group(1)] = int(value.shape[1])
-
+    layout = expert_layout
+    if layout is None and any(".routed_experts.ffn." in k for k in state_dict):
+        layout = detect_expert_layout({k: v.shape for k, v in state_dict.items()}, config)
     out: Dict[str, np.ndarray] = {}
     unknown: List[str] = []
     for key, value in state_dict.items():
@@ -531,11 +579,6 @@ def from_mindformers(
         em = _MF_EXPERT.match(suffix)
         if em:
             proj = em.group(1)
-            layout = expert_layout
-            if layout is None:
-                hidden = routers.get(layer, getattr(config, "hidden_size", None) if config is not None else None)
-                w1_like = value.shape if proj != "w2" else tuple(value.shape[:1]) + tuple(value.shape[:0:-1])
-                layout = _expert_layout_of(w1_like, hidden, key)
             stacked = value if layout == "out_in" else value.transpose(0, 2, 1)
             for e in range(stacked.shape[0]):
                 out[f"{prefix}mlp.experts.{e}.{_EXPERT_PROJ_REV[proj]}.weight"] = np.ascontiguousarray(stacked[e])

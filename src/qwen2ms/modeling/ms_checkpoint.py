@@ -1,0 +1,835 @@
+"""MindSpore checkpoints (``.ckpt`` and MindSpore-flavoured ``.safetensors``) in HF or MindFormers naming: save, load, stream.
+
+Saving a whole state dict goes through ``mindspore.save_checkpoint``. Reading and the streaming
+writers used by ``qwen2ms convert`` work tensor by tensor so that a 72B checkpoint never sits in
+memory whole: a ``.ckpt`` file is a sequence of protobuf ``Checkpoint.Value`` records (MindSpore's
+own ``checkpoint.proto``), which :class:`MSCheckpointReader` indexes without reading tensor bytes
+and :class:`MSCheckpointWriter` emits one record at a time, exactly as ``mindspore.save_checkpoint``
+lays them out.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Any, BinaryIO, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+
+from .mindformers import (
+    HF,
+    MINDFORMERS,
+    NAMINGS,
+    CheckpointNamingError,
+    detect_expert_layout,
+    detect_naming,
+    from_mindformers,
+    hf_parameter_shapes,
+    split_training_state,
+    to_mindformers,
+)
+
+__all__ = [
+    "MSCheckpointError",
+    "save_ms_checkpoint",
+    "load_ms_checkpoint",
+    "MSCheckpointReader",
+    "MSCheckpointWriter",
+    "SafetensorsWriter",
+    "resolve_dtype",
+    "cast_array",
+    "sniff_format",
+    "verify_hf_shapes",
+]
+
+PathLike = Union[str, os.PathLike]
+FORMATS = ("ckpt", "safetensors")
+# mindspore.save_checkpoint slices tensors above this many bytes into several records (SLICE_SIZE, 512 MiB).
+_CKPT_SLICE_BYTES = 512 * 1024 * 1024
+_CRC_TRAILER = b"crc_num"
+
+
+class MSCheckpointError(ValueError):
+    """A MindSpore checkpoint file is missing, unreadable, corrupt, or does not fit the request."""
+
+
+def _mindspore():
+    import mindspore  # imported lazily: ~1.7 s, and it registers numpy's bfloat16 dtype
+
+    return mindspore
+
+
+def _bf16() -> Any:
+    _mindspore()
+    from mindspore.common import np_dtype
+
+    return np_dtype.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes
+_DTYPE_NAMES = {
+    "float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "f16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+}
+
+
+def resolve_dtype(dtype: Any) -> Optional[np.dtype]:
+    """The numpy dtype for a user's dtype spelling (``None`` keeps each tensor's own dtype).
+
+    Args:
+        dtype: ``None``, a name (``"float32"``/``"fp32"``, ``"float16"``/``"fp16"``,
+            ``"bfloat16"``/``"bf16"``), a MindSpore dtype, or a numpy dtype.
+
+    Returns:
+        A numpy dtype (bfloat16 is MindSpore's numpy extension type), or ``None``.
+
+    Raises:
+        MSCheckpointError: any other value.
+
+    Example:
+        >>> resolve_dtype("bf16").name
+        'bfloat16'
+    """
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        name = _DTYPE_NAMES.get(dtype.strip().lower())
+        if name is None:
+            raise MSCheckpointError(f"unknown dtype {dtype!r}; use float32 (fp32), float16 (fp16) or bfloat16 (bf16)")
+        return np.dtype(_bf16()) if name == "bfloat16" else np.dtype(name)
+    ms = _mindspore()
+    if isinstance(dtype, ms.dtype.Type):
+        return resolve_dtype(str(dtype).lower())
+    try:
+        np_dt = np.dtype(dtype)
+    except TypeError as e:
+        raise MSCheckpointError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16") from e
+    if np_dt.name not in ("float32", "float16", "bfloat16"):
+        raise MSCheckpointError(f"dtype {np_dt.name!r} is not a weight dtype; use float32, float16 or bfloat16")
+    return np_dt
+
+
+def cast_array(array: np.ndarray, dtype: Optional[np.dtype]) -> np.ndarray:
+    """``array`` in ``dtype`` (no copy when it already is; floats only; round to nearest even)."""
+    if dtype is None or array.dtype == dtype:
+        return array
+    if array.dtype.kind not in "fV" and array.dtype.name != "bfloat16":
+        return array
+    if array.dtype.name == "bfloat16" or np.dtype(dtype).name == "bfloat16":
+        # numpy has no direct bf16 <-> f16 cast; bf16 -> f32 is exact, so one rounding happens.
+        return array.astype(np.float32).astype(dtype)
+    return array.astype(dtype)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "asnumpy"):
+        return value.asnumpy()
+    if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor, for convenience
+        import torch
+
+        t = value.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(_bf16())
+        return t.numpy()
+    raise MSCheckpointError(f"cannot turn a {type(value).__name__} into an array; pass numpy or MindSpore tensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# Format detection
+def sniff_format(path: PathLike) -> str:
+    """``"ckpt"`` or ``"safetensors"``, read from the file's first bytes (not its name).
+
+    Raises:
+        MSCheckpointError: the file is missing, a folder, empty, or neither format.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MSCheckpointError(f"checkpoint file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise MSCheckpointError(f"{str(path)!r} is a folder; pass the .ckpt or .safetensors file inside it")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 0 < n <= size - 8 and head[8:9] == b"{":
+            return "safetensors"
+    if head[:1] == b"\x0a":
+        return "ckpt"
+    raise MSCheckpointError(
+        f"{str(path)!r} is neither a MindSpore .ckpt (protobuf) nor a .safetensors file"
+        + (" (it is empty)" if size == 0 else "") + "; an encrypted .ckpt must be decrypted with MindSpore first")
+
+
+def _format_for(path: Path, format: Optional[str]) -> str:
+    by_suffix = {".ckpt": "ckpt", ".safetensors": "safetensors"}.get(path.suffix.lower())
+    if format is None:
+        return by_suffix or "ckpt"
+    if format not in FORMATS:
+        raise MSCheckpointError(f"format must be 'ckpt' or 'safetensors', got {format!r}")
+    if by_suffix is not None and by_suffix != format:
+        raise MSCheckpointError(f"{str(path)!r} ends in {path.suffix!r} but format={format!r}; make them agree")
+    return format
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+_CKPT_TYPES = {
+    "Float32": "float32", "Float16": "float16", "Float64": "float64", "BFloat16": "bfloat16",
+    "Int8": "int8", "UInt8": "uint8", "Int16": "int16", "UInt16": "uint16", "Int32": "int32",
+    "UInt32": "uint32", "Int64": "int64", "UInt64": "uint64", "Bool": "bool",
+}
+_ST_TYPES = {
+    "F32": "float32", "F16": "float16", "F64": "float64", "BF16": "bfloat16", "I8": "int8", "U8": "uint8",
+    "I16": "int16", "U16": "uint16", "I32": "int32", "U32": "uint32", "I64": "int64", "U64": "uint64",
+    "BOOL": "bool",
+}
+_ST_NAMES = {v: k for k, v in _ST_TYPES.items()}
+
+
+def _np_dtype(name: str) -> np.dtype:
+    return np.dtype(_bf16()) if name == "bfloat16" else np.dtype(name)
+
+
+def _read_varint(f: BinaryIO) -> Optional[int]:
+    shift = result = 0
+    while True:
+        b = f.read(1)
+        if not b:
+            return None if shift == 0 else -1
+        result |= (b[0] & 0x7F) << shift
+        if not b[0] & 0x80:
+            return result
+        shift += 7
+        if shift > 63:
+            return -1
+
+
+class _Entry:
+    __slots__ = ("shape", "dtype", "segments", "text")
+
+    def __init__(self, shape: Tuple[int, ...], dtype: str):
+        self.shape, self.dtype = shape, dtype
+        self.segments: List[Tuple[int, int]] = []
+        self.text: Optional[bytes] = None
+
+
+class MSCheckpointReader:
+    """Lazy, read-only access to the tensors of a MindSpore ``.ckpt`` or ``.safetensors`` file.
+
+    Opening reads only the index (names, shapes, dtypes, offsets); :meth:`get` reads one tensor.
+
+    Args:
+        path: the checkpoint file; its format is detected from its content.
+
+    Raises:
+        MSCheckpointError: missing, truncated or corrupt file, or a record this reader cannot
+            represent (map tensors).
+
+    Example:
+        >>> with MSCheckpointReader("model.ckpt") as r:  # doctest: +SKIP
+        ...     w = r.get("model.norm_out.weight")
+    """
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        self.format = sniff_format(self.path)
+        self._entries: Dict[str, _Entry] = {}
+        self._file: Optional[BinaryIO] = None
+        self._st: Any = None
+        if self.format == "ckpt":
+            self._file = open(self.path, "rb")
+            try:
+                self._index_ckpt()
+            except BaseException:
+                self.close()
+                raise
+        else:
+            self._check_safetensors_size()
+            _bf16()
+            from safetensors import safe_open
+
+            try:
+                self._st = safe_open(str(self.path), framework="np")
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise MSCheckpointError(f"{str(self.path)!r} is not a readable safetensors file: {e}") from e
+            for k in self._st.keys():
+                sl = self._st.get_slice(k)
+                dt = _ST_TYPES.get(sl.get_dtype())
+                if dt is None:
+                    raise MSCheckpointError(f"{str(self.path)!r}: tensor {k!r} has unsupported dtype {sl.get_dtype()}")
+                self._entries[k] = _Entry(tuple(sl.get_shape()), dt)
+
+    def _check_safetensors_size(self) -> None:
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            try:
+                header = json.loads(f.read(n))
+                end = max([int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"] or [0])
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                raise MSCheckpointError(f"{str(self.path)!r} has a corrupt safetensors header: {e}") from e
+        if 8 + n + end > size:
+            raise MSCheckpointError(f"{str(self.path)!r} is truncated: its header needs {8 + n + end} bytes, "
+                                    f"the file has {size}")
+
+    # -- ckpt index: walk the protobuf wire format, seeking over tensor bytes
+    def _corrupt(self, why: str) -> MSCheckpointError:
+        return MSCheckpointError(f"{str(self.path)!r} is not a valid MindSpore checkpoint ({why}); "
+                                 "the file may be truncated or corrupt")
+
+    def _index_ckpt(self) -> None:
+        f = self._file
+        assert f is not None
+        size = self.path.stat().st_size
+        last: Optional[str] = None
+        while True:
+            pos = f.tell()
+            if pos == size:
+                break
+            if size - pos == len(_CRC_TRAILER) + 10:
+                if f.read(len(_CRC_TRAILER)) == _CRC_TRAILER:
+                    break
+                f.seek(pos)
+            key = _read_varint(f)
+            if key != 0x0A:
+                raise self._corrupt(f"unexpected field at byte {pos}")
+            length = _read_varint(f)
+            if length is None or length < 0 or f.tell() + length > size:
+                raise self._corrupt(f"record at byte {pos} runs past the end of the file")
+            tag, shape, dtype, content = self._parse_value(f.tell(), length)
+            entry = self._entries.get(tag)
+            if entry is not None and tag != last:
+                raise self._corrupt(f"tensor {tag!r} appears twice")
+            if entry is None:
+                entry = self._entries[tag] = _Entry(shape, dtype)
+            elif entry.shape != shape or entry.dtype != dtype:
+                raise self._corrupt(f"slices of {tag!r} disagree on shape or dtype")
+            entry.segments.append(content)
+            last = tag
+        for tag, entry in self._entries.items():
+            if entry.dtype == "str":
+                continue
+            nbytes = sum(n for _, n in entry.segments)
+            want = int(np.prod(entry.shape, dtype=np.int64)) * _np_dtype(entry.dtype).itemsize
+            if nbytes != want:
+                raise self._corrupt(f"tensor {tag!r} has {nbytes} bytes, its shape {entry.shape} needs {want}")
+
+    def _parse_value(self, start: int, length: int) -> Tuple[str, Tuple[int, ...], str, Tuple[int, int]]:
+        f = self._file
+        assert f is not None
+        end = start + length
+        tag: Optional[str] = None
+        dims: List[int] = []
+        ttype: Optional[str] = None
+        content: Optional[Tuple[int, int]] = None
+        while f.tell() < end:
+            key = _read_varint(f)
+            n = _read_varint(f)
+            if key is None or n is None or n < 0 or f.tell() + n > end:
+                raise self._corrupt(f"bad record at byte {start}")
+            if key == 0x0A:
+                tag = f.read(n).decode("utf-8", errors="replace")
+            elif key == 0x12:  # TensorProto
+                t_end = f.tell() + n
+                while f.tell() < t_end:
+                    tkey = _read_varint(f)
+                    if tkey == 0x08:  # one dim, unpacked int64
+                        d = _read_varint(f)
+                        dims.append(_signed64(d))
+                        continue
+                    m = _read_varint(f)
+                    if tkey is None or m is None or m < 0 or f.tell() + m > t_end:
+                        raise self._corrupt(f"bad tensor record at byte {start}")
+                    if tkey == 0x0A:  # packed dims
+                        sub = f.read(m)
+                        dims.extend(_signed64(v) for v in _varints(sub))
+                    elif tkey == 0x12:
+                        ttype = f.read(m).decode("ascii", errors="replace")
+                    elif tkey == 0x1A:
+                        content = (f.tell(), m)
+                        f.seek(m, os.SEEK_CUR)
+                    else:
+                        f.seek(m, os.SEEK_CUR)
+            elif key == 0x1A:
+                raise MSCheckpointError(f"{str(self.path)!r} holds a map tensor ({tag!r}); only dense tensors "
+                                        "are model weights")
+            else:
+                f.seek(n, os.SEEK_CUR)
+        if tag is None or ttype is None or content is None:
+            raise self._corrupt(f"incomplete record at byte {start}")
+        if ttype != "str" and ttype not in _CKPT_TYPES:
+            raise MSCheckpointError(f"{str(self.path)!r}: tensor {tag!r} has unsupported type {ttype!r}")
+        if dims == [0] and ttype != "str":
+            dims = []
+        return tag, tuple(dims), ttype if ttype == "str" else _CKPT_TYPES[ttype], content
+
+    # -- public API
+    def keys(self) -> List[str]:
+        """Tensor names in file order (string entries, e.g. a saved step name, are left out)."""
+        return [k for k, e in self._entries.items() if e.dtype != "str"]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries and self._entries[key].dtype != "str"  # type: ignore[index]
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        """Shape of tensor ``key``."""
+        return self._entry(key).shape
+
+    def dtype(self, key: str) -> np.dtype:
+        """numpy dtype of tensor ``key``."""
+        return _np_dtype(self._entry(key).dtype)
+
+    def nbytes(self, key: str) -> int:
+        """Size in bytes of tensor ``key``."""
+        e = self._entry(key)
+        return int(np.prod(e.shape, dtype=np.int64)) * _np_dtype(e.dtype).itemsize
+
+    def _entry(self, key: str) -> _Entry:
+        e = self._entries.get(key)
+        if e is None or e.dtype == "str":
+            raise MSCheckpointError(f"{str(self.path)!r} has no tensor {key!r}")
+        return e
+
+    def get(self, key: str) -> np.ndarray:
+        """Read tensor ``key`` as a numpy array (bfloat16 stays bfloat16)."""
+        e = self._entry(key)
+        if self._st is not None:
+            return self._st.get_tensor(key)
+        f = self._file
+        assert f is not None
+        buf = np.empty(sum(n for _, n in e.segments), dtype=np.uint8)
+        view, at = memoryview(buf), 0
+        for offset, n in e.segments:
+            f.seek(offset)
+            if f.readinto(view[at: at + n]) != n:
+                raise self._corrupt(f"tensor {key!r} is cut short")
+            at += n
+        return buf.view(_np_dtype(e.dtype)).reshape(e.shape)
+
+    def items(self) -> Iterator[Tuple[str, np.ndarray]]:
+        """``(name, array)`` pairs, one tensor in memory at a time."""
+        for k in self.keys():
+            yield k, self.get(k)
+
+    def close(self) -> None:
+        """Release the file handle."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._st = None
+
+    def __enter__(self) -> "MSCheckpointReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _signed64(v: Optional[int]) -> int:
+    if v is None or v < 0:
+        raise MSCheckpointError("bad dimension in checkpoint record")
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _varints(data: bytes) -> Iterator[int]:
+    result = shift = 0
+    for b in data:
+        result |= (b & 0x7F) << shift
+        if b & 0x80:
+            shift += 7
+        else:
+            yield result
+            result = shift = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+def _tmp_name(path: Path, suffix: str) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+
+
+def _finish(tmp: Path, path: Path) -> None:
+    # mindspore.save_checkpoint leaves files read-only (0o400); ours stay ordinary files.
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+class SafetensorsWriter:
+    """Write one ``.safetensors`` file tensor by tensor, atomically (temp file + rename on :meth:`commit`).
+
+    The tensors go straight to their final place after a reserved header area; the header is
+    written last, padded with spaces (allowed by the format). If it outgrows the reserve, the file
+    is rewritten once with a larger header.
+
+    Args:
+        path: the destination file.
+        metadata: the ``__metadata__`` strings; ``{"format": "pt"}`` for files transformers reads,
+            ``{"format": "ms"}`` as MindSpore writes.
+
+    Example:
+        >>> with SafetensorsWriter("out.safetensors", {"format": "pt"}) as w:  # doctest: +SKIP
+        ...     w.add("model.norm.weight", np.ones(8, np.float32))
+    """
+
+    _RESERVE = 1 << 20
+
+    def __init__(self, path: PathLike, metadata: Optional[Dict[str, str]] = None):
+        self.path = Path(path)
+        self.metadata = dict(metadata or {})
+        self._tmp = _tmp_name(self.path, ".safetensors")
+        self._f: Optional[BinaryIO] = open(self._tmp, "wb")
+        self._f.seek(self._RESERVE)
+        self._header: Dict[str, Any] = {}
+        self._offset = 0
+        self.nbytes = 0
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        """Append tensor ``name``."""
+        if self._f is None:
+            raise MSCheckpointError(f"{str(self.path)!r}: writer already closed")
+        if name in self._header:
+            raise MSCheckpointError(f"{str(self.path)!r}: tensor {name!r} written twice")
+        array = np.ascontiguousarray(array)
+        st = _ST_NAMES.get(array.dtype.name)
+        if st is None:
+            raise MSCheckpointError(f"tensor {name!r}: dtype {array.dtype.name} cannot be stored in safetensors")
+        data = memoryview(array.reshape(-1).view(np.uint8))
+        self._f.write(data)
+        self._header[name] = {"dtype": st, "shape": list(array.shape),
+                              "data_offsets": [self._offset, self._offset + len(data)]}
+        self._offset += len(data)
+        self.nbytes += len(data)
+
+    def __len__(self) -> int:
+        return len(self._header)
+
+    def commit(self) -> Path:
+        """Write the header, flush, and move the file into place."""
+        if self._f is None:
+            raise MSCheckpointError(f"{str(self.path)!r}: writer already closed")
+        header = dict(self._header)
+        if self.metadata:
+            header["__metadata__"] = self.metadata
+        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        room = self._RESERVE - 8
+        f, self._f = self._f, None
+        try:
+            if len(blob) <= room:
+                f.seek(0)
+                f.write(struct.pack("<Q", room) + blob + b" " * (room - len(blob)))
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+            else:
+                f.close()
+                self._rewrite_with_header(blob)
+            _finish(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def _rewrite_with_header(self, blob: bytes) -> None:
+        pad = (-len(blob)) % 8
+        blob += b" " * pad
+        second = _tmp_name(self.path, ".2.safetensors")
+        try:
+            with open(self._tmp, "rb") as src, open(second, "wb") as dst:
+                dst.write(struct.pack("<Q", len(blob)) + blob)
+                src.seek(self._RESERVE)
+                while True:
+                    chunk = src.read(64 << 20)
+                    if not chunk:
+                        break
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(second, self._tmp)
+        finally:
+            if second.exists():
+                second.unlink()
+
+    def abort(self) -> None:
+        """Drop everything written so far."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        if self._tmp.exists():
+            self._tmp.unlink()
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+class MSCheckpointWriter:
+    """Write a MindSpore checkpoint one tensor at a time, atomically (temp file + rename on :meth:`commit`).
+
+    ``format="ckpt"`` emits the same protobuf records, in the same slicing, as
+    ``mindspore.save_checkpoint``; ``format="safetensors"`` writes the file MindSpore's
+    ``save_checkpoint(..., format="safetensors")`` would (metadata ``{"format": "ms"}``).
+
+    Args:
+        path: the destination file.
+        format: ``"ckpt"`` or ``"safetensors"``; ``None`` picks it from the suffix (default ckpt).
+
+    Example:
+        >>> with MSCheckpointWriter("model.ckpt") as w:  # doctest: +SKIP
+        ...     w.add("model.norm_out.weight", np.ones(8, np.float32))
+    """
+
+    def __init__(self, path: PathLike, format: Optional[str] = None):
+        self.path = Path(path)
+        self.format = _format_for(self.path, format)
+        self.nbytes = 0
+        self._count = 0
+        self._names: set = set()
+        if self.format == "safetensors":
+            self._st: Optional[SafetensorsWriter] = SafetensorsWriter(self.path, {"format": "ms"})
+            self._f: Optional[BinaryIO] = None
+        else:
+            self._st = None
+            from mindspore.train.checkpoint_pb2 import Checkpoint  # MindSpore's own checkpoint.proto
+
+            self._proto = Checkpoint
+            self._tmp = _tmp_name(self.path, ".ckpt")
+            self._f = open(self._tmp, "wb")
+        self._type_names: Dict[str, str] = {}
+
+    def _type_name(self, dtype: np.dtype) -> str:
+        name = self._type_names.get(dtype.name)
+        if name is None:
+            ms = _mindspore()
+            name = self._type_names[dtype.name] = str(ms.Tensor.from_numpy(np.zeros((1,), dtype)).dtype)
+        return name
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        """Append tensor ``name``."""
+        if name in self._names:
+            raise MSCheckpointError(f"{str(self.path)!r}: tensor {name!r} written twice")
+        self._names.add(name)
+        array = np.ascontiguousarray(array)
+        self._count += 1
+        self.nbytes += array.nbytes
+        if self._st is not None:
+            self._st.add(name, array)
+            return
+        if self._f is None:
+            raise MSCheckpointError(f"{str(self.path)!r}: writer already closed")
+        type_name = self._type_name(array.dtype)
+        flat = array.reshape(-1)
+        # Same slicing rule as mindspore.save_checkpoint, so the files are byte-identical.
+        pieces = np.array_split(flat, math.ceil(array.nbytes / 1024 / (_CKPT_SLICE_BYTES / 1024))) \
+            if array.nbytes > _CKPT_SLICE_BYTES else [flat]
+        for piece in pieces:
+            msg = self._proto()
+            value = msg.value.add()
+            value.tag = name
+            value.tensor.dims.extend(list(array.shape))
+            value.tensor.tensor_type = type_name
+            value.tensor.tensor_content = piece.tobytes()
+            self._f.write(msg.SerializeToString())
+
+    def __len__(self) -> int:
+        return self._count
+
+    def commit(self) -> Path:
+        """Flush and move the file into place."""
+        if self._st is not None:
+            self._st.commit()
+            self._st = None
+            return self.path
+        if self._f is None:
+            raise MSCheckpointError(f"{str(self.path)!r}: writer already closed")
+        f, self._f = self._f, None
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            _finish(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Drop everything written so far."""
+        if self._st is not None:
+            self._st.abort()
+            self._st = None
+            return
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        if self._tmp.exists():
+            self._tmp.unlink()
+
+    def __enter__(self) -> "MSCheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-checkpoint API
+def verify_hf_shapes(shapes: Mapping[str, Tuple[int, ...]], config: Any, source: str = "checkpoint") -> None:
+    """Check HF-named tensor shapes against ``config``; all problems are reported in one error.
+
+    ``lm_head.weight`` may be present or absent when the embeddings are tied.
+
+    Raises:
+        MSCheckpointError: listing missing, unexpected and shape-mismatched keys.
+    """
+    want = hf_parameter_shapes(config, include_tied_lm_head=True)
+    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = [k for k in want if k not in shapes and k not in optional]
+    unexpected = [k for k in shapes if k not in want]
+    mismatched = [f"{k}: {tuple(shapes[k])} (config wants {want[k]})" for k in shapes
+                  if k in want and tuple(shapes[k]) != tuple(want[k])]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if items:
+                more = f" (+{len(items) - 10} more)" if len(items) > 10 else ""
+                parts.append(f"{label} ({len(items)}): {items[:10]}{more}")
+        raise MSCheckpointError(f"{source} does not match the config: " + "; ".join(parts))
+
+
+def _state_dict_of(obj: Any) -> Tuple[Dict[str, np.ndarray], Any]:
+    """HF-named arrays (released per-expert layout) and the config, from a model or a state dict."""
+    if isinstance(obj, Mapping):
+        return {k: _to_numpy(v) for k, v in obj.items()}, None
+    to_hf = getattr(obj, "hf_state_dict", None)
+    if callable(to_hf):
+        return {k: _to_numpy(v) for k, v in to_hf().items()}, getattr(obj, "config", None)
+    raise MSCheckpointError(
+        f"save_ms_checkpoint takes a Qwen2ForCausalLM or a dict of arrays, got {type(obj).__name__}")
+
+
+def save_ms_checkpoint(
+    model_or_state_dict: Any,
+    path: PathLike,
+    naming: str = HF,
+    format: Optional[str] = None,
+    fuse_qkv: bool = False,
+    config: Any = None,
+    dtype: Any = None,
+    expert_layout: str = "out_in",
+) -> Path:
+    """Save weights as a MindSpore checkpoint via ``mindspore.save_checkpoint`` (temp file + rename).
+
+    Args:
+        model_or_state_dict: a ``Qwen2ForCausalLM`` or a dict of HF-named arrays/tensors in the
+            released layout (one key per expert).
+        path: destination file.
+        naming: ``"hf"`` keeps HF names; ``"mindformers"`` uses the upstream names.
+        format: ``"ckpt"`` or ``"safetensors"``; ``None`` picks it from the suffix (default ckpt).
+        fuse_qkv: with MindFormers naming, write fused ``w_qkv`` and ``w_gate_hidden``.
+        config: the model's config (taken from the model when one is passed); needed for ``fuse_qkv``.
+        dtype: cast weights to this dtype (``None`` keeps them).
+        expert_layout: MindFormers stacked-expert layout, ``"out_in"`` or ``"in_out"``.
+
+    Returns:
+        The written path.
+
+    Raises:
+        MSCheckpointError: bad ``naming``/``format``/``dtype`` or unsupported input.
+        CheckpointNamingError: keys that are not Qwen2 HF names.
+
+    Example:
+        >>> save_ms_checkpoint(model, "qwen2.ckpt", naming="mindformers")  # doctest: +SKIP
+    """
+    ms = _mindspore()
+    if naming not in NAMINGS:
+        raise MSCheckpointError(f"naming must be 'hf' or 'mindformers', got {naming!r}")
+    if fuse_qkv and naming != MINDFORMERS:
+        raise MSCheckpointError("fuse_qkv only applies to naming='mindformers'")
+    path = Path(path)
+    fmt = _format_for(path, format)
+    np_dtype = resolve_dtype(dtype)
+    state, model_config = _state_dict_of(model_or_state_dict)
+    config = config if config is not None else model_config
+    if naming == MINDFORMERS:
+        state = to_mindformers(state, config, fuse_qkv=fuse_qkv, expert_layout=expert_layout)
+    items = [{"name": k, "data": ms.Tensor.from_numpy(np.ascontiguousarray(cast_array(v, np_dtype)))}
+             for k, v in state.items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # save_checkpoint appends ".<format>" to names that lack it, so the temp name ends in it.
+    tmp = _tmp_name(path, f".{fmt}")
+    try:
+        ms.save_checkpoint(items, str(tmp), format=fmt)
+        _finish(tmp, path)
+    finally:
+        if tmp.exists():
+            os.chmod(tmp, 0o600)
+            tmp.unlink()
+    return path
+
+
+def load_ms_checkpoint(
+    path: PathLike,
+    config: Any = None,
+    dtype: Any = None,
+    naming: Optional[str] = None,
+    expert_layout: Optional[str] = None,
+) -> Dict[str, np.ndarray]:
+    """Read a MindSpore checkpoint (HF or MindFormers naming) into an HF-named state dict.
+
+    Optimizer state and step counters of an upstream training checkpoint are skipped.
+
+    Args:
+        path: a ``.ckpt`` or MindSpore ``.safetensors`` file (format detected from the content).
+        config: a :class:`~qwen2ms.Qwen2Config`. When given, every key and shape is checked
+            against it; it is required to split a fused ``w_qkv``.
+        dtype: cast weights to this dtype (``None`` keeps the stored dtype, e.g. bf16 stays bf16).
+        naming: ``"hf"`` or ``"mindformers"``; ``None`` detects it from the keys.
+        expert_layout: stacked-expert layout of a MindFormers checkpoint (``None`` detects it).
+
+    Returns:
+        HF key -> numpy array, in the released layout (one key per expert).
+
+    Raises:
+        MSCheckpointError: missing/corrupt file, or keys/shapes that do not fit ``config``
+            (all listed in one message).
+        CheckpointNamingError: keys in neither naming, or a naming that does not fit the keys.
+
+    Example:
+        >>> sd = load_ms_checkpoint("qwen2_mf.ckpt", Qwen2Config.from_json("config.json"))  # doctest: +SKIP
+    """
+    if naming is not None and naming not in NAMINGS:
+        raise MSCheckpointError(f"naming must be None, 'hf' or 'mindformers', got {naming!r}")
+    np_dtype = resolve_dtype(dtype)
+    out: Dict[str, np.ndarray] = {}
+    with MSCheckpointReader(path) as reader:
+        keys, _training = split_training_state(reader.keys())
+        found = detect_naming(keys)
+        if naming is not None and naming != found:
+            raise CheckpointNamingError(f"{str(path)!r} uses {found} names, but naming={naming!r} was requested")
+        layout = expert_layout
+        if found == MINDFORMERS and layout is None:
+            layout = detect_expert_layout({k: reader.shape(k) for k in keys}, config)
+        for key in keys:
+            value = cast_array(reader.get(key), np_dtype)
+            if found == MINDFORMERS:
+                out.update(from_mindformers({key: value}, config, expert_layout=layout))
+            else:
+                out[key] = value
+    if config is not None:
+        verify_hf_shapes({k: v.shape for k, v in out.items()}, config, source=repr(str(path)))
+    return out
