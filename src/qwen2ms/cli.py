@@ -79,6 +79,28 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .config import ConfigError, Qwen2Config
+    from .parallel.planner import format_plan, plan_memory
+
+    try:
+        if os.path.exists(args.model):
+            cfg = Qwen2Config.from_json(args.model)
+        else:
+            cfg = Qwen2Config.from_preset(args.model)
+        plan = plan_memory(cfg, args.devices, mode=args.mode, seq_length=args.seq_length,
+                           device_memory_gib=args.device_memory, devices_per_node=args.devices_per_node,
+                           micro_batch_num=args.micro_batch_num, model_name=args.model,
+                           micro_batch_size=args.micro_batch_size, batch_size=args.batch_size,
+                           param_dtype=args.dtype, reserve_gib=args.reserve,
+                           flash_attention=not args.no_flash_attention)
+    except (ConfigError, ValueError) as e:
+        print(f"qwen2ms plan: error: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(plan, limit=args.top))
+    return 0 if plan.best is not None else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="qwen2ms", description=__doc__)
@@ -116,6 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-num", type=int, default=1, help="MindRecord files to write (default 1)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_cmd_preprocess)
+
+    p = sub.add_parser("plan", help="estimate per-device memory of parallel layouts and suggest one that fits")
+    p.add_argument("--model", required=True, help="preset name (qwen2-0.5b ... qwen2-72b) or a config.json / model folder")
+    p.add_argument("--devices", type=int, required=True, help="number of devices")
+    p.add_argument("--device-memory", type=float, default=64.0, help="GiB per device (default 64)")
+    p.add_argument("--seq-length", type=int, default=4096, help="tokens per sample (default 4096)")
+    p.add_argument("--mode", choices=["finetune", "predict"], default="finetune", help="default finetune")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="samples per micro-batch per replica (finetune)")
+    p.add_argument("--micro-batch-num", type=int, default=1, help="micro-batches per step (pipeline layouts use >= stages)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per replica (predict)")
+    p.add_argument("--dtype", default="bfloat16", help="weight/activation dtype (default bfloat16)")
+    p.add_argument("--reserve", type=float, default=2.0, help="GiB per device kept for the runtime (default 2)")
+    p.add_argument("--devices-per-node", type=int, default=8, help="largest tensor-parallel degree (default 8)")
+    p.add_argument("--no-flash-attention", action="store_true", help="count the attention probabilities too")
+    p.add_argument("--top", type=int, default=12, help="layouts to list (default 12)")
+    p.set_defaults(func=_cmd_plan)
 
     return parser
 
