@@ -74,9 +74,9 @@ class Bigram:
 
 
 def _factory(decoder, calls=None):
-    def make(batch, max_length):
+    def make(batch, prompt_len, max_new_tokens):
         if calls is not None:
-            calls.append((batch, max_length))
+            calls.append((batch, prompt_len, max_new_tokens))
         return decoder
     return make
 
@@ -170,7 +170,7 @@ def test_text_prompts_are_left_padded_and_return_strings():
     ids, mask = dec.prefills[0]
     np.testing.assert_array_equal(mask, [[1, 1, 1], [0, 0, 1]])
     np.testing.assert_array_equal(ids[1], [SPECIAL, SPECIAL, ord("d")])  # padded with the eos-derived pad id
-    assert calls == [(2, 3 + 5)]  # the cache is sized from the request
+    assert calls == [(2, 3, 5)]  # the cache is sized from the request
 
 
 def test_vocab_limit_from_tokenizer_blocks_padding_ids():
@@ -192,7 +192,7 @@ def test_num_return_sequences_and_seed():
     calls = []
     a = run_generation(_factory(Bigram(0), calls), np.array([[1, 2], [3, 4]]), cfg)
     b = run_generation(_factory(Bigram(0)), np.array([[1, 2], [3, 4]]), cfg)
-    assert a.shape == (6, 8) and calls == [(6, 8)]
+    assert a.shape == (6, 8) and calls == [(6, 2, 6)]
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a[:3, :2], [[1, 2]] * 3)
     assert len({tuple(r) for r in a[:3]}) > 1  # samples differ between the copies
@@ -295,3 +295,20 @@ def test_resolve_config_fallbacks():
     assert resolve_config(None).pad_token_id == 0
     with pytest.raises(TypeError, match="generation_config"):
         resolve_config(42)
+
+
+def test_streaming_with_qwen2_tokenizer_equals_final_decode(qwen2_tokenizer_dir):
+    from qwen2ms.tokenization import Qwen2Tokenizer
+
+    tok = Qwen2Tokenizer.from_pretrained(qwen2_tokenizer_dir)
+    text = "你好，世界！😀🎉 naïve café 𝔘𝔫𝔦 👨‍👩‍👧"
+    script = tok.encode(text) + [tok.convert_tokens_to_ids("<|im_end|>")]
+    cfg = resolve_config(GenerationConfig(max_new_tokens=len(script) + 3), tokenizer=tok)
+    assert cfg.eos_token_ids == [151645]
+    pieces = []
+    out = run_generation(_factory(Scripted([script], vocab=151936)), "Hi", cfg, tokenizer=tok, streamer=pieces.append)
+    assert out == text == "".join(pieces)
+    assert all("\ufffd" not in p for p in pieces) and len(pieces) > 5
+    # Array output: the eos token is kept (HF), nothing after it.
+    ids = run_generation(_factory(Scripted([script], vocab=151936)), "Hi", cfg, tokenizer=tok, return_text=False)
+    assert ids[0, -1] == 151645 and tok.decode(ids[0, 1:], skip_special_tokens=True) == text

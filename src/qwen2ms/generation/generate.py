@@ -216,6 +216,8 @@ def resolve_config(
 ) -> GenerationConfig:
     """The config a call runs with: the given one (or ``model.generation_config``, or defaults) plus overrides.
 
+    The model's config is ``model.generation_config`` (a GenerationConfig) or, as loaded by
+    ``from_hf``, ``model.generation_config_dict`` (the generation_config.json dict).
     Unset ``eos_token_id`` falls back to the model config's, then the tokenizer's; unset
     ``pad_token_id`` to the model config's, the tokenizer's, then the first eos id (HF does the
     same), then 0.
@@ -226,6 +228,9 @@ def resolve_config(
     """
     if generation_config is None:
         generation_config = getattr(model, "generation_config", None)
+    if generation_config is None:
+        # from_hf keeps the checkpoint's generation_config.json as a raw dict.
+        generation_config = getattr(model, "generation_config_dict", None)
     if generation_config is None:
         base = GenerationConfig()
     elif isinstance(generation_config, dict):
@@ -248,7 +253,8 @@ def resolve_config(
     return cfg
 
 
-DecoderFactory = Callable[[int, int], Decoder]
+#: ``(batch_size, prompt_len, max_new_tokens) -> Decoder``
+DecoderFactory = Callable[[int, int, int], Decoder]
 
 
 def run_generation(
@@ -262,8 +268,12 @@ def run_generation(
     stopping_criteria: Sequence[StoppingCriterion] = (),
     sampler: Optional[Sampler] = None,
     max_position_embeddings: Optional[int] = None,
+    return_text: Optional[bool] = None,
 ) -> Any:
-    """Everything :func:`generate` does except building the model's decoder (``make_decoder(batch, max_length)``).
+    """Everything :func:`generate` does except building the model's decoder.
+
+    ``make_decoder(batch_size, prompt_len, max_new_tokens)`` returns the :class:`Decoder`; the other
+    arguments are :func:`generate`'s.
 
     Returns:
         For id inputs a NumPy int64 array ``[B * num_return_sequences, T + n]``; for a string the
@@ -281,15 +291,19 @@ def run_generation(
     if streamer is not None and batch != 1:
         raise GenerationConfigError(f"streaming needs a single sequence, but this call generates {batch} "
                                     "(batch size x num_return_sequences); stream one prompt at a time")
+    if return_text:
+        kind = "list[str]" if kind == "ids" else kind
+    elif return_text is not None:
+        kind = "ids"
     need_text = streamer is not None or bool(config.stop_strings) or kind != "ids"
     if need_text and tokenizer is None:
-        what = "streaming" if streamer is not None else "stop_strings"
+        what = "streaming" if streamer is not None else "stop_strings" if config.stop_strings else "text output"
         raise GenerationConfigError(f"{what} needs a tokenizer to decode the generated text; pass tokenizer=")
     stops = StopStrings(config.stop_string_list) if config.stop_strings else None
     row_texts = [RowText(tokenizer, stops) for _ in range(batch)] if need_text else None
     vocab_limit = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
     processors = build_processors(config, prompt_len, vocab_limit, mask, extra=logits_processors)
-    decoder = make_decoder(batch, prompt_len + config.max_new_tokens)
+    decoder = make_decoder(batch, prompt_len, config.max_new_tokens)
     out, _ = decode_loop(decoder, ids, mask, config, processors, sampler, make_rng(config.seed), row_texts,
                          streamer, stopping_criteria)
     if kind == "ids":
@@ -298,3 +312,124 @@ def run_generation(
     if n > 1:
         texts = [texts[i * n:(i + 1) * n] for i in range(len(texts) // n)]
     return texts[0] if kind == "str" else texts
+
+
+def generate(
+    model: Any,
+    input_ids: Any,
+    attention_mask: Any = None,
+    generation_config: Union[GenerationConfig, Dict[str, Any], None] = None,
+    tokenizer: Any = None,
+    streamer: Any = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    stopping_criteria: Sequence[StoppingCriterion] = (),
+    sampler: Optional[Sampler] = None,
+    return_text: Optional[bool] = None,
+    **overrides: Any,
+) -> Any:
+    """Continue prompts with a Qwen2 model: KV-cached, compiled decoding with HF-compatible settings.
+
+    The prompt is prefilled once into a static KV cache sized from the request; then one compiled
+    decode step (the cache slot passed as a Tensor) runs per token. Left-padded batches get per-row
+    positions from the mask. Greedy results equal transformers' ``generate`` token for token.
+
+    Args:
+        model: a ``Qwen2ForCausalLM``.
+        input_ids: token ids ([T] or [B, T] NumPy array / MindSpore Tensor, or ragged lists, which
+            are left-padded), a string, or a list of strings (needs a tokenizer).
+        attention_mask: [B, T] with 0 on left padding (token-id inputs only).
+        generation_config: a GenerationConfig or generation_config.json dict; default: the model's
+            (``from_hf`` reads generation_config.json), else :class:`GenerationConfig` defaults.
+        tokenizer: for text in/out, stop strings and streaming; default ``model.tokenizer``. Its
+            length bounds the ids that can be generated (padded embedding rows never are).
+        streamer: an object with ``put(text)``/``end()`` (e.g. :class:`TextStreamer`) or a function
+            taking each text piece; one sequence only. Pieces never split a character and join to
+            the returned completion.
+        logits_processors: extra ``(input_ids, scores) -> scores`` callables, run after the
+            repetition penalty and min_new_tokens and before temperature/top-k/top-p (HF's order).
+        stopping_criteria: extra ``(input_ids) -> bool [B]`` callables; True ends a row.
+        sampler: ``(scores, rng) -> ids`` replacing greedy/multinomial selection.
+        return_text: force text (True) or id (False) output; default follows the input kind.
+        **overrides: GenerationConfig fields for this call (``max_new_tokens=64``, ``do_sample=True``...).
+
+    Returns:
+        Token ids: a NumPy int64 array ``[B * num_return_sequences, T + n]`` (prompt then new tokens,
+        ``pad_token_id`` after a row ended; ``n`` is what the longest row needed). A string prompt:
+        the completion string (special tokens removed, cut after a stop string); a list of strings:
+        a list of completions. With ``num_return_sequences > 1`` each completion becomes a list.
+
+    Raises:
+        GenerationConfigError: invalid settings or prompts (the message says what would be right).
+
+    Example:
+        >>> model = Qwen2ForCausalLM.from_hf("Qwen/Qwen2-0.5B-Instruct")  # doctest: +SKIP
+        >>> generate(model, "The capital of France is", max_new_tokens=8)  # doctest: +SKIP
+        ' Paris. It is the largest city in'
+    """
+    from .engine import CachedDecoder
+
+    if tokenizer is None:
+        tokenizer = getattr(model, "tokenizer", None)
+    config = resolve_config(generation_config, model, tokenizer, **overrides)
+
+    def make_decoder(batch: int, prompt_len: int, max_new_tokens: int) -> Decoder:
+        return CachedDecoder(model, batch, prompt_len, max_new_tokens)
+
+    return run_generation(make_decoder, input_ids, config, attention_mask, tokenizer, streamer, logits_processors,
+                          stopping_criteria, sampler, int(model.config.max_position_embeddings), return_text)
+
+
+def _chat_eos_ids(tokenizer: Any) -> List[int]:
+    ids = []
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab() if callable(getattr(tokenizer, "get_vocab", None)) else {}
+    if "<|im_end|>" in vocab:
+        ids.append(int(vocab["<|im_end|>"]))
+    return ids
+
+
+def chat(
+    model: Any,
+    messages: Sequence[Dict[str, Any]],
+    tokenizer: Any = None,
+    streamer: Any = None,
+    generation_config: Union[GenerationConfig, Dict[str, Any], None] = None,
+    **gen: Any,
+) -> Union[str, List[str]]:
+    """Reply to a conversation: apply the chat template, generate, return the assistant's text.
+
+    Multi-turn history is the caller's list: append ``{"role": "assistant", "content": reply}``
+    and the next user message, then call again. Besides the config's eos ids, generation also
+    stops at the tokenizer's eos token and ``<|im_end|>`` (the end of a ChatML turn), so a base
+    model's config (eos ``<|endoftext|>`` only) does not run past the reply.
+
+    Args:
+        model: a ``Qwen2ForCausalLM``.
+        messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
+        tokenizer: default ``model.tokenizer``; must have ``apply_chat_template``.
+        streamer: as in :func:`generate`.
+        generation_config: as in :func:`generate`.
+        **gen: GenerationConfig overrides and the other keyword arguments of :func:`generate`.
+
+    Returns:
+        The reply (a list of replies when ``num_return_sequences > 1``).
+
+    Example:
+        >>> chat(model, [{"role": "user", "content": "Hi!"}], max_new_tokens=32)  # doctest: +SKIP
+        'Hello! How can I help you today?'
+    """
+    if tokenizer is None:
+        tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None or not callable(getattr(tokenizer, "apply_chat_template", None)):
+        raise GenerationConfigError("chat needs a tokenizer with a chat template: pass tokenizer=, or load the "
+                                    "model with from_hf so that model.tokenizer is set")
+    ids = list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True))
+    config = resolve_config(generation_config, model, tokenizer,
+                            **{k: gen.pop(k) for k in list(gen) if k in GenerationConfig._field_names()})
+    eos = list(dict.fromkeys(config.eos_token_ids + _chat_eos_ids(tokenizer)))
+    if eos:
+        config = config.update(eos_token_id=eos)
+    replies = generate(model, [ids], generation_config=config, tokenizer=tokenizer, streamer=streamer,
+                       return_text=True, **gen)
+    return replies[0]

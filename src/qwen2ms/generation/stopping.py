@@ -12,7 +12,7 @@ from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
 
-from .streamers import IncrementalDecoder
+from .streamers import make_detokenizer
 
 __all__ = ["StoppingCriterion", "StopStrings", "RowText", "StopState", "run_criteria"]
 
@@ -61,7 +61,7 @@ class RowText:
     """
 
     def __init__(self, tokenizer: Any, stop: Optional[StopStrings] = None):
-        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True)
+        self.decoder = make_detokenizer(tokenizer, skip_special_tokens=True)
         self.stop = stop
         self.text = ""
         self.stopped = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, List, Optional, Protocol, TextIO, Union, runtime_checkable
 
-__all__ = ["IncrementalDecoder", "Streamer", "TextStreamer", "CallbackStreamer", "as_streamer"]
+__all__ = ["IncrementalDecoder", "make_detokenizer", "Streamer", "TextStreamer", "CallbackStreamer", "as_streamer"]
 
 _REPLACEMENT = "\ufffd"
 
@@ -12,6 +12,9 @@ _REPLACEMENT = "\ufffd"
 class IncrementalDecoder:
     """Turns token ids, fed one at a time, into text pieces that never split a character.
 
+    The fallback for tokenizers other than qwen2ms's own (e.g. a transformers tokenizer passed as
+    ``tokenizer=``); :func:`make_detokenizer` prefers the tokenizer package's byte-level
+    :class:`~qwen2ms.tokenization.IncrementalDetokenizer` when the tokenizer offers ``id_bytes``.
     Works with any tokenizer that has ``decode(ids, skip_special_tokens=...)``. Two offsets into
     the ids seen so far delimit a small window that is decoded twice (with and without the newest
     ids); the difference is the new text. While the window's text ends in U+FFFD (a multi-byte
@@ -56,6 +59,27 @@ class IncrementalDecoder:
         new_text = self._decode(self.ids[self._prefix:])
         self._prefix = self._read = len(self.ids)
         return new_text[len(prefix_text):]
+
+
+def make_detokenizer(tokenizer: Any, skip_special_tokens: bool = True) -> Any:
+    """An incremental detokenizer (``push(id) -> str``, ``flush() -> str``) for ``tokenizer``.
+
+    qwen2ms tokenizers (which expose ``id_bytes``) get the tokenization package's
+    :class:`~qwen2ms.tokenization.IncrementalDetokenizer` (O(new bytes) per token); any other
+    tokenizer with ``decode`` gets :class:`IncrementalDecoder`.
+
+    Example:
+        >>> make_detokenizer(Qwen2Tokenizer.from_pretrained(path)).push(9707)  # doctest: +SKIP
+        'Hello'
+    """
+    if callable(getattr(tokenizer, "id_bytes", None)):
+        from ..tokenization import IncrementalDetokenizer
+
+        return IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+    if not callable(getattr(tokenizer, "decode", None)):
+        raise TypeError(f"tokenizer {type(tokenizer).__name__} has neither id_bytes() nor decode(); "
+                        "cannot turn generated ids into text")
+    return IncrementalDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
 
 
 @runtime_checkable
