@@ -13,6 +13,7 @@ from qwen2ms.modeling.mindformers import (
     hf_parameter_shapes,
     interleave_gate_up,
     mindformers_key_to_hf,
+    mindformers_shapes_to_hf,
     split_gate_up,
     split_qkv_grouped,
     split_training_state,
@@ -92,6 +93,7 @@ def test_gmm_layout_is_transposed_and_detected_on_import():
     assert w1.shape == (3, 16, 8)
     np.testing.assert_array_equal(w1[1], hf["model.layers.2.mlp.experts.1.gate_proj.weight"].T)
     assert_same(from_mindformers(gmm), hf)  # detected from the router shape
+    assert mindformers_shapes_to_hf({k: v.shape for k, v in gmm.items()}) == {k: v.shape for k, v in hf.items()}
     no_router = {k: v for k, v in gmm.items() if "router" not in k}
     back = from_mindformers(no_router, cfg)  # detected from config.hidden_size
     assert back["model.layers.2.mlp.experts.1.down_proj.weight"].tobytes() == \
@@ -117,6 +119,7 @@ def test_round_trip_is_identity(make, fuse):
         assert any("w_qkv" in k for k in mf) == fuse
         assert any("w_gate_hidden" in k for k in mf) == fuse
         assert_same(from_mindformers(mf, cfg), hf)
+        assert mindformers_shapes_to_hf({k: v.shape for k, v in mf.items()}, cfg) == {k: v.shape for k, v in hf.items()}
 
 
 def test_fused_qkv_grouped_order_by_hand():
@@ -202,6 +205,12 @@ def test_bad_inputs_raise_clear_errors():
         to_mindformers(no_k, cfg, fuse_qkv=True)
     with pytest.raises(CheckpointNamingError, match="multiple"):
         split_qkv_grouped(np.zeros((10, 3)), 4, 2)
+    with pytest.raises(CheckpointNamingError, match="multiple"):
+        mindformers_shapes_to_hf({"model.layers.0.attention.w_qkv.weight": (10, 16)}, cfg)
+    with pytest.raises(CheckpointNamingError, match="config"):
+        mindformers_shapes_to_hf({"model.layers.0.attention.w_qkv.weight": (16, 16)})
+    with pytest.raises(CheckpointNamingError, match="wte"):
+        mindformers_shapes_to_hf({"wte": (1,)})
     with pytest.raises(CheckpointNamingError, match="per-expert"):
         hf_key_to_mindformers("model.layers.0.mlp.experts.3.up_proj.weight")
     with pytest.raises(CheckpointNamingError, match="several HF tensors"):

@@ -101,6 +101,22 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0 if plan.best is not None else 1
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .hub import HubError
+    from .modeling.convert import convert
+    from .modeling.mindformers import CheckpointNamingError
+    from .modeling.ms_checkpoint import MSCheckpointError
+
+    try:
+        convert(args.src, args.dst, to=args.to, naming=args.naming, dtype=args.dtype, fuse_qkv=args.fuse_qkv,
+                config=args.config, format=args.format, max_shard_size=args.max_shard_size,
+                expert_layout=args.expert_layout, verbose=not args.quiet)
+    except (MSCheckpointError, CheckpointNamingError, HubError) as e:
+        print(f"qwen2ms convert: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="qwen2ms", description=__doc__)
@@ -154,6 +170,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flash-attention", action="store_true", help="count the attention probabilities too")
     p.add_argument("--top", type=int, default=12, help="layouts to list (default 12)")
     p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("convert", help="HF safetensors folder <-> MindSpore checkpoint (HF or MindFormers names), streaming")
+    p.add_argument("src", help="--to ms: HF folder or hub id; --to hf: a MindSpore .ckpt/.safetensors file")
+    p.add_argument("dst", help="--to ms: output .ckpt/.safetensors (or a folder); --to hf: output folder")
+    p.add_argument("--to", required=True, choices=["ms", "hf"], help="direction: ms (HF -> MindSpore) or hf")
+    p.add_argument("--naming", choices=["hf", "mindformers"], default=None,
+                   help="MindSpore-side names (default: hf when writing, detected when reading)")
+    p.add_argument("--dtype", default=None, help="cast weights: bf16, fp16 or fp32 (default: keep)")
+    p.add_argument("--fuse-qkv", action="store_true", help="mindformers naming: fused w_qkv and w_gate_hidden")
+    p.add_argument("--config", default=None, help="HF config.json (default: the one next to SRC)")
+    p.add_argument("--format", choices=["ckpt", "safetensors"], default=None,
+                   help="MindSpore file format for --to ms (default: from DST's suffix, else ckpt)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest HF shard for --to hf (default 5GB)")
+    p.add_argument("--expert-layout", choices=["out_in", "in_out"], default=None,
+                   help="MindFormers stacked experts: [E,out,in] (default) or [E,in,out] (upstream use_gmm)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
+    p.set_defaults(func=_cmd_convert)
 
     return parser
 

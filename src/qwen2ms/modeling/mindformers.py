@@ -60,6 +60,7 @@ __all__ = [
     "hf_parameter_shapes",
     "split_training_state",
     "detect_expert_layout",
+    "mindformers_shapes_to_hf",
 ]
 
 HF = "hf"
@@ -584,6 +585,77 @@ def from_mindformers(
                 out[f"{prefix}mlp.experts.{e}.{_EXPERT_PROJ_REV[proj]}.weight"] = np.ascontiguousarray(stacked[e])
             continue
         unknown.append(key)
+    if unknown:
+        raise CheckpointNamingError(
+            f"{len(unknown)} keys are not MindFormers Qwen2 parameter names, e.g. {unknown[:8]!r}")
+    return out
+
+
+def mindformers_shapes_to_hf(
+    shapes: Mapping[str, Sequence[int]],
+    config: Any = None,
+    *,
+    expert_layout: Optional[str] = None,
+) -> Dict[str, Tuple[int, ...]]:
+    """The HF keys and shapes :func:`from_mindformers` would produce, computed from shapes alone.
+
+    Lets a converter check a whole checkpoint against a config before reading any tensor data.
+
+    Args:
+        shapes: MindFormers key -> shape (training-state keys removed).
+        config: a :class:`~qwen2ms.Qwen2Config`; required when ``w_qkv`` is present.
+        expert_layout: as in :func:`from_mindformers`.
+
+    Returns:
+        HF key -> shape.
+
+    Raises:
+        CheckpointNamingError: as :func:`from_mindformers` would.
+
+    Example:
+        >>> mindformers_shapes_to_hf({"model.layers.0.feed_forward.w_gate_hidden.weight": (8, 4)})
+        {'model.layers.0.mlp.gate_proj.weight': (4, 4), 'model.layers.0.mlp.up_proj.weight': (4, 4)}
+    """
+    layout = expert_layout
+    if layout is None:
+        layout = detect_expert_layout(shapes, config)
+    out: Dict[str, Tuple[int, ...]] = {}
+    unknown: List[str] = []
+    for key, shape in shapes.items():
+        shape = tuple(int(d) for d in shape)
+        if key in _TOP_LEVEL_REV:
+            out[_TOP_LEVEL_REV[key]] = shape
+            continue
+        m = _LAYER_KEY.match(key)
+        if not m:
+            unknown.append(key)
+            continue
+        prefix, suffix = f"model.layers.{m.group(1)}.", m.group(2)
+        qm, em = _MF_QKV.match(suffix), _MF_EXPERT.match(suffix)
+        if suffix in _LAYER_REV:
+            out[prefix + _LAYER_REV[suffix]] = shape
+        elif qm:
+            n, kv, _ = _heads(config, f"splitting {key}")
+            if not shape or shape[0] % (n + 2 * kv):
+                raise CheckpointNamingError(f"{key}: {shape[0] if shape else 0} rows, not a multiple of "
+                                            f"num_heads + 2*num_kv_heads = {n + 2 * kv}")
+            d = shape[0] // (n + 2 * kv)
+            out[f"{prefix}self_attn.q_proj.{qm.group(1)}"] = (n * d,) + shape[1:]
+            out[f"{prefix}self_attn.k_proj.{qm.group(1)}"] = (kv * d,) + shape[1:]
+            out[f"{prefix}self_attn.v_proj.{qm.group(1)}"] = (kv * d,) + shape[1:]
+        elif suffix == _MF_GATE_HIDDEN:
+            if len(shape) != 2 or shape[0] % 2:
+                raise CheckpointNamingError(f"{key} must be [2*intermediate, hidden], got {shape}")
+            out[prefix + "mlp.gate_proj.weight"] = (shape[0] // 2, shape[1])
+            out[prefix + "mlp.up_proj.weight"] = (shape[0] // 2, shape[1])
+        elif em:
+            if len(shape) != 3:
+                raise CheckpointNamingError(f"{key} must be a 3-D stacked expert tensor, got {shape}")
+            each = shape[1:] if layout == "out_in" else shape[:0:-1]
+            for e in range(shape[0]):
+                out[f"{prefix}mlp.experts.{e}.{_EXPERT_PROJ_REV[em.group(1)]}.weight"] = each
+        else:
+            unknown.append(key)
     if unknown:
         raise CheckpointNamingError(
             f"{len(unknown)} keys are not MindFormers Qwen2 parameter names, e.g. {unknown[:8]!r}")

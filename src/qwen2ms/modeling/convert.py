@@ -1,0 +1,480 @@
+"""Streaming checkpoint conversion between a Hugging Face folder and a MindSpore checkpoint (``qwen2ms convert``).
+
+Tensors are read, renamed, cast and written one small group at a time (a tensor, a q/k/v triple,
+or one projection of one layer's experts), so memory stays near the size of the largest group
+whatever the model size. Every key and shape is checked against the config before any tensor is
+written, and all output goes through temp files, so a failed conversion leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..config import ConfigError, Qwen2Config
+from ..hub import atomic_write_bytes, atomic_write_text, resolve_pretrained
+from .mindformers import (
+    HF,
+    MINDFORMERS,
+    NAMINGS,
+    detect_expert_layout,
+    detect_naming,
+    from_mindformers,
+    mindformers_shapes_to_hf,
+    split_training_state,
+    to_mindformers,
+)
+from .ms_checkpoint import (
+    MSCheckpointError,
+    MSCheckpointReader,
+    MSCheckpointWriter,
+    SafetensorsWriter,
+    _bf16,
+    _np_dtype,
+    _ST_TYPES,
+    cast_array,
+    resolve_dtype,
+    verify_hf_shapes,
+)
+
+__all__ = ["convert", "ConvertError", "ConvertSummary", "parse_size"]
+
+PathLike = Union[str, os.PathLike]
+_HF_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+
+
+class ConvertError(MSCheckpointError):
+    """A conversion request cannot be carried out (bad arguments, missing config or weights)."""
+
+
+@dataclass
+class ConvertSummary:
+    """What :func:`convert` wrote.
+
+    Attributes:
+        direction: ``"hf -> ms"`` or ``"ms -> hf"``.
+        naming: the MindSpore side's naming (``"hf"`` or ``"mindformers"``).
+        tensors: number of tensors written.
+        bytes: bytes of tensor data written.
+        dtypes: the dtypes written (names, sorted).
+        files: the files written (weights, index, configs).
+        skipped: source keys deliberately not written (optimizer state; a tied lm_head).
+    """
+
+    direction: str
+    naming: str
+    tensors: int
+    bytes: int
+    dtypes: Tuple[str, ...]
+    files: List[Path] = field(default_factory=list)
+    skipped: int = 0
+
+    def line(self) -> str:
+        """The one-line summary the CLI prints."""
+        size = f"{self.bytes / 1e9:.2f} GB" if self.bytes >= 1e8 else f"{self.bytes / 1e6:.2f} MB"
+        skipped = f", skipped {self.skipped} non-weight keys" if self.skipped else ""
+        where = self.files[0].parent if self.files else "?"
+        return (f"converted {self.tensors} tensors ({size}, {'/'.join(self.dtypes) or '-'}) {self.direction} "
+                f"[{self.naming} names] into {where}{skipped}")
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes from an int or a size string like ``"5GB"`` (10**9) or ``"500MiB"`` (2**20), as HF reads them.
+
+    Example:
+        >>> parse_size("2GB"), parse_size("1KiB"), parse_size(7)
+        (2000000000, 1024, 7)
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise ConvertError(f"max_shard_size must be positive, got {size}")
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), flags=re.IGNORECASE)
+    if not m:
+        raise ConvertError(f"cannot read size {size!r}; use e.g. '5GB', '500MB', '2GiB' or a number of bytes")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    value = int(float(m.group(1)) * scale)
+    if value <= 0:
+        raise ConvertError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+class _HFFolder:
+    """Lazy access to the safetensors weights of an HF folder (single file or sharded with an index)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        _bf16()
+        self.folder = folder
+        index = folder / "model.safetensors.index.json"
+        single = folder / "model.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise ConvertError(f"{str(index)!r} is not a valid safetensors index (needs 'weight_map'): {e}") from e
+            files = sorted(set(weight_map.values()))
+            absent = [f for f in files if not (folder / f).is_file()]
+            if absent:
+                raise ConvertError(f"{str(index)!r} names shard files that are not in the folder: {absent}")
+        elif single.is_file():
+            files, weight_map = ["model.safetensors"], None
+        else:
+            raise ConvertError(f"{str(folder)!r} has no model.safetensors or model.safetensors.index.json; "
+                               "convert reads HF safetensors checkpoints")
+        self._handles: Dict[str, Any] = {}
+        self._where: Dict[str, str] = {}
+        self._meta: Dict[str, Tuple[Tuple[int, ...], str]] = {}
+        for name in files:
+            try:
+                h = self._handles[name] = safe_open(str(folder / name), framework="np")
+            except Exception as e:  # safetensors has its own error types for bad headers
+                raise ConvertError(f"{str(folder / name)!r} is not a readable safetensors file: {e}") from e
+            for k in h.keys():
+                if weight_map is not None and weight_map.get(k) != name:
+                    continue
+                sl = h.get_slice(k)
+                self._where[k] = name
+                self._meta[k] = (tuple(sl.get_shape()), _ST_TYPES.get(sl.get_dtype(), sl.get_dtype()))
+        if weight_map is not None:
+            lost = [k for k in weight_map if k not in self._where]
+            if lost:
+                raise ConvertError(f"the index lists tensors its shards do not hold, e.g. {lost[:5]}")
+
+    def keys(self) -> List[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        return self._meta[key][0]
+
+    def get(self, key: str) -> np.ndarray:
+        return self._handles[self._where[key]].get_tensor(key)
+
+    def nbytes(self, key: str) -> int:
+        shape, dt = self._meta[key]
+        return int(np.prod(shape, dtype=np.int64)) * _np_dtype(dt).itemsize
+
+
+def _natural_key(key: str) -> Tuple[Any, ...]:
+    rank = 0 if "embed" in key else 2 if key.startswith("model.norm") else 3 if key.startswith("lm_head") else 1
+    return (rank,) + tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key))
+
+
+_UNIT = re.compile(r"^model\.layers\.(\d+)\.(?:"
+                   r"mlp\.experts\.\d+\.(?P<expert>gate_proj|down_proj|up_proj)\.weight"
+                   r"|self_attn\.[qkv]_proj\.(?P<qkv>weight|bias)"
+                   r"|mlp\.(?P<mlp>gate_proj|up_proj)\.weight)$")
+
+
+def _units(keys: Sequence[str], fuse_qkv: bool) -> List[List[str]]:
+    """Keys grouped so each group converts on its own: one expert projection of a layer, a q/k/v set
+    when fusing, a dense gate/up pair when fusing, otherwise single tensors."""
+    groups: Dict[str, List[str]] = {}
+    for key in sorted(keys, key=_natural_key):
+        m = _UNIT.match(key)
+        unit = key
+        if m and m.group("expert"):
+            unit = f"{m.group(1)}/experts/{m.group('expert')}"
+        elif m and fuse_qkv and m.group("qkv"):
+            unit = f"{m.group(1)}/qkv/{m.group('qkv')}"
+        elif m and fuse_qkv and m.group("mlp"):
+            unit = f"{m.group(1)}/gate_up"
+        groups.setdefault(unit, []).append(key)
+    return list(groups.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Config handling
+def _read_config(config: Any, next_to: Path, role: str) -> Tuple[Qwen2Config, Optional[bytes], Optional[Path]]:
+    """The config object, the raw config.json bytes to copy (if any), and a generation_config.json to copy."""
+    gen = next_to / "generation_config.json"
+    gen_path = gen if gen.is_file() else None
+    if isinstance(config, Qwen2Config):
+        return config, None, gen_path
+    if config is None:
+        path = next_to / "config.json"
+        if not path.is_file():
+            raise ConvertError(f"no config.json next to the {role} ({str(next_to)!r}); pass --config PATH "
+                               "(the model's HF config.json)")
+    else:
+        path = Path(config)
+        if path.is_dir():
+            if (path / "generation_config.json").is_file():
+                gen_path = path / "generation_config.json"
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConvertError(f"config {str(config)!r} does not exist; pass an HF config.json or its folder")
+    try:
+        return Qwen2Config.from_json(path), path.read_bytes(), gen_path
+    except ConfigError as e:
+        raise ConvertError(f"{str(path)!r} is not a usable Qwen2 config: {e}") from e
+
+
+def _write_configs(folder: Path, cfg: Qwen2Config, raw: Optional[bytes], gen: Optional[Path]) -> List[Path]:
+    written = [folder / "config.json"]
+    if raw is not None:
+        atomic_write_bytes(folder / "config.json", raw)
+    else:
+        cfg.to_json(folder / "config.json")
+    if gen is not None and gen.resolve() != (folder / "generation_config.json").resolve():
+        atomic_write_bytes(folder / "generation_config.json", gen.read_bytes())
+        written.append(folder / "generation_config.json")
+    return written
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled, file=sys.stderr,
+                leave=False)
+
+
+# ---------------------------------------------------------------------------------------------
+def convert(
+    src: PathLike,
+    dst: PathLike,
+    to: str,
+    naming: Optional[str] = None,
+    dtype: Any = None,
+    fuse_qkv: bool = False,
+    config: Any = None,
+    format: Optional[str] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    expert_layout: Optional[str] = None,
+    revision: Optional[str] = None,
+    verbose: bool = True,
+) -> ConvertSummary:
+    """Convert between an HF checkpoint folder and a MindSpore checkpoint, streaming tensor by tensor.
+
+    Args:
+        src: ``to="ms"``: an HF folder (or hub repo id) with config.json and safetensors.
+            ``to="hf"``: a MindSpore ``.ckpt``/``.safetensors`` file.
+        dst: ``to="ms"``: the checkpoint file (``.ckpt``/``.safetensors``), or a folder to hold
+            ``model.ckpt``; config.json is copied next to it. ``to="hf"``: the output folder
+            (safetensors shards + index, config.json, generation_config.json if the source had one).
+        to: ``"ms"`` or ``"hf"``.
+        naming: names on the MindSpore side, ``"hf"`` or ``"mindformers"``. Default: ``"hf"`` when
+            writing, detected from the keys when reading.
+        dtype: cast weights (``"bf16"``, ``"fp16"``, ``"fp32"``, ...); ``None`` keeps them.
+        fuse_qkv: with MindFormers naming, write fused ``w_qkv``/``w_gate_hidden`` (``to="ms"``).
+        config: an HF config.json path, its folder, or a Qwen2Config. Default: config.json next
+            to ``src``.
+        format: MindSpore file format for ``to="ms"`` (default: from ``dst``'s suffix, else ckpt).
+        max_shard_size: largest HF shard for ``to="hf"`` (``"5GB"`` like transformers).
+        expert_layout: MindFormers stacked-expert layout, ``"out_in"`` (default when writing) or
+            ``"in_out"`` (the upstream's GroupedMatmul layout); detected when reading.
+        revision: hub revision when ``src`` is a repo id.
+        verbose: show a progress bar and print the summary line.
+
+    Returns:
+        A :class:`ConvertSummary`.
+
+    Raises:
+        ConvertError: bad arguments, missing config.json or weights, keys/shapes that do not
+            match the config (all listed in one message).
+        MSCheckpointError, CheckpointNamingError, HubError: unreadable or foreign inputs.
+
+    Example:
+        >>> convert("Qwen2-0.5B-Instruct", "qwen2_0.5b.ckpt", to="ms", naming="mindformers",
+        ...         dtype="bf16")  # doctest: +SKIP
+    """
+    if to not in ("ms", "hf"):
+        raise ConvertError(f"to must be 'ms' (HF folder -> MindSpore) or 'hf' (MindSpore -> HF folder), got {to!r}")
+    if naming is not None and naming not in NAMINGS:
+        raise ConvertError(f"naming must be 'hf' or 'mindformers', got {naming!r}")
+    if fuse_qkv and (to != "ms" or naming != MINDFORMERS):
+        raise ConvertError("fuse_qkv applies only to to='ms' with naming='mindformers'")
+    np_dtype = resolve_dtype(dtype)
+    if to == "ms":
+        summary = _hf_to_ms(src, Path(dst), naming or HF, np_dtype, fuse_qkv, config, format, expert_layout or "out_in",
+                            revision, verbose)
+    else:
+        summary = _ms_to_hf(Path(src), Path(dst), naming, np_dtype, config, parse_size(max_shard_size),
+                            expert_layout, verbose)
+    if verbose:
+        print(summary.line())
+    return summary
+
+
+def _ms_destination(dst: Path, format: Optional[str]) -> Path:
+    if dst.suffix.lower() in (".ckpt", ".safetensors"):
+        return dst
+    if dst.exists() and not dst.is_dir():
+        raise ConvertError(f"{str(dst)!r} exists and is not a folder; name a .ckpt/.safetensors file or a folder")
+    return dst / ("model.safetensors" if format == "safetensors" else "model.ckpt")
+
+
+def _hf_to_ms(src: Any, dst: Path, naming: str, np_dtype: Any, fuse_qkv: bool, config: Any,
+              format: Optional[str], expert_layout: str, revision: Optional[str], verbose: bool) -> ConvertSummary:
+    folder = resolve_pretrained(src, allow_patterns=["*.json", "*.safetensors"], revision=revision)
+    cfg, raw, gen = _read_config(config, folder, "HF checkpoint")
+    source = _HFFolder(folder)
+    keys = source.keys()
+    detect = detect_naming(keys)
+    if detect != HF:
+        raise ConvertError(f"{str(folder)!r} holds MindFormers names, not an HF checkpoint; use to='hf' to import it")
+    verify_hf_shapes({k: source.shape(k) for k in keys}, cfg, source=repr(str(folder)))
+    out = _ms_destination(dst, format)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dtypes: set = set()
+    count = 0
+    with MSCheckpointWriter(out, format) as writer, \
+            _progress(sum(source.nbytes(k) for k in keys), "convert", verbose) as bar:
+        for unit in _units(keys, fuse_qkv and naming == MINDFORMERS):
+            group = {k: cast_array(source.get(k), np_dtype) for k in unit}
+            if naming == MINDFORMERS:
+                group = to_mindformers(group, cfg, fuse_qkv=fuse_qkv, expert_layout=expert_layout)
+            for name, value in group.items():
+                writer.add(name, value)
+                dtypes.add(value.dtype.name)
+                count += 1
+            bar.update(sum(source.nbytes(k) for k in unit))
+            del group
+        nbytes = writer.nbytes
+    files = [out] + _write_configs(out.parent, cfg, raw, gen)
+    return ConvertSummary("hf -> ms", naming, count, nbytes, tuple(sorted(dtypes)), files)
+
+
+class _ShardedHFWriter:
+    """HF safetensors shards written one tensor at a time, then named ``model-0000i-of-0000N``."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.shards: List[Path] = []
+        self.weight_map: Dict[str, int] = {}
+        self.nbytes = 0
+        self._cur: Optional[SafetensorsWriter] = None
+
+    def add(self, name: str, value: np.ndarray) -> None:
+        if self._cur is not None and len(self._cur) and self._cur.nbytes + value.nbytes > self.max_bytes:
+            self._cur.commit()
+            self._cur = None
+        if self._cur is None:
+            path = self.folder / f"shard-{len(self.shards)}.safetensors"
+            self.shards.append(path)
+            self._cur = SafetensorsWriter(path, {"format": "pt"})
+        self._cur.add(name, value)
+        self.weight_map[name] = len(self.shards) - 1
+        self.nbytes += value.nbytes
+
+    def finish(self) -> List[Path]:
+        if self._cur is not None:
+            self._cur.commit()
+            self._cur = None
+        n = len(self.shards)
+        if n == 1:
+            final = [self.folder / "model.safetensors"]
+        else:
+            final = [self.folder / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for tmp, name in zip(self.shards, final):
+            os.replace(tmp, name)
+        if n > 1:
+            index = {"metadata": {"total_size": self.nbytes},
+                     "weight_map": {k: final[i].name for k, i in sorted(self.weight_map.items())}}
+            atomic_write_text(self.folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+            final.append(self.folder / "model.safetensors.index.json")
+        return final
+
+    def abort(self) -> None:
+        if self._cur is not None:
+            self._cur.abort()
+            self._cur = None
+
+
+def _ms_to_hf(src: Path, dst: Path, naming: Optional[str], np_dtype: Any, config: Any, max_bytes: int,
+              expert_layout: Optional[str], verbose: bool) -> ConvertSummary:
+    if src.is_dir():
+        found = sorted(p for p in src.iterdir() if p.suffix in (".ckpt", ".safetensors"))
+        if len(found) != 1:
+            raise ConvertError(f"{str(src)!r} is a folder with {len(found)} checkpoint files; pass the file itself")
+        src = found[0]
+    if not src.exists():
+        raise ConvertError(f"MindSpore checkpoint {str(src)!r} does not exist")
+    cfg, raw, gen = _read_config(config, src.parent, "MindSpore checkpoint")
+    with MSCheckpointReader(src) as reader:
+        keys, training = split_training_state(reader.keys())
+        found_naming = detect_naming(keys)
+        if naming is not None and naming != found_naming:
+            raise ConvertError(f"{str(src)!r} uses {found_naming} names, but naming={naming!r} was given")
+        shapes = {k: reader.shape(k) for k in keys}
+        layout = expert_layout
+        if found_naming == MINDFORMERS:
+            layout = layout or detect_expert_layout(shapes, cfg)
+            hf_shapes = mindformers_shapes_to_hf(shapes, cfg, expert_layout=layout)
+        else:
+            hf_shapes = dict(shapes)
+        verify_hf_shapes(hf_shapes, cfg, source=repr(str(src)))
+        tied_head = cfg.tie_word_embeddings and "lm_head.weight" in hf_shapes
+        skipped = len(training) + int(tied_head)
+
+        stage = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+        if stage.exists():
+            shutil.rmtree(stage)
+        stage.mkdir(parents=True)
+        writer = _ShardedHFWriter(stage, max_bytes)
+        digests: Dict[str, str] = {}
+        dtypes: set = set()
+        try:
+            with _progress(sum(reader.nbytes(k) for k in keys), "convert", verbose) as bar:
+                for key in sorted(keys, key=_natural_key):
+                    value = cast_array(reader.get(key), np_dtype)
+                    group = from_mindformers({key: value}, cfg, expert_layout=layout) \
+                        if found_naming == MINDFORMERS else {key: value}
+                    for name, part in group.items():
+                        if tied_head and name in ("lm_head.weight", "model.embed_tokens.weight"):
+                            digests[name] = _digest(part)
+                            if name == "lm_head.weight":
+                                continue
+                        writer.add(name, np.ascontiguousarray(part))
+                        dtypes.add(part.dtype.name)
+                    bar.update(reader.nbytes(key))
+                    del value, group
+            if tied_head and digests["lm_head.weight"] != digests["model.embed_tokens.weight"]:
+                raise ConvertError(
+                    f"{str(src)!r} has an lm_head.weight that differs from the embeddings, but the config ties "
+                    "them (tie_word_embeddings=true); set it to false in config.json to keep the separate head")
+            files = writer.finish()
+            files += _write_configs(stage, cfg, raw, gen)
+            published = _publish(stage, dst, [f.name for f in files])
+        except BaseException:
+            writer.abort()
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+    return ConvertSummary("ms -> hf", found_naming, len(writer.weight_map), writer.nbytes, tuple(sorted(dtypes)),
+                          published, skipped)
+
+
+def _digest(array: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data).hexdigest()
+
+
+def _publish(stage: Path, dst: Path, names: List[str]) -> List[Path]:
+    """Move the staged files into ``dst``; stale HF weight files there are removed first, since
+    transformers would otherwise prefer an old ``model.safetensors`` over a new index."""
+    if dst.exists() and not dst.is_dir():
+        raise ConvertError(f"{str(dst)!r} exists and is not a folder; the HF layout needs a folder")
+    dst.mkdir(parents=True, exist_ok=True)
+    for old in dst.iterdir():
+        if (_HF_WEIGHT_FILE.match(old.name) or old.name == "model.safetensors.index.json") and old.name not in names:
+            old.unlink()
+    out = []
+    for name in names:
+        os.replace(stage / name, dst / name)
+        out.append(dst / name)
+    shutil.rmtree(stage, ignore_errors=True)
+    return out
+
