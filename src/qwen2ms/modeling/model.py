@@ -298,12 +298,16 @@ class DecoderLayer(nn.Cell):
         return x + y, router_logits
 
 
-def _to_tensor(value: Optional[ArrayLike], name: str, dtype=ms.int32) -> Optional[Tensor]:
+def _to_tensor(value: Optional[ArrayLike], name: str, dtype=ms.int32, allow_float: bool = False) -> Optional[Tensor]:
     if value is None:
         return None
     if isinstance(value, Tensor):
+        if allow_float and value.dtype in (ms.float32, ms.float16, ms.float64):
+            value = value != 0
         return value if value.dtype == dtype else value.astype(dtype)
     arr = np.asarray(value)
+    if allow_float and np.issubdtype(arr.dtype, np.floating):
+        arr = arr != 0  # a 1.0/0.0 mask, as HF accepts
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.bool_)):
         raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
     return Tensor(arr.astype(np.int32))
@@ -393,7 +397,7 @@ class Qwen2Model(nn.Cell):
         """Run on NumPy arrays or MindSpore tensors; returns ``(hidden [B, T, H], router_logits)``."""
         if isinstance(cache_position, (int, np.integer)):
             cache_position = Tensor(int(cache_position), ms.int32)
-        return super().__call__(_to_tensor(input_ids, "input_ids"), _to_tensor(attention_mask, "attention_mask"),
+        return super().__call__(_to_tensor(input_ids, "input_ids"), _to_tensor(attention_mask, "attention_mask", allow_float=True),
                                 _to_tensor(position_ids, "position_ids"), _to_tensor(segment_ids, "segment_ids"),
                                 cache, cache_position)
 
@@ -518,7 +522,7 @@ class Qwen2ForCausalLM(nn.Cell):
                 raise ValueError(f"cache_position must be an int or an int32 scalar Tensor, got {cache_position!r}")
         elif cache_position is not None:
             raise ValueError("cache_position was given without a cache")
-        mask = _to_tensor(attention_mask, "attention_mask")
+        mask = _to_tensor(attention_mask, "attention_mask", allow_float=True)
         if mask is not None:
             mshape = tuple(mask.shape)
             if cache is None and mshape != (b, t):
