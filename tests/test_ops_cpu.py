@@ -310,3 +310,24 @@ def test_portable_build_without_avx_matches(tmp_path):
     got = _np(k.swiglu(_t(tiny, "float16"), _t(np.ones((1, 4)), "float16")))
     want = _np(ops.silu(_t(tiny, "float16")))
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("tdt", ["float32", "float16", "bfloat16", "int8"])
+def test_embedding_reads_rows_of_any_table(kernels, tdt):
+    table = rng.standard_normal((37, 33))
+    ids = np.array([[0, 36, 5], [5, 1, 2]], np.int32)
+    if tdt == "int8":
+        qw = quantize_int8(table)
+        out = kernels.embedding(Tensor(ids), Tensor(qw.q), ms.float32, scale=Tensor(qw.scale))
+        want = (qw.q.astype(np.float64) * qw.scale[:, None])[ids]
+    else:
+        out = kernels.embedding(Tensor(ids.astype(np.int64)), _t(table, tdt), ms.float32)
+        want = _rounded(table, tdt)[ids]
+    assert out.shape == (2, 3, 33) and out.dtype == ms.float32
+    np.testing.assert_allclose(out.asnumpy(), want, rtol=1e-6, atol=1e-6)
+    assert kernels.embedding(Tensor(ids), _t(table), ms.float16).dtype == ms.float16
+
+
+def test_embedding_rejects_out_of_range_ids(kernels):
+    with pytest.raises(RuntimeError):
+        kernels.embedding(Tensor(np.array([[37]], np.int32)), _t(np.zeros((37, 4))), ms.float32).asnumpy()

@@ -34,7 +34,7 @@ __all__ = [
 
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 LIB_NAME = "libqwen2ms_kernels.so"
-_SOURCES = ("common.h", "norm.cpp", "rope.cpp", "swiglu.cpp", "linear.cpp")
+_SOURCES = ("common.h", "norm.cpp", "rope.cpp", "swiglu.cpp", "linear.cpp", "embedding.cpp")
 _build_lock = threading.Lock()
 
 
@@ -319,6 +319,14 @@ class CpuKernels:
             dx, _, dy2 = dx_of(dout, w, x)
             return dx, ops.zeros_like(q), ops.zeros_like(scale), ops.cast(ops.reduce_sum(dy2, 0), b.dtype)
 
+        # --- Embedding -----------------------------------------------------------------------------------
+        def embedding_shape(ids, table, *rest):
+            return list(ids) + [table[1]]
+
+        def embedding_dtype(*dts):
+            return ms.float32
+
+        self._embedding = custom("Embedding", embedding_shape, embedding_dtype)
         self._linear = custom("Linear", linear_shape, first_dtype, linear_bprop)
         self._linear_bias = custom("Linear", linear_shape, first_dtype, linear_bias_bprop)
         self._linear_q = custom("Linear", linear_shape, first_dtype, linear_q_bprop)
@@ -394,6 +402,21 @@ class CpuKernels:
         if bias is None:
             return self._linear(x, weight)
         return self._linear_bias(x, weight, bias)
+
+    def embedding(self, input_ids, table, dtype, scale=None):
+        """Rows of ``table`` for ``input_ids``, read row by row (no cast of the whole table).
+
+        Args:
+            input_ids: int32/int64 ids [...]; every id must lie in [0, V).
+            table: [V, H] fp32/fp16/bf16, or int8 with ``scale``.
+            dtype: the dtype of the result.
+            scale: float32 [V] per-row scales of an int8 table.
+
+        Returns:
+            [..., H] in ``dtype``.
+        """
+        out = self._embedding(input_ids, table) if scale is None else self._embedding(input_ids, table, scale)
+        return out if dtype == ms.float32 else ops.cast(out, dtype)
 
     def linear_int8(self, x, q, scale, bias=None):
         """Int8 weight-only linear: ``(x @ q.T) * scale (+ bias)``.

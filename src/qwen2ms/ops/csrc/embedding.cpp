@@ -1,0 +1,31 @@
+// Embedding lookup that reads only the requested rows of a fp32/fp16/bf16/int8 table and returns fp32.
+//
+// The CPU Gather kernel has no bf16 version, so without this a bf16 table would be cast whole (every
+// row) on each decode step.
+#include "common.h"
+
+using namespace qk;
+
+// inputs: ids [...] int32/int64, table [V, H], (scale [V] fp32 when the table is int8); output [..., H] fp32.
+// Returns 4 when an id is outside [0, V).
+QK_KERNEL(Embedding) {
+  if (nparam != 3 && nparam != 4) return 1;
+  const bool i64 = std::strcmp(dtypes[0], "int64") == 0;
+  if (!i64 && std::strcmp(dtypes[0], "int32") != 0) return 2;
+  DType tt = dtype_of(dtypes[1]);
+  if (tt == UNSUPPORTED || dtype_of(dtypes[nparam - 1]) != F32) return 2;
+  const bool quant = tt == I8;
+  if (quant != (nparam == 4)) return 1;
+  if (ndims[1] != 2) return 3;
+  const int64_t V = shapes[1][0], H = shapes[1][1];
+  const int64_t n = numel(ndims[0], shapes[0]);
+  const float *scale = quant ? static_cast<const float *>(params[2]) : nullptr;
+  float *out = static_cast<float *>(params[nparam - 1]);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t id = i64 ? static_cast<const int64_t *>(params[0])[i] : static_cast<const int32_t *>(params[0])[i];
+    if (id < 0 || id >= V) return 4;
+    const float s = scale ? scale[id] : 1.0f;
+    for (int64_t j = 0; j < H; ++j) out[i * H + j] = load(params[1], tt, id * H + j) * s;
+  }
+  return 0;
+}

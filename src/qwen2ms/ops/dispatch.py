@@ -1,0 +1,245 @@
+"""Backend selection for the model's ops: one object per model, chosen once from the device target or an override.
+
+Three backends share one method set (the signatures of :mod:`qwen2ms.ops.reference`):
+
+* ``"reference"``: plain ``mindspore.ops`` (:class:`ReferenceOps`), runs on every device.
+* ``"cpu"``: our C++ kernels through ``ops.Custom`` (:class:`CpuOps`) for RMSNorm(+residual), RoPE, SwiGLU,
+  embedding lookup and linear layers over fp32/fp16/bf16/int8 weights; everything else is the reference.
+* ``"ascend"``: MindSpore's fused Ascend primitives (:class:`qwen2ms.ops.ascend.AscendOps`).
+
+The choice is made up front, never by trying an op and falling back after it fails (on CPU a failed
+fused op can poison the next ones). Precedence: the ``backend`` argument, then the
+``QWEN2MS_OPS_BACKEND`` environment variable, then the device target (Ascend -> ``"ascend"``,
+CPU -> ``"cpu"`` when a C++ compiler is found, else ``"reference"`` with a warning; GPU -> ``"reference"``).
+
+Example:
+    >>> ops_impl = get_ops("reference")
+    >>> ops_impl.name
+    'reference'
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional, Tuple
+
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from . import reference
+
+__all__ = ["BACKENDS", "ENV_VAR", "ReferenceOps", "CpuOps", "resolve_backend", "get_ops"]
+
+BACKENDS = ("reference", "cpu", "ascend")
+ENV_VAR = "QWEN2MS_OPS_BACKEND"
+_SILU = ("silu", "swish")
+
+
+class ReferenceOps:
+    """The reference implementations as one object; fused backends subclass it and override what they fuse.
+
+    Every method has the signature of the same-named function in :mod:`qwen2ms.ops.reference`, plus:
+    ``linear``/``embedding`` take an optional ``weight_scale`` (per-output-channel / per-row float32
+    scales of an int8 weight-only matrix) and ``add_rms_norm`` fuses the residual add.
+
+    Example:
+        >>> r = ReferenceOps()
+        >>> y = r.rms_norm(Tensor(np.ones((2, 4), np.float32)), Tensor(np.ones(4, np.float32)), 1e-6)
+    """
+
+    name = "reference"
+    MASK_VALUE = reference.MASK_VALUE
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+               weight_scale: Optional[Tensor] = None) -> Tensor:
+        """``x @ (weight * weight_scale[:, None]).T + bias``; see :func:`qwen2ms.ops.reference.linear`."""
+        if weight_scale is not None:
+            weight = weight.astype(x.dtype) * weight_scale.reshape(-1, 1).astype(x.dtype)
+        return reference.linear(x, weight, bias)
+
+    def embedding(self, input_ids: Tensor, weight: Tensor, dtype, weight_scale: Optional[Tensor] = None) -> Tensor:
+        """Rows of ``weight`` (times ``weight_scale[id]`` for int8 tables); see :func:`reference.embedding`."""
+        if weight_scale is None:
+            return reference.embedding(input_ids, weight, dtype)
+        rows = ops.gather(weight, input_ids, 0).astype(dtype)
+        return rows * ops.gather(weight_scale, input_ids, 0).astype(dtype).expand_dims(-1)
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """See :func:`qwen2ms.ops.reference.rms_norm`."""
+        return reference.rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+        """``s = x + residual``; returns ``(rms_norm(s), s)``."""
+        s = x + residual
+        return reference.rms_norm(s, weight, eps), s
+
+    def rope_cos_sin(self, position_ids: Tensor, inv_freq: Tensor, attention_scaling: float = 1.0):
+        """See :func:`qwen2ms.ops.reference.rope_cos_sin`."""
+        return reference.rope_cos_sin(position_ids, inv_freq, attention_scaling)
+
+    def apply_rope(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor]:
+        """See :func:`qwen2ms.ops.reference.apply_rope` (q/k ``[B, H, T, D]``, cos/sin ``[B, T, D]``)."""
+        return reference.apply_rope(q, k, cos, sin)
+
+    def attention_mask(self, query_slots: Tensor, key_len: int, key_padding: Optional[Tensor] = None,
+                       sliding_window: Optional[int] = None, segment_ids: Optional[Tensor] = None) -> Tensor:
+        """See :func:`qwen2ms.ops.reference.attention_mask`."""
+        return reference.attention_mask(query_slots, key_len, key_padding, sliding_window, segment_ids)
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+        """See :func:`qwen2ms.ops.reference.attention`."""
+        return reference.attention(q, k, v, mask, scale)
+
+    def act_mul(self, gate: Tensor, up: Tensor, act: str = "silu") -> Tensor:
+        """See :func:`qwen2ms.ops.reference.act_mul`."""
+        return reference.act_mul(gate, up, act)
+
+    def moe_router(self, x: Tensor, weight: Tensor, top_k: int, norm_topk_prob: bool):
+        """See :func:`qwen2ms.ops.reference.moe_router`."""
+        return reference.moe_router(x, weight, top_k, norm_topk_prob)
+
+    def moe_experts(self, x: Tensor, gate_up: Tensor, down: Tensor, top_index: Tensor, top_weights: Tensor,
+                    act: str = "silu") -> Tensor:
+        """See :func:`qwen2ms.ops.reference.moe_experts`."""
+        return reference.moe_experts(x, gate_up, down, top_index, top_weights, act)
+
+    def cross_entropy(self, logits: Tensor, labels: Tensor, ignore_index: int = -100):
+        """See :func:`qwen2ms.ops.reference.cross_entropy`."""
+        return reference.cross_entropy(logits, labels, ignore_index)
+
+    def load_balancing_loss(self, router_logits, num_experts: int, top_k: int, token_mask: Optional[Tensor] = None):
+        """See :func:`qwen2ms.ops.reference.load_balancing_loss`."""
+        return reference.load_balancing_loss(router_logits, num_experts, top_k, token_mask)
+
+    def __repr__(self) -> str:
+        return f"<qwen2ms ops backend {self.name!r}>"
+
+
+class CpuOps(ReferenceOps):
+    """CPU backend: fused C++ kernels for norms, RoPE, SwiGLU, embedding and linear layers.
+
+    Linear layers read fp32/fp16/bf16 weights directly (no cast of the weight per call) and int8
+    weights with per-channel scales, accumulating in fp32; this halves (bf16) or quarters (int8) the
+    bytes read per decoded token compared with fp32 weights. Attention, masks, MoE routing and the loss
+    are the reference implementations.
+
+    Args:
+        kernels: a :class:`qwen2ms.ops.cpu.CpuKernels` (default: the process-wide one, compiled on first use).
+
+    Example:
+        >>> cpu_ops = CpuOps()
+        >>> y = cpu_ops.act_mul(Tensor(np.ones((1, 4), np.float32)), Tensor(np.ones((1, 4), np.float32)))
+    """
+
+    name = "cpu"
+
+    def __init__(self, kernels=None) -> None:
+        from .cpu import shared_kernels
+
+        self.kernels = kernels if kernels is not None else shared_kernels()
+
+    def linear(self, x, weight, bias=None, weight_scale=None):
+        """Kernel linear; int8 ``weight`` needs ``weight_scale`` (float32 ``[out]``)."""
+        if weight_scale is not None:
+            return self.kernels.linear_int8(x, weight, weight_scale, bias)
+        return self.kernels.linear(x, weight, bias)
+
+    def embedding(self, input_ids, weight, dtype, weight_scale=None):
+        """Kernel lookup reading only the requested rows (also for bf16/int8 tables)."""
+        return self.kernels.embedding(input_ids, weight, dtype, weight_scale)
+
+    def rms_norm(self, x, weight, eps):
+        """Fused kernel RMSNorm (same rounding as the reference)."""
+        return self.kernels.rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        """Fused residual add + RMSNorm: ``(rms_norm(x + residual), x + residual)``."""
+        return self.kernels.add_rms_norm(x, residual, weight, eps)
+
+    def apply_rope(self, q, k, cos, sin):
+        """Fused RoPE on q and k (``[B, H, T, D]``) in one kernel."""
+        return self.kernels.apply_rope(q, k, cos, sin, "BNSD")
+
+    def act_mul(self, gate, up, act="silu"):
+        """Fused SwiGLU for silu/swish; other activations use the reference."""
+        if act in _SILU:
+            return self.kernels.swiglu(gate, up)
+        return reference.act_mul(gate, up, act)
+
+
+def _device_target() -> str:
+    return str(ms.get_context("device_target"))
+
+
+def resolve_backend(backend: Optional[str] = None, device_target: Optional[str] = None) -> str:
+    """The backend name to build a model with.
+
+    Args:
+        backend: "reference", "cpu", "ascend" or "auto"/None (then ``$QWEN2MS_OPS_BACKEND``, then the device).
+        device_target: "CPU", "GPU" or "Ascend" (default: ``mindspore.get_context("device_target")``).
+
+    Returns:
+        One of :data:`BACKENDS`.
+
+    Raises:
+        ValueError: an unknown backend name (from the argument or the environment variable).
+
+    Example:
+        >>> resolve_backend(device_target="Ascend")
+        'ascend'
+    """
+    source = "backend argument"
+    name = backend
+    if name is None or str(name).strip().lower() in ("", "auto"):
+        name = os.environ.get(ENV_VAR, "")
+        source = f"${ENV_VAR}"
+    name = str(name).strip().lower()
+    if name in BACKENDS:
+        return name
+    if name not in ("", "auto"):
+        raise ValueError(f"{source} is {name!r}; expected one of {', '.join(BACKENDS)} or 'auto'")
+    target = (device_target or _device_target()).strip()
+    if target.lower() == "ascend":
+        return "ascend"
+    if target.upper() == "CPU":
+        from .cpu import find_compiler
+
+        if find_compiler() is None:
+            warnings.warn("no C++ compiler found: the qwen2ms CPU kernels cannot be built, using the reference "
+                          f"ops (install g++ for the fused kernels, or set {ENV_VAR}=reference to silence this)",
+                          RuntimeWarning, stacklevel=2)
+            return "reference"
+        return "cpu"
+    return "reference"
+
+
+def get_ops(backend: Optional[str] = None, device_target: Optional[str] = None) -> ReferenceOps:
+    """Build the ops object a model stores and calls (``self.ops.linear(...)`` etc.).
+
+    Args:
+        backend: see :func:`resolve_backend`.
+        device_target: see :func:`resolve_backend`.
+
+    Returns:
+        :class:`ReferenceOps`, :class:`CpuOps` or :class:`qwen2ms.ops.ascend.AscendOps`.
+
+    Raises:
+        ValueError: unknown backend, or "ascend" requested while the device target is not Ascend.
+        qwen2ms.ops.cpu.KernelBuildError: "cpu" requested and the kernels cannot be compiled.
+
+    Example:
+        >>> get_ops("cpu").name
+        'cpu'
+    """
+    name = resolve_backend(backend, device_target)
+    if name == "reference":
+        return ReferenceOps()
+    if name == "cpu":
+        return CpuOps()
+    target = device_target or _device_target()
+    if target.lower() != "ascend":
+        raise ValueError(f"the 'ascend' ops backend needs device_target 'Ascend' (its fused primitives do not "
+                         f"run on {target}); use backend 'cpu' or 'reference' here")
+    from .ascend import AscendOps
+
+    return AscendOps()
