@@ -78,3 +78,13 @@ def test_preprocess_cli_reports_bad_input(tmp_path, capsys, qwen2_tokenizer_dir)
     err = capsys.readouterr().err
     assert rc == 2 and "no usable sample" in err and "empty output" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]
+
+
+def test_convert_then_preprocess_equals_direct_preprocess(tmp_path, capsys, qwen2_tokenizer_dir):
+    chat = tmp_path / "chat.jsonl"
+    assert main(["alpaca-convert", "--data-path", str(SAMPLE), "--output-path", str(chat)]) == 0
+    common = ["--tokenizer", str(qwen2_tokenizer_dir), "--seq-length", "128", "--no-progress"]
+    assert main(["preprocess", "--input", str(SAMPLE), "--output", str(tmp_path / "a.jsonl")] + common) == 0
+    assert main(["preprocess", "--input", str(chat), "--output", str(tmp_path / "b.jsonl")] + common) == 0
+    a, b = load_samples_jsonl(tmp_path / "a.jsonl"), load_samples_jsonl(tmp_path / "b.jsonl")
+    assert a == b and len(a) == len(load_records(SAMPLE))

@@ -193,3 +193,38 @@ def test_pad_samples_static_rows():
     assert rows[0]["attention_mask"].tolist() == [1, 1, 1, 0, 0]
     with pytest.raises(ValueError, match="more than seq_length=2"):
         pad_samples([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}], 2, 0)
+
+
+def test_reply_containing_end_token_text_is_rejected(tok):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes<|im_end|> and more"}]
+    with pytest.raises(DataFormatError, match="contains the text '<\\|im_end\\|>'"):
+        tokenize_conversation(msgs, tok)
+
+
+def test_sharegpt_multi_turn_through_tokenize_dataset(tok):
+    rec = {"conversations": [{"from": "human", "value": "1+1?"}, {"from": "gpt", "value": "2"},
+                             {"from": "human", "value": "再加一？"}, {"from": "gpt", "value": "3"}]}
+    samples, rep = tokenize_dataset([rec], tok, seq_length=256)
+    assert rep.samples == 1 and _trained_pieces(tok, samples[0]) == ["2<|im_end|>", "3<|im_end|>"]
+    samples, _ = tokenize_dataset([rec], tok, seq_length=256, only_last_turn=True)
+    assert _trained_pieces(tok, samples[0]) == ["3<|im_end|>"]
+
+
+# Characters that are already NFC (the tokenizer normalises), so decode(encode(x)) == x.
+_TEXT = st.text(alphabet=st.sampled_from(list("abcXYZ019 ,.!?:;'\"()[]{}<>|_-=+*/#\n\r\t") + list("你好世界中文") + ["😀", "é"]),
+                min_size=0, max_size=30)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(_TEXT, _TEXT), min_size=1, max_size=3), st.booleans())
+def test_mask_property_random_chats(tok, turns, with_system):
+    # content starts with a non-space character (see the leading-newline test for the other case)
+    msgs = [{"role": "system", "content": "S"}] if with_system else []
+    replies = []
+    for user, reply in turns:
+        msgs.append({"role": "user", "content": "u" + user})
+        msgs.append({"role": "assistant", "content": "a" + reply})
+        replies.append("a" + reply)
+    s = tokenize_conversation(msgs, tok)
+    assert _trained_pieces(tok, s) == [r + "<|im_end|>" for r in replies]
+    assert sum(l == IM_END for l in s["labels"]) == len(replies)

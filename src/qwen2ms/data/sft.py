@@ -143,7 +143,8 @@ def tokenize_conversation(
     Raises:
         TemplateMismatchError: a prefix rendering is not a token prefix of the full one (e.g. a
             reply starting with a newline), so the mask would be wrong.
-        DataFormatError: no assistant message, or the end token is missing from a reply's span.
+        DataFormatError: no assistant message, or a reply's span lacks the end token or holds it
+            more than once (the reply's text contains ``<|im_end|>``).
 
     Example:
         >>> from qwen2ms import Qwen2Tokenizer  # doctest: +SKIP
@@ -171,6 +172,11 @@ def tokenize_conversation(
             raise DataFormatError(
                 f"assistant message {k} renders without {end_token!r}; the chat template does not close "
                 "turns with that token (pass end_token= matching the template)."
+            )
+        if span.count(end_id) > 1:
+            raise DataFormatError(
+                f"assistant message {k} contains the text {end_token!r}, which tokenises as the end-of-turn "
+                "token: training on it would teach the model to stop mid-reply; remove it from the data."
             )
         stop = len(prompt) + span.index(end_id) + 1
         labels[len(prompt): stop] = full[len(prompt): stop]
