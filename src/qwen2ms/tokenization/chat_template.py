@@ -74,9 +74,8 @@ def validate_messages(messages: Any) -> List[Dict[str, Any]]:
         role = message.get("role")
         if not isinstance(role, str):
             raise TokenizerError(f"messages[{i}] needs a string 'role' (e.g. 'system', 'user', 'assistant'); got {role!r}.")
-        if "content" not in message and "tool_calls" in message:
-            pass
-        elif not isinstance(message.get("content"), str):
+        tool_call_only = "content" not in message and "tool_calls" in message
+        if not tool_call_only and not isinstance(message.get("content"), str):
             raise TokenizerError(
                 f"messages[{i}] (role {role!r}) needs a string 'content'; got {message.get('content')!r}."
             )
@@ -113,7 +112,15 @@ def _compile(template: str) -> Any:
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
+    class _Sandbox(ImmutableSandboxedEnvironment):
+        # Jinja's sandbox turns unsafe attributes into an Undefined that prints as "" - a hostile
+        # template would then render silently. Fail at the access instead.
+        def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+            raise jinja2.exceptions.SecurityError(
+                f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe."
+            )
+
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
