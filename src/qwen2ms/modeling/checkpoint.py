@@ -311,6 +311,7 @@ def load_hf(path_or_repo_id: Union[str, os.PathLike], dtype: Any = None,
     unexpected, mismatched, bad_dtype = [], [], []
     covered: Dict[str, set] = {}
     seen_keys: Dict[str, Path] = {}
+    reported: set = set()  # present but unusable keys: listed once, not again as missing
     for path, header in headers:
         for key, info in header.items():
             if key in seen_keys:
@@ -331,20 +332,22 @@ def load_hf(path_or_repo_id: Union[str, os.PathLike], dtype: Any = None,
                 continue
             if tuple(info.shape) != want:
                 mismatched.append(f"{key}: checkpoint {list(info.shape)} vs model {list(want)}")
+                reported.add(key)
                 continue
             if info.dtype not in _FLOAT_ST:
                 bad_dtype.append(f"{key}: {info.dtype}")
+                reported.add(key)
                 continue
             covered.setdefault(target.param, set()).add(key)
             plan.append((path, key, info, target))
     missing = []
     for name, p in params.items():
         got = covered.get(name, set())
-        if name in got:
+        if name in got or name in reported:
             continue
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             need = _released_expert_keys(name, tuple(p.shape))
-            lacking = [k for k in need if k not in got]
+            lacking = [k for k in need if k not in got and k not in reported]
             missing.extend(lacking)
         else:
             missing.append(name)
