@@ -154,6 +154,10 @@ def test_load_errors_name_the_file(tmp_path):
     bad.write_text('[{"instruction": "a",', encoding="utf-8")
     with pytest.raises(DataFormatError, match="bad.json.*not valid JSON"):
         load_records(bad)
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"instruction": "a", "output": "b"}, indent=2))
+    with pytest.raises(DataFormatError, match="one JSON object spread over several lines"):
+        load_records(one)
     latin = tmp_path / "latin.json"
     latin.write_bytes('[{"instruction": "caf\xe9"}]'.encode("latin-1"))
     with pytest.raises(DataFormatError, match="not UTF-8"):

@@ -116,6 +116,17 @@ def load_records(path: Union[str, os.PathLike]) -> List[Any]:
         if not isinstance(data, list):  # pragma: no cover - a text starting with '[' parses to a list
             raise DataFormatError(f"{str(p)!r} must hold a JSON array of records.")
         return data
+    if stripped.startswith("{") and "\n" in stripped.strip():
+        # One pretty-printed object would otherwise surface as dozens of "bad JSONL lines".
+        try:
+            whole = json.loads(stripped)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, dict):
+            raise DataFormatError(
+                f"{str(p)!r} holds one JSON object spread over several lines; expected a JSON array of "
+                "records ([{...}, {...}]) or JSONL (one record per line)."
+            )
     records: List[Any] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
