@@ -1,6 +1,7 @@
 """qwen2ms: the Qwen2 LLM family (dense and MoE) on MindSpore — tokenizer, HF checkpoints, generation, fine-tuning."""
 from .config import PRESETS, ConfigError, Qwen2Config
 from .hub import HubError
+from .modeling import CausalLMOutput, CheckpointError, KVCache, Qwen2ForCausalLM, Qwen2Model
 from .tokenization import IncrementalDetokenizer, Qwen2Tokenizer, TokenizerError
 from .generation import GenerationConfig, GenerationConfigError, TextStreamer
 from .data import (
@@ -30,6 +31,11 @@ __all__ = [
     "PRESETS",
     "ConfigError",
     "HubError",
+    "Qwen2Model",
+    "Qwen2ForCausalLM",
+    "CausalLMOutput",
+    "KVCache",
+    "CheckpointError",
     "Qwen2Tokenizer",
     "TokenizerError",
     "IncrementalDetokenizer",
