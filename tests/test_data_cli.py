@@ -88,3 +88,9 @@ def test_convert_then_preprocess_equals_direct_preprocess(tmp_path, capsys, qwen
     assert main(["preprocess", "--input", str(chat), "--output", str(tmp_path / "b.jsonl")] + common) == 0
     a, b = load_samples_jsonl(tmp_path / "a.jsonl"), load_samples_jsonl(tmp_path / "b.jsonl")
     assert a == b and len(a) == len(load_records(SAMPLE))
+
+
+def test_preprocess_cli_bad_tokenizer_folder(tmp_path, capsys):
+    rc = main(["preprocess", "--input", str(SAMPLE), "--tokenizer", str(tmp_path), "--output", str(tmp_path / "x.mindrecord")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot load the tokenizer" in err and str(tmp_path) in err

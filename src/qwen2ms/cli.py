@@ -76,9 +76,14 @@ def _cmd_alpaca_convert(args: argparse.Namespace) -> int:
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
     from .data import DataFormatError, preprocess_file
-    from .tokenization import Qwen2Tokenizer
+    from .hub import HubError
+    from .tokenization import Qwen2Tokenizer, TokenizerError
 
-    tok = Qwen2Tokenizer.from_pretrained(args.tokenizer)
+    try:
+        tok = Qwen2Tokenizer.from_pretrained(args.tokenizer)
+    except (TokenizerError, HubError) as e:
+        print(f"qwen2ms preprocess: error: cannot load the tokenizer {args.tokenizer!r}: {e}", file=sys.stderr)
+        return 2
     system = None if args.no_system_prompt else args.system_prompt
     try:
         report = preprocess_file(
