@@ -224,3 +224,45 @@ def test_dtype_helpers():
     assert cast_array(x.astype(BF16), np.dtype(np.float16)).dtype == np.float16
     ints = np.arange(3)
     assert cast_array(ints, np.dtype(np.float16)) is ints
+
+
+@pytest.mark.parametrize("naming,fuse,fmt", [("hf", False, "ckpt"), ("mindformers", True, "ckpt"),
+                                             ("mindformers", False, "safetensors")])
+@pytest.mark.parametrize("make", [dense_config, lambda: moe_config(tie_word_embeddings=True)])
+def test_model_save_checkpoint_and_from_checkpoint(tmp_path, naming, fuse, fmt, make):
+    from safetensors import safe_open
+
+    from qwen2ms.modeling.model import Qwen2ForCausalLM
+
+    cfg = make()
+    model = Qwen2ForCausalLM(cfg, dtype="bfloat16", seed=3)
+    path = tmp_path / f"m.{fmt}"
+    model.save_checkpoint(path, naming=naming, fuse_qkv=fuse)
+    cfg.to_json(tmp_path / "config.json")
+    back = Qwen2ForCausalLM.from_checkpoint(path)  # config.json next to the file
+    want = {p.name: p.asnumpy() for p in model.get_parameters()}
+    got = {p.name: p.asnumpy() for p in back.get_parameters()}
+    assert_bit_exact(got, want)
+    ids = np.array([[1, 5, 7, 30, 2]])
+    np.testing.assert_array_equal(back(ids).logits.asnumpy(), model(ids).logits.asnumpy())
+    # the same weights as the HF export, in the released per-expert layout
+    model.save_pretrained(tmp_path / "hf")
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "np") as f:
+        hf = {k: f.get_tensor(k) for k in f.keys()}
+    assert_bit_exact(load_ms_checkpoint(path, cfg), hf)
+    as_f32 = Qwen2ForCausalLM.from_checkpoint(path, cfg, dtype="float32")
+    assert all(p.dtype == ms.float32 for p in as_f32.get_parameters())
+
+
+def test_from_checkpoint_errors(tmp_path):
+    from qwen2ms.modeling.model import Qwen2ForCausalLM
+
+    cfg = dense_config()
+    path = tmp_path / "m.ckpt"
+    Qwen2ForCausalLM(cfg, seed=1).save_checkpoint(path, naming="mindformers")
+    with pytest.raises(MSCheckpointError, match="no config.json"):
+        Qwen2ForCausalLM.from_checkpoint(path)
+    with pytest.raises(MSCheckpointError, match=r"wrong shape"):
+        Qwen2ForCausalLM.from_checkpoint(path, dense_config(hidden_size=32))
+    with pytest.raises(MSCheckpointError, match="does not exist"):
+        Qwen2ForCausalLM.from_checkpoint(tmp_path / "nope.ckpt", cfg)

@@ -26,8 +26,10 @@ from .mindformers import (
     NAMINGS,
     detect_expert_layout,
     detect_naming,
+    conversion_groups,
     from_mindformers,
     mindformers_shapes_to_hf,
+    model_order_key,
     split_training_state,
     to_mindformers,
 )
@@ -167,34 +169,6 @@ class _HFFolder:
         return int(np.prod(shape, dtype=np.int64)) * _np_dtype(dt).itemsize
 
 
-def _natural_key(key: str) -> Tuple[Any, ...]:
-    rank = 0 if "embed" in key else 2 if key.startswith("model.norm") else 3 if key.startswith("lm_head") else 1
-    return (rank,) + tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key))
-
-
-_UNIT = re.compile(r"^model\.layers\.(\d+)\.(?:"
-                   r"mlp\.experts\.\d+\.(?P<expert>gate_proj|down_proj|up_proj)\.weight"
-                   r"|self_attn\.[qkv]_proj\.(?P<qkv>weight|bias)"
-                   r"|mlp\.(?P<mlp>gate_proj|up_proj)\.weight)$")
-
-
-def _units(keys: Sequence[str], fuse_qkv: bool) -> List[List[str]]:
-    """Keys grouped so each group converts on its own: one expert projection of a layer, a q/k/v set
-    when fusing, a dense gate/up pair when fusing, otherwise single tensors."""
-    groups: Dict[str, List[str]] = {}
-    for key in sorted(keys, key=_natural_key):
-        m = _UNIT.match(key)
-        unit = key
-        if m and m.group("expert"):
-            unit = f"{m.group(1)}/experts/{m.group('expert')}"
-        elif m and fuse_qkv and m.group("qkv"):
-            unit = f"{m.group(1)}/qkv/{m.group('qkv')}"
-        elif m and fuse_qkv and m.group("mlp"):
-            unit = f"{m.group(1)}/gate_up"
-        groups.setdefault(unit, []).append(key)
-    return list(groups.values())
-
-
 # ---------------------------------------------------------------------------------------------
 # Config handling
 def _read_config(config: Any, next_to: Path, role: str) -> Tuple[Qwen2Config, Optional[bytes], Optional[Path]]:
@@ -332,7 +306,7 @@ def _hf_to_ms(src: Any, dst: Path, naming: str, np_dtype: Any, fuse_qkv: bool, c
     count = 0
     with MSCheckpointWriter(out, format) as writer, \
             _progress(sum(source.nbytes(k) for k in keys), "convert", verbose) as bar:
-        for unit in _units(keys, fuse_qkv and naming == MINDFORMERS):
+        for unit in conversion_groups(keys, fuse_qkv and naming == MINDFORMERS):
             group = {k: cast_array(source.get(k), np_dtype) for k in unit}
             if naming == MINDFORMERS:
                 group = to_mindformers(group, cfg, fuse_qkv=fuse_qkv, expert_layout=expert_layout)
@@ -428,7 +402,7 @@ def _ms_to_hf(src: Path, dst: Path, naming: Optional[str], np_dtype: Any, config
         dtypes: set = set()
         try:
             with _progress(sum(reader.nbytes(k) for k in keys), "convert", verbose) as bar:
-                for key in sorted(keys, key=_natural_key):
+                for key in sorted(keys, key=model_order_key):
                     value = cast_array(reader.get(key), np_dtype)
                     group = from_mindformers({key: value}, cfg, expert_layout=layout) \
                         if found_naming == MINDFORMERS else {key: value}

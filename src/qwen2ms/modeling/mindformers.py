@@ -61,6 +61,8 @@ __all__ = [
     "split_training_state",
     "detect_expert_layout",
     "mindformers_shapes_to_hf",
+    "model_order_key",
+    "conversion_groups",
 ]
 
 HF = "hf"
@@ -253,6 +255,57 @@ def detect_naming(keys: Iterable[str]) -> str:
     raise CheckpointNamingError(
         f"{len(bad)} of {len(model_keys)} keys are neither Hugging Face nor MindFormers Qwen2 names "
         f"(closest: {closer}); for example {bad[:8]!r}")
+
+
+def model_order_key(key: str) -> Tuple[Any, ...]:
+    """Sort key putting checkpoint names in model order: embeddings, layers 0..N (numerically), norm, lm_head.
+
+    Example:
+        >>> sorted(["lm_head.weight", "model.layers.10.x", "model.layers.2.x", "model.embed_tokens.weight"],
+        ...        key=model_order_key)
+        ['model.embed_tokens.weight', 'model.layers.2.x', 'model.layers.10.x', 'lm_head.weight']
+    """
+    rank = 0 if "embed" in key else 2 if key.startswith("model.norm") else 3 if key.startswith("lm_head") else 1
+    return (rank,) + tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key))
+
+
+_UNIT = re.compile(r"^model\.layers\.(\d+)\.(?:"
+                   r"mlp\.experts\.\d+\.(?P<expert>gate_proj|down_proj|up_proj)\.weight"
+                   r"|self_attn\.[qkv]_proj\.(?P<qkv>weight|bias)"
+                   r"|mlp\.(?P<mlp>gate_proj|up_proj)\.weight)$")
+
+
+def conversion_groups(keys: Iterable[str], fuse_qkv: bool = False) -> List[List[str]]:
+    """Split HF keys into the smallest groups :func:`to_mindformers` can convert on their own.
+
+    A group is one projection of one layer's experts (they stack into one tensor), a layer's q/k/v
+    weights or biases and its dense gate/up pair when fusing, and otherwise a single key. Streaming
+    converters load one group at a time, so memory stays near the largest group.
+
+    Args:
+        keys: HF keys (released per-expert layout).
+        fuse_qkv: group q/k/v and gate/up for fusion.
+
+    Returns:
+        Groups of keys, in model order.
+
+    Example:
+        >>> conversion_groups(["model.layers.0.mlp.experts.1.up_proj.weight", "model.norm.weight",
+        ...                    "model.layers.0.mlp.experts.0.up_proj.weight"])
+        [['model.layers.0.mlp.experts.0.up_proj.weight', 'model.layers.0.mlp.experts.1.up_proj.weight'], ['model.norm.weight']]
+    """
+    groups: Dict[str, List[str]] = {}
+    for key in sorted(keys, key=model_order_key):
+        m = _UNIT.match(key)
+        unit = key
+        if m and m.group("expert"):
+            unit = f"{m.group(1)}/experts/{m.group('expert')}"
+        elif m and fuse_qkv and m.group("qkv"):
+            unit = f"{m.group(1)}/qkv/{m.group('qkv')}"
+        elif m and fuse_qkv and m.group("mlp"):
+            unit = f"{m.group(1)}/gate_up"
+        groups.setdefault(unit, []).append(key)
+    return list(groups.values())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -615,6 +615,31 @@ class Qwen2ForCausalLM(nn.Cell):
         """Number of parameter elements (a tied lm_head counted once, like HF)."""
         return sum(int(np.prod(p.shape)) for p in self.get_parameters())
 
+    def save_checkpoint(self, path: Union[str, os.PathLike], naming: str = "hf", format: Optional[str] = None,
+                        fuse_qkv: bool = False) -> "os.PathLike":
+        """Write a MindSpore checkpoint (HF or MindFormers names); see
+        :func:`qwen2ms.modeling.ms_checkpoint.save_ms_checkpoint`.
+
+        Example:
+            >>> model.save_checkpoint("qwen2.ckpt", naming="mindformers")  # doctest: +SKIP
+        """
+        from .ms_checkpoint import save_ms_checkpoint
+
+        return save_ms_checkpoint(self, path, naming=naming, format=format, fuse_qkv=fuse_qkv)
+
+    @classmethod
+    def from_checkpoint(cls, path: Union[str, os.PathLike], config: Any = None,
+                        dtype: Any = None) -> "Qwen2ForCausalLM":
+        """Load a MindSpore checkpoint (HF or MindFormers names, detected); config defaults to the
+        config.json next to it. See :func:`qwen2ms.modeling.ms_checkpoint.load_ms_model`.
+
+        Example:
+            >>> model = Qwen2ForCausalLM.from_checkpoint("qwen2.ckpt", Qwen2Config.from_json("config.json"))  # doctest: +SKIP
+        """
+        from .ms_checkpoint import load_ms_model
+
+        return load_ms_model(path, config, dtype=dtype)
+
 
 class _CachedStep(nn.Cell):
     """The compiled unit of :meth:`Qwen2ForCausalLM.forward_step`: the model plus one cache."""

@@ -1,11 +1,10 @@
 """MindSpore checkpoints (``.ckpt`` and MindSpore-flavoured ``.safetensors``) in HF or MindFormers naming: save, load, stream.
 
-Saving a whole state dict goes through ``mindspore.save_checkpoint``. Reading and the streaming
-writers used by ``qwen2ms convert`` work tensor by tensor so that a 72B checkpoint never sits in
-memory whole: a ``.ckpt`` file is a sequence of protobuf ``Checkpoint.Value`` records (MindSpore's
-own ``checkpoint.proto``), which :class:`MSCheckpointReader` indexes without reading tensor bytes
-and :class:`MSCheckpointWriter` emits one record at a time, exactly as ``mindspore.save_checkpoint``
-lays them out.
+Reading and writing work tensor by tensor so that a 72B checkpoint never sits in memory twice. A
+``.ckpt`` file is a sequence of protobuf ``Checkpoint.Value`` records (MindSpore's own
+``checkpoint.proto``): :class:`MSCheckpointReader` indexes them without reading tensor bytes, and
+:class:`MSCheckpointWriter` emits one record at a time, laid out exactly as ``mindspore.save_checkpoint``
+lays them out (the tests compare the bytes).
 """
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -23,10 +22,13 @@ from .mindformers import (
     MINDFORMERS,
     NAMINGS,
     CheckpointNamingError,
+    conversion_groups,
     detect_expert_layout,
     detect_naming,
     from_mindformers,
     hf_parameter_shapes,
+    mindformers_shapes_to_hf,
+    model_order_key,
     split_training_state,
     to_mindformers,
 )
@@ -35,6 +37,7 @@ __all__ = [
     "MSCheckpointError",
     "save_ms_checkpoint",
     "load_ms_checkpoint",
+    "load_ms_model",
     "MSCheckpointReader",
     "MSCheckpointWriter",
     "SafetensorsWriter",
@@ -711,13 +714,16 @@ def verify_hf_shapes(shapes: Mapping[str, Tuple[int, ...]], config: Any, source:
         raise MSCheckpointError(f"{source} does not match the config: " + "; ".join(parts))
 
 
-def _state_dict_of(obj: Any) -> Tuple[Dict[str, np.ndarray], Any]:
-    """HF-named arrays (released per-expert layout) and the config, from a model or a state dict."""
+def _lazy_hf_tensors(obj: Any) -> Tuple[Dict[str, Callable[[], np.ndarray]], Any]:
+    """HF-named (released per-expert layout) array getters and the config, from a model or a state dict."""
     if isinstance(obj, Mapping):
-        return {k: _to_numpy(v) for k, v in obj.items()}, None
-    to_hf = getattr(obj, "hf_state_dict", None)
-    if callable(to_hf):
-        return {k: _to_numpy(v) for k, v in to_hf().items()}, getattr(obj, "config", None)
+        return {k: (lambda v=v: _to_numpy(v)) for k, v in obj.items()}, None
+    ms = _mindspore()
+    if isinstance(obj, ms.nn.Cell) and hasattr(obj, "config") and hasattr(obj, "tied"):
+        # The model's own exporter knows how its stacked experts map back to per-expert keys.
+        from .checkpoint import _export_entries
+
+        return {name: spec[2] for name, spec in _export_entries(obj, None)}, obj.config
     raise MSCheckpointError(
         f"save_ms_checkpoint takes a Qwen2ForCausalLM or a dict of arrays, got {type(obj).__name__}")
 
@@ -732,7 +738,10 @@ def save_ms_checkpoint(
     dtype: Any = None,
     expert_layout: str = "out_in",
 ) -> Path:
-    """Save weights as a MindSpore checkpoint via ``mindspore.save_checkpoint`` (temp file + rename).
+    """Save weights as a MindSpore checkpoint, one tensor group at a time, atomically (temp file + rename).
+
+    The file is what ``mindspore.save_checkpoint`` writes for the same tensors (byte for byte
+    for ``.ckpt``), without first gathering a second full copy of the weights.
 
     Args:
         model_or_state_dict: a ``Qwen2ForCausalLM`` or a dict of HF-named arrays/tensors in the
@@ -755,7 +764,6 @@ def save_ms_checkpoint(
     Example:
         >>> save_ms_checkpoint(model, "qwen2.ckpt", naming="mindformers")  # doctest: +SKIP
     """
-    ms = _mindspore()
     if naming not in NAMINGS:
         raise MSCheckpointError(f"naming must be 'hf' or 'mindformers', got {naming!r}")
     if fuse_qkv and naming != MINDFORMERS:
@@ -763,22 +771,16 @@ def save_ms_checkpoint(
     path = Path(path)
     fmt = _format_for(path, format)
     np_dtype = resolve_dtype(dtype)
-    state, model_config = _state_dict_of(model_or_state_dict)
+    getters, model_config = _lazy_hf_tensors(model_or_state_dict)
     config = config if config is not None else model_config
-    if naming == MINDFORMERS:
-        state = to_mindformers(state, config, fuse_qkv=fuse_qkv, expert_layout=expert_layout)
-    items = [{"name": k, "data": ms.Tensor.from_numpy(np.ascontiguousarray(cast_array(v, np_dtype)))}
-             for k, v in state.items()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    # save_checkpoint appends ".<format>" to names that lack it, so the temp name ends in it.
-    tmp = _tmp_name(path, f".{fmt}")
-    try:
-        ms.save_checkpoint(items, str(tmp), format=fmt)
-        _finish(tmp, path)
-    finally:
-        if tmp.exists():
-            os.chmod(tmp, 0o600)
-            tmp.unlink()
+    with MSCheckpointWriter(path, fmt) as writer:
+        for group in conversion_groups(list(getters), fuse_qkv and naming == MINDFORMERS):
+            arrays = {k: cast_array(getters[k](), np_dtype) for k in group}
+            if naming == MINDFORMERS:
+                arrays = to_mindformers(arrays, config, fuse_qkv=fuse_qkv, expert_layout=expert_layout)
+            for name, value in arrays.items():
+                writer.add(name, value)
     return path
 
 
@@ -833,3 +835,114 @@ def load_ms_checkpoint(
     if config is not None:
         verify_hf_shapes({k: v.shape for k, v in out.items()}, config, source=repr(str(path)))
     return out
+
+
+def _config_from(config: Any, checkpoint: Path) -> Any:
+    from ..config import ConfigError, Qwen2Config
+
+    if config is not None and not isinstance(config, (str, os.PathLike)):
+        return config
+    where = Path(config) if config is not None else checkpoint.parent / "config.json"
+    if where.is_dir():
+        where = where / "config.json"
+    if not where.is_file():
+        raise MSCheckpointError(f"no config.json at {str(where)!r}; pass config= (a Qwen2Config or an HF "
+                                "config.json path)")
+    try:
+        return Qwen2Config.from_json(where)
+    except ConfigError as e:
+        raise MSCheckpointError(f"{str(where)!r}: {e}") from e
+
+
+def load_ms_model(
+    path: PathLike,
+    config: Any = None,
+    dtype: Any = None,
+    naming: Optional[str] = None,
+    expert_layout: Optional[str] = None,
+) -> Any:
+    """Build a ``Qwen2ForCausalLM`` from a MindSpore checkpoint, streaming tensors into its parameters.
+
+    Args:
+        path: a ``.ckpt`` or MindSpore ``.safetensors`` file in HF or MindFormers naming.
+        config: a :class:`~qwen2ms.Qwen2Config`, or a config.json path/folder; ``None`` reads the
+            config.json next to ``path``.
+        dtype: parameter storage dtype; ``None`` uses the checkpoint's (most common) float dtype,
+            so a bf16 checkpoint loads bit for bit.
+        naming: ``"hf"``/``"mindformers"``; ``None`` detects it.
+        expert_layout: stacked-expert layout of a MindFormers checkpoint (``None`` detects it).
+
+    Returns:
+        The model.
+
+    Raises:
+        MSCheckpointError: missing file or config, or keys/shapes that do not fit the config (all
+            listed in one message).
+        CheckpointNamingError: keys in neither naming.
+
+    Example:
+        >>> model = load_ms_model("qwen2_mf.ckpt")  # doctest: +SKIP
+    """
+    from .checkpoint import sanitize
+    from .model import Qwen2ForCausalLM
+
+    ms = _mindspore()
+    path = Path(path)
+    if naming is not None and naming not in NAMINGS:
+        raise MSCheckpointError(f"naming must be None, 'hf' or 'mindformers', got {naming!r}")
+    with MSCheckpointReader(path) as reader:
+        config = _config_from(config, path)
+        keys, _training = split_training_state(reader.keys())
+        found = detect_naming(keys)
+        if naming is not None and naming != found:
+            raise CheckpointNamingError(f"{str(path)!r} uses {found} names, but naming={naming!r} was requested")
+        shapes = {k: reader.shape(k) for k in keys}
+        layout = expert_layout
+        if found == MINDFORMERS:
+            layout = layout or detect_expert_layout(shapes, config)
+            verify_hf_shapes(mindformers_shapes_to_hf(shapes, config, expert_layout=layout), config,
+                             source=repr(str(path)))
+        else:
+            verify_hf_shapes(shapes, config, source=repr(str(path)))
+        np_dtype = resolve_dtype(dtype)
+        if np_dtype is None:
+            floats = [reader.dtype(k).name for k in keys if reader.dtype(k).name in ("float32", "float16", "bfloat16")]
+            np_dtype = resolve_dtype(max(set(floats), key=floats.count) if floats else "float32")
+        storage = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[np_dtype.name]
+
+        model = Qwen2ForCausalLM(config, dtype=storage, init_weights=False)
+        params = {p.name: p for p in model.get_parameters()}
+        stacks: Dict[str, np.ndarray] = {}
+        filled: set = set()
+        for key in sorted(keys, key=model_order_key):
+            value = cast_array(reader.get(key), np_dtype)
+            pieces = from_mindformers({key: value}, config, expert_layout=layout) if found == MINDFORMERS \
+                else {key: value}
+            for name, arr in pieces.items():
+                target = sanitize(name, params, model.tied)
+                if target is None:
+                    continue
+                param = params[target.param]
+                if target.expert is None:
+                    param.set_data(ms.Tensor.from_numpy(np.ascontiguousarray(arr)))
+                    filled.add(target.param)
+                    continue
+                buf = stacks.get(target.param)
+                if buf is None:
+                    buf = stacks[target.param] = np.empty(tuple(param.shape), dtype=np_dtype)
+                # the model stacks gate rows, then up rows: [E, 2I, H]; down_proj is [E, H, I]
+                inter = param.shape[1] // 2
+                if target.part == "gate_proj":
+                    buf[target.expert, :inter] = arr
+                elif target.part == "up_proj":
+                    buf[target.expert, inter:] = arr
+                else:
+                    buf[target.expert] = arr
+            del value, pieces
+        for name, buf in stacks.items():
+            params[name].set_data(ms.Tensor.from_numpy(buf))
+            filled.add(name)
+    unfilled = sorted(set(params) - filled)
+    if unfilled:
+        raise MSCheckpointError(f"{str(path)!r} left parameters unset: {unfilled[:10]}")
+    return model
