@@ -2,8 +2,7 @@
 import numpy as np
 import pytest
 
-from qwen2ms import Qwen2Config
-from qwen2ms.modeling.model import Qwen2ForCausalLM
+from qwen2ms import Qwen2Config, Qwen2ForCausalLM
 from qwen2ms.data import IGNORE_INDEX, DataCollatorForSFT, pack_samples
 
 VOCAB = 64
