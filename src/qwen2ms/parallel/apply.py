@@ -1,0 +1,540 @@
+"""``parallelize(model, parallel_config)``: shard a built single-device Qwen2 model per rank and insert the collectives.
+
+The model's code is not changed (DESIGN rule 4). After the single-device
+:class:`~qwen2ms.modeling.model.Qwen2ForCausalLM` is built (and loaded), :func:`parallelize`
+
+1. slices every parameter listed in :data:`~qwen2ms.parallel.plans.PARAM_PLAN` to this rank's shard
+   (``Parameter.set_data``; names stay the Hugging Face keys);
+2. replaces each module listed in :data:`~qwen2ms.parallel.plans.MODULE_PLAN` by a region Cell that
+   holds the original module and adds the communication around it (Megatron-style: copy in /
+   all-reduce out; with sequence parallel all-gather in / reduce-scatter out along the sequence),
+   and sets the attention's head counts to the local ones;
+3. wraps the model in :class:`ParallelCausalLM`, which runs the decoder stack and computes the
+   vocabulary-parallel lm_head and cross-entropy (the full logits are never formed on one device
+   unless asked for), and carries :class:`GradientSync` for the training step (data-parallel mean,
+   sums of sequence-parallel norm gradients, replicated kv heads and expert replicas).
+
+Example (under ``msrun --worker_num=2``, see :mod:`qwen2ms.parallel.launch`)::
+
+    from mindspore.communication import init
+    init()
+    model = Qwen2ForCausalLM.from_hf("Qwen/Qwen2-0.5B")
+    pmodel = parallelize(model, ParallelConfig(model_parallel=2))
+    out = pmodel(input_ids, labels=labels)            # same numbers as the single-device model
+    loss, grads = ms.value_and_grad(lambda i, l: pmodel(i, labels=l).loss, None,
+                                    pmodel.trainable_params())(input_ids, labels)
+    grads = pmodel.grad_sync(grads)                   # then any optimizer step
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from .. import ops as qops
+from ..modeling.model import CausalLMOutput
+from .comm import (AllGather, AllReduce, CopyToGroup, GatherFromGroup, GatherToGroup, Group, ReduceFromGroup,
+                   ReduceScatterToGroup, ScatterToGroup, is_initialized, new_group, single_group)
+from .config import ParallelConfig, ParallelConfigError
+from .plans import MODULE_PLAN, PARAM_PLAN, local_kv_heads, match, param_shard
+
+__all__ = ["parallelize", "shard_parameters", "ParallelCausalLM", "GradientSync", "ParallelGroups",
+           "vocab_parallel_cross_entropy"]
+
+
+class ParallelGroups:
+    """This rank's communication groups for a layout (created on first use, members only).
+
+    Attributes:
+        rank: global rank.
+        pp_rank, dp_rank, mp_rank: coordinates (see :meth:`ParallelConfig.rank_coords`).
+        tp, dp, pp, ep: :class:`~qwen2ms.parallel.comm.Group` objects (tensor, data, pipeline, expert).
+        expert_dp: ranks holding the same experts (the data-parallel group divided by the expert group).
+    """
+
+    def __init__(self, pc: ParallelConfig, rank: int, communicate: bool = True) -> None:
+        self.pc, self.rank = pc, rank
+        self.pp_rank, self.dp_rank, self.mp_rank = pc.rank_coords(rank)
+        self.ep_rank = self.dp_rank % pc.expert_parallel
+        make = new_group if communicate else (lambda ranks: single_group(rank))
+        self.tp = make(pc.group_ranks("model", rank))
+        self.dp = make(pc.group_ranks("data", rank))
+        self.pp = make(pc.group_ranks("pipeline", rank))
+        self.ep = make(pc.group_ranks("expert", rank))
+        dp_ranks = pc.group_ranks("data", rank)
+        self.expert_dp = make([r for r in dp_ranks
+                               if pc.rank_coords(r)[1] % pc.expert_parallel == self.ep_rank])
+
+    def kv_share(self, config) -> Group:
+        """Tensor-parallel ranks that hold the same (replicated) kv head as this one."""
+        mp, kv = self.pc.model_parallel, config.num_key_value_heads
+        if kv >= mp:
+            return single_group(self.rank)
+        per = mp // kv
+        first = (self.mp_rank // per) * per
+        base = self.rank - self.mp_rank
+        return new_group([base + m for m in range(first, first + per)])
+
+
+def shard_parameters(model: nn.Cell, parallel_config: ParallelConfig, rank: int) -> Dict[str, Tuple[int, ...]]:
+    """Slice the parameters of a single-device model in place to the shards of global ``rank``.
+
+    Needs no communication: use it to measure per-rank memory or to cut a loaded model for one rank.
+    Parameters outside this rank's pipeline stage are left untouched (see :func:`parallelize`).
+
+    Args:
+        model: a :class:`~qwen2ms.modeling.model.Qwen2ForCausalLM` (parameter names = HF keys).
+        parallel_config: the layout; validated against ``model.config``.
+        rank: global rank in ``[0, world_size)``.
+
+    Returns:
+        ``{name: new shape}`` for every parameter that was sliced.
+
+    Example:
+        >>> shapes = shard_parameters(model, ParallelConfig(model_parallel=2), rank=1)
+        >>> shapes["model.layers.0.self_attn.o_proj.weight"]   # [H, H/2]
+    """
+    cfg = model.config
+    pc = parallel_config
+    pc.validate(cfg)
+    _, dp_rank, mp_rank = pc.rank_coords(rank)
+    ep_rank = dp_rank % pc.expert_parallel
+    changed: Dict[str, Tuple[int, ...]] = {}
+    for name, param in model.parameters_and_names():
+        split = match(PARAM_PLAN, name)
+        if split is None:
+            continue
+        full = param.asnumpy()
+        part = param_shard(full, split, cfg, mp_rank, pc.model_parallel, ep_rank, pc.expert_parallel,
+                           pc.vocab_emb_dp)
+        if part.shape != full.shape:
+            param.set_data(Tensor(part, dtype=param.dtype))
+            changed[name] = tuple(part.shape)
+    return changed
+
+
+# ---------------------------------------------------------------------------------------------
+# Regions
+# ---------------------------------------------------------------------------------------------
+class _Identity(nn.Cell):
+    def construct(self, x):
+        return x
+
+
+def _enter_exit(groups: ParallelGroups, seq: bool) -> Tuple[nn.Cell, nn.Cell]:
+    g = groups.tp
+    if g.size == 1:
+        return _Identity(), _Identity()
+    if seq:
+        return GatherToGroup(g, 1), ReduceScatterToGroup(g, 1)
+    return CopyToGroup(g), ReduceFromGroup(g)
+
+
+class AttentionRegion(nn.Cell):
+    """A tensor-parallel attention: local heads inside, communication at the edges."""
+
+    def __init__(self, inner: nn.Cell, enter: nn.Cell, exit_: nn.Cell) -> None:
+        super().__init__(auto_prefix=False)
+        self.inner, self.enter, self.exit = inner, enter, exit_
+
+    def construct(self, x, cos, sin, mask, cache=None, cache_position=0):
+        return self.exit(self.inner(self.enter(x), cos, sin, mask, cache, cache_position))
+
+
+class MLPRegion(nn.Cell):
+    """A tensor-parallel SwiGLU MLP: column-split gate/up, row-split down."""
+
+    def __init__(self, inner: nn.Cell, enter: nn.Cell, exit_: nn.Cell) -> None:
+        super().__init__(auto_prefix=False)
+        self.inner, self.enter, self.exit = inner, enter, exit_
+
+    def construct(self, x):
+        return self.exit(self.inner(self.enter(x)))
+
+
+class ExpertsRegion(nn.Cell):
+    """Routed experts split by expert parallel (token all-gather in, reduce-scatter out) and tensor parallel.
+
+    Expert parallel uses the all-gather dispatch: every member of the expert group sees all the
+    group's tokens, computes the contribution of the experts it holds (tokens routed elsewhere get
+    weight 0), and a reduce-scatter sums the contributions and returns each member its own tokens.
+    The result equals all-to-all dispatch to the owning experts.
+    """
+
+    def __init__(self, inner: nn.Cell, groups: ParallelGroups, num_experts: int) -> None:
+        super().__init__(auto_prefix=False)
+        self.inner = inner
+        ep = groups.ep
+        self.use_ep = ep.size > 1
+        self.local = num_experts // ep.size
+        self.first = ep.rank * self.local
+        if self.use_ep:
+            self.gather_x = GatherToGroup(ep, 0)
+            self.gather_w = GatherToGroup(ep, 0)
+            self.gather_i = AllGather(ep, 0)
+            self.scatter_out = ReduceScatterToGroup(ep, 0)
+        tp = groups.tp
+        self.use_tp = tp.size > 1
+        if self.use_tp:
+            self.copy_x = CopyToGroup(tp)
+            self.copy_w = CopyToGroup(tp)
+            self.reduce = ReduceFromGroup(tp)
+
+    def construct(self, x, top_index, top_weights):
+        if self.use_ep:
+            x = self.gather_x(x)  # [N * ep, H]
+            top_weights = self.gather_w(top_weights)
+            top_index = self.gather_i(top_index)
+            local = top_index - self.first
+            mine = ops.logical_and(local >= 0, local < self.local)
+            top_index = ops.where(mine, local, ops.zeros_like(local))
+            top_weights = top_weights * mine.astype(top_weights.dtype)
+        if self.use_tp:
+            x = self.copy_x(x)
+            top_weights = self.copy_w(top_weights)
+        out = self.inner(x, top_index, top_weights)
+        if self.use_tp:
+            out = self.reduce(out)
+        if self.use_ep:
+            out = self.scatter_out(out)
+        return out
+
+
+class VocabParallelEmbedding(nn.Cell):
+    """Embedding whose rows are split by vocabulary: look up local ids, zero the rest, sum over the group."""
+
+    def __init__(self, inner: nn.Cell, groups: ParallelGroups, vocab_size: int, seq: bool) -> None:
+        super().__init__(auto_prefix=False)
+        self.inner = inner
+        n = groups.tp.size
+        self.per = vocab_size // n
+        self.start = groups.tp.rank * self.per
+        self.exit = ReduceScatterToGroup(groups.tp, 1) if seq else ReduceFromGroup(groups.tp)
+
+    def construct(self, input_ids):
+        local = input_ids - self.start
+        mine = ops.logical_and(local >= 0, local < self.per)
+        emb = self.inner(ops.where(mine, local, ops.zeros_like(local)))  # [B, T, H]
+        emb = emb * mine.expand_dims(-1).astype(emb.dtype)
+        return self.exit(emb)
+
+
+class _SeqScatterEmbedding(nn.Cell):
+    """A whole (replicated) embedding under sequence parallel: keep this rank's sequence chunk."""
+
+    def __init__(self, inner: nn.Cell, group: Group) -> None:
+        super().__init__(auto_prefix=False)
+        self.inner = inner
+        self.scatter = ScatterToGroup(group, 1)
+
+    def construct(self, input_ids):
+        return self.scatter(self.inner(input_ids))
+
+
+def vocab_parallel_cross_entropy(logits: Tensor, labels: Tensor, vocab_start: int, group_sum: nn.Cell,
+                                 group_max: nn.Cell, ignore_index: int = -100) -> Tuple[Tensor, Tensor]:
+    """Token cross-entropy over vocabulary-split logits, without gathering them.
+
+    Args:
+        logits: ``[N, V/n]`` this rank's slice of the logits (float32).
+        labels: ``[N]`` global token ids; ``ignore_index`` entries are skipped.
+        vocab_start: first vocabulary id of this rank's slice.
+        group_sum: a :class:`~qwen2ms.parallel.comm.ReduceFromGroup` (sum forward, identity backward).
+        group_max: an :class:`~qwen2ms.parallel.comm.AllReduce` with ``op="max"`` (no gradient flows).
+        ignore_index: label to skip.
+
+    Returns:
+        ``(loss_sum, count)`` float32 scalars, equal to :func:`qwen2ms.ops.cross_entropy` on the full logits.
+    """
+    v_local = logits.shape[-1]
+    m = ops.stop_gradient(group_max(ops.amax(ops.stop_gradient(logits), -1)))  # [N] global max, for stability
+    z = logits - m.expand_dims(-1)
+    sum_exp = group_sum(ops.exp(z).sum(-1))  # [N]
+    labels = labels.astype(ms.int32)
+    keep = labels != ignore_index
+    local = labels - vocab_start
+    mine = ops.logical_and(ops.logical_and(local >= 0, local < v_local), keep)
+    safe = ops.where(mine, local, ops.zeros_like(local))
+    picked = ops.gather_elements(z, 1, safe.reshape(-1, 1)).reshape(-1) * mine.astype(z.dtype)
+    target = group_sum(picked)  # [N] the label's shifted logit, from the rank that holds it
+    keepf = keep.astype(ms.float32)
+    return ((ops.log(sum_exp) - target) * keepf).sum(), keepf.sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient synchronisation
+# ---------------------------------------------------------------------------------------------
+class _Reduce(nn.Cell):
+    def __init__(self, steps: List[Tuple[Group, float]]) -> None:
+        super().__init__()
+        # One-member groups need no collective, but their scale (e.g. 1/dp for unreplicated experts) stays.
+        self.ops_ = nn.CellList([AllReduce(g) for g, _ in steps if g.size > 1])
+        self.scale = float(np.prod([s for _, s in steps])) if steps else 1.0
+        self.n = len(self.ops_)
+
+    def construct(self, g):
+        for i in range(self.n):
+            g = self.ops_[i](g)
+        if self.scale != 1.0:
+            g = g * self.scale
+        return g
+
+
+class GradientSync(nn.Cell):
+    """Turn this rank's gradients into those of the whole job's objective (the mean over data-parallel ranks).
+
+    Per parameter, in ``params`` order: the data-parallel mean (experts: summed over the ranks holding
+    the same experts, divided by ``data_parallel``); plus, under sequence parallel, the sum over the
+    tensor-parallel group for norm weights (each rank saw a slice of the sequence); plus the sum over
+    the ranks that share a replicated kv head.
+
+    Args:
+        entries: one ``[(group, scale), ...]`` list per parameter.
+
+    Example:
+        >>> grads = pmodel.grad_sync(grads)   # a tuple in pmodel.trainable_params() order
+    """
+
+    def __init__(self, entries: List[List[Tuple[Group, float]]]) -> None:
+        super().__init__()
+        self.reducers = nn.CellList([_Reduce(e) for e in entries])
+        self.n = len(entries)
+
+    def construct(self, grads):
+        out = ()
+        for i in range(self.n):
+            out = out + (self.reducers[i](grads[i]),)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The wrapped model
+# ---------------------------------------------------------------------------------------------
+class ParallelCausalLM(nn.Cell):
+    """A :class:`~qwen2ms.modeling.model.Qwen2ForCausalLM` after :func:`parallelize`.
+
+    Called like the model (same arguments, same :class:`CausalLMOutput`); the loss is computed with
+    the vocabulary-parallel cross-entropy. Parameter names are unchanged (HF keys).
+
+    Attributes:
+        lm: the wrapped model (its modules are now region Cells).
+        parallel_config: the layout.
+        groups: this rank's :class:`ParallelGroups`.
+        grad_sync: the :class:`GradientSync` for ``trainable_params()``.
+        gather_logits: whether ``logits`` are gathered to the full vocabulary (else this rank's slice).
+    """
+
+    def __init__(self, lm: nn.Cell, parallel_config: ParallelConfig, groups: ParallelGroups,
+                 gather_logits: bool = True) -> None:
+        super().__init__(auto_prefix=False)
+        self.lm = lm
+        self.config = lm.config
+        self.parallel_config = parallel_config
+        self.groups = groups
+        self.gather_logits = gather_logits
+        self.tied = lm.tied
+        pc = parallel_config
+        tp = groups.tp
+        self.seq = pc.use_seq_parallel and tp.size > 1
+        self.vocab_split = not pc.vocab_emb_dp and tp.size > 1
+        self.embed_wrapped = isinstance(lm.model.embed_tokens, (VocabParallelEmbedding, _SeqScatterEmbedding))
+        v = self.config.vocab_size
+        self.vocab_start = tp.rank * (v // tp.size) if self.vocab_split else 0
+        if self.vocab_split:
+            # The head is a column-parallel region: hidden enters (copy / gather along the sequence).
+            self.head_enter = GatherToGroup(tp, 1) if self.seq else CopyToGroup(tp)
+            self.ce_sum = ReduceFromGroup(tp)
+            self.ce_max = AllReduce(tp, "max")
+            self.logits_gather = GatherFromGroup(tp, -1)
+        elif self.seq:
+            self.head_enter = GatherFromGroup(tp, 1)
+        else:
+            self.head_enter = _Identity()
+        self.is_moe = lm.is_moe
+        self.grad_sync = GradientSync([])
+
+    def _head_weight(self):
+        if self.tied:
+            if self.embed_wrapped:
+                return self.lm.model.embed_tokens.inner.weight
+            return self.lm.model.embed_tokens.weight
+        return self.lm.lm_head.weight
+
+    def construct(self, input_ids, attention_mask=None, position_ids=None, labels=None, segment_ids=None,
+                  cache=None, cache_position=None, output_router_logits=None, logits_to_keep=0):
+        lm = self.lm
+        hidden, router_logits = lm.model(input_ids, attention_mask, position_ids, segment_ids, cache,
+                                         cache_position)
+        hidden = self.head_enter(hidden)  # [B, T, H] on every rank
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = qops.linear(hidden, self._head_weight()).astype(ms.float32)  # [B, T, V or V/n]
+
+        loss = None
+        if labels is not None:
+            v = logits.shape[-1]
+            flat = logits[:, :-1].reshape(-1, v)
+            tgt = labels[:, 1:].reshape(-1)
+            if self.vocab_split:
+                total, count = vocab_parallel_cross_entropy(flat, tgt, self.vocab_start, self.ce_sum, self.ce_max)
+            else:
+                total, count = qops.cross_entropy(flat, tgt)
+            loss = total / ops.maximum(count, ops.ones_like(count))
+        if self.vocab_split and self.gather_logits:
+            logits = self.logits_gather(logits)
+
+        want_router = lm.default_router_logits if output_router_logits is None else output_router_logits
+        aux_loss = None
+        if want_router and self.is_moe:
+            token_mask = attention_mask
+            if attention_mask is not None and cache is not None:
+                start = 0 if cache_position is None else cache_position
+                token_mask = ops.gather(attention_mask, ops.arange(input_ids.shape[1], dtype=ms.int32) + start, 1)
+            aux_loss = qops.load_balancing_loss(router_logits, lm.num_experts, lm.top_k, token_mask)
+            if loss is not None:
+                loss = loss + lm.router_aux_loss_coef * aux_loss
+        return CausalLMOutput(logits, loss, aux_loss, router_logits if (want_router and self.is_moe) else None)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, labels=None, segment_ids=None,
+                 cache=None, cache_position=None, output_router_logits=None, logits_to_keep: int = 0):
+        """Run on NumPy arrays or MindSpore tensors, with the model's argument checks."""
+        if cache is not None:
+            raise ValueError("a KV cache is not supported on a parallelized model; run generation on a single "
+                             "device or with pipeline_stage/model_parallel = 1")
+        args = self.lm._prepare(input_ids, attention_mask, position_ids, labels, segment_ids, cache,
+                                cache_position, logits_to_keep)
+        if self.seq and args[0].shape[1] % self.groups.tp.size:
+            raise ValueError(f"use_seq_parallel needs the sequence length ({args[0].shape[1]}) to divide by "
+                             f"model_parallel={self.groups.tp.size}; pad the batch to a multiple")
+        return super().__call__(*args, output_router_logits, int(logits_to_keep))
+
+
+def parallelize(model: nn.Cell, parallel_config: ParallelConfig, *, gather_logits: bool = True) -> ParallelCausalLM:
+    """Apply the tensor/sequence/expert/data-parallel plans to a built single-device model, for this rank.
+
+    Call it in every process of the job after ``mindspore.communication.init()`` (or with a
+    one-device layout). The model is modified in place and returned wrapped.
+
+    Args:
+        model: a :class:`~qwen2ms.modeling.model.Qwen2ForCausalLM`, built (and loaded) on one device.
+        parallel_config: the layout; validated against the model and the world size.
+        gather_logits: return full-vocabulary logits (True) or this rank's vocabulary slice (False,
+            saves memory when only the loss is needed).
+
+    Returns:
+        A :class:`ParallelCausalLM`.
+
+    Raises:
+        ParallelConfigError: the layout does not fit the model or the job.
+
+    Example:
+        >>> pmodel = parallelize(model, ParallelConfig(data_parallel=1, model_parallel=2))
+        >>> pmodel(ids, labels=ids).loss
+    """
+    pc = parallel_config
+    cfg = model.config
+    if is_initialized():
+        from mindspore.communication import get_group_size, get_rank
+
+        world, rank = get_group_size(), get_rank()
+    else:
+        world, rank = 1, 0
+    pc.validate(cfg, world_size=world)
+    if pc.pipeline_stage > 1:
+        raise ParallelConfigError("parallelize applies data/tensor/sequence/expert parallelism; for "
+                                  "pipeline_stage > 1 use qwen2ms.parallel.pipeline.PipelineStage")
+    if pc.use_seq_parallel and cfg.is_moe and pc.model_parallel > 1:
+        raise ParallelConfigError("use_seq_parallel is supported for dense models only; set use_seq_parallel: "
+                                  "false for Qwen2-MoE")
+    groups = ParallelGroups(pc, rank)
+    shard_parameters(model, pc, rank)
+    seq = pc.use_seq_parallel and groups.tp.size > 1
+    lm = model
+    cells = list(lm.cells_and_names())
+    for path, cell in cells:
+        style = match(MODULE_PLAN, path)
+        if style is None or (style.requires and not hasattr(cell, style.requires)):
+            continue
+        parent_path, _, attr = path.rpartition(".")
+        parent = _resolve(lm, parent_path)
+        new = _wrap(style.style, cell, groups, cfg, pc, seq)
+        if new is not None:
+            _replace_child(parent, attr, new)
+    if pc.recompute:
+        for layer in lm.model.layers:
+            layer.recompute()
+    pm = ParallelCausalLM(lm, pc, groups, gather_logits=gather_logits)
+    pm.grad_sync = _build_grad_sync(pm, groups, cfg, pc, seq)
+    return pm
+
+
+def _wrap(style: str, cell: nn.Cell, groups: ParallelGroups, cfg, pc: ParallelConfig, seq: bool
+          ) -> Optional[nn.Cell]:
+    tp = groups.tp
+    if style == "attention":
+        if tp.size == 1:
+            return None
+        cell.num_heads = cfg.num_attention_heads // tp.size
+        cell.num_kv_heads = local_kv_heads(cfg, tp.size)
+        enter, exit_ = _enter_exit(groups, seq)
+        return AttentionRegion(cell, enter, exit_)
+    if style == "mlp":
+        if tp.size == 1:
+            return None
+        enter, exit_ = _enter_exit(groups, seq)
+        return MLPRegion(cell, enter, exit_)
+    if style == "experts":
+        if tp.size == 1 and groups.ep.size == 1:
+            return None
+        return ExpertsRegion(cell, groups, cfg.num_experts)
+    if style == "vocab_embedding":
+        if tp.size == 1:
+            return None
+        if not pc.vocab_emb_dp:
+            return VocabParallelEmbedding(cell, groups, cfg.vocab_size, seq)
+        if seq:
+            return _SeqScatterEmbedding(cell, tp)
+        return None
+    return None  # norms and the head are handled by GradientSync and ParallelCausalLM
+
+
+def _resolve(root: nn.Cell, path: str) -> nn.Cell:
+    cell = root
+    for part in path.split(".") if path else []:
+        cell = cell[int(part)] if isinstance(cell, nn.CellList) else getattr(cell, part)
+    return cell
+
+
+def _replace_child(parent: nn.Cell, attr: str, new: nn.Cell) -> None:
+    """Swap a child Cell keeping every parameter's name (MindSpore would prefix the wrapper's attribute)."""
+    names = {id(p): p.name for p in new.get_parameters()}
+    if isinstance(parent, nn.CellList):
+        parent[int(attr)] = new
+    else:
+        setattr(parent, attr, new)
+    for p in new.get_parameters():
+        p.name = names[id(p)]
+
+
+def _build_grad_sync(pm: ParallelCausalLM, groups: ParallelGroups, cfg, pc: ParallelConfig, seq: bool
+                     ) -> GradientSync:
+    dp = pc.data_parallel
+    kv_group = groups.kv_share(cfg) if groups.tp.size > cfg.num_key_value_heads else None
+    entries = []
+    for p in pm.trainable_params():
+        name = p.name
+        steps: List[Tuple[Group, float]] = []
+        is_expert = match(PARAM_PLAN, name) is not None and match(PARAM_PLAN, name).expert_dim is not None
+        if is_expert and groups.ep.size > 1:
+            steps.append((groups.expert_dp, 1.0 / dp))
+        else:
+            steps.append((groups.dp, 1.0 / dp))
+        if seq and match(MODULE_PLAN, name.rpartition(".")[0]) is not None and \
+                match(MODULE_PLAN, name.rpartition(".")[0]).style == "sequence_norm":
+            steps.append((groups.tp, 1.0))
+        if kv_group is not None and (".k_proj." in name or ".v_proj." in name):
+            steps.append((kv_group, 1.0))
+        entries.append(steps)
+    return GradientSync(entries)

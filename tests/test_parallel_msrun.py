@@ -1,0 +1,112 @@
+"""Real 2-process runs under msrun on this CPU: collectives against their definitions; TP, TP+SP, DP, MoE TP and
+EP forward passes and one AdamW training step against the single-process model on the combined batch.
+
+One msrun job (tests/parallel_workers/collectives_and_layouts.py) produces every number; each test
+checks one part of it against a reference computed here in one process.
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKERS = os.path.join(HERE, "parallel_workers")
+sys.path.insert(0, WORKERS)
+
+import cases  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ATOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    from qwen2ms.parallel.launch import run_msrun
+
+    out = tmp_path_factory.mktemp("msrun_out")
+    run_msrun(os.path.join(WORKERS, "collectives_and_layouts.py"), [str(out)], worker_num=2,
+              log_dir=out / "logs", timeout=900, cwd=str(out))
+    return [dict(np.load(out / f"rank{r}.npz")) for r in range(2)]
+
+
+def _x(rank):
+    return np.arange(24, dtype=np.float32).reshape(4, 6) + 100 * rank
+
+
+@pytest.mark.parametrize("tag", ["world", "composite"])
+def test_collectives_match_definitions(ranks, tag):
+    xs = [_x(0), _x(1)]
+    for r in range(2):
+        got = {k.split("/", 1)[1]: v for k, v in ranks[r].items() if k.startswith(tag + "/")}
+        np.testing.assert_array_equal(got["all_reduce_sum"], xs[0] + xs[1])
+        np.testing.assert_array_equal(got["all_reduce_max"], np.maximum(xs[0], xs[1]))
+        np.testing.assert_array_equal(got["all_reduce_min"], np.minimum(xs[0], xs[1]))
+        np.testing.assert_array_equal(got["all_gather0"], np.concatenate(xs, 0))
+        np.testing.assert_array_equal(got["all_gather1"], np.concatenate(xs, 1))
+        total = xs[0] + xs[1]
+        np.testing.assert_array_equal(got["reduce_scatter0"], np.split(total, 2, 0)[r])
+        np.testing.assert_array_equal(got["reduce_scatter1"], np.split(total, 2, 1)[r])
+        # all_to_all(split 1, concat 0): rank r gets column-chunk r of every rank, stacked by rows
+        np.testing.assert_array_equal(got["all_to_all_1_0"],
+                                      np.concatenate([np.split(xs[j], 2, 1)[r] for j in range(2)], 0))
+        np.testing.assert_array_equal(got["broadcast1"], xs[1])
+    np.testing.assert_array_equal(ranks[1][f"{tag}/recv"], xs[0] * 2)
+
+
+def _reference(name):
+    """Single-process logits, loss, grads, post-step params and loss on the whole batch."""
+    import mindspore as ms
+    from mindspore import Tensor, nn
+
+    from qwen2ms.modeling.model import Qwen2ForCausalLM
+
+    ids, labels = cases.batch(name)
+    model = Qwen2ForCausalLM(cases.config(name), seed=cases.SEED)
+    res = model(ids, labels=labels)
+    params = model.trainable_params()
+    _, grads = ms.value_and_grad(lambda i, l: model(i, labels=l).loss, None, params)(Tensor(ids), Tensor(labels))
+    opt = nn.AdamWeightDecay(params, learning_rate=cases.LR, weight_decay=0.1)
+    opt(grads)
+    return dict(logits=res.logits.asnumpy(), loss=float(res.loss.asnumpy()),
+                grads={p.name: g.asnumpy() for p, g in zip(params, grads)},
+                params={p.name: p.asnumpy() for p in params},
+                loss_after=float(model(ids, labels=labels).loss.asnumpy()))
+
+
+def _shard(name, pname, full, rank):
+    from qwen2ms.parallel.plans import PARAM_PLAN, match, param_shard
+
+    pc = cases.layout(name)
+    _, dp_rank, mp_rank = pc.rank_coords(rank)
+    return param_shard(full, match(PARAM_PLAN, pname), cases.config(name), mp_rank, pc.model_parallel,
+                       dp_rank % pc.expert_parallel, pc.expert_parallel, pc.vocab_emb_dp)
+
+
+@pytest.mark.parametrize("name", list(cases.CASES))
+def test_layout_matches_single_process(ranks, name):
+    ref = _reference(name)
+    split_batch = cases.CASES[name][2]
+    for r in range(2):
+        got = ranks[r]
+        logits = got[f"{name}/logits"]
+        want = np.split(ref["logits"], 2, 0)[r] if split_batch else ref["logits"]
+        np.testing.assert_allclose(logits, want, atol=ATOL, rtol=1e-5, err_msg=f"{name} logits rank {r}")
+        names = [k.split("/", 2)[2] for k in got if k.startswith(f"{name}/grad/")]
+        assert sorted(names) == sorted(ref["grads"]), f"{name}: parameter names changed"
+        for pname in names:
+            np.testing.assert_allclose(got[f"{name}/grad/{pname}"], _shard(name, pname, ref["grads"][pname], r),
+                                       atol=ATOL, rtol=1e-4, err_msg=f"{name} grad {pname} rank {r}")
+            np.testing.assert_allclose(got[f"{name}/param/{pname}"], _shard(name, pname, ref["params"][pname], r),
+                                       atol=ATOL, rtol=1e-4, err_msg=f"{name} param {pname} after step rank {r}")
+    losses = [float(ranks[r][f"{name}/loss"]) for r in range(2)]
+    after = [float(ranks[r][f"{name}/loss_after"]) for r in range(2)]
+    if split_batch:
+        # equal token counts per rank: the global mean is the mean of the rank means
+        losses, after = [np.mean(losses)], [np.mean(after)]
+    for v in losses:
+        assert v == pytest.approx(ref["loss"], abs=1e-5)
+    for v in after:
+        assert v == pytest.approx(ref["loss_after"], abs=1e-5)
+    assert ref["loss_after"] < ref["loss"]
