@@ -136,6 +136,8 @@ def shard_ranges(split: ParamSplit, size: int, rank: int, n: int, config: Qwen2C
         return [(0, size)]
     if split.kind == "halves":
         half = size // 2
+        if size % 2 or half % n:
+            raise ValueError(f"cannot split the two halves of a fused dimension of {size} into {n} equal parts")
         step = half // n
         return [(rank * step, (rank + 1) * step), (half + rank * step, half + (rank + 1) * step)]
     if split.kind == "kv_heads" and config.num_key_value_heads < n:
@@ -164,9 +166,10 @@ def param_shard(array: np.ndarray, split: Optional[ParamSplit], config: Qwen2Con
         A contiguous array (the input itself when nothing is split).
 
     Example:
-        >>> w = np.arange(24).reshape(4, 6)
-        >>> param_shard(w, ParamSplit(1), cfg, mp_rank=1, mp=2).shape   # doctest: +SKIP
-        (4, 3)
+        >>> cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        ...                   num_attention_heads=4, num_key_value_heads=2)
+        >>> param_shard(np.zeros((32, 48)), ParamSplit(1), cfg, mp_rank=1, mp=2).shape
+        (32, 24)
     """
     if split is None:
         return array

@@ -1,0 +1,139 @@
+"""Single-process checks of the parallel layer: plans, parameter sharding (against the planner's memory figures),
+a one-device parallelize, the launch helpers and one-member collectives."""
+import numpy as np
+import pytest
+
+from qwen2ms import Qwen2Config
+from qwen2ms.parallel import ParallelConfig, ParallelConfigError
+from qwen2ms.parallel.planner import estimate_memory, stage_parameter_counts
+from qwen2ms.parallel.plans import PARAM_PLAN, ParamSplit, match, param_shard, shard_ranges
+
+DENSE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+
+
+def _nbytes(model):
+    return sum(int(np.prod(p.shape)) * p.itemsize for p in model.get_parameters())
+
+
+def test_plan_matching():
+    assert match(PARAM_PLAN, "model.layers.11.self_attn.k_proj.bias") == ParamSplit(0, "kv_heads")
+    assert match(PARAM_PLAN, "model.layers.0.mlp.shared_expert.down_proj.weight") == ParamSplit(1)
+    assert match(PARAM_PLAN, "model.layers.0.input_layernorm.weight") is None
+    assert match(PARAM_PLAN, "model.layers.0.mlp.gate.weight") is None  # the MoE router stays whole
+
+
+def test_param_shard_kinds():
+    cfg = Qwen2Config(**DENSE)
+    fused = np.arange(2 * 6 * 3).reshape(2, 6, 3)  # [E, 2I, H] with I = 3
+    with pytest.raises(ValueError):
+        param_shard(fused, ParamSplit(1, "halves"), cfg, 0, 2)  # 3 gate rows cannot split in 2
+    fused = np.arange(2 * 8 * 3).reshape(2, 8, 3)  # gate rows 0..3, up rows 4..7
+    got = param_shard(fused, ParamSplit(1, "halves", expert_dim=0), cfg, 1, 2, ep_rank=1, ep=2)
+    np.testing.assert_array_equal(got, fused[1:2][:, [2, 3, 6, 7]])
+    # 2 kv heads of 8 over 4 ranks: ranks 0,1 keep head 0; ranks 2,3 head 1
+    assert shard_ranges(ParamSplit(0, "kv_heads"), 16, 1, 4, cfg) == [(0, 8)]
+    assert shard_ranges(ParamSplit(0, "kv_heads"), 16, 2, 4, cfg) == [(8, 16)]
+    w = np.arange(64 * 4).reshape(64, 4)
+    assert param_shard(w, ParamSplit(0, "vocab"), cfg, 1, 2, vocab_emb_dp=True) is w
+    np.testing.assert_array_equal(param_shard(w, ParamSplit(0, "vocab"), cfg, 1, 2), w[32:])
+
+
+@pytest.mark.parametrize("fields,layout", [
+    (dict(DENSE), dict(model_parallel=2)),
+    (dict(DENSE, tie_word_embeddings=True, num_key_value_heads=1), dict(model_parallel=2)),
+    (dict(DENSE, tie_word_embeddings=True), dict(model_parallel=2, vocab_emb_dp=True)),
+    (dict(DENSE, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+          shared_expert_intermediate_size=24), dict(data_parallel=2, model_parallel=2, expert_parallel=2)),
+])
+def test_measured_parameter_memory_matches_planner(fields, layout):
+    from qwen2ms.modeling.model import Qwen2ForCausalLM
+    from qwen2ms.parallel.apply import shard_parameters
+
+    cfg = Qwen2Config(**fields)
+    pc = ParallelConfig(**layout)
+    full = Qwen2ForCausalLM(cfg)
+    assert _nbytes(full) == estimate_memory(cfg, ParallelConfig(), mode="predict", seq_length=8,
+                                            param_dtype="float32").parameters
+    for rank in range(pc.world_size):
+        m = Qwen2ForCausalLM(cfg)
+        shard_parameters(m, pc, rank)
+        est = estimate_memory(cfg, pc, mode="predict", seq_length=8, param_dtype="float32")
+        assert _nbytes(m) == est.parameters, f"rank {rank}"
+        assert sum(stage_parameter_counts(cfg, pc)[0].values()) * 4 == _nbytes(m)
+
+
+def test_bf16_shard_keeps_dtype():
+    import mindspore as ms
+
+    from qwen2ms.modeling.model import Qwen2ForCausalLM
+    from qwen2ms.parallel.apply import shard_parameters
+
+    m = Qwen2ForCausalLM(Qwen2Config(**DENSE), dtype="bfloat16")
+    full = m.model.layers[0].mlp.down_proj.weight.asnumpy().astype(np.float32)
+    shapes = shard_parameters(m, ParallelConfig(model_parallel=2), rank=1)
+    assert shapes["model.layers.0.mlp.down_proj.weight"] == (32, 24)
+    w = m.model.layers[0].mlp.down_proj.weight
+    assert w.dtype == ms.bfloat16 and w.name == "model.layers.0.mlp.down_proj.weight"
+    np.testing.assert_array_equal(w.asnumpy().astype(np.float32), full[:, 24:])
+
+
+def test_one_device_parallelize_equals_model():
+    from qwen2ms.modeling.model import Qwen2ForCausalLM
+    from qwen2ms.parallel.apply import parallelize
+
+    cfg = Qwen2Config(**DENSE)
+    ids = np.random.default_rng(0).integers(0, 64, (2, 6))
+    ref = Qwen2ForCausalLM(cfg, seed=2)(ids, labels=ids)
+    model = Qwen2ForCausalLM(cfg, seed=2)
+    names = [p.name for p in model.trainable_params()]
+    pm = parallelize(model, ParallelConfig(recompute=True))
+    out = pm(ids, labels=ids)
+    np.testing.assert_allclose(out.logits.asnumpy(), ref.logits.asnumpy(), atol=1e-6)
+    assert float(out.loss.asnumpy()) == pytest.approx(float(ref.loss.asnumpy()), abs=1e-6)
+    assert [p.name for p in pm.trainable_params()] == names
+    with pytest.raises(ParallelConfigError, match="world size is 1"):
+        parallelize(Qwen2ForCausalLM(cfg), ParallelConfig(model_parallel=2))
+    with pytest.raises(ValueError, match="KV cache"):
+        pm(ids, cache=model.new_cache(2, 8))
+
+
+def test_one_member_collectives_are_identity():
+    import mindspore as ms
+
+    from qwen2ms.parallel import comm
+
+    g = comm.single_group()
+    x = ms.Tensor(np.arange(6, dtype=np.float32).reshape(2, 3))
+    for y in (comm.all_reduce(x, "max", g), comm.all_gather(x, 1, g), comm.reduce_scatter(x, 0, g),
+              comm.all_to_all(x, 1, 0, g), comm.broadcast(x, 0, g)):
+        np.testing.assert_array_equal(y.asnumpy(), x.asnumpy())
+    with pytest.raises(ValueError, match="two-member group"):
+        comm.send(x, 1, g)
+    with pytest.raises(ValueError, match="'sum', 'max'"):
+        comm.all_reduce(x, "mean", g)
+
+
+def test_msrun_command_lines():
+    from qwen2ms.parallel.launch import msrun_command
+
+    assert msrun_command("train.py", ["--config", "run.yaml"], worker_num=8) == [
+        "msrun", "--worker_num=8", "--local_worker_num=8", "--master_addr=127.0.0.1", "--master_port=8118",
+        "--log_dir=msrun_log", "--join=True", "train.py", "--config", "run.yaml"]
+    multi = msrun_command("train.py", worker_num=16, local_worker_num=8, master_addr="192.0.2.10", node_rank=1,
+                          cluster_time_out=600)
+    assert "--node_rank=1" in multi and "--cluster_time_out=600" in multi and "--local_worker_num=8" in multi
+    with pytest.raises(ValueError, match="multiple of local_worker_num"):
+        msrun_command("t.py", worker_num=12, local_worker_num=8)
+    with pytest.raises(ValueError, match="master_port"):
+        msrun_command("t.py", worker_num=2, master_port=80)
+
+
+def test_init_distributed_outside_msrun(monkeypatch):
+    from qwen2ms.parallel.launch import init_distributed, under_msrun
+
+    monkeypatch.delenv("MS_ROLE", raising=False)
+    assert not under_msrun()
+    assert init_distributed(ParallelConfig()) == (0, 1)
+    with pytest.raises(ParallelConfigError, match="msrun --worker_num=4"):
+        init_distributed(ParallelConfig(data_parallel=2, model_parallel=2))
