@@ -38,9 +38,6 @@ from .ms_checkpoint import (
     MSCheckpointReader,
     MSCheckpointWriter,
     SafetensorsWriter,
-    _bf16,
-    _np_dtype,
-    _ST_TYPES,
     cast_array,
     resolve_dtype,
     verify_hf_shapes,
@@ -116,9 +113,6 @@ class _HFFolder:
     """Lazy access to the safetensors weights of an HF folder (single file or sharded with an index)."""
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-
-        _bf16()
         self.folder = folder
         index = folder / "model.safetensors.index.json"
         single = folder / "model.safetensors"
@@ -136,37 +130,46 @@ class _HFFolder:
         else:
             raise ConvertError(f"{str(folder)!r} has no model.safetensors or model.safetensors.index.json; "
                                "convert reads HF safetensors checkpoints")
-        self._handles: Dict[str, Any] = {}
-        self._where: Dict[str, str] = {}
-        self._meta: Dict[str, Tuple[Tuple[int, ...], str]] = {}
-        for name in files:
-            try:
-                h = self._handles[name] = safe_open(str(folder / name), framework="np")
-            except Exception as e:  # safetensors has its own error types for bad headers
-                raise ConvertError(f"{str(folder / name)!r} is not a readable safetensors file: {e}") from e
-            for k in h.keys():
-                if weight_map is not None and weight_map.get(k) != name:
-                    continue
-                sl = h.get_slice(k)
-                self._where[k] = name
-                self._meta[k] = (tuple(sl.get_shape()), _ST_TYPES.get(sl.get_dtype(), sl.get_dtype()))
+        self._readers: Dict[str, MSCheckpointReader] = {}
+        self._where: Dict[str, MSCheckpointReader] = {}
+        try:
+            for name in files:
+                reader = self._readers[name] = MSCheckpointReader(folder / name)
+                if reader.format != "safetensors":
+                    raise ConvertError(f"{str(folder / name)!r} is not a safetensors file")
+                for k in reader.keys():
+                    if weight_map is None or weight_map.get(k) == name:
+                        self._where[k] = reader
+        except BaseException:
+            self.close()
+            raise
         if weight_map is not None:
             lost = [k for k in weight_map if k not in self._where]
             if lost:
+                self.close()
                 raise ConvertError(f"the index lists tensors its shards do not hold, e.g. {lost[:5]}")
 
     def keys(self) -> List[str]:
         return list(self._where)
 
     def shape(self, key: str) -> Tuple[int, ...]:
-        return self._meta[key][0]
+        return self._where[key].shape(key)
 
     def get(self, key: str) -> np.ndarray:
-        return self._handles[self._where[key]].get_tensor(key)
+        return self._where[key].get(key)
 
     def nbytes(self, key: str) -> int:
-        shape, dt = self._meta[key]
-        return int(np.prod(shape, dtype=np.int64)) * _np_dtype(dt).itemsize
+        return self._where[key].nbytes(key)
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+
+    def __enter__(self) -> "_HFFolder":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,29 +297,29 @@ def _hf_to_ms(src: Any, dst: Path, naming: str, np_dtype: Any, fuse_qkv: bool, c
               format: Optional[str], expert_layout: str, revision: Optional[str], verbose: bool) -> ConvertSummary:
     folder = resolve_pretrained(src, allow_patterns=["*.json", "*.safetensors"], revision=revision)
     cfg, raw, gen = _read_config(config, folder, "HF checkpoint")
-    source = _HFFolder(folder)
-    keys = source.keys()
-    detect = detect_naming(keys)
-    if detect != HF:
-        raise ConvertError(f"{str(folder)!r} holds MindFormers names, not an HF checkpoint; use to='hf' to import it")
-    verify_hf_shapes({k: source.shape(k) for k in keys}, cfg, source=repr(str(folder)))
-    out = _ms_destination(dst, format)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    dtypes: set = set()
-    count = 0
-    with MSCheckpointWriter(out, format) as writer, \
-            _progress(sum(source.nbytes(k) for k in keys), "convert", verbose) as bar:
-        for unit in conversion_groups(keys, fuse_qkv and naming == MINDFORMERS):
-            group = {k: cast_array(source.get(k), np_dtype) for k in unit}
-            if naming == MINDFORMERS:
-                group = to_mindformers(group, cfg, fuse_qkv=fuse_qkv, expert_layout=expert_layout)
-            for name, value in group.items():
-                writer.add(name, value)
-                dtypes.add(value.dtype.name)
-                count += 1
-            bar.update(sum(source.nbytes(k) for k in unit))
-            del group
-        nbytes = writer.nbytes
+    with _HFFolder(folder) as source:
+        keys = source.keys()
+        detect = detect_naming(keys)
+        if detect != HF:
+            raise ConvertError(f"{str(folder)!r} holds MindFormers names, not an HF checkpoint; use to='hf' to import it")
+        verify_hf_shapes({k: source.shape(k) for k in keys}, cfg, source=repr(str(folder)))
+        out = _ms_destination(dst, format)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        dtypes: set = set()
+        count = 0
+        with MSCheckpointWriter(out, format) as writer, \
+                _progress(sum(source.nbytes(k) for k in keys), "convert", verbose) as bar:
+            for unit in conversion_groups(keys, fuse_qkv and naming == MINDFORMERS):
+                group = {k: cast_array(source.get(k), np_dtype) for k in unit}
+                if naming == MINDFORMERS:
+                    group = to_mindformers(group, cfg, fuse_qkv=fuse_qkv, expert_layout=expert_layout)
+                for name, value in group.items():
+                    writer.add(name, value)
+                    dtypes.add(value.dtype.name)
+                    count += 1
+                bar.update(sum(source.nbytes(k) for k in unit))
+                del group
+            nbytes = writer.nbytes
     files = [out] + _write_configs(out.parent, cfg, raw, gen)
     return ConvertSummary("hf -> ms", naming, count, nbytes, tuple(sorted(dtypes)), files)
 

@@ -245,42 +245,47 @@ class MSCheckpointReader:
         self.format = sniff_format(self.path)
         self._entries: Dict[str, _Entry] = {}
         self._file: Optional[BinaryIO] = None
-        self._st: Any = None
-        if self.format == "ckpt":
-            self._file = open(self.path, "rb")
-            try:
+        self.metadata: Dict[str, str] = {}
+        # Tensors are read with readinto into their own buffers, never through a memory map: mapped
+        # pages of a file read end to end would stay resident and count as a second copy.
+        self._file = open(self.path, "rb")
+        try:
+            if self.format == "ckpt":
                 self._index_ckpt()
-            except BaseException:
-                self.close()
-                raise
-        else:
-            self._check_safetensors_size()
-            _bf16()
-            from safetensors import safe_open
+            else:
+                self._index_safetensors()
+        except BaseException:
+            self.close()
+            raise
 
-            try:
-                self._st = safe_open(str(self.path), framework="np")
-            except Exception as e:  # safetensors raises its own error types for bad headers
-                raise MSCheckpointError(f"{str(self.path)!r} is not a readable safetensors file: {e}") from e
-            for k in self._st.keys():
-                sl = self._st.get_slice(k)
-                dt = _ST_TYPES.get(sl.get_dtype())
-                if dt is None:
-                    raise MSCheckpointError(f"{str(self.path)!r}: tensor {k!r} has unsupported dtype {sl.get_dtype()}")
-                self._entries[k] = _Entry(tuple(sl.get_shape()), dt)
-
-    def _check_safetensors_size(self) -> None:
+    def _index_safetensors(self) -> None:
+        f = self._file
+        assert f is not None
         size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            try:
-                header = json.loads(f.read(n))
-                end = max([int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"] or [0])
-            except (ValueError, KeyError, TypeError, IndexError) as e:
-                raise MSCheckpointError(f"{str(self.path)!r} has a corrupt safetensors header: {e}") from e
-        if 8 + n + end > size:
-            raise MSCheckpointError(f"{str(self.path)!r} is truncated: its header needs {8 + n + end} bytes, "
-                                    f"the file has {size}")
+        (n,) = struct.unpack("<Q", f.read(8))
+        try:
+            header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            self.metadata = dict(header.pop("__metadata__", None) or {})
+            start = 8 + n
+            for key, info in header.items():
+                dt = _ST_TYPES.get(info["dtype"])
+                if dt is None:
+                    raise MSCheckpointError(f"{str(self.path)!r}: tensor {key!r} has unsupported dtype {info['dtype']}")
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+                if end - begin != int(np.prod(shape, dtype=np.int64)) * _np_dtype(dt).itemsize or begin < 0:
+                    raise ValueError(f"tensor {key!r}: offsets {begin}..{end} do not fit shape {shape} of {dt}")
+                if start + end > size:
+                    raise MSCheckpointError(f"{str(self.path)!r} is truncated: tensor {key!r} ends at byte "
+                                            f"{start + end}, the file has {size}")
+                entry = self._entries[key] = _Entry(shape, dt)
+                entry.segments.append((start + begin, end - begin))
+        except (ValueError, KeyError, TypeError) as e:
+            if isinstance(e, MSCheckpointError):
+                raise
+            raise MSCheckpointError(f"{str(self.path)!r} has a corrupt safetensors header: {e}") from e
 
     # -- ckpt index: walk the protobuf wire format, seeking over tensor bytes
     def _corrupt(self, why: str) -> MSCheckpointError:
@@ -403,8 +408,6 @@ class MSCheckpointReader:
     def get(self, key: str) -> np.ndarray:
         """Read tensor ``key`` as a numpy array (bfloat16 stays bfloat16)."""
         e = self._entry(key)
-        if self._st is not None:
-            return self._st.get_tensor(key)
         f = self._file
         assert f is not None
         buf = np.empty(sum(n for _, n in e.segments), dtype=np.uint8)
@@ -426,13 +429,24 @@ class MSCheckpointReader:
         if self._file is not None:
             self._file.close()
             self._file = None
-        self._st = None
 
     def __enter__(self) -> "MSCheckpointReader":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
 
 
 def _signed64(v: Optional[int]) -> int:
@@ -637,13 +651,21 @@ class MSCheckpointWriter:
         pieces = np.array_split(flat, math.ceil(array.nbytes / 1024 / (_CKPT_SLICE_BYTES / 1024))) \
             if array.nbytes > _CKPT_SLICE_BYTES else [flat]
         for piece in pieces:
-            msg = self._proto()
-            value = msg.value.add()
-            value.tag = name
-            value.tensor.dims.extend(list(array.shape))
-            value.tensor.tensor_type = type_name
-            value.tensor.tensor_content = piece.tobytes()
-            self._f.write(msg.SerializeToString())
+            # The record as protobuf serializes it (fields in number order, tensor_content last),
+            # with the tensor bytes written straight from the array instead of copied into a message.
+            head = self._proto.Value()
+            head.tag = name
+            tensor = head.tensor
+            tensor.dims.extend(list(array.shape))
+            tensor.tensor_type = type_name
+            tensor.tensor_content = b""
+            tag_part = head.SerializeToString()[: -(tensor.ByteSize() + 1 + len(_varint(tensor.ByteSize())))]
+            n = piece.nbytes
+            tensor_head = tensor.SerializeToString()[:-2] + b"\x1a" + _varint(n)  # drop the empty content field
+            tensor_len = len(tensor_head) + n
+            value_head = tag_part + b"\x12" + _varint(tensor_len) + tensor_head
+            self._f.write(b"\x0a" + _varint(len(value_head) + n) + value_head)
+            self._f.write(memoryview(piece.view(np.uint8)))
 
     def __len__(self) -> int:
         return self._count
