@@ -9,7 +9,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import mindspore as ms  # noqa: E402
-from mindspore.common import np_dtype  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from qwen2ms.cli import main  # noqa: E402

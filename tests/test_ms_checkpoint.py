@@ -190,6 +190,10 @@ def test_bad_files_give_clear_errors(tmp_path):
         cut.write_bytes(good.read_bytes()[:-40])
         with pytest.raises(MSCheckpointError, match="truncated"):
             load_ms_checkpoint(cut)
+    header = b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}'
+    (tmp_path / "badhdr.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+    with pytest.raises(MSCheckpointError, match="corrupt safetensors header.*do not fit shape"):
+        load_ms_checkpoint(tmp_path / "badhdr.safetensors")
     path = tmp_path / "good.ckpt"
     with pytest.raises(CheckpointNamingError, match="uses hf names"):
         load_ms_checkpoint(path, naming="mindformers")
