@@ -240,3 +240,14 @@ def test_hf_parameter_shapes_match_transformers(tmp_path):
         with safe_open(str(tmp_path / str(i) / "model.safetensors"), "np") as f:
             saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         assert saved == hf_parameter_shapes(cfg)
+
+
+def test_hf_parameter_shapes_count_every_released_size():
+    from qwen2ms.config import PRESETS
+
+    for name in PRESETS:
+        cfg = Qwen2Config.from_preset(name)
+        shapes = hf_parameter_shapes(cfg)
+        assert sum(int(np.prod(s)) for s in shapes.values()) == cfg.num_parameters(), name
+        names = to_mindformers({k: np.empty((0,)) for k in shapes if ".experts." not in k})
+        assert len(names) == len([k for k in shapes if ".experts." not in k])
