@@ -171,6 +171,15 @@ def test_chat_and_no_warning_on_greedy(qwen_vocab_model):
         qwen_vocab_model.generation_config_dict = None
 
 
+def test_model_generate_and_chat_methods(qwen_vocab_model):
+    kw = dict(max_new_tokens=4, eos_token_id=None)
+    assert qwen_vocab_model.generate("你好", **kw) == generate(qwen_vocab_model, "你好", **kw)
+    ids = qwen_vocab_model.generate(np.array([[9707, 1879]]), attention_mask=np.array([[1, 1]]), **kw)
+    assert ids.shape == (1, 6) and (ids[:, :2] == [9707, 1879]).all()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert qwen_vocab_model.chat(messages, **kw) == chat(qwen_vocab_model, messages, **kw)
+
+
 def test_text_batch_equals_single_prompts(qwen_vocab_model):
     single = generate(qwen_vocab_model, "你好，今天天气怎么样？", max_new_tokens=5, eos_token_id=None)
     outs = generate(qwen_vocab_model, ["Hello", "你好，今天天气怎么样？"], max_new_tokens=5, eos_token_id=None)

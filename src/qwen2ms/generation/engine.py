@@ -86,7 +86,8 @@ class CachedDecoder:
         # Later slots are hidden causally until written, so one mask serves every decode step.
         self._mask = ms.Tensor(full)
         self._next_pos = mask.sum(axis=1, keepdims=True).astype(np.int32)
-        logits = self.model.forward_step(ms.Tensor(input_ids.astype(np.int32)), self._mask, ms.Tensor(positions),
+        # Ids go in as NumPy: the model range-checks them, which costs a device sync on a Tensor.
+        logits = self.model.forward_step(input_ids.astype(np.int32), self._mask, ms.Tensor(positions),
                                          self.cache, 0, logits_to_keep=1)
         self.slot = self.padded_len
         return logits.asnumpy()[:, -1, :]
@@ -96,7 +97,7 @@ class CachedDecoder:
         ms = self._ms
         if self.slot >= self.cache.max_length:
             raise ValueError(f"the KV cache is full ({self.cache.max_length} slots); size it for the request")
-        ids = ms.Tensor(np.asarray(tokens, dtype=np.int32).reshape(-1, 1))
+        ids = np.asarray(tokens, dtype=np.int32).reshape(-1, 1)
         logits = self.model.forward_step(ids, self._mask, ms.Tensor(self._next_pos), self.cache,
                                          ms.Tensor(self.slot, ms.int32))
         self.slot += 1

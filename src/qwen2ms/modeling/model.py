@@ -640,6 +640,30 @@ class Qwen2ForCausalLM(nn.Cell):
 
         return load_ms_model(path, config, dtype=dtype)
 
+    # ------------------------------------------------------------------ generation (thin wrappers)
+    def generate(self, input_ids: Any, attention_mask: Optional[ArrayLike] = None, generation_config: Any = None,
+                 **kwargs: Any) -> Any:
+        """Generate with a KV cache and a compiled decode step; see :func:`qwen2ms.generation.generate`.
+
+        Example:
+            >>> model.generate("The capital of France is", max_new_tokens=8)  # doctest: +SKIP
+            ' Paris. It is the largest city in'
+        """
+        from ..generation.generate import generate  # lazy: modeling never imports generation at import time
+
+        return generate(self, input_ids, attention_mask=attention_mask, generation_config=generation_config, **kwargs)
+
+    def chat(self, messages: Any, **gen: Any) -> Any:
+        """Reply to ``[{"role": ..., "content": ...}, ...]``; see :func:`qwen2ms.generation.chat`.
+
+        Example:
+            >>> model.chat([{"role": "user", "content": "Hi!"}], max_new_tokens=32)  # doctest: +SKIP
+            'Hello! How can I help you today?'
+        """
+        from ..generation.generate import chat
+
+        return chat(self, messages, **gen)
+
 
 class _CachedStep(nn.Cell):
     """The compiled unit of :meth:`Qwen2ForCausalLM.forward_step`: the model plus one cache."""
