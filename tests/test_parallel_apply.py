@@ -137,3 +137,30 @@ def test_init_distributed_outside_msrun(monkeypatch):
     assert init_distributed(ParallelConfig()) == (0, 1)
     with pytest.raises(ParallelConfigError, match="msrun --worker_num=4"):
         init_distributed(ParallelConfig(data_parallel=2, model_parallel=2))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_pipeline_stage_memory_matches_planner(tied):
+    from qwen2ms.modeling.model import Qwen2ForCausalLM
+    from qwen2ms.parallel.pipeline import prune_to_stage
+
+    cfg = Qwen2Config(**dict(DENSE, num_hidden_layers=3, tie_word_embeddings=tied))
+    pc = ParallelConfig(pipeline_stage=2, micro_batch_num=2)
+    counts = stage_parameter_counts(cfg, pc)
+    for stage, layers in enumerate(([0, 1], [2])):
+        m = Qwen2ForCausalLM(cfg)
+        assert list(prune_to_stage(m, pc, stage)) == layers
+        assert _nbytes(m) == sum(counts[stage].values()) * 4
+        names = {p.name for p in m.get_parameters()}
+        assert all(int(n.split(".")[2]) in layers for n in names if ".layers." in n)
+        assert ("model.norm.weight" in names) == (stage == 1)
+
+
+def test_pipeline_rejects_moe_aux_loss():
+    from qwen2ms.modeling.model import Qwen2ForCausalLM
+    from qwen2ms.parallel.pipeline import prune_to_stage
+
+    cfg = Qwen2Config(**dict(DENSE, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2,
+                             moe_intermediate_size=16, output_router_logits=True))
+    with pytest.raises(ParallelConfigError, match="output_router_logits"):
+        prune_to_stage(Qwen2ForCausalLM(cfg), ParallelConfig(pipeline_stage=2, micro_batch_num=2), 0)

@@ -1,5 +1,5 @@
-"""Real 2-process runs under msrun on this CPU: collectives against their definitions; TP, TP+SP, DP, MoE TP and
-EP forward passes and one AdamW training step against the single-process model on the combined batch.
+"""Real 2-process runs under msrun on this CPU: collectives against their definitions; TP, TP+SP, DP, MoE TP,
+EP and PP forward passes and one AdamW training step against the single-process model on the combined batch.
 
 One msrun job (tests/parallel_workers/collectives_and_layouts.py) produces every number; each test
 checks one part of it against a reference computed here in one process.
@@ -55,26 +55,6 @@ def test_collectives_match_definitions(ranks, tag):
     np.testing.assert_array_equal(ranks[1][f"{tag}/recv"], xs[0] * 2)
 
 
-def _reference(name):
-    """Single-process logits, loss, grads, post-step params and loss on the whole batch."""
-    import mindspore as ms
-    from mindspore import Tensor, nn
-
-    from qwen2ms.modeling.model import Qwen2ForCausalLM
-
-    ids, labels = cases.batch(name)
-    model = Qwen2ForCausalLM(cases.config(name), seed=cases.SEED)
-    res = model(ids, labels=labels)
-    params = model.trainable_params()
-    _, grads = ms.value_and_grad(lambda i, l: model(i, labels=l).loss, None, params)(Tensor(ids), Tensor(labels))
-    opt = nn.AdamWeightDecay(params, learning_rate=cases.LR, weight_decay=0.1)
-    opt(grads)
-    return dict(logits=res.logits.asnumpy(), loss=float(res.loss.asnumpy()),
-                grads={p.name: g.asnumpy() for p, g in zip(params, grads)},
-                params={p.name: p.asnumpy() for p in params},
-                loss_after=float(model(ids, labels=labels).loss.asnumpy()))
-
-
 def _shard(name, pname, full, rank):
     from qwen2ms.parallel.plans import PARAM_PLAN, match, param_shard
 
@@ -86,7 +66,7 @@ def _shard(name, pname, full, rank):
 
 @pytest.mark.parametrize("name", list(cases.CASES))
 def test_layout_matches_single_process(ranks, name):
-    ref = _reference(name)
+    ref = cases.reference(name)
     split_batch = cases.CASES[name][2]
     for r in range(2):
         got = ranks[r]
@@ -110,3 +90,36 @@ def test_layout_matches_single_process(ranks, name):
     for v in after:
         assert v == pytest.approx(ref["loss_after"], abs=1e-5)
     assert ref["loss_after"] < ref["loss"]
+
+
+def _stage_params(name, stage):
+    """Parameter names a pipeline stage must hold."""
+    cfg, pc = cases.config(name), cases.layout(name)
+    layers = pc.stage_layers(cfg.num_hidden_layers)[stage]
+    names = {n for n in cases.reference_names(name) if ".layers." in n and int(n.split(".")[2]) in layers}
+    last = stage == pc.pipeline_stage - 1
+    if stage == 0 or (last and cfg.tie_word_embeddings):
+        names.add("model.embed_tokens.weight")
+    if last:
+        names.add("model.norm.weight")
+        if not cfg.tie_word_embeddings:
+            names.add("lm_head.weight")
+    return names
+
+
+@pytest.mark.parametrize("name", list(cases.PIPELINE_CASES))
+def test_pipeline_matches_single_process(ranks, name):
+    ref = cases.reference(name)
+    for stage in range(2):
+        got = ranks[stage]
+        names = {k.split("/", 2)[2] for k in got if k.startswith(f"{name}/grad/")}
+        assert names == _stage_params(name, stage), f"stage {stage} holds the wrong parameters"
+        for pname in names:
+            np.testing.assert_allclose(got[f"{name}/grad/{pname}"], ref["grads"][pname], atol=ATOL, rtol=1e-4,
+                                       err_msg=f"{name} grad {pname} stage {stage}")
+            np.testing.assert_allclose(got[f"{name}/param/{pname}"], ref["params"][pname], atol=ATOL, rtol=1e-4,
+                                       err_msg=f"{name} param {pname} after step, stage {stage}")
+        assert float(got[f"{name}/loss"]) == pytest.approx(ref["loss"], abs=1e-5)
+        assert float(got[f"{name}/loss_after"]) == pytest.approx(ref["loss_after"], abs=1e-5)
+    assert f"{name}/logits_after" not in ranks[0]
+    np.testing.assert_allclose(ranks[1][f"{name}/logits_after"], ref["logits_after"], atol=ATOL, rtol=1e-5)

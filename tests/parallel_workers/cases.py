@@ -19,24 +19,62 @@ CASES = {
     "moe_ep": (MOE, dict(data_parallel=2, expert_parallel=2), True),
 }
 
+#: name -> (config fields, ParallelConfig fields); every stage sees the whole batch.
+PIPELINE_CASES = {
+    "pp": (DENSE, dict(pipeline_stage=2, micro_batch_num=2)),
+    "pp_tied": (dict(DENSE, tie_word_embeddings=True, num_hidden_layers=3), dict(pipeline_stage=2, micro_batch_num=4)),
+}
+
 SEED = 3
 LR = 1e-2
 BATCH, SEQ = 4, 8
 
 
+def _entry(name):
+    return CASES[name] if name in CASES else PIPELINE_CASES[name]
+
+
 def config(name):
-    return Qwen2Config(**CASES[name][0])
+    return Qwen2Config(**_entry(name)[0])
 
 
 def layout(name):
-    return ParallelConfig(**CASES[name][1])
+    return ParallelConfig(**_entry(name)[1])
 
 
 def batch(name):
-    """``(input_ids, labels)`` of the whole (global) batch, int32 ``[BATCH, SEQ]``."""
+    """``(input_ids, labels)`` of the whole (global) batch, int32 ``[BATCH, SEQ]``; a few labels ignored."""
     rng = np.random.default_rng(7)
-    ids = rng.integers(0, CASES[name][0]["vocab_size"], (BATCH, SEQ)).astype(np.int32)
-    return ids, ids.copy()
+    ids = rng.integers(0, _entry(name)[0]["vocab_size"], (BATCH, SEQ)).astype(np.int32)
+    labels = ids.copy()
+    if name in PIPELINE_CASES:
+        labels[0, 1:4] = -100  # unequal token counts per micro-batch: the loss must still be the batch mean
+    return ids, labels
+
+
+def reference(name):
+    """Single-process logits, loss, gradients, parameters after one AdamW step, and the loss after it."""
+    import mindspore as ms
+    from mindspore import Tensor, nn
+
+    from qwen2ms.modeling.model import Qwen2ForCausalLM
+
+    ids, labels = batch(name)
+    model = Qwen2ForCausalLM(config(name), seed=SEED)
+    res = model(ids, labels=labels)
+    params = model.trainable_params()
+    _, grads = ms.value_and_grad(lambda i, l: model(i, labels=l).loss, None, params)(Tensor(ids), Tensor(labels))
+    opt = nn.AdamWeightDecay(params, learning_rate=LR, weight_decay=0.1)
+    opt(grads)
+    return dict(logits=res.logits.asnumpy(), loss=float(res.loss.asnumpy()),
+                grads={p.name: g.asnumpy() for p, g in zip(params, grads)},
+                params={p.name: p.asnumpy() for p in params},
+                **_after(model, ids, labels))
+
+
+def _after(model, ids, labels):
+    out = model(ids, labels=labels)
+    return dict(loss_after=float(out.loss.asnumpy()), logits_after=out.logits.asnumpy())
 
 
 def rank_batch(name, rank, world):
@@ -46,3 +84,10 @@ def rank_batch(name, rank, world):
         step = BATCH // world
         return ids[rank * step:(rank + 1) * step], labels[rank * step:(rank + 1) * step]
     return ids, labels
+
+
+def reference_names(name):
+    """Names of the single-process model's trainable parameters."""
+    from qwen2ms.modeling.model import Qwen2ForCausalLM
+
+    return [p.name for p in Qwen2ForCausalLM(config(name), seed=SEED).trainable_params()]

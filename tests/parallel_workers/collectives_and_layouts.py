@@ -1,4 +1,4 @@
-"""msrun worker (2 processes): every collective of qwen2ms.parallel.comm, then TP/SP/DP/EP forward + one training step.
+"""msrun worker (2 processes): every collective of qwen2ms.parallel.comm, then TP/SP/DP/EP/PP forward + one training step.
 
 Writes ``<out_dir>/rank<r>.npz``; tests/test_parallel_msrun.py compares it with the definitions and
 with single-process runs. Usage: msrun --worker_num=2 --local_worker_num=2 ... this.py OUT_DIR
@@ -61,6 +61,24 @@ for name in cases.CASES:
         out[f"{name}/grad/{p.name}"] = g.asnumpy()
         out[f"{name}/param/{p.name}"] = p.asnumpy()
     out[f"{name}/loss_after"] = pm(ids, labels=labels).loss.asnumpy()
+
+# ---- pipeline stages (GPipe over micro-batches): every stage sees the whole batch
+for name in cases.PIPELINE_CASES:
+    cfg, pc = cases.config(name), cases.layout(name)
+    ids, labels = cases.batch(name)
+    pm = parallelize(Qwen2ForCausalLM(cfg, seed=cases.SEED), pc)
+    loss, grads = pm.forward_backward(ids, labels)
+    out[f"{name}/loss"] = loss.asnumpy()
+    params = pm.trainable_params()
+    opt = nn.AdamWeightDecay(params, learning_rate=cases.LR, weight_decay=0.1)
+    opt(grads)
+    for p, g in zip(params, grads):
+        out[f"{name}/grad/{p.name}"] = g.asnumpy()
+        out[f"{name}/param/{p.name}"] = p.asnumpy()
+    loss_after, logits = pm.evaluate(ids, labels)
+    out[f"{name}/loss_after"] = loss_after.asnumpy()
+    if logits is not None:
+        out[f"{name}/logits_after"] = logits.asnumpy()
 
 np.savez(os.path.join(sys.argv[1], f"rank{rank}.npz"), **out)
 print(f"rank {rank}: wrote {len(out)} arrays", flush=True)

@@ -339,7 +339,11 @@ class ParallelCausalLM(nn.Cell):
         tp = groups.tp
         self.seq = pc.use_seq_parallel and tp.size > 1
         self.vocab_split = not pc.vocab_emb_dp and tp.size > 1
-        self.embed_wrapped = isinstance(lm.model.embed_tokens, (VocabParallelEmbedding, _SeqScatterEmbedding))
+        # Region and pipeline wrappers keep the table as `.inner`; count the hops to it once.
+        self.embed_depth = 0
+        cell = lm.model.embed_tokens
+        while not hasattr(cell, "weight") and hasattr(cell, "inner"):
+            cell, self.embed_depth = cell.inner, self.embed_depth + 1
         v = self.config.vocab_size
         self.vocab_start = tp.rank * (v // tp.size) if self.vocab_split else 0
         if self.vocab_split:
@@ -357,9 +361,10 @@ class ParallelCausalLM(nn.Cell):
 
     def _head_weight(self):
         if self.tied:
-            if self.embed_wrapped:
-                return self.lm.model.embed_tokens.inner.weight
-            return self.lm.model.embed_tokens.weight
+            cell = self.lm.model.embed_tokens
+            for _ in range(self.embed_depth):
+                cell = cell.inner
+            return cell.weight
         return self.lm.lm_head.weight
 
     def construct(self, input_ids, attention_mask=None, position_ids=None, labels=None, segment_ids=None,
@@ -411,7 +416,7 @@ class ParallelCausalLM(nn.Cell):
         return super().__call__(*args, output_router_logits, int(logits_to_keep))
 
 
-def parallelize(model: nn.Cell, parallel_config: ParallelConfig, *, gather_logits: bool = True) -> ParallelCausalLM:
+def parallelize(model: nn.Cell, parallel_config: ParallelConfig, *, gather_logits: bool = True) -> nn.Cell:
     """Apply the tensor/sequence/expert/data-parallel plans to a built single-device model, for this rank.
 
     Call it in every process of the job after ``mindspore.communication.init()`` (or with a
@@ -424,7 +429,8 @@ def parallelize(model: nn.Cell, parallel_config: ParallelConfig, *, gather_logit
             saves memory when only the loss is needed).
 
     Returns:
-        A :class:`ParallelCausalLM`.
+        A :class:`ParallelCausalLM`, or with ``pipeline_stage > 1`` this rank's
+        :class:`~qwen2ms.parallel.pipeline.PipelineCausalLM` (trained with ``forward_backward``).
 
     Raises:
         ParallelConfigError: the layout does not fit the model or the job.
@@ -442,9 +448,6 @@ def parallelize(model: nn.Cell, parallel_config: ParallelConfig, *, gather_logit
     else:
         world, rank = 1, 0
     pc.validate(cfg, world_size=world)
-    if pc.pipeline_stage > 1:
-        raise ParallelConfigError("parallelize applies data/tensor/sequence/expert parallelism; for "
-                                  "pipeline_stage > 1 use qwen2ms.parallel.pipeline.PipelineStage")
     if pc.use_seq_parallel and cfg.is_moe and pc.model_parallel > 1:
         raise ParallelConfigError("use_seq_parallel is supported for dense models only; set use_seq_parallel: "
                                   "false for Qwen2-MoE")
@@ -465,9 +468,18 @@ def parallelize(model: nn.Cell, parallel_config: ParallelConfig, *, gather_logit
     if pc.recompute:
         for layer in lm.model.layers:
             layer.recompute()
+    stage_layers = None
+    if pc.pipeline_stage > 1:
+        from .pipeline import prune_to_stage
+
+        stage_layers = prune_to_stage(lm, pc, groups.pp_rank)
     pm = ParallelCausalLM(lm, pc, groups, gather_logits=gather_logits)
     pm.grad_sync = _build_grad_sync(pm, groups, cfg, pc, seq)
-    return pm
+    if stage_layers is None:
+        return pm
+    from .pipeline import PipelineCausalLM
+
+    return PipelineCausalLM(pm, pc, groups.pp_rank, stage_layers)
 
 
 def _wrap(style: str, cell: nn.Cell, groups: ParallelGroups, cfg, pc: ParallelConfig, seq: bool
@@ -522,6 +534,11 @@ def _build_grad_sync(pm: ParallelCausalLM, groups: ParallelGroups, cfg, pc: Para
                      ) -> GradientSync:
     dp = pc.data_parallel
     kv_group = groups.kv_share(cfg) if groups.tp.size > cfg.num_key_value_heads else None
+    # A tied table lives on the first stage (lookup) and the last (lm_head): their gradients add up.
+    tied_group = None
+    if pc.pipeline_stage > 1 and cfg.tie_word_embeddings and groups.pp_rank in (0, pc.pipeline_stage - 1):
+        pp_ranks = pc.group_ranks("pipeline", groups.rank)
+        tied_group = new_group([pp_ranks[0], pp_ranks[-1]])
     entries = []
     for p in pm.trainable_params():
         name = p.name
@@ -536,5 +553,7 @@ def _build_grad_sync(pm: ParallelCausalLM, groups: ParallelGroups, cfg, pc: Para
             steps.append((groups.tp, 1.0))
         if kv_group is not None and (".k_proj." in name or ".v_proj." in name):
             steps.append((kv_group, 1.0))
+        if tied_group is not None and name == "model.embed_tokens.weight":
+            steps.append((tied_group, 1.0))
         entries.append(steps)
     return GradientSync(entries)
