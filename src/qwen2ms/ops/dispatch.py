@@ -28,7 +28,7 @@ from mindspore import Tensor, ops
 
 from . import reference
 
-__all__ = ["BACKENDS", "ENV_VAR", "ReferenceOps", "CpuOps", "resolve_backend", "get_ops"]
+__all__ = ["BACKENDS", "ENV_VAR", "ReferenceOps", "CpuOps", "resolve_backend", "get_ops", "quantize_int8_weights"]
 
 BACKENDS = ("reference", "cpu", "ascend")
 ENV_VAR = "QWEN2MS_OPS_BACKEND"
@@ -243,3 +243,41 @@ def get_ops(backend: Optional[str] = None, device_target: Optional[str] = None) 
     from .ascend import AscendOps
 
     return AscendOps()
+
+
+def quantize_int8_weights(model, skip: Tuple[str, ...] = ()) -> int:
+    """Replace each 2-D weight that accepts a ``weight_scale`` (the model's linear layers and embedding)
+    by int8 codes plus float32 per-output-channel (per-row) scales, in place, for inference.
+
+    The cells keep their parameter names (``...q_proj.weight``); the scales are added as
+    ``...q_proj.weight_scale``. A tied lm_head shares the embedding's codes and scales. Quantised weights
+    are frozen (``requires_grad=False``). Both the CPU kernels and the reference ops run them.
+
+    Args:
+        model: a ``mindspore.nn.Cell`` whose linear/embedding cells have ``weight`` and ``weight_scale``
+            attributes (``weight_scale`` None until quantised), such as ``Qwen2ForCausalLM``.
+        skip: cell names (as in ``model.cells_and_names()``) to leave untouched.
+
+    Returns:
+        The number of weights quantised.
+
+    Example:
+        >>> n = quantize_int8_weights(model)   # doctest: +SKIP
+    """
+    from mindspore import Parameter
+
+    from .cpu import quantize_int8
+
+    count = 0
+    for cell_name, cell in model.cells_and_names():
+        if cell_name in skip or not hasattr(cell, "weight_scale") or getattr(cell, "weight_scale") is not None:
+            continue
+        weight = getattr(cell, "weight", None)
+        if not isinstance(weight, Parameter) or weight.ndim != 2:
+            continue
+        qw = quantize_int8(weight)
+        name = weight.name
+        cell.weight = Parameter(Tensor(qw.q), name=name, requires_grad=False)
+        cell.weight_scale = Parameter(Tensor(qw.scale), name=name + "_scale", requires_grad=False)
+        count += 1
+    return count
