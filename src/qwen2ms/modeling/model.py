@@ -33,8 +33,14 @@ Generation uses a preallocated cache and a compiled step::
     logits = model.forward_step(next_ids, mask, pos, cache, Tensor(T, ms.int32))  # one token, slot T
 
 ``forward_step`` compiles (``ms.jit``) once per cache and input shape and reuses the graph for every
-token (the slot is a Tensor, not a constant). Inside compiled code (``ms.jit``, graph mode,
-``ms.value_and_grad``) calling the model returns the same :class:`CausalLMOutput` named tuple.
+token (the slot is a Tensor, not a constant).
+
+Inside compiled code (a function under ``ms.jit``, e.g. a train step) ``model(...)`` runs
+``construct``, which returns the plain tuple ``(logits, loss, aux_loss, router_logits)`` in
+:class:`CausalLMOutput`'s field order: index it (``model(ids, None, None, labels)[1]`` is the loss).
+It is not a named tuple there on purpose: MindSpore 2.10 builds named tuples inside graphs through
+its Python fallback and the gradients through them silently become zero. Called from Python
+(PyNative, or the whole model in graph mode) the result is a :class:`CausalLMOutput`.
 
 Dtypes: parameters are stored in float32, float16 or bfloat16 (``dtype=``). The compute dtype is
 float32 for float32 and (on CPU, which cannot multiply bfloat16) bfloat16 storage, float16 for
@@ -97,7 +103,10 @@ def compute_dtype_for(storage_dtype: Any) -> Any:
 
 
 class CausalLMOutput(NamedTuple):
-    """What :class:`Qwen2ForCausalLM` returns (a named tuple, so it also leaves compiled graphs).
+    """What :class:`Qwen2ForCausalLM` returns when called from Python.
+
+    Inside a compiled function the model returns the same four values as a plain tuple, in this
+    order (see the module docstring for why).
 
     Attributes:
         logits: ``[B, T, V]`` float32 (``T`` = ``logits_to_keep`` when that is set).
@@ -467,7 +476,9 @@ class Qwen2ForCausalLM(nn.Cell):
             aux_loss = qops.load_balancing_loss(router_logits, self.num_experts, self.top_k, token_mask)
             if loss is not None:
                 loss = loss + self.router_aux_loss_coef * aux_loss
-        return CausalLMOutput(logits, loss, aux_loss, router_logits if (want_router and self.is_moe) else None)
+        # A plain tuple: MindSpore 2.10 builds NamedTuples inside compiled graphs through its Python
+        # fallback, which silently zeroes the gradients flowing through them. __call__ names the fields.
+        return logits, loss, aux_loss, (router_logits if (want_router and self.is_moe) else None)
 
     def __call__(self, input_ids: ArrayLike, attention_mask: Optional[ArrayLike] = None,
                  position_ids: Optional[ArrayLike] = None, labels: Optional[ArrayLike] = None,
@@ -481,7 +492,7 @@ class Qwen2ForCausalLM(nn.Cell):
         """
         args = self._prepare(input_ids, attention_mask, position_ids, labels, segment_ids, cache,
                              cache_position, logits_to_keep)
-        return super().__call__(*args, output_router_logits, int(logits_to_keep))
+        return CausalLMOutput(*super().__call__(*args, output_router_logits, int(logits_to_keep)))
 
     def _prepare(self, input_ids, attention_mask, position_ids, labels, segment_ids, cache, cache_position,
                  logits_to_keep):
@@ -678,4 +689,4 @@ class _CachedStep(nn.Cell):
     def construct(self, input_ids, attention_mask, position_ids, cache_position):
         out = self.lm.construct(input_ids, attention_mask, position_ids, None, None, self.cache, cache_position,
                                 False, self.logits_to_keep)
-        return out.logits
+        return out[0]
