@@ -277,8 +277,20 @@ def test_call_rejects_bad_arguments(tok):
         tok(["Hi", 3])
 
 
-def test_import_stays_light():
-    code = "import sys, qwen2ms.tokenization; assert 'mindspore' not in sys.modules and 'transformers' not in sys.modules"
+def test_tokenization_imports_stay_light():
+    # Import the subpackage without running qwen2ms/__init__ (which loads the model stack): the
+    # tokenizer itself must not pull in MindSpore, torch or transformers.
+    import qwen2ms
+
+    code = (
+        "import sys, types\n"
+        f"pkg = types.ModuleType('qwen2ms'); pkg.__path__ = [{os.path.dirname(qwen2ms.__file__)!r}]\n"
+        "sys.modules['qwen2ms'] = pkg\n"
+        "import qwen2ms.tokenization\n"
+        "heavy = sorted(m for m in ('mindspore', 'torch', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "assert sorted(m for m in sys.modules if m.startswith('qwen2ms.') and '.tokenization' not in m) == ['qwen2ms.hub']\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 import unicodedata
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -24,6 +25,7 @@ PRETOKENIZE_PATTERN = (
 _ID_BITS = 20
 _ID_MASK = (1 << _ID_BITS) - 1
 _NO_MERGE = 1 << 62
+_repeat = itertools.repeat
 
 
 class TokenizerError(ValueError):
@@ -152,11 +154,14 @@ class ByteLevelBPE:
         self._byte_trans = str.maketrans({chr(b): c for b, c in byte_char.items()})
         self._char_byte = {c: b for b, c in byte_char.items()}
         self.cache = _WordCache(self, cache_size)
-        self._chars: Optional[_CharTable] = None  # built on the first non-ASCII piece
+        self._chars = _CharTable(self)
+        self._uniform3 = _UniformRun(self._chars, 3)
+        self._uniform2 = _UniformRun(self._chars, 2)
+        self._safe3 = _SafeBoundary3(self)
 
     # ---- encoding -------------------------------------------------------------------------------
     def bpe_piece(self, piece: str) -> Tuple[int, ...]:
-        """Token ids of one pre-tokenised piece (no word cache).
+        """Token ids of one pre-tokenised piece (the piece itself is not cached; parts of long CJK runs are).
 
         Args:
             piece: a piece produced by the pre-tokenisation regex (any str works).
@@ -165,16 +170,25 @@ class ByteLevelBPE:
             The ids, applying merges lowest rank first, leftmost first on ties.
         """
         if piece.isascii():
-            ids = [self.byte_ids[b] for b in piece.encode("ascii")]
+            ids = list(map(self.byte_ids.__getitem__, piece.encode("ascii")))
         else:
-            ids = self._initial_ids(piece)
+            parts = self._cut_cjk(piece)
+            if parts is not None:
+                return tuple(itertools.chain.from_iterable(map(self.cache.__getitem__, parts)))
+            lo, hi = min(piece), max(piece)
+            if "\u0800" <= lo and hi <= "\uffff":  # all 3-byte characters (most CJK runs)
+                ids = list(itertools.chain.from_iterable(map(self._uniform3.__getitem__, piece)))
+            elif "\u0080" <= lo and hi <= "\u07ff":  # all 2-byte characters (Cyrillic, Greek, Arabic, ...)
+                ids = list(itertools.chain.from_iterable(map(self._uniform2.__getitem__, piece)))
+            else:
+                ids = self._initial_ids(piece)
         n = len(ids)
         if n < 2:
             return tuple(ids)
         get = self._pair_merge.get
         nm = _NO_MERGE
         # ranks[i] is the merge value of the pair (ids[i], ids[i+1]); min() and index() run in C.
-        ranks = [get(a << _ID_BITS | b, nm) for a, b in zip(ids, ids[1:])]
+        ranks = list(map(get, map(operator.or_, map(operator.lshift, ids, _repeat(_ID_BITS)), ids[1:]), _repeat(nm)))
         while True:
             best = min(ranks)
             if best == nm:
@@ -192,22 +206,38 @@ class ByteLevelBPE:
                 break
         return tuple(ids)
 
+    def _cut_cjk(self, piece: str) -> Optional[Iterable[str]]:
+        # Long CJK runs are single pieces and rarely repeat; cut them where no vocabulary token can
+        # span the boundary (see _SafeBoundary3). The parts' BPE results concatenate to the
+        # piece's, and the parts (mostly words) hit the cache.
+        n = len(piece)
+        if n < 3:
+            return None
+        body, off = piece, 0
+        if not ("\u0800" <= min(body) and max(body) <= "\uffff"):
+            body, off = piece[1:], 1  # a one-character prefix such as a space or punctuation
+            if not ("\u0800" <= min(body) and max(body) <= "\uffff"):
+                return None
+        ends = list(itertools.compress(range(off + 1, n), map(self._safe3.__getitem__, map(operator.add, body, body[1:]))))
+        if not ends:
+            return None
+        starts = [0] + ends
+        ends.append(n)
+        return map(piece.__getitem__, map(slice, starts, ends))
+
     def _initial_ids(self, piece: str) -> List[int]:
         # Multi-byte characters start from their own merged state when that is provably what BPE
-        # reaches anyway (see _CharTable); this removes most merges from CJK text.
-        table = self._chars
-        if table is None:
-            table = self._chars = _CharTable(self)
-        info = list(map(table.__getitem__, piece))
+        # reaches anyway given the neighbouring bytes (see _CharTable): most CJK merges disappear.
+        info = list(map(self._chars.__getitem__, piece))
         ids: List[int] = []
-        last = len(info) - 1
-        for j, (_, byte_ids, ctx_ids, any_ids) in enumerate(info):
-            if any_ids is ctx_ids:
-                ids += ctx_ids
-            elif (j == 0 or info[j - 1][0]) and (j == last or info[j + 1][0]):
-                ids += ctx_ids
+        prev_last = -1
+        nxt = len(info) - 1
+        for j, (byte_ids, start_ids, bad_left, bad_right, _, last) in enumerate(info):
+            if start_ids is byte_ids or prev_last in bad_left or (j < nxt and info[j + 1][4] in bad_right):
+                ids += byte_ids
             else:
-                ids += any_ids
+                ids += start_ids
+            prev_last = last
         return ids
 
     def encode_ordinary(self, text: str) -> List[int]:
@@ -250,51 +280,66 @@ class ByteLevelBPE:
 
 
 class _CharTable(dict):
-    """char -> (is_letter, byte ids, ids when both neighbours are letters or absent, ids in any context).
+    """char -> (byte ids, start ids, bad left bytes, bad right bytes, first byte, last byte).
 
-    BPE of a piece equals BPE started from a character's own merged state whenever no merge that
-    crosses the character's edge can win against its pending internal merges: at every internal
-    step, each merge pairing an edge symbol with a possible neighbour symbol must rank after the
-    step's merge, and the final edge symbols' cross merges must rank after all internal merges.
-    The neighbour symbols considered are every symbol (``any``) or only those a letter (or the
-    start/end of the piece) can put there (``ctx``); inside Qwen2's letter runs the second applies
-    and about three quarters of CJK characters qualify. Characters that fail start from bytes.
+    BPE of a piece equals BPE started with a character already merged to its own result ("start
+    ids") whenever no merge across the character's edges can win against its pending internal
+    merges. Precisely: at every internal step, every merge that pairs the current edge symbol with
+    a neighbour symbol must rank after that step's merge, and merges touching the final edge
+    symbols must rank after all internal merges; then the neighbours can never reach into the
+    character before it is complete, and once complete the state is the same as ours. Which
+    neighbour symbols are possible depends only on the neighbouring byte (the left neighbour's
+    last byte, the right neighbour's first byte), so the check yields the sets of neighbouring
+    bytes for which the shortcut is invalid. Characters whose shortcut is always invalid, or
+    that have a single byte, use their byte ids.
     """
 
-    __slots__ = ("_bpe", "_letter", "_tables")
+    __slots__ = ("_bpe", "_by_left_byte", "_by_right_byte")
 
-    def __init__(self, bpe: ByteLevelBPE) -> None:
+    def __init__(self, bpe: "ByteLevelBPE") -> None:
         super().__init__()
         self._bpe = bpe
-        self._letter = regex.compile(r"\p{L}").fullmatch
-        n = max(bpe.id_to_token) + 1
-        tbytes: List[bytes] = [b""] * n
-        for i, tok in bpe.id_to_token.items():
-            tbytes[i] = bpe.token_bytes(tok)
-        inf = _NO_MERGE
-        # min rank of a merge with this symbol on the left (right) whose other side can start
-        # (end) a neighbouring character: any symbol, or one a letter neighbour can provide.
-        left_any, right_any, left_ctx, right_ctx = ([inf] * n for _ in range(4))
+        cb = bpe._char_byte
         vocab = bpe.vocab
+        # _by_left_byte[s][L]: lowest rank of a merge (x, s) where x ends with byte L;
+        # _by_right_byte[s][F]: lowest rank of a merge (s, y) where y starts with byte F.
+        by_left: Dict[int, Dict[int, int]] = {}
+        by_right: Dict[int, Dict[int, int]] = {}
         for rank, (a, b) in enumerate(bpe.merges):
-            ia, ib = vocab[a], vocab[b]
-            first, last = tbytes[ib][0], tbytes[ia][-1]
+            first = cb.get(b[0], -1)
             if 0x80 <= first < 0xC0:
-                continue  # b continues a character, so (a, b) never spans a character boundary
-            if rank < left_any[ia]:
-                left_any[ia] = rank
-            if rank < right_any[ib]:
-                right_any[ib] = rank
-            if (first >= 0xC0 or 65 <= first <= 90 or 97 <= first <= 122) and rank < left_ctx[ia]:
-                left_ctx[ia] = rank
-            if (0x80 <= last < 0xC0 or 65 <= last <= 90 or 97 <= last <= 122) and rank < right_ctx[ib]:
-                right_ctx[ib] = rank
-        self._tables = ((right_any, left_any), (right_ctx, left_ctx))
+                continue  # b continues a character: (a, b) never spans a character boundary
+            last = cb.get(a[-1], -1)
+            d = by_left.setdefault(vocab[b], {})
+            if last not in d:
+                d[last] = rank
+            d = by_right.setdefault(vocab[a], {})
+            if first not in d:
+                d[first] = rank
+        self._by_left_byte = by_left
+        self._by_right_byte = by_right
 
-    def _start(self, byte_ids: List[int], edge_tables: Tuple[List[int], List[int]]) -> Tuple[int, ...]:
-        right_of, left_of = edge_tables  # right_of[s]: cross merge with s as its right side
-        ids = list(byte_ids)
+    def __missing__(self, ch: str) -> Tuple[Tuple[int, ...], Tuple[int, ...], frozenset, frozenset, int, int]:
+        raw = ch.encode("utf-8")
+        byte_ids = tuple(self._bpe.byte_ids[b] for b in raw)
+        info = (byte_ids, byte_ids, frozenset(), frozenset(), raw[0], raw[-1])
+        if len(byte_ids) > 1:
+            info = self._start(byte_ids, raw)
+        self[ch] = info
+        return info
+
+    def _start(self, byte_ids: Tuple[int, ...], raw: bytes) -> Tuple[Tuple[int, ...], Tuple[int, ...], frozenset, frozenset, int, int]:
         get = self._bpe._pair_merge.get
+        empty: Dict[int, int] = {}
+        by_left, by_right = self._by_left_byte, self._by_right_byte
+        bad_left: set = set()
+        bad_right: set = set()
+
+        def forbid(edge_left: int, edge_right: int, rank: int) -> None:
+            bad_left.update(b for b, r in by_left.get(edge_left, empty).items() if r < rank)
+            bad_right.update(b for b, r in by_right.get(edge_right, empty).items() if r < rank)
+
+        ids = list(byte_ids)
         highest = -1
         while len(ids) > 1:
             best, at = _NO_MERGE, -1
@@ -305,23 +350,72 @@ class _CharTable(dict):
             if at < 0:
                 break
             rank = best >> _ID_BITS
-            if right_of[ids[0]] < rank or left_of[ids[-1]] < rank:
-                return tuple(byte_ids)
+            forbid(ids[0], ids[-1], rank)
             highest = max(highest, rank)
             ids[at : at + 2] = [best & _ID_MASK]
-        if right_of[ids[0]] < highest or left_of[ids[-1]] < highest:
-            return tuple(byte_ids)
-        return tuple(ids)
+        forbid(ids[0], ids[-1], highest)
+        start = tuple(ids)
+        if start == byte_ids or len(bad_left) >= 256 or len(bad_right) >= 256:
+            start = byte_ids
+        return byte_ids, start, frozenset(bad_left), frozenset(bad_right), raw[0], raw[-1]
 
-    def __missing__(self, ch: str) -> Tuple[bool, Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]:
-        byte_ids = tuple(self._bpe.byte_ids[b] for b in ch.encode("utf-8"))
-        if len(byte_ids) == 1:
-            info = (self._letter(ch) is not None, byte_ids, byte_ids, byte_ids)
-        else:
-            any_ids = self._start(list(byte_ids), self._tables[0])
-            ctx_ids = self._start(list(byte_ids), self._tables[1])
-            if any_ids == ctx_ids:
-                any_ids = ctx_ids  # identity marks "context does not matter" for the fast path
-            info = (self._letter(ch) is not None, byte_ids, ctx_ids, any_ids)
-        self[ch] = info
-        return info
+
+class _UniformRun(dict):
+    """char -> start ids valid next to any character of the same UTF-8 length ``width``, else byte ids.
+
+    In a piece made only of ``width``-byte characters every left neighbour ends with a
+    continuation byte and every right neighbour starts with a ``width``-byte lead byte, so one
+    context-free lookup per character replaces the per-neighbour check of :class:`_CharTable`.
+    """
+
+    __slots__ = ("_chars", "_left", "_right")
+
+    def __init__(self, chars: _CharTable, width: int) -> None:
+        super().__init__()
+        self._chars = chars
+        self._left = frozenset(range(0x80, 0xC0))
+        self._right = frozenset(range(0xC0, 0xE0) if width == 2 else range(0xE0, 0xF0))
+
+    def __missing__(self, ch: str) -> Tuple[int, ...]:
+        byte_ids, start_ids, bad_left, bad_right, _, _ = self._chars[ch]
+        ids = start_ids if self._left.isdisjoint(bad_left) and self._right.isdisjoint(bad_right) else byte_ids
+        self[ch] = ids
+        return ids
+
+
+class _SafeBoundary3(dict):
+    """two 3-byte characters -> True when no vocabulary token spans the boundary between them.
+
+    Every symbol BPE ever forms is a vocabulary token, so if none of them can contain bytes from
+    both sides of a boundary, no merge crosses it and BPE of the two sides runs independently.
+    A spanning token splits as A + B with A a suffix of the left text and B a prefix of the
+    right; recording (last <= 3 bytes of A, first <= 3 bytes of B) for every token split at a
+    3-byte character start answers the question with nine set lookups per new character pair.
+    """
+
+    __slots__ = ("_spans",)
+
+    def __init__(self, bpe: "ByteLevelBPE") -> None:
+        super().__init__()
+        to_latin1 = str.maketrans({c: chr(b) for c, b in bpe._char_byte.items()})
+        spans = set()
+        for tok in bpe.vocab:
+            if tok.isascii():
+                continue  # printable ASCII tokens hold no byte >= 0x80, so no 3-byte character boundary
+            try:
+                raw = tok.translate(to_latin1).encode("latin-1")
+            except UnicodeEncodeError:
+                continue  # not a byte-level token: BPE never forms it
+            for p in range(1, len(raw)):
+                if 0xE0 <= raw[p] < 0xF0 and 0x80 <= raw[p - 1] < 0xC0:
+                    spans.add(raw[max(0, p - 3):p] + b"\x00" + raw[p:p + 3])
+        self._spans = spans
+
+    def __missing__(self, pair: str) -> bool:
+        left, right = pair[0].encode("utf-8"), pair[1].encode("utf-8")
+        spans = self._spans
+        safe = not any(left[-a:] + b"\x00" + right[:b] in spans for a in (1, 2, 3) for b in (1, 2, 3))
+        if len(self) >= 1 << 20:
+            self.clear()  # bounded memo; entries are cheap to recompute
+        self[pair] = safe
+        return safe

