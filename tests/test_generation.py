@@ -340,6 +340,8 @@ def test_sample_errors():
         sample(np.array([[0.0, 1.0], [-np.inf, -np.inf]], np.float32), make_rng(0))
     with pytest.raises(ValueError, match="NaN"):
         sample(np.array([[np.nan, 1.0]], np.float32), make_rng(0))
+    with pytest.raises(ValueError, match=r"\+inf"):
+        sample(np.array([[np.inf, 1.0]], np.float32), make_rng(0))
 
 
 def test_greedy_takes_first_max():

@@ -78,14 +78,16 @@ class RepetitionPenalty:
             if ignore.shape != (batch,):
                 raise ValueError(f"prompt_ignore_length has shape {ignore.shape}, expected ({batch},)")
             ids = np.where(np.arange(ids.shape[1])[None, :] < ignore[:, None], vocab, ids)
-        # Ids outside the output vocab go to an extra dropped column, as in HF.
-        ids = np.where((ids < 0) | (ids >= vocab), vocab, ids)
-        seen = np.zeros((batch, vocab + 1), dtype=bool)
-        seen[np.arange(batch)[:, None], ids] = True
-        seen = seen[:, :vocab]
+        valid = (ids >= 0) & (ids < vocab)  # ids outside the output vocab are not penalised, as in HF
+        rows = np.broadcast_to(np.arange(batch)[:, None], ids.shape)[valid]
+        cols = ids[valid]
+        out = np.array(scores, dtype=np.float32, copy=True)
+        # Gather from the original scores, scatter back: repeated ids write the same value, so each
+        # id is penalised once (HF's gather/scatter), and only the seen columns are touched.
+        seen = out[rows, cols]
         penalty = np.float32(self.penalty)
-        penalised = np.where(scores < 0, scores * penalty, scores / penalty)
-        return np.where(seen, penalised, scores).astype(np.float32, copy=False)
+        out[rows, cols] = np.where(seen < 0, seen * penalty, seen / penalty)
+        return out
 
 
 class Temperature:

@@ -45,25 +45,30 @@ def sample(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         int64 ids [B].
 
     Raises:
-        ValueError: a row has no finite score (nothing can be sampled) or contains NaN.
+        ValueError: a row has no finite score (nothing can be sampled), or NaN/+inf scores.
 
     Example:
         >>> sample(np.array([[0.0, -np.inf]], np.float32), make_rng(0))
         array([0])
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    if np.isnan(scores).any():
-        raise ValueError("scores contain NaN; the model produced invalid logits")
-    top = scores.max(axis=-1, keepdims=True)
-    if not np.isfinite(top).all():
-        bad = int(np.flatnonzero(~np.isfinite(top[:, 0]))[0])
-        raise ValueError(f"row {bad} of the scores has no finite value: every token was filtered out")
-    weights = np.exp(scores - top)
-    cdf = np.cumsum(weights, axis=-1)
-    draws = rng.random(scores.shape[0]) * cdf[:, -1]
-    # side="right" skips zero-probability ids: their cdf equals the previous entry's.
-    ids = np.array([np.searchsorted(cdf[b], draws[b], side="right") for b in range(scores.shape[0])], dtype=np.int64)
-    # r * total can round up to total itself: fall back to the last id with non-zero weight.
-    for b in np.flatnonzero(ids >= scores.shape[-1]):
-        ids[b] = np.flatnonzero(weights[b] > 0)[-1]
+    scores = np.asarray(scores)
+    if np.isnan(scores).any() or np.isposinf(scores).any():
+        raise ValueError("scores contain NaN or +inf; the model produced invalid logits")
+    batch, vocab = scores.shape
+    draws = rng.random(batch)  # one draw per row, whatever the path below: seeds stay reproducible
+    ids = np.empty(batch, dtype=np.int64)
+    for b in range(batch):
+        row = scores[b]
+        keep = np.flatnonzero(row != -np.inf)
+        if keep.size == 0:
+            raise ValueError(f"row {b} of the scores has no finite value: every token was filtered out")
+        # After top-k/top-p most ids are -inf (probability 0): work on the others only.
+        sub = row[keep].astype(np.float64) if keep.size < vocab // 2 else None
+        weights = np.exp((sub if sub is not None else row.astype(np.float64)) - row.max())
+        cdf = np.cumsum(weights)
+        # side="right" skips zero-probability ids: their cdf equals the previous entry's.
+        pick = int(np.searchsorted(cdf, draws[b] * cdf[-1], side="right"))
+        if pick >= cdf.size:  # r * total can round up to total itself
+            pick = int(np.flatnonzero(weights > 0)[-1])
+        ids[b] = keep[pick] if sub is not None else pick
     return ids
