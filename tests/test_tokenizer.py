@@ -201,6 +201,49 @@ def test_config_naming_unknown_special_token(tmp_path, qwen2_tokenizer_dir):
         Qwen2Tokenizer.from_pretrained(folder)
 
 
+def _token(content, special, normalized, **flags):
+    return {"content": content, "special": special, "normalized": normalized, "lstrip": False, "rstrip": False,
+            "single_word": False, **flags}
+
+
+def test_added_token_flags_match_reference(tmp_path, qwen2_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    folder = _folder(tmp_path / "flags", qwen2_tokenizer_dir, ["vocab.json", "merges.txt", "tokenizer_config.json"])
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"].update({
+        "151646": _token("<think>", False, False),
+        "151647": _token("[MASK]", True, False, lstrip=True, rstrip=True),
+        "151648": _token("café", False, True),  # matched after NFC: "cafe\u0301" finds it too
+        "151649": _token("<|im_start|>x", True, False),  # longer than <|im_start|>: leftmost-longest wins
+        "151650": _token("qqzx", True, False, single_word=True),
+    })
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, ref = Qwen2Tokenizer.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    assert len(ours) == len(ref) == 151651
+    for text in ["a <think> b", "x   [MASK]   y", " [MASK]\n\n", "cafe\u0301 café cafés",
+                 "<|im_start|>xy <|im_start|>user", "qqzx aqqzx qqzxb qqzx. é qqzx_ qqzx1 (qqzx)",
+                 "<think>[MASK]<think>"]:
+        ids = ref(text)["input_ids"]
+        assert ours.encode(text) == ids, text
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
+
+
+def test_added_token_with_conflicting_ids(tmp_path, qwen2_tokenizer_dir):
+    folder = _folder(tmp_path / "clash", qwen2_tokenizer_dir, ["vocab.json", "merges.txt", "tokenizer_config.json"])
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"]["151646"] = _token("ab", True, False)  # "ab" is vocabulary token 370
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match=r"'ab' has id 151646, but vocab.json gives it id 370"):
+        Qwen2Tokenizer.from_pretrained(folder)
+    config["added_tokens_decoder"]["151646"] = _token("<x>", True, False)
+    config["added_tokens_decoder"]["100"] = _token("<y>", True, False)  # 100 belongs to a BPE token
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match=r"'<y>' uses id 100"):
+        Qwen2Tokenizer.from_pretrained(folder)
+
+
 def test_unknown_tokens_and_bad_ids(tok):
     with pytest.raises(TokenizerError, match="<\\|nope\\|>"):
         tok.convert_tokens_to_ids("<|nope|>")

@@ -191,6 +191,23 @@ def test_parity_cold_cache_equals_warm(qwen2_tokenizer_dir, hf):
     assert len(tok._bpe.cache) <= 64
 
 
+def test_parity_random_letter_runs(ours, hf):
+    # Runs of random letters from many scripts (no repeated words): exercises the per-character
+    # start states and the CJK run cutting on character pairs never seen before.
+    rnd = random.Random(11)
+    blocks = [(0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0xAC00, 0xD7A3), (0x3040, 0x30FF), (0x0900, 0x097F),
+              (0x0400, 0x04FF), (0x0600, 0x06FF), (0x00C0, 0x024F), (0x0370, 0x03FF), (0x20000, 0x2A6DF),
+              (0x0E00, 0x0E7F), (0x1F300, 0x1FAFF)]
+    docs = []
+    for _ in range(2500):
+        picked = [rnd.choice(blocks) for _ in range(rnd.randrange(1, 4))]
+        docs.append("".join(
+            chr(rnd.randrange(*rnd.choice(picked))) if rnd.random() > 0.05 else rnd.choice(" ,.a1Z\n，。“")
+            for _ in range(rnd.randrange(1, 60))
+        ))
+    _check_encode_decode(ours, hf, docs)
+
+
 _ALPHABET = st.one_of(
     st.characters(exclude_categories=("Cs",)),
     st.sampled_from(list(" \t\n\r\u00a0\u3000'sSlLdDmM<|>0123456789") + ["\u0301", "\u200d", "\u0338"]),

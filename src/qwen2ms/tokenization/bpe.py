@@ -150,8 +150,6 @@ class ByteLevelBPE:
                 pair_merge[key] = rank << _ID_BITS | vocab[left + right]
         self._pair_merge = pair_merge
         self._split = regex.compile(PRETOKENIZE_PATTERN).findall
-        # bytes -> latin-1 str -> byte-level str in one C call each.
-        self._byte_trans = str.maketrans({chr(b): c for b, c in byte_char.items()})
         self._char_byte = {c: b for b, c in byte_char.items()}
         self.cache = _WordCache(self, cache_size)
         self._chars = _CharTable(self)
@@ -269,14 +267,6 @@ class ByteLevelBPE:
             return bytes([cb[c] for c in token])
         except KeyError:
             return token.encode("utf-8")
-
-    def pretokenize(self, text: str) -> List[str]:
-        """Split (already NFC-normalised) text into the pieces BPE runs on."""
-        return self._split(text)
-
-    def token_string(self, piece: str) -> str:
-        """The byte-level string of ``piece`` (its UTF-8 bytes through the byte->unicode map)."""
-        return piece.encode("utf-8").decode("latin-1").translate(self._byte_trans)
 
 
 class _CharTable(dict):

@@ -153,6 +153,12 @@ class Qwen2Tokenizer:
                     f"added token {tok.content!r} uses id {tok.id}, which vocab.json gives to {clash!r}; "
                     "added tokens need ids of their own."
                 )
+            in_vocab = self._bpe.vocab.get(tok.content)
+            if in_vocab is not None and in_vocab != tok.id:
+                raise TokenizerError(
+                    f"added token {tok.content!r} has id {tok.id}, but vocab.json gives it id {in_vocab}; "
+                    "an added token that is also a vocabulary token must keep its vocabulary id."
+                )
             other = self._added.get(tok.id)
             if other is not None and other.content != tok.content:
                 raise TokenizerError(f"added tokens {other.content!r} and {tok.content!r} share id {tok.id}.")
