@@ -331,3 +331,45 @@ def test_embedding_reads_rows_of_any_table(kernels, tdt):
 def test_embedding_rejects_out_of_range_ids(kernels):
     with pytest.raises(RuntimeError):
         kernels.embedding(Tensor(np.array([[37]], np.int32)), _t(np.zeros((37, 4))), ms.float32).asnumpy()
+
+
+def _attn_case(b=2, hq=6, hkv=2, t=5, s=7, d=16, seed=0):
+    from qwen2ms.ops import reference
+
+    r = np.random.default_rng(seed)
+    q, k, v = r.standard_normal((b, hq, t, d)), r.standard_normal((b, hkv, s, d)), r.standard_normal((b, hkv, s, d))
+    pad = np.ones((b, s), np.int32)
+    pad[0, :3] = 0  # left padding: row 0's first query slots see no key at all
+    mask = reference.attention_mask(Tensor(np.arange(s - t, s, dtype=np.int32)), s, Tensor(pad), sliding_window=4)
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_attention_matches_reference(kernels, dt):
+    from qwen2ms.ops import reference
+
+    q, k, v, mask = _attn_case()
+    got = kernels.attention(_t(q, dt), _t(k, dt), _t(v, dt), mask, 0.25)
+    assert got.shape == q.shape and got.dtype == DTYPES[dt]
+    ref_dt = "float32" if dt == "bfloat16" else dt  # bf16 matmuls do not run on CPU
+    want = reference.attention(*(_t(_rounded(a, dt), ref_dt) for a in (q, k, v)), mask, 0.25)
+    _close(_np(got), _np(want), dt)
+
+
+def test_attention_decode_shape_and_batch_one_mask(kernels):
+    from qwen2ms.ops import reference
+
+    q, k, v, _ = _attn_case(b=1, hq=14, hkv=2, t=1, s=33, d=64, seed=3)
+    mask = reference.attention_mask(Tensor(np.array([20], np.int32)), 33)
+    got = kernels.attention(_t(q), _t(k), _t(v), mask, 0.125)
+    _close(_np(got), _np(reference.attention(_t(q), _t(k), _t(v), mask, 0.125)), "float32")
+
+
+def test_attention_gradient(kernels):
+    from qwen2ms.ops import reference
+
+    q, k, v, mask = _attn_case(seed=5)
+    q, k, v = _t(q), _t(k), _t(v)
+    p = _t(rng.standard_normal(q.shape))
+    _assert_grads(_grads(lambda q, k, v: (kernels.attention(q, k, v, mask, 0.3) * p).sum(), (q, k, v), (0, 1, 2)),
+                  _grads(lambda q, k, v: (reference.attention(q, k, v, mask, 0.3) * p).sum(), (q, k, v), (0, 1, 2)))

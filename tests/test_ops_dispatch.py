@@ -132,6 +132,17 @@ def test_cpu_norm_rope_swiglu_match_reference(cpu_ops, dt):
     check(cpu_ops.act_mul(x, r), REF.act_mul, x, r)
 
 
+@pytest.mark.parametrize("dt", [ms.float32, ms.float16])
+def test_cpu_attention_matches_reference(cpu_ops, dt):
+    q = _t(rng.standard_normal((2, 4, 3, 8)), dt)
+    k, v = _t(rng.standard_normal((2, 2, 6, 8)), dt), _t(rng.standard_normal((2, 2, 6, 8)), dt)
+    pad = Tensor(np.array([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], np.int32))
+    mask = REF.attention_mask(Tensor(np.arange(3, 6, dtype=np.int32)), 6, pad)
+    got, want = cpu_ops.attention(q, k, v, mask, 0.35), REF.attention(q, k, v, mask, 0.35)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_allclose(_f(got), _f(want), rtol=TOL[dt], atol=TOL[dt])
+
+
 def test_cpu_act_mul_other_activation_uses_reference(cpu_ops):
     g, u = _t(rng.standard_normal((3, 7))), _t(rng.standard_normal((3, 7)))
     np.testing.assert_allclose(_f(cpu_ops.act_mul(g, u, "gelu")), _f(reference.act_mul(g, u, "gelu")), rtol=1e-6)

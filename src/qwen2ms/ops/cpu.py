@@ -34,7 +34,7 @@ __all__ = [
 
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 LIB_NAME = "libqwen2ms_kernels.so"
-_SOURCES = ("common.h", "norm.cpp", "rope.cpp", "swiglu.cpp", "linear.cpp", "embedding.cpp")
+_SOURCES = ("common.h", "norm.cpp", "rope.cpp", "swiglu.cpp", "linear.cpp", "embedding.cpp", "attention.cpp")
 _build_lock = threading.Lock()
 
 
@@ -319,6 +319,36 @@ class CpuKernels:
             dx, _, dy2 = dx_of(dout, w, x)
             return dx, ops.zeros_like(q), ops.zeros_like(scale), ops.cast(ops.reduce_sum(dy2, 0), b.dtype)
 
+        # --- Attention -----------------------------------------------------------------------------------
+        bmm_tb = ops.BatchMatMul(transpose_b=True)
+        bmm_ta = ops.BatchMatMul(transpose_a=True)
+        bmm = ops.BatchMatMul()
+
+        def attention_bprop(q, k, v, mask, scale, out, dout):
+            # Recompute the probabilities in fp32 and apply the softmax-attention backward; masked scores
+            # get no gradient (the reference selects them away with `where`).
+            b, hq, t, d = q.shape
+            hkv, s = k.shape[1], k.shape[2]
+            g = hq // hkv
+            qf = ops.reshape(ops.cast(q, ms.float32), (b, hkv, g * t, d))
+            kf, vf = ops.cast(k, ms.float32), ops.cast(v, ms.float32)
+            keep = ops.broadcast_to(ops.expand_dims(mask, 1), (b, 1, g, t, s))
+            keep = ops.reshape(ops.broadcast_to(keep, (b, hkv, g, t, s)), (b, hkv, g * t, s))
+            scores = bmm_tb(qf, kf) * scale
+            scores = ops.select(keep, scores, ops.full_like(scores, -1.0e30))
+            p = ops.softmax(scores, -1)
+            do = ops.reshape(ops.cast(dout, ms.float32), (b, hkv, g * t, d))
+            dv = bmm_ta(p, do)
+            dp = bmm_tb(do, vf)
+            ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+            ds = ops.select(keep, ds, ops.zeros_like(ds)) * scale
+            dq = ops.reshape(bmm(ds, kf), (b, hq, t, d))
+            dk = bmm_ta(ds, qf)
+            return (ops.cast(dq, q.dtype), ops.cast(dk, k.dtype), ops.cast(dv, v.dtype),
+                    ops.zeros_like(mask), ops.zeros_like(scale))
+
+        self._attention = custom("Attention", lambda q, k, v, m, s: q, first_dtype, attention_bprop)
+
         # --- Embedding -----------------------------------------------------------------------------------
         def embedding_shape(ids, table, *rest):
             return list(ids) + [table[1]]
@@ -372,6 +402,19 @@ class CpuKernels:
         if op is None:
             raise ValueError(f"apply_rope layout must be 'BNSD' or 'BSND', got {layout!r}")
         return op(q, k, cos, sin)
+
+    def attention(self, q, k, v, mask, scale: float):
+        """Grouped-query attention with a boolean mask, softmax in fp32 (the reference's semantics).
+
+        Args:
+            q: [B, Hq, T, D]; k, v: [B, Hkv, S, D] (Hq a multiple of Hkv).
+            mask: bool [B or 1, 1, T, S], True = may attend.
+            scale: score multiplier.
+
+        Returns:
+            [B, Hq, T, D] in the dtype of q; a fully masked row averages all values uniformly.
+        """
+        return self._attention(q, k, v, mask, ms.Tensor([scale], ms.float32))
 
     def swiglu(self, gate, up):
         """``silu(gate) * up`` elementwise (gate and up of one shape).

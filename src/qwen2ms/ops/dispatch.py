@@ -4,7 +4,8 @@ Three backends share one method set (the signatures of :mod:`qwen2ms.ops.referen
 
 * ``"reference"``: plain ``mindspore.ops`` (:class:`ReferenceOps`), runs on every device.
 * ``"cpu"``: our C++ kernels through ``ops.Custom`` (:class:`CpuOps`) for RMSNorm(+residual), RoPE, SwiGLU,
-  embedding lookup and linear layers over fp32/fp16/bf16/int8 weights; everything else is the reference.
+  attention, embedding lookup and linear layers over fp32/fp16/bf16/int8 weights; everything else is the
+  reference.
 * ``"ascend"``: MindSpore's fused Ascend primitives (:class:`qwen2ms.ops.ascend.AscendOps`).
 
 The choice is made up front, never by trying an op and falling back after it fails (on CPU a failed
@@ -116,12 +117,12 @@ class ReferenceOps:
 
 
 class CpuOps(ReferenceOps):
-    """CPU backend: fused C++ kernels for norms, RoPE, SwiGLU, embedding and linear layers.
+    """CPU backend: fused C++ kernels for norms, RoPE, SwiGLU, attention, embedding and linear layers.
 
     Linear layers read fp32/fp16/bf16 weights directly (no cast of the weight per call) and int8
     weights with per-channel scales, accumulating in fp32; this halves (bf16) or quarters (int8) the
-    bytes read per decoded token compared with fp32 weights. Attention, masks, MoE routing and the loss
-    are the reference implementations.
+    bytes read per decoded token compared with fp32 weights. Masks, MoE routing and the loss are the
+    reference implementations.
 
     Args:
         kernels: a :class:`qwen2ms.ops.cpu.CpuKernels` (default: the process-wide one, compiled on first use).
@@ -165,6 +166,10 @@ class CpuOps(ReferenceOps):
         if act in _SILU:
             return self.kernels.swiglu(gate, up)
         return reference.act_mul(gate, up, act)
+
+    def attention(self, q, k, v, mask, scale):
+        """One-kernel GQA attention (scores, mask, fp32 softmax, values) with the reference's semantics."""
+        return self.kernels.attention(q, k, v, mask, scale)
 
 
 def _device_target() -> str:
