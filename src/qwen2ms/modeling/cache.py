@@ -15,7 +15,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 import mindspore as ms

@@ -53,7 +53,7 @@ Note: wrapping the model in another Cell with ``auto_prefix=True`` renames its p
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import mindspore as ms
