@@ -116,6 +116,15 @@ def test_shipped_later_qwen_tokenizer_json_loads(tmp_path, qwen_bpe_dir, tok):
     assert later.encode("Hello <|im_end|> 你好") == tok.encode("Hello <|im_end|> 你好")
 
 
+# Lets a subprocess import qwen2ms.tokenization without running qwen2ms/__init__ (the model stack).
+_LIGHT_IMPORT = (
+    "import sys, types, importlib.util\n"
+    "pkg = types.ModuleType('qwen2ms')\n"
+    "pkg.__path__ = list(importlib.util.find_spec('qwen2ms').submodule_search_locations)\n"
+    "sys.modules['qwen2ms'] = pkg\n"
+)
+
+
 @pytest.mark.parametrize("offline_env", ["offline", "unreachable"])
 def test_hub_id_offline_or_unreachable_names_repo_and_local_folder(tmp_path, offline_env):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
@@ -124,8 +133,9 @@ def test_hub_id_offline_or_unreachable_names_repo_and_local_folder(tmp_path, off
         env["HF_HUB_OFFLINE"] = "1"
     else:
         env["HF_ENDPOINT"] = "http://127.0.0.1:9"
-    code = (
-        "from qwen2ms import Qwen2Tokenizer, HubError\n"
+    code = _LIGHT_IMPORT + (
+        "from qwen2ms.tokenization import Qwen2Tokenizer\n"
+        "from qwen2ms.hub import HubError\n"
         "try:\n    Qwen2Tokenizer.from_pretrained('Qwen/Qwen2-0.5B-Instruct')\n"
         "except HubError as e:\n    print('ERR', e)\n"
     )
@@ -178,7 +188,7 @@ def test_merge_with_unknown_symbol(tmp_path, qwen_bpe_dir):
     lines = (qwen_bpe_dir / "merges.txt").read_text(encoding="utf-8").split("\n")
     lines[3] = "zz§§ qq§§"
     (folder / "merges.txt").write_text("\n".join(lines), encoding="utf-8")
-    with pytest.raises(TokenizerError, match=r"line 4 .*not in vocab.json"):
+    with pytest.raises(TokenizerError, match=r"merge 2 \('zz§§' 'qq§§'.*'zz§§', which is not in the vocabulary"):
         Qwen2Tokenizer.from_pretrained(folder)
 
 
@@ -323,12 +333,7 @@ def test_call_rejects_bad_arguments(tok):
 def test_tokenization_imports_stay_light():
     # Import the subpackage without running qwen2ms/__init__ (which loads the model stack): the
     # tokenizer itself must not pull in MindSpore, torch or transformers.
-    import qwen2ms
-
-    code = (
-        "import sys, types\n"
-        f"pkg = types.ModuleType('qwen2ms'); pkg.__path__ = [{os.path.dirname(qwen2ms.__file__)!r}]\n"
-        "sys.modules['qwen2ms'] = pkg\n"
+    code = _LIGHT_IMPORT + (
         "import qwen2ms.tokenization\n"
         "heavy = sorted(m for m in ('mindspore', 'torch', 'transformers') if m in sys.modules)\n"
         "assert not heavy, heavy\n"

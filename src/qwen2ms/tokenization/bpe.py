@@ -71,19 +71,19 @@ def parse_merges(lines: Iterable[str], source: str = "merges.txt") -> List[Tuple
         >>> parse_merges(["#version: 0.2", "Ġ t", "h e"])
         [('Ġ', 't'), ('h', 'e')]
     """
-    merges: List[Tuple[str, str]] = []
-    for lineno, raw in enumerate(lines, start=1):
-        line = raw.rstrip("\r\n")
-        if not line or (lineno == 1 and line.startswith("#version")):
-            continue
+    lines = [line.rstrip("\r\n") for line in lines]
+    first = 1 if lines and lines[0].startswith("#version") else 0
+    merges = [tuple(line.split(" ")) for line in lines[first:] if line]
+    if all(len(m) == 2 and m[0] and m[1] for m in merges):
+        return merges  # type: ignore[return-value]
+    for lineno, line in enumerate(lines[first:], start=first + 1):
         parts = line.split(" ")
-        if len(parts) != 2 or not parts[0] or not parts[1]:
+        if line and (len(parts) != 2 or not parts[0] or not parts[1]):
             raise TokenizerError(
                 f"{source}: line {lineno} is malformed: {line!r}; each merge line must be two symbols "
                 "separated by one space, like 'Ġ t'."
             )
-        merges.append((parts[0], parts[1]))
-    return merges
+    raise AssertionError("unreachable: a malformed merge was detected above")
 
 
 class _WordCache(dict):
@@ -115,7 +115,9 @@ class ByteLevelBPE:
         cache_size: maximum number of cached pre-tokenised pieces.
 
     Example:
-        >>> bpe = ByteLevelBPE.from_files("vocab.json", "merges.txt")  # doctest: +SKIP
+        >>> import json
+        >>> vocab = json.load(open("vocab.json", encoding="utf-8"))  # doctest: +SKIP
+        >>> bpe = ByteLevelBPE(vocab, parse_merges(open("merges.txt", encoding="utf-8")))  # doctest: +SKIP
         >>> bpe.encode_ordinary("Hello world")  # doctest: +SKIP
         [9707, 1879]
     """
@@ -137,20 +139,32 @@ class ByteLevelBPE:
             )
         self.byte_ids: List[int] = [vocab[byte_char[b]] for b in range(256)]
         # pair key -> rank << 20 | merged id: one lookup gives both the priority and the result.
-        pair_merge: Dict[int, int] = {}
-        for rank, (left, right) in enumerate(self.merges):
-            for sym in (left, right, left + right):
-                if sym not in vocab:
-                    raise TokenizerError(
-                        f"merges.txt line {rank + 2} ({left} {right}) uses {sym!r}, which is not in vocab.json; "
-                        "vocab.json and merges.txt must come from the same tokenizer."
-                    )
-            key = vocab[left] << _ID_BITS | vocab[right]
-            if key not in pair_merge:  # the first (lowest-rank) occurrence wins, as in the reference
-                pair_merge[key] = rank << _ID_BITS | vocab[left + right]
+        lefts = [m[0] for m in self.merges]
+        rights = [m[1] for m in self.merges]
+        merged = list(map(operator.add, lefts, rights))
+        columns = [list(map(vocab.get, col)) for col in (lefts, rights, merged)]
+        for col in columns:
+            if None in col:
+                rank = col.index(None)
+                left, right = self.merges[rank]
+                sym = next(x for x in (left, right, left + right) if x not in vocab)
+                raise TokenizerError(
+                    f"merge {rank} ({left!r} {right!r}, rank order from 0) uses {sym!r}, which is not in the "
+                    "vocabulary; vocab.json and merges.txt must come from the same tokenizer."
+                )
+        left_ids, right_ids, merged_ids = columns
+        keys = list(map(operator.or_, map(operator.lshift, left_ids, _repeat(_ID_BITS)), right_ids))
+        values = map(operator.or_, map(operator.lshift, range(len(keys)), _repeat(_ID_BITS)), merged_ids)
+        # Built from the back so that for a repeated pair the first (lowest-rank) merge wins, as in the reference.
+        pair_merge: Dict[int, int] = dict(zip(reversed(keys), reversed(list(values))))
+        self._merge_ids = (left_ids, right_ids)
         self._pair_merge = pair_merge
         self._split = regex.compile(PRETOKENIZE_PATTERN).findall
         self._char_byte = {c: b for b, c in byte_char.items()}
+        # byte-level str -> latin-1 str whose code points are the bytes; other characters below 256
+        # become a lone surrogate so that encoding fails for tokens outside the byte alphabet.
+        self._to_latin1 = str.maketrans({**{chr(i): "\ud800" for i in range(256)},
+                                         **{c: chr(b) for b, c in byte_char.items()}})
         self.cache = _WordCache(self, cache_size)
         self._chars = _CharTable(self)
         self._uniform3 = _UniformRun(self._chars, 3)
@@ -262,12 +276,10 @@ class ByteLevelBPE:
         A token with characters outside the byte-level alphabet (e.g. an added token written in
         plain text) stands for its own UTF-8 encoding, as in the reference decoder.
         """
-        cb = self._char_byte
         try:
-            return bytes([cb[c] for c in token])
-        except KeyError:
+            return token.translate(self._to_latin1).encode("latin-1")
+        except UnicodeEncodeError:
             return token.encode("utf-8")
-
 
 class _CharTable(dict):
     """char -> (byte ids, start ids, bad left bytes, bad right bytes, first byte, last byte).
@@ -289,21 +301,26 @@ class _CharTable(dict):
     def __init__(self, bpe: "ByteLevelBPE") -> None:
         super().__init__()
         self._bpe = bpe
+        self._by_left_byte: Optional[Dict[int, Dict[int, int]]] = None  # built on the first multi-byte character
+        self._by_right_byte: Optional[Dict[int, Dict[int, int]]] = None
+
+    def _build(self) -> None:
+        bpe = self._bpe
         cb = bpe._char_byte
-        vocab = bpe.vocab
         # _by_left_byte[s][L]: lowest rank of a merge (x, s) where x ends with byte L;
         # _by_right_byte[s][F]: lowest rank of a merge (s, y) where y starts with byte F.
         by_left: Dict[int, Dict[int, int]] = {}
         by_right: Dict[int, Dict[int, int]] = {}
-        for rank, (a, b) in enumerate(bpe.merges):
-            first = cb.get(b[0], -1)
+        left_ids, right_ids = bpe._merge_ids
+        firsts = [cb[m[1][0]] for m in bpe.merges]
+        lasts = [cb[m[0][-1]] for m in bpe.merges]
+        for rank, (a, b, first, last) in enumerate(zip(left_ids, right_ids, firsts, lasts)):
             if 0x80 <= first < 0xC0:
                 continue  # b continues a character: (a, b) never spans a character boundary
-            last = cb.get(a[-1], -1)
-            d = by_left.setdefault(vocab[b], {})
+            d = by_left.setdefault(b, {})
             if last not in d:
                 d[last] = rank
-            d = by_right.setdefault(vocab[a], {})
+            d = by_right.setdefault(a, {})
             if first not in d:
                 d[first] = rank
         self._by_left_byte = by_left
@@ -319,6 +336,8 @@ class _CharTable(dict):
         return info
 
     def _start(self, byte_ids: Tuple[int, ...], raw: bytes) -> Tuple[Tuple[int, ...], Tuple[int, ...], frozenset, frozenset, int, int]:
+        if self._by_left_byte is None:
+            self._build()
         get = self._bpe._pair_merge.get
         empty: Dict[int, int] = {}
         by_left, by_right = self._by_left_byte, self._by_right_byte
@@ -383,17 +402,27 @@ class _SafeBoundary3(dict):
     3-byte character start answers the question with nine set lookups per new character pair.
     """
 
-    __slots__ = ("_spans",)
+    __slots__ = ("_bpe", "_spans")
 
     def __init__(self, bpe: "ByteLevelBPE") -> None:
         super().__init__()
-        to_latin1 = str.maketrans({c: chr(b) for c, b in bpe._char_byte.items()})
+        self._bpe = bpe
+        self._spans: Optional[set] = None  # built on the first CJK run
+
+    def _build(self) -> None:
+        bpe = self._bpe
+        to_latin1 = bpe._to_latin1
+        # a continuation byte followed by a 3-byte lead byte: the start of a 3-byte character inside a token
+        boundary = regex.compile("[\x80-\xbf](?=[\xe0-\xef])").search
         spans = set()
         for tok in bpe.vocab:
             if tok.isascii():
                 continue  # printable ASCII tokens hold no byte >= 0x80, so no 3-byte character boundary
+            text = tok.translate(to_latin1)
+            if boundary(text) is None:
+                continue
             try:
-                raw = tok.translate(to_latin1).encode("latin-1")
+                raw = text.encode("latin-1")
             except UnicodeEncodeError:
                 continue  # not a byte-level token: BPE never forms it
             for p in range(1, len(raw)):
@@ -402,6 +431,8 @@ class _SafeBoundary3(dict):
         self._spans = spans
 
     def __missing__(self, pair: str) -> bool:
+        if self._spans is None:
+            self._build()
         left, right = pair[0].encode("utf-8"), pair[1].encode("utf-8")
         spans = self._spans
         safe = not any(left[-a:] + b"\x00" + right[:b] in spans for a in (1, 2, 3) for b in (1, 2, 3))
