@@ -94,8 +94,10 @@ def test_one_device_parallelize_equals_model():
     assert [p.name for p in pm.trainable_params()] == names
     with pytest.raises(ParallelConfigError, match="world size is 1"):
         parallelize(Qwen2ForCausalLM(cfg), ParallelConfig(model_parallel=2))
-    with pytest.raises(ValueError, match="KV cache"):
-        pm(ids, cache=model.new_cache(2, 8))
+    cache = pm.new_cache(2, 8)
+    assert cache.keys[0].shape == (2, 2, 8, 8)
+    np.testing.assert_allclose(pm.forward_step(ids[:, :3], None, None, cache, 0).asnumpy(),
+                               ref.logits.asnumpy()[:, :3], atol=1e-5)
 
 
 def test_one_member_collectives_are_identity():
@@ -164,3 +166,29 @@ def test_pipeline_rejects_moe_aux_loss():
                              moe_intermediate_size=16, output_router_logits=True))
     with pytest.raises(ParallelConfigError, match="output_router_logits"):
         prune_to_stage(Qwen2ForCausalLM(cfg), ParallelConfig(pipeline_stage=2, micro_batch_num=2), 0)
+
+
+def test_sharded_optimizer_single_member_equals_plain():
+    import mindspore as ms
+    from mindspore import nn
+
+    from qwen2ms.modeling.model import Qwen2ForCausalLM
+    from qwen2ms.parallel import comm
+    from qwen2ms.parallel.apply import parallelize
+    from qwen2ms.parallel.optimizer import ShardedOptimizer, make_optimizer
+
+    cfg = Qwen2Config(**DENSE)
+    ids = ms.Tensor(np.random.default_rng(1).integers(0, 64, (2, 6)).astype(np.int32))
+    results = []
+    for sharded in (False, True):
+        pm = parallelize(Qwen2ForCausalLM(cfg, seed=4), ParallelConfig())
+        params = pm.trainable_params()
+        _, grads = ms.value_and_grad(lambda i: pm(i, labels=i).loss, None, params)(ids)
+        make = lambda ps: nn.AdamWeightDecay(ps, learning_rate=1e-2, weight_decay=0.1)  # noqa: E731
+        opt = ShardedOptimizer(params, make, comm.single_group()) if sharded else make_optimizer(pm, make)
+        opt(grads)
+        results.append([p.asnumpy() for p in params])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, atol=1e-7)
+    with pytest.raises(ValueError, match="gradients for"):
+        opt(grads[:2])

@@ -1,5 +1,6 @@
-"""Real 2-process runs under msrun on this CPU: collectives against their definitions; TP, TP+SP, DP, MoE TP,
-EP and PP forward passes and one AdamW training step against the single-process model on the combined batch.
+"""Real 2-process runs under msrun on this CPU: collectives against their definitions; TP, TP+SP, DP (plain and with
+sharded optimizer state), MoE TP, EP and PP forward passes and one AdamW training step against the single-process
+model on the combined batch; TP greedy generation against the single-process tokens.
 
 One msrun job (tests/parallel_workers/collectives_and_layouts.py) produces every number; each test
 checks one part of it against a reference computed here in one process.
@@ -123,3 +124,26 @@ def test_pipeline_matches_single_process(ranks, name):
         assert float(got[f"{name}/loss_after"]) == pytest.approx(ref["loss_after"], abs=1e-5)
     assert f"{name}/logits_after" not in ranks[0]
     np.testing.assert_allclose(ranks[1][f"{name}/logits_after"], ref["logits_after"], atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", cases.GENERATE)
+def test_tensor_parallel_generation_matches_single_process(ranks, name):
+    from qwen2ms.generation.generate import generate
+    from qwen2ms.modeling.model import Qwen2ForCausalLM
+
+    ids, _ = cases.batch(name)
+    want = generate(Qwen2ForCausalLM(cases.config(name), seed=cases.SEED), ids[:2, :cases.PROMPT],
+                    max_new_tokens=cases.NEW_TOKENS, do_sample=False)
+    for r in range(2):
+        np.testing.assert_array_equal(ranks[r][f"{name}/generate"], want)
+
+
+def test_optimizer_state_is_sharded(ranks):
+    # dp_zero: each rank keeps half of every (flattened, padded) parameter and AdamW's two moments for it
+    from qwen2ms.modeling.model import Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM(cases.config("dp_zero"), seed=cases.SEED)
+    halves = sum(-(-int(np.prod(p.shape)) // 2) for p in model.trainable_params())
+    for r in range(2):
+        # fp32 slice + two moments (plus the optimizer's step counter); unsharded would be twice that
+        assert halves * 4 * 3 <= int(ranks[r]["dp_zero/optimizer_state_bytes"]) <= halves * 4 * 3 + 64

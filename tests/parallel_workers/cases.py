@@ -15,9 +15,14 @@ CASES = {
     "tp_tied_kvrep": (dict(DENSE, tie_word_embeddings=True, num_key_value_heads=1), dict(model_parallel=2), False),
     "tp_sp": (DENSE, dict(model_parallel=2, use_seq_parallel=True), False),
     "dp": (DENSE, dict(data_parallel=2), True),
+    "dp_zero": (DENSE, dict(data_parallel=2, optimizer_shard=True), True),
     "moe_tp": (MOE, dict(model_parallel=2), False),
-    "moe_ep": (MOE, dict(data_parallel=2, expert_parallel=2), True),
+    "moe_ep": (MOE, dict(data_parallel=2, expert_parallel=2, optimizer_shard=True), True),
 }
+
+#: cases whose parallel model also generates (greedy, KV cache, compiled decode step)
+GENERATE = ("tp", "tp_tied_kvrep")
+PROMPT, NEW_TOKENS = 5, 4
 
 #: name -> (config fields, ParallelConfig fields); every stage sees the whole batch.
 PIPELINE_CASES = {

@@ -1,4 +1,5 @@
-"""msrun worker (2 processes): every collective of qwen2ms.parallel.comm, then TP/SP/DP/EP/PP forward + one training step.
+"""msrun worker (2 processes): every collective of qwen2ms.parallel.comm, then TP/SP/DP(+ZeRO-1)/EP/PP forward + one
+training step, and TP greedy generation.
 
 Writes ``<out_dir>/rank<r>.npz``; tests/test_parallel_msrun.py compares it with the definitions and
 with single-process runs. Usage: msrun --worker_num=2 --local_worker_num=2 ... this.py OUT_DIR
@@ -17,7 +18,9 @@ from mindspore.communication import GlobalComm, get_group_size, get_rank, init
 import cases
 from qwen2ms.modeling.model import Qwen2ForCausalLM
 from qwen2ms.parallel import comm
+from qwen2ms.generation.generate import generate
 from qwen2ms.parallel.apply import parallelize
+from qwen2ms.parallel.optimizer import make_optimizer
 
 ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
 init()
@@ -55,12 +58,19 @@ for name in cases.CASES:
     ids_t, labels_t = Tensor(ids), Tensor(labels)
     _, grads = ms.value_and_grad(lambda i, l: pm(i, labels=l).loss, None, params)(ids_t, labels_t)
     grads = pm.grad_sync(grads)
-    opt = nn.AdamWeightDecay(params, learning_rate=cases.LR, weight_decay=0.1)
+    opt = make_optimizer(pm, lambda ps: nn.AdamWeightDecay(ps, learning_rate=cases.LR, weight_decay=0.1))
     opt(grads)
+    if pc.optimizer_shard:
+        out[f"{name}/optimizer_state_bytes"] = np.array(opt.state_bytes())
     for p, g in zip(params, grads):
         out[f"{name}/grad/{p.name}"] = g.asnumpy()
         out[f"{name}/param/{p.name}"] = p.asnumpy()
     out[f"{name}/loss_after"] = pm(ids, labels=labels).loss.asnumpy()
+    if name in cases.GENERATE:
+        fresh = parallelize(Qwen2ForCausalLM(cfg, seed=cases.SEED), pc)
+        ids_all, _ = cases.batch(name)
+        out[f"{name}/generate"] = generate(fresh, ids_all[:2, :cases.PROMPT], max_new_tokens=cases.NEW_TOKENS,
+                                           do_sample=False)
 
 # ---- pipeline stages (GPipe over micro-batches): every stage sees the whole batch
 for name in cases.PIPELINE_CASES:

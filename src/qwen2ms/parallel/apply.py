@@ -358,6 +358,10 @@ class ParallelCausalLM(nn.Cell):
             self.head_enter = _Identity()
         self.is_moe = lm.is_moe
         self.grad_sync = GradientSync([])
+        # What generation reads from a model, passed through.
+        self.generation_config_dict = lm.generation_config_dict
+        self.tokenizer = lm.tokenizer
+        self.compute_dtype = lm.compute_dtype
 
     def _head_weight(self):
         if self.tied:
@@ -406,14 +410,78 @@ class ParallelCausalLM(nn.Cell):
                  cache=None, cache_position=None, output_router_logits=None, logits_to_keep: int = 0):
         """Run on NumPy arrays or MindSpore tensors, with the model's argument checks."""
         if cache is not None:
-            raise ValueError("a KV cache is not supported on a parallelized model; run generation on a single "
-                             "device or with pipeline_stage/model_parallel = 1")
+            self._check_cache(cache)
         args = self.lm._prepare(input_ids, attention_mask, position_ids, labels, segment_ids, cache,
                                 cache_position, logits_to_keep)
         if self.seq and args[0].shape[1] % self.groups.tp.size:
             raise ValueError(f"use_seq_parallel needs the sequence length ({args[0].shape[1]}) to divide by "
                              f"model_parallel={self.groups.tp.size}; pad the batch to a multiple")
         return super().__call__(*args, output_router_logits, int(logits_to_keep))
+
+    # ------------------------------------------------------------------ generation
+    def local_config(self):
+        """The config of this rank's attention: its query and kv heads (what its KV cache holds)."""
+        cfg, n = self.config, self.groups.tp.size
+        if n == 1:
+            return cfg
+        heads = cfg.num_attention_heads // n
+        return cfg.replace(num_attention_heads=heads, num_key_value_heads=local_kv_heads(cfg, n),
+                           hidden_size=heads * cfg.head_dim)
+
+    def new_cache(self, batch_size: int, max_length: int, dtype: Any = None):
+        """A :class:`~qwen2ms.modeling.cache.KVCache` for this rank's heads (see ``Qwen2ForCausalLM.new_cache``).
+
+        Raises:
+            ValueError: with sequence parallel (a decode step has one token, which cannot be split).
+        """
+        from ..modeling.cache import KVCache
+        from ..modeling.model import resolve_dtype
+
+        if self.seq:
+            raise ValueError("use_seq_parallel splits the sequence, which a one-token decode step cannot be; "
+                             "parallelize with use_seq_parallel=False for generation")
+        full = self.lm.new_cache(1, max_length, dtype)  # the model's own checks (length, dtype on CPU)
+        dt = full.dtype if dtype is None else resolve_dtype(dtype)
+        del full
+        return KVCache(self.local_config(), batch_size, max_length, dt)
+
+    def _check_cache(self, cache) -> None:
+        want = self.local_config().num_key_value_heads
+        got = cache.keys[0].shape[1]
+        if got != want:
+            raise ValueError(f"this cache holds {got} kv heads per layer but this rank computes {want}; "
+                             f"make it with the parallel model's new_cache()")
+
+    def forward_step(self, input_ids, attention_mask, position_ids, cache, cache_position, logits_to_keep: int = 0):
+        """One compiled cached forward on this rank, as ``Qwen2ForCausalLM.forward_step`` (full-vocabulary logits).
+
+        Every rank of the tensor-parallel group calls it with the same inputs.
+        """
+        self._check_cache(cache)
+        ids, mask, pos, _, _, cache, cache_position = self.lm._prepare(
+            input_ids, attention_mask, position_ids, None, None, cache, cache_position, logits_to_keep)
+        steps = cache.__dict__.setdefault("_compiled_steps", {})
+        key = (id(self), int(logits_to_keep), mask is None, pos is None)
+        step = steps.get(key)
+        if step is None:
+            step = ms.jit(_ParallelStep(self, cache, int(logits_to_keep)))
+            steps[key] = step
+        return step(ids, mask, pos, cache_position)
+
+
+class _ParallelStep(nn.Cell):
+    """The compiled unit of :meth:`ParallelCausalLM.forward_step` (the model plus one cache)."""
+
+    def __init__(self, pm: ParallelCausalLM, cache, logits_to_keep: int) -> None:
+        super().__init__(auto_prefix=False)
+        self.pm = pm
+        self.cache = cache
+        self.logits_to_keep = logits_to_keep
+
+    def construct(self, input_ids, attention_mask, position_ids, cache_position):
+        out = self.pm.construct(input_ids, attention_mask, position_ids, None, None, self.cache, cache_position,
+                                False, self.logits_to_keep)
+        return out.logits
 
 
 def parallelize(model: nn.Cell, parallel_config: ParallelConfig, *, gather_logits: bool = True) -> nn.Cell:
