@@ -146,6 +146,15 @@ def test_moe_without_shared_expert(tmp_path):
     assert np.isfinite(model(ids_for(1, 4, vocab=128)).logits.asnumpy()).all()
 
 
+def test_moe_sliding_window_parity(tmp_path):
+    hf, folder = make_hf(tmp_path, moe=True, use_sliding_window=True, sliding_window=3, max_window_layers=2)
+    cfg = Qwen2Config.from_json(folder)
+    assert "sliding_attention" in cfg.layer_attention_types()
+    model = Qwen2ForCausalLM.from_hf(folder)
+    ids = ids_for(1, 9)
+    assert_close(model(ids).logits, hf_logits(hf, ids).logits.numpy())
+
+
 def test_sliding_window_parity(tmp_path):
     hf, folder = make_hf(tmp_path, use_sliding_window=True, sliding_window=4, max_window_layers=1)
     assert Qwen2Config.from_json(folder).layer_attention_types() == ["full_attention", "sliding_attention"]
@@ -197,6 +206,10 @@ def test_rope_scaling_parity(tmp_path, scaling, seq, key):
     if spec.kind == "dynamic":
         np.testing.assert_allclose(dynamic_inv_freq(spec, seq), reloaded.model.rotary_emb.inv_freq.numpy(),
                                    rtol=1e-5)
+    # our export keeps the scaling: transformers reads it back to the same logits
+    model.save_pretrained(tmp_path / "export")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", attn_implementation="eager")
+    assert_close(model(ids).logits, hf_logits(again.eval(), ids).logits.numpy())
 
 
 def test_left_padded_batch_parity_and_no_nan(tmp_path):
