@@ -154,6 +154,23 @@ def test_hub_error_in_process(monkeypatch, tmp_path):
         Qwen2Tokenizer.from_pretrained("Qwen/Qwen2-0.5B-Instruct")
 
 
+def test_missing_local_path_is_a_clear_hub_error(tmp_path):
+    with pytest.raises(HubError, match="no_such_dir"):
+        Qwen2Tokenizer.from_pretrained(str(tmp_path / "no_such_dir"))
+
+
+def test_chat_template_jinja_file_is_used(tmp_path, qwen2_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    folder = _folder(tmp_path / "jinja", qwen2_tokenizer_dir, ["vocab.json", "merges.txt", "tokenizer_config.json"])
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}", encoding="utf-8")
+    conv = CONVERSATIONS[1]
+    ours = Qwen2Tokenizer.from_pretrained(folder).apply_chat_template(conv, tokenize=False)
+    assert ours == "<system>You are terse.\n<user>2+2?\n"
+    assert ours == AutoTokenizer.from_pretrained(folder).apply_chat_template(conv, tokenize=False)
+
+
 # ---- bad files ----------------------------------------------------------------------------------
 def test_missing_vocab_names_file_and_folder(tmp_path, qwen_bpe_dir):
     folder = _folder(tmp_path / "nov", qwen_bpe_dir, ["merges.txt"])
