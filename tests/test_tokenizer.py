@@ -78,6 +78,20 @@ def test_sizes_and_special_tokens(tok):
     assert tok.get_vocab()["<|im_end|>"] == 151645
 
 
+def test_special_token_setters(tok):
+    try:
+        tok.pad_token = "<|im_end|>"
+        assert tok.pad_token_id == 151645
+        assert tok(["a", "b c"], padding=True)["input_ids"][0][-1] == 151645
+        tok.eos_token = "<|endoftext|>"
+        assert tok.eos_token_id == 151643
+        with pytest.raises(TokenizerError, match="<\\|pad\\|>"):
+            tok.pad_token = "<|pad|>"
+    finally:
+        tok.pad_token, tok.eos_token = "<|endoftext|>", "<|im_end|>"
+    assert tok.pad_token_id == 151643 and tok.eos_token_id == 151645
+
+
 def test_vocab_and_merges_without_config_defaults(tmp_path, qwen_bpe_dir, hf):
     folder = _folder(tmp_path / "plain", qwen_bpe_dir, ["vocab.json", "merges.txt"])
     tok = Qwen2Tokenizer.from_pretrained(folder)

@@ -267,7 +267,7 @@ class Qwen2Tokenizer:
                 f"{folder} has no {' and no '.join(missing)} (and no tokenizer.json); a Qwen2 tokenizer folder needs "
                 "vocab.json + merges.txt, or tokenizer.json."
             )
-        added = _added_tokens(config, tj_added, vocab, str(config_path))
+        added = _added_tokens(config, tj_added, str(config_path))
         kwargs: Dict[str, Any] = {}
         for attr in _SPECIAL_ATTRS:
             if attr in config:
@@ -766,8 +766,7 @@ def _read_tokenizer_json(path: Path) -> Tuple[Dict[str, int], List[Tuple[str, st
     return vocab, merges, added
 
 
-def _added_tokens(config: Dict[str, Any], tj_added: List[Dict[str, Any]], vocab: Dict[str, int],
-                  source: str) -> Optional[List[AddedToken]]:
+def _added_tokens(config: Dict[str, Any], tj_added: List[Dict[str, Any]], source: str) -> Optional[List[AddedToken]]:
     entries: Dict[int, Dict[str, Any]] = {}
     for t in tj_added:
         if not isinstance(t, dict) or type(t.get("id")) is not int or not isinstance(t.get("content"), str):
