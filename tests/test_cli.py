@@ -36,3 +36,51 @@ def test_unknown_subcommand_is_an_argparse_error():
 def test_console_script_module_runs():
     r = subprocess.run([sys.executable, "-m", "qwen2ms.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "demo" in r.stdout
+
+
+def test_fit_history_drops_oldest_turns_first_and_keeps_the_system_prompt():
+    from qwen2ms.cli import fit_history
+
+    tok = demo_tokenizer()
+    msgs = [{"role": "system", "content": "Be brief."}]
+    for i in range(4):
+        msgs += [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": f"answer {i} " * 5}]
+    msgs.append({"role": "user", "content": "last question"})
+    full = len(tok.apply_chat_template(msgs, add_generation_prompt=True))
+    assert fit_history(tok, msgs, full) == msgs
+    kept = fit_history(tok, msgs, full - 1)
+    assert kept[0] == msgs[0] and kept[1:] == msgs[3:]  # the oldest pair went first
+    only_last = fit_history(tok, msgs, len(tok.apply_chat_template([msgs[0], msgs[-1]], add_generation_prompt=True)))
+    assert only_last == [msgs[0], msgs[-1]]
+    with pytest.raises(ValueError, match="more than the 5 the context leaves"):
+        fit_history(tok, msgs, 5)
+
+
+def test_chat_loop_clear_exit_and_history(capsys):
+    from qwen2ms.cli import chat_loop, demo_model
+
+    model = demo_model()
+    lines = iter(["Hello there", "/clear", "你好", "", "/exit", "never read"])
+    notes = []
+    history = chat_loop(model, "Be brief.", {"max_new_tokens": 3, "do_sample": False}, 256,
+                        read=lambda prompt: next(lines), write=notes.append)
+    assert notes == ["(history cleared)"]
+    assert [m["role"] for m in history] == ["system", "user", "assistant"]
+    assert history[1]["content"] == "你好"
+    # the streamed reply is exactly the reply kept in the history
+    assert history[2]["content"] in capsys.readouterr().out
+    assert next(lines) == "never read"
+
+
+def test_generate_command_streams_the_demo_model(capsys):
+    assert main(["generate", "--prompt", "Plan a trip", "--max-new-tokens", "4", "--greedy"]) == 0
+    out = capsys.readouterr().out
+    model = __import__("qwen2ms.cli", fromlist=["demo_model"]).demo_model()
+    assert out.rstrip("\n") == model.generate("Plan a trip", max_new_tokens=4, do_sample=False)
+
+
+def test_generate_command_names_a_missing_model(tmp_path):
+    from qwen2ms import HubError
+
+    with pytest.raises(HubError, match="no_such_model"):
+        main(["generate", str(tmp_path / "no_such_model"), "--prompt", "x"])

@@ -23,10 +23,14 @@ from .data import (
     write_mindrecord,
 )
 
+from .cli import demo_model, demo_tokenizer
+
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "demo_model",
+    "demo_tokenizer",
     "Qwen2Config",
     "PRESETS",
     "ConfigError",

@@ -138,6 +138,137 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The built-in demo model: Qwen2's real vocabulary over a tiny random-weight body.
+DEMO_MODEL_CONFIG = dict(
+    vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=4096, rope_theta=1000000.0,
+    bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
+)
+
+
+def demo_model(seed: int = 0):
+    """A tiny random-weight Qwen2 with the real Qwen2 vocabulary and tokenizer attached (a demo only)."""
+    from .config import Qwen2Config
+    from .modeling import Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM(Qwen2Config(**DEMO_MODEL_CONFIG), seed=seed)
+    model.tokenizer = demo_tokenizer()
+    return model
+
+
+def load_model(spec: Optional[str], dtype: Optional[str] = None, tokenizer: Optional[str] = None):
+    """``"demo"``/None: :func:`demo_model`; otherwise ``Qwen2ForCausalLM.from_hf(spec)`` (folder or hub id)."""
+    if spec in (None, "demo"):
+        model = demo_model()
+    else:
+        from .modeling import Qwen2ForCausalLM
+
+        model = Qwen2ForCausalLM.from_hf(spec, dtype=dtype)
+    if tokenizer:
+        from .tokenization import Qwen2Tokenizer
+
+        model.tokenizer = Qwen2Tokenizer.from_pretrained(tokenizer)
+    if model.tokenizer is None:
+        raise SystemExit(f"qwen2ms: {spec} has no tokenizer files; pass --tokenizer DIR")
+    return model
+
+
+def _gen_overrides(args: argparse.Namespace) -> Dict[str, object]:
+    out: Dict[str, object] = {"max_new_tokens": args.max_new_tokens}
+    if args.greedy:
+        out["do_sample"] = False
+    for key in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+        value = getattr(args, key)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def fit_history(tokenizer, messages: List[Dict[str, str]], budget: int) -> List[Dict[str, str]]:
+    """Drop the oldest turns (never the system prompt or the newest user message) until the
+    rendered prompt has at most ``budget`` tokens. Raises ValueError when even that is too long."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system):]
+    while True:
+        kept = system + turns
+        n = len(tokenizer.apply_chat_template(kept, add_generation_prompt=True, tokenize=True))
+        if n <= budget:
+            return kept
+        if len(turns) <= 1:
+            raise ValueError(f"the message alone needs {n} tokens, more than the {budget} the context leaves; "
+                             "shorten it or lower --max-new-tokens")
+        turns = turns[2:] if len(turns) > 2 else turns[1:]  # oldest user + assistant pair first
+
+
+def chat_loop(model, system_prompt: Optional[str], gen: Dict[str, object], max_context: int,
+              read: Callable[[str], str] = input, write: Callable[[str], object] = print) -> List[Dict[str, str]]:
+    """The interactive chat: ``/clear`` forgets the history, ``/exit`` (or end of input) leaves.
+
+    Replies stream as they are generated; the history is trimmed to fit ``max_context`` tokens,
+    oldest turns first. Returns the final history."""
+    from .generation import TextStreamer
+
+    start = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    history = list(start)
+    budget = max_context - int(gen["max_new_tokens"])
+    while True:
+        try:
+            line = read("user> ")
+        except EOFError:
+            return history
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            return history
+        if text == "/clear":
+            history = list(start)
+            write("(history cleared)")
+            continue
+        if not text:
+            continue
+        try:
+            trial = fit_history(model.tokenizer, history + [{"role": "user", "content": text}], budget)
+        except ValueError as e:
+            write(f"(not sent: {e})")
+            continue
+        sys.stdout.write("assistant> ")
+        reply = model.chat(trial, streamer=TextStreamer(), **gen)  # ends the line itself
+        history = trial + [{"role": "assistant", "content": reply}]
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generation import TextStreamer
+
+    model = load_model(args.model, args.dtype, args.tokenizer)
+    gen = _gen_overrides(args)
+    if args.chat:
+        model.chat([{"role": "user", "content": args.prompt}], streamer=TextStreamer(), **gen)
+    else:
+        model.generate(args.prompt, streamer=TextStreamer(), **gen)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    model = load_model(args.model, args.dtype, args.tokenizer)
+    max_context = args.max_context or int(model.config.max_position_embeddings)
+    print("qwen2ms chat: /clear forgets the conversation, /exit leaves.")
+    chat_loop(model, args.system_prompt, _gen_overrides(args), max_context)
+    return 0
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default="demo",
+                   help="checkpoint folder or hub id (default 'demo': a tiny random-weight model, output is noise)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one next to the weights)")
+    p.add_argument("--dtype", default=None, help="weight dtype: float32, float16 or bfloat16 (default: as stored)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (ignore the sampling settings)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="qwen2ms", description=__doc__)
@@ -150,6 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     # Subcommands below are registered by their own blocks; keep each block self-contained.
+    p = sub.add_parser("generate", help="continue a prompt, streaming to the terminal")
+    _add_generation_args(p)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--chat", action="store_true", help="send the prompt as one user turn of the chat template")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat (/clear, /exit)")
+    _add_generation_args(p)
+    p.add_argument("--system-prompt", default=None, help="system message (default: the template's)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="tokens of history + reply kept (default: max_position_embeddings); oldest turns drop first")
+    p.set_defaults(func=_cmd_chat)
+
     p = sub.add_parser("alpaca-convert", help="alpaca/ShareGPT/messages JSON(L) -> chat-message JSONL")
     p.add_argument("--data-path", required=True, help="input JSON array or JSONL file")
     p.add_argument("--output-path", required=True, help="output JSONL, one {\"messages\": [...]} per line")
