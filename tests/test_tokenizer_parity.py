@@ -245,3 +245,21 @@ _IDS = st.lists(
 def test_decode_parity_on_arbitrary_ids(ours, hf, ids):
     for skip in (False, True):
         assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+
+
+_COMMON_HANZI = "的是了我们在有人这中大为上个国和地到以说时要就出会可也你对生能而子那得于着下自之年过发后作里用道行所然家种事成方多经么去法学如都同现当没动面起看定天分还进好小部其些主样理心她本前开但因只从想实"
+_CJK_RUNS = st.lists(
+    st.one_of(
+        st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF),
+        st.sampled_from(list(_COMMON_HANZI)),
+        st.sampled_from(list(" ，。a1\n“”")),
+    ),
+    max_size=80,
+).map("".join)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=_CJK_RUNS)
+def test_parity_hypothesis_cjk_runs(ours, hf, text):
+    # Frequent characters form multi-character tokens: the run cutting and start states must agree.
+    assert ours.encode(text) == hf(text, add_special_tokens=False)["input_ids"]
