@@ -1,0 +1,783 @@
+"""Trainer: compiled supervised fine-tuning with AdamW, schedules, exact gradient accumulation, fp16, resume and hooks.
+
+The train step (forward, backward, gradient accumulation, clipping, the AdamW update and the fp16
+loss-scale update) is one ``ms.jit``-compiled call per micro-batch; PyNative would be ~70x slower
+on CPU. Everything around it (data order, logging, checkpoints) is plain Python.
+
+Override points for subclasses (public API):
+
+- :meth:`Trainer.compute_loss` — traced *inside* the compiled step, so it must use MindSpore ops
+  (no NumPy, no Python side effects); it returns this micro-batch's share of the step loss.
+- :meth:`Trainer.training_step` — runs one micro-batch through the compiled step.
+- :meth:`Trainer.create_optimizer`, :meth:`Trainer.create_scheduler`,
+  :meth:`Trainer.get_train_dataloader`, :meth:`Trainer.get_eval_dataloader`, :meth:`Trainer.log`.
+
+Callbacks (:class:`~qwen2ms.training.callbacks.TrainerCallback`) receive on_train_begin, on_step_end,
+on_log, on_save, on_evaluate and on_train_end.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+from .. import ops as qops
+from .arguments import TrainingArguments
+from .callbacks import CallbackHandler, JsonlLoggerCallback, ProgressCallback, TrainerCallback, TrainerState
+from .checkpointing import (
+    CheckpointError,
+    capture_rng_state,
+    latest_checkpoint,
+    load_tensors,
+    remove_stale_temporaries,
+    restore_rng_state,
+    rotate_checkpoints,
+    save_tensors,
+    write_checkpoint_dir,
+    write_json,
+)
+from .loss_scale import DynamicLossScale
+from .optim import AdamW, LRSchedule, clip_grads_by_norm, decay_parameter_names, get_scheduler, global_grad_norm
+
+__all__ = ["Trainer", "TrainOutput", "SFTDataLoader", "NonFiniteLossError", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+#: fp16: this many overflowing (skipped) steps in a row means the model itself overflows: stop.
+MAX_CONSECUTIVE_SKIPPED = 64
+_PRECISION_DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
+_DTYPE_WORDS = {ms.float32: "float32", ms.float16: "float16", ms.bfloat16: "bfloat16"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced an inf/NaN loss; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class TrainOutput:
+    """What :meth:`Trainer.train` returns.
+
+    Attributes:
+        global_step: optimizer steps done in total (including before a resume).
+        training_loss: mean step loss over the steps of this call.
+        metrics: ``train_runtime``, ``train_tokens_per_second``, ``train_steps`` and the last ``eval_loss``.
+    """
+
+    global_step: int
+    training_loss: float
+    metrics: Dict[str, float] = field(default_factory=dict)
+
+
+class SFTDataLoader:
+    """Batches of a map-style dataset in a per-epoch order that can restart at any micro-batch.
+
+    The order of epoch ``e`` is a permutation drawn from ``seed + e`` (or the identity without
+    shuffling), so the data position of a checkpoint is just ``(epoch, micro-batch index)``.
+
+    Args:
+        dataset: a sequence of samples (dicts with ``input_ids``, ``labels`` and optionally
+            ``attention_mask`` / ``position_ids`` / ``segment_ids``).
+        batch_size: samples per micro-batch.
+        collate_fn: samples -> dict of NumPy arrays (e.g. :class:`qwen2ms.data.DataCollatorForSFT`).
+        shuffle: permute each epoch.
+        seed: base seed of the permutations.
+        drop_last: drop an incomplete last micro-batch.
+
+    Example:
+        >>> dl = SFTDataLoader(samples, 4, DataCollatorForSFT(151643))  # doctest: +SKIP
+        >>> batch = next(dl.iter_epoch(0, start=2))  # the third micro-batch of epoch 0  # doctest: +SKIP
+    """
+
+    def __init__(self, dataset: Sequence[Dict[str, Any]], batch_size: int,
+                 collate_fn: Callable[[List[Dict[str, Any]]], Dict[str, np.ndarray]],
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> None:
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise TypeError(f"the dataset must support len() and indexing (a list of samples), "
+                            f"got {type(dataset).__name__}")
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.collate_fn = collate_fn
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self, epoch: int) -> List[int]:
+        """Sample indices of ``epoch`` in visiting order."""
+        n = len(self.dataset)
+        if not self.shuffle:
+            return list(range(n))
+        return np.random.default_rng(self.seed + int(epoch)).permutation(n).tolist()
+
+    def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[Dict[str, np.ndarray]]:
+        """Collated micro-batches of ``epoch`` from micro-batch index ``start`` on."""
+        order = self.order(epoch)
+        for b in range(int(start), len(self)):
+            idx = order[b * self.batch_size: (b + 1) * self.batch_size]
+            yield self.collate_fn([self.dataset[i] for i in idx])
+
+
+def _frozen_view(trainer: "Trainer") -> "Trainer":
+    """An instance of the trainer's class holding only ``args``: what the compiled graph may see.
+
+    Compiled graphs treat the Python objects they reference as constants and recompile when any of
+    their attributes change; the real trainer changes every step (state, timings), so the graphs
+    call ``compute_loss`` on this unchanging stand-in. Overrides of ``compute_loss`` therefore see
+    ``self.args`` but no per-step state.
+    """
+    view = object.__new__(type(trainer))
+    view.__dict__["args"] = trainer.args
+    return view
+
+
+class _TrainStep(nn.Cell):
+    """The compiled unit: forward + backward of one micro-batch, accumulation, clip, update."""
+
+    def __init__(self, trainer: "Trainer", model: nn.Cell, params: Sequence[Parameter], optimizer: nn.Cell,
+                 loss_scale: Optional[DynamicLossScale], max_grad_norm: float, accumulate: bool) -> None:
+        super().__init__(auto_prefix=False)  # keep the model's parameter names
+        self.trainer = _frozen_view(trainer)
+        self.model = model
+        self.weights = ParameterTuple(params)
+        self.optimizer = optimizer
+        self.use_scale = loss_scale is not None
+        self.loss_scale = loss_scale if loss_scale is not None else DynamicLossScale(1.0, 1, 1)
+        self.max_grad_norm = float(max_grad_norm or 0.0)
+        self.accumulate = accumulate
+        if accumulate:
+            self.acc = ParameterTuple([Parameter(ops.zeros(p.shape, ms.float32), name=f"grad_acc.{p.name}",
+                                                 requires_grad=False) for p in params])
+        else:
+            self.acc = ParameterTuple([])
+        self.grad_fn = ms.value_and_grad(self.scaled_loss, None, self.weights)
+
+    def scaled_loss(self, inputs, num_items, scale):
+        return self.trainer.compute_loss(self.model, inputs, num_items) * scale
+
+    def construct(self, inputs, num_items, lr, first, last):
+        scale = self.loss_scale.scale
+        if not self.use_scale:
+            scale = ops.ones((), ms.float32)
+        loss, grads = self.grad_fn(inputs, num_items, scale)
+        grads = tuple(g.astype(ms.float32) for g in grads)
+        if self.use_scale:
+            loss = loss / scale
+            inv = 1.0 / scale
+            grads = tuple(g * inv for g in grads)
+        if not first:
+            grads = tuple(a + g for a, g in zip(self.acc, grads))
+        zero = ops.zeros((), ms.float32)
+        if not last:
+            for a, g in zip(self.acc, grads):
+                ops.assign(a, g)
+            return loss, zero, ops.isfinite(loss)
+        norm = global_grad_norm(grads)
+        finite = ops.logical_and(ops.isfinite(norm), ops.isfinite(loss))
+        if self.max_grad_norm > 0:
+            grads = clip_grads_by_norm(grads, norm, self.max_grad_norm)
+        if finite:
+            self.optimizer(grads, lr)
+        if self.use_scale:
+            self.loss_scale.adjust(finite)
+        return loss, norm, finite
+
+
+class _EvalStep(nn.Cell):
+    """Compiled forward for evaluation: the batch's mean loss via the trainer's compute_loss."""
+
+    def __init__(self, trainer: "Trainer", model: nn.Cell) -> None:
+        super().__init__(auto_prefix=False)
+        self.trainer = _frozen_view(trainer)
+        self.model = model
+
+    def construct(self, inputs, num_items):
+        return self.trainer.compute_loss(self.model, inputs, num_items)
+
+
+def _causal_lm_forward(model, input_ids, attention_mask, position_ids, segment_ids):
+    """Logits ``[B, T, V]`` and the MoE aux loss (or None) of a Qwen2ForCausalLM, differentiable under ms.jit.
+
+    ``Qwen2ForCausalLM.construct`` returns a NamedTuple, which MindSpore 2.10 builds through its
+    Python fallback inside compiled code: the value is right but gradients through it are zero. So
+    the decoder stack (``model.model``) and the head are called directly here.
+    """
+    hidden, router_logits = model.model.construct(input_ids, attention_mask, position_ids, segment_ids, None, None)
+    if model.tied:
+        logits = qops.linear(hidden, model.model.embed_tokens.weight)
+    else:
+        logits = model.lm_head(hidden)
+    aux_loss = None
+    if model.is_moe and model.default_router_logits:
+        aux_loss = qops.load_balancing_loss(router_logits, model.num_experts, model.top_k, attention_mask)
+    return logits, aux_loss
+
+
+def _count_targets(batch: Dict[str, np.ndarray]) -> int:
+    """Tokens that contribute to the loss: shifted labels that are not -100."""
+    labels = np.asarray(batch["labels"])
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _count_input_tokens(batch: Dict[str, np.ndarray]) -> int:
+    """Real (non-padding) input tokens of a batch, for tokens/s."""
+    if "attention_mask" in batch:
+        return int(np.asarray(batch["attention_mask"]).sum())
+    if "segment_ids" in batch:
+        return int((np.asarray(batch["segment_ids"]) > 0).sum())
+    return int(np.asarray(batch["input_ids"]).size)
+
+
+class Trainer:
+    """Supervised fine-tuning of a qwen2ms model (full or LoRA) with a compiled train step.
+
+    Args:
+        model: a :class:`qwen2ms.Qwen2ForCausalLM` (or any Cell with the same forward signature
+            returning an object with ``.logits``). With ``args.lora_r > 0`` LoRA adapters are
+            injected into it (base weights frozen) unless it already has them.
+        args: the :class:`TrainingArguments`.
+        train_dataset: a sequence of tokenised samples (``input_ids``, ``labels`` with -100 on
+            untrained tokens; packed rows also ``position_ids`` and ``segment_ids``).
+        eval_dataset: samples for :meth:`evaluate` (eval loss, best-checkpoint tracking).
+        data_collator: samples -> batch dict; default :class:`qwen2ms.data.DataCollatorForSFT`
+            with the model's pad token (dynamic padding to a multiple of 8).
+        callbacks: extra :class:`TrainerCallback` instances (a progress bar and the JSONL logger
+            are always added).
+        optimizers: ``(optimizer, scheduler)`` to use instead of :meth:`create_optimizer` /
+            :meth:`create_scheduler`; either may be None.
+
+    Example:
+        >>> args = TrainingArguments("runs/demo", learning_rate=1e-3, max_steps=50, logging_steps=10)
+        >>> trainer = Trainer(model, args, train_dataset=samples)  # doctest: +SKIP
+        >>> trainer.train().training_loss  # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Cell, args: TrainingArguments, train_dataset: Optional[Sequence[Dict[str, Any]]] = None,
+                 eval_dataset: Optional[Sequence[Dict[str, Any]]] = None, data_collator: Optional[Callable] = None,
+                 callbacks: Optional[Sequence[TrainerCallback]] = None,
+                 optimizers: Tuple[Optional[nn.Cell], Optional[LRSchedule]] = (None, None)) -> None:
+        if not isinstance(args, TrainingArguments):
+            raise TypeError(f"args must be a TrainingArguments, got {type(args).__name__}")
+        self.model = model
+        self.args = args
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.data_collator = data_collator or self._default_collator()
+        self.optimizer, self.lr_scheduler = optimizers
+        self.state = TrainerState()
+        handlers: List[TrainerCallback] = [JsonlLoggerCallback()]
+        if not args.disable_tqdm:
+            handlers.append(ProgressCallback())
+        self.callback_handler = CallbackHandler(handlers + list(callbacks or []))
+        self.lora_config = None
+        self._check_device_precision()
+        ms.set_seed(args.seed)
+        np.random.seed(args.seed)
+        if args.lora_r > 0:
+            from .lora import LoraConfig, apply_lora, lora_modules
+
+            if not lora_modules(model):
+                self.lora_config = LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                                              target_modules=list(args.lora_target_modules))
+                apply_lora(model, self.lora_config, dtype=_PRECISION_DTYPES[args.precision]
+                           if args.precision != "bf16" else ms.float32)
+            else:
+                self.lora_config = lora_modules(model)[0][1].config
+        self._check_param_dtypes()
+        self._train_step: Optional[_TrainStep] = None
+        self._eval_step: Optional[_EvalStep] = None
+        self._loss_scale: Optional[DynamicLossScale] = None
+        self._last_grad_norm = 0.0
+        self._last_finite = True
+        self._micro_position = (True, True)
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _default_collator(self) -> Callable:
+        from ..data import DataCollatorForSFT
+
+        cfg = getattr(self.model, "config", None)
+        pad = getattr(cfg, "pad_token_id", None)
+        if pad is None:
+            pad = 151643  # <|endoftext|>, Qwen2's padding token
+        vocab = getattr(cfg, "vocab_size", None)
+        if vocab is not None and pad >= vocab:
+            pad = 0  # a tiny test vocabulary: padded positions are masked out anyway
+        return DataCollatorForSFT(pad_token_id=int(pad), pad_to_multiple_of=8)
+
+    def _check_device_precision(self) -> None:
+        if self.args.precision == "bf16" and ms.get_context("device_target") == "CPU":
+            raise ValueError("precision='bf16' needs a device that computes in bfloat16; MindSpore on CPU can only "
+                             "store bfloat16 (matmul/softmax are unsupported). Use precision='fp32' or 'fp16'.")
+
+    def _trainable(self) -> List[Parameter]:
+        return [p for p in self.model.trainable_params()]
+
+    def _check_param_dtypes(self) -> None:
+        params = self._trainable()
+        if not params:
+            raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+        want = _PRECISION_DTYPES[self.args.precision]
+        bad = [p for p in params if p.dtype != want]
+        if bad:
+            have = _DTYPE_WORDS.get(bad[0].dtype, str(bad[0].dtype))
+            raise ValueError(
+                f"precision={self.args.precision!r} trains parameters stored as {_DTYPE_WORDS[want]}, but "
+                f"{len(bad)} trainable parameters are {have} (e.g. {bad[0].name!r}). Build or load the model with "
+                f"dtype='{_DTYPE_WORDS[want]}' (fp32 master weights are kept by the optimizer for fp16), or choose "
+                f"the precision that matches the weights.")
+
+    # ------------------------------------------------------------------ override points
+    def get_train_dataloader(self) -> SFTDataLoader:
+        """The micro-batch loader over ``train_dataset`` (override to change sampling or batching).
+
+        Returns:
+            An object with ``__len__`` (micro-batches per epoch) and ``iter_epoch(epoch, start)``.
+        """
+        if self.train_dataset is None:
+            raise ValueError("Trainer.train() needs a train_dataset")
+        if len(self.train_dataset) == 0:
+            raise ValueError("the train_dataset is empty")
+        return SFTDataLoader(self.train_dataset, self.args.per_device_train_batch_size, self.data_collator,
+                             shuffle=self.args.shuffle, seed=self.args.seed, drop_last=self.args.dataloader_drop_last)
+
+    def get_eval_dataloader(self, eval_dataset: Optional[Sequence[Dict[str, Any]]] = None) -> SFTDataLoader:
+        """The evaluation loader (in order, no shuffling)."""
+        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if ds is None:
+            raise ValueError("evaluate() needs an eval_dataset (pass it to Trainer or to evaluate())")
+        return SFTDataLoader(ds, self.args.per_device_eval_batch_size, self.data_collator, shuffle=False)
+
+    def create_optimizer(self) -> AdamW:
+        """AdamW over the trainable parameters; weight decay skips biases and norms (HF's rule).
+
+        Returns:
+            The optimizer Cell, called inside the compiled step as ``optimizer(grads, lr)``.
+        """
+        params = self._trainable()
+        decay = set(decay_parameter_names([p.name for p in params]))
+        a = self.args
+        return AdamW(params, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon, weight_decay=a.weight_decay,
+                     decay_mask=[p.name in decay for p in params])
+
+    def create_scheduler(self, num_training_steps: int) -> LRSchedule:
+        """The learning-rate schedule for a run of ``num_training_steps`` optimizer steps."""
+        a = self.args
+        return get_scheduler(a.lr_scheduler_type, a.learning_rate, a.get_warmup_steps(num_training_steps),
+                             num_training_steps)
+
+    def compute_loss(self, model: nn.Cell, inputs: Dict[str, Tensor], num_items_in_batch: Tensor) -> Tensor:
+        """This micro-batch's loss: summed token cross-entropy (fp32) / trained tokens of the whole step.
+
+        Runs inside the compiled train step (use MindSpore ops only). Dividing by the token count of
+        all accumulated micro-batches, not of this one, is what makes ``N x b`` accumulation equal to
+        one batch of ``N*b``. For MoE models with ``output_router_logits`` the weighted aux loss is
+        added in proportion to this micro-batch's share of the tokens.
+
+        Args:
+            model: the model Cell.
+            inputs: ``input_ids``, ``labels`` and optionally ``attention_mask``, ``position_ids``,
+                ``segment_ids`` (int32 tensors ``[B, T]``).
+            num_items_in_batch: float32 scalar, trained tokens over the whole optimizer step.
+
+        Returns:
+            A float32 scalar.
+        """
+        attention_mask = None
+        position_ids = None
+        segment_ids = None
+        if "attention_mask" in inputs:
+            attention_mask = inputs["attention_mask"]
+        if "position_ids" in inputs:
+            position_ids = inputs["position_ids"]
+        if "segment_ids" in inputs:
+            segment_ids = inputs["segment_ids"]
+        logits, aux_loss = _causal_lm_forward(model, inputs["input_ids"], attention_mask, position_ids, segment_ids)
+        labels = inputs["labels"]
+        v = logits.shape[-1]
+        total, count = qops.cross_entropy(logits[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1))
+        loss = total / num_items_in_batch
+        if aux_loss is not None:
+            loss = loss + model.router_aux_loss_coef * aux_loss * (count / num_items_in_batch)
+        return loss
+
+    def training_step(self, model: nn.Cell, inputs: Dict[str, np.ndarray], num_items_in_batch: int) -> float:
+        """Run one micro-batch through the compiled step and return its loss contribution.
+
+        The compiled call does forward and backward, adds the gradients to the accumulation buffers
+        and, on the last micro-batch of an optimizer step, clips, applies AdamW (skipped when a
+        gradient is inf/NaN) and updates the fp16 loss scale. Which micro-batch of the step this is
+        comes from the trainer's loop.
+
+        Args:
+            model: the model (the compiled step is bound to ``self.model``).
+            inputs: a collated batch of NumPy arrays.
+            num_items_in_batch: trained tokens over the whole optimizer step.
+
+        Returns:
+            The micro-batch's loss contribution (the step loss is their sum).
+        """
+        first, last = self._micro_position
+        # mutable(): a plain dict argument is a compile-time constant (a recompile per batch).
+        tensors = ms.mutable({k: Tensor(np.asarray(v, dtype=np.int32)) for k, v in inputs.items()})
+        lr = Tensor(self.lr_scheduler.get_last_lr(), ms.float32)
+        n = Tensor(float(max(1, num_items_in_batch)), ms.float32)
+        loss, norm, finite = self._compiled_step(tensors, n, lr, first, last)
+        if last:
+            self._last_grad_norm = float(norm.asnumpy())
+            self._last_finite = bool(finite.asnumpy())
+        return float(loss.asnumpy())
+
+    def log(self, logs: Dict[str, Any]) -> None:
+        """Record a dict of metrics: adds ``step``, appends to ``state.log_history``, fires ``on_log``."""
+        entry = dict(logs)
+        entry.setdefault("step", self.state.global_step)
+        self.state.log_history.append(entry)
+        self.callback_handler.fire("on_log", self.args, self.state, logs=entry, trainer=self)
+
+    # ------------------------------------------------------------------ compiled pieces
+    def _build(self, num_training_steps: int) -> None:
+        if self.optimizer is None:
+            self.optimizer = self.create_optimizer()
+        if self.lr_scheduler is None:
+            self.lr_scheduler = self.create_scheduler(num_training_steps)
+        if self.args.precision == "fp16" and self._loss_scale is None:
+            a = self.args
+            self._loss_scale = DynamicLossScale(a.loss_scale_init, a.loss_scale_factor, a.loss_scale_window)
+        if self._train_step is None:
+            params = list(getattr(self.optimizer, "params", self._trainable()))
+            self._train_step = _TrainStep(self, self.model, params, self.optimizer, self._loss_scale,
+                                          self.args.max_grad_norm or 0.0, self.args.gradient_accumulation_steps > 1)
+            self._compiled_step = ms.jit(self._train_step.construct,
+                                         dynamic=1 if self.args.jit_dynamic_shapes else 0)
+
+    # ------------------------------------------------------------------ training loop
+    def train(self, resume_from_checkpoint: Optional[Union[str, bool]] = None) -> TrainOutput:
+        """Train until ``max_steps`` (or ``num_train_epochs``) optimizer steps are done.
+
+        Args:
+            resume_from_checkpoint: a checkpoint folder, or True for the newest in ``output_dir``
+                (default: ``args.resume_from_checkpoint``). The run then continues exactly where the
+                checkpoint left off: same weights, optimizer moments, schedule, RNG and data position.
+
+        Returns:
+            A :class:`TrainOutput`.
+
+        Raises:
+            NonFiniteLossError: the loss became inf/NaN (fp32), or fp16 overflow persisted; the
+                message names the step and the last good checkpoint, whose files are kept.
+        """
+        args = self.args
+        dl = self.get_train_dataloader()
+        n_micro = len(dl)
+        if n_micro == 0:
+            raise ValueError(f"the train_dataset has {len(self.train_dataset)} samples: not one micro-batch of "
+                             f"{args.per_device_train_batch_size} with dataloader_drop_last=True")
+        ga = args.gradient_accumulation_steps
+        steps_per_epoch = max(1, -(-n_micro // ga))
+        max_steps = args.max_steps if args.max_steps > 0 else int(math.ceil(args.num_train_epochs * steps_per_epoch))
+        self.state = TrainerState(max_steps=max_steps, num_update_steps_per_epoch=steps_per_epoch)
+        self._build(max_steps)
+        self.model.set_train(True)
+        os.makedirs(args.output_dir, exist_ok=True)
+        remove_stale_temporaries(args.output_dir)
+
+        resume = resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint
+        if resume:
+            path = latest_checkpoint(args.output_dir) if resume is True else Path(resume)
+            if path is None:
+                raise CheckpointError(f"resume_from_checkpoint=True but {args.output_dir!r} has no checkpoint-* folder")
+            self._load_checkpoint(Path(path))
+            self.state.max_steps = max_steps
+
+        self.callback_handler.fire("on_train_begin", args, self.state, trainer=self)
+        start_time = time.perf_counter()
+        start_step = self.state.global_step
+        losses: List[float] = []
+        window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+        skipped_in_row = 0
+        skipped_total = 0
+        last_saved = None
+        it = dl.iter_epoch(self.state.epoch, self.state.step_in_epoch)
+        try:
+            while self.state.global_step < max_steps:
+                group: List[Dict[str, np.ndarray]] = []
+                while len(group) < ga:
+                    if self.state.step_in_epoch + len(group) >= n_micro:
+                        break
+                    group.append(next(it))
+                if not group:
+                    self.state.epoch += 1
+                    self.state.step_in_epoch = 0
+                    it = dl.iter_epoch(self.state.epoch, 0)
+                    continue
+                num_items = sum(_count_targets(b) for b in group)
+                lr_used = self.lr_scheduler.get_last_lr()
+                step_loss = 0.0
+                for i, batch in enumerate(group):
+                    self._micro_position = (i == 0, i == len(group) - 1)
+                    step_loss += self.training_step(self.model, batch, num_items)
+                step_no = self.state.global_step + 1
+                if not math.isfinite(step_loss) or (not self._last_finite and args.precision != "fp16"):
+                    raise NonFiniteLossError(self._nonfinite_message(step_loss, step_no, len(group)))
+                if not self._last_finite:
+                    skipped_in_row += 1
+                    skipped_total += 1
+                    if skipped_in_row >= MAX_CONSECUTIVE_SKIPPED:
+                        raise NonFiniteLossError(
+                            f"fp16: {skipped_in_row} steps in a row overflowed (up to step {step_no}) even after the "
+                            f"loss scale shrank; the model overflows in float16. "
+                            + self._last_good_text() + " Train with precision='fp32'.")
+                else:
+                    skipped_in_row = 0
+                self.state.global_step = step_no
+                self.state.step_in_epoch += len(group)
+                self.state.trained_tokens += num_items
+                self.lr_scheduler.step()
+                if self.state.step_in_epoch >= n_micro:
+                    self.state.epoch += 1
+                    self.state.step_in_epoch = 0
+                    it = dl.iter_epoch(self.state.epoch, 0)
+                losses.append(step_loss)
+                window["loss"] += step_loss
+                window["steps"] += 1
+                window["tokens"] += sum(_count_input_tokens(b) for b in group)
+
+                if step_no % args.logging_steps == 0 or step_no == max_steps:
+                    elapsed = max(time.perf_counter() - window["t0"], 1e-9)
+                    logs: Dict[str, Any] = {
+                        "loss": window["loss"] / window["steps"],
+                        "learning_rate": lr_used,
+                        "grad_norm": self._last_grad_norm,
+                        "tokens_per_second": window["tokens"] / elapsed,
+                        "epoch": self.state.epoch_float,
+                        "trained_tokens": self.state.trained_tokens,
+                    }
+                    if self._loss_scale is not None:
+                        logs["loss_scale"] = float(self._loss_scale.scale.asnumpy())
+                        logs["skipped_steps"] = skipped_total
+                    self.log(logs)
+                    window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+
+                if self.eval_dataset is not None and args.eval_steps and step_no % args.eval_steps == 0:
+                    self.evaluate()
+                self.callback_handler.fire("on_step_end", args, self.state, trainer=self, loss=step_loss)
+                want_save = (args.save_steps > 0 and step_no % args.save_steps == 0) or self.state.should_save
+                if want_save:
+                    self._save_with_eval()
+                    last_saved = step_no
+                    self.state.should_save = False
+                if self.state.should_stop:
+                    break
+            if args.save_steps > 0 and last_saved != self.state.global_step and self.state.global_step > start_step:
+                self._save_with_eval()
+            elif self.eval_dataset is not None and args.eval_steps is None and args.save_steps == 0:
+                self.evaluate()
+        finally:
+            self.callback_handler.fire("on_train_end", args, self.state, trainer=self)
+        runtime = time.perf_counter() - start_time
+        metrics = {"train_runtime": runtime, "train_steps": float(self.state.global_step - start_step),
+                   "train_tokens_per_second": self.state.trained_tokens / max(runtime, 1e-9)}
+        if self.state.last_eval_loss is not None:
+            metrics["eval_loss"] = self.state.last_eval_loss
+        return TrainOutput(self.state.global_step, float(np.mean(losses)) if losses else float("nan"), metrics)
+
+    def _last_good_text(self) -> str:
+        last = latest_checkpoint(self.args.output_dir)
+        if last is None:
+            return "No checkpoint had been written yet."
+        return f"The last good checkpoint is {str(last)!r} (resume with resume_from_checkpoint=True)."
+
+    def _nonfinite_message(self, loss: float, step: int, n_micro: int) -> str:
+        return (f"training stopped: the loss is {loss} at step {step} (epoch {self.state.epoch}, micro-batches "
+                f"{self.state.step_in_epoch}..{self.state.step_in_epoch + n_micro - 1} of the epoch); the parameters "
+                f"were not updated with this step. {self._last_good_text()} Lower learning_rate or max_grad_norm, "
+                f"or check the data.")
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, eval_dataset: Optional[Sequence[Dict[str, Any]]] = None) -> Dict[str, float]:
+        """Mean token cross-entropy over an evaluation set (compiled forward, no gradients).
+
+        Args:
+            eval_dataset: samples; default the trainer's ``eval_dataset``.
+
+        Returns:
+            ``{"eval_loss", "eval_tokens"}``; also logged and passed to ``on_evaluate``.
+        """
+        dl = self.get_eval_dataloader(eval_dataset)
+        if self._eval_step is None:
+            self._eval_step = _EvalStep(self, self.model)
+            self._compiled_eval = ms.jit(self._eval_step.construct)
+        self.model.set_train(False)
+        total, tokens = 0.0, 0
+        try:
+            for batch in dl.iter_epoch(0):
+                n = _count_targets(batch)
+                if n == 0:
+                    continue
+                tensors = ms.mutable({k: Tensor(np.asarray(v, dtype=np.int32)) for k, v in batch.items()})
+                mean = float(self._compiled_eval(tensors, Tensor(float(n), ms.float32)).asnumpy())
+                total += mean * n
+                tokens += n
+        finally:
+            self.model.set_train(True)
+        metrics = {"eval_loss": total / max(tokens, 1), "eval_tokens": float(tokens)}
+        self.state.last_eval_loss = metrics["eval_loss"]
+        self.log(dict(metrics))
+        self.callback_handler.fire("on_evaluate", self.args, self.state, metrics=metrics, trainer=self)
+        return metrics
+
+    # ------------------------------------------------------------------ saving
+    def save_model(self, output_dir: Optional[str] = None, merge_lora: bool = False) -> str:
+        """Save the trained model.
+
+        Full fine-tuning: the HF layout via ``model.save_pretrained``. LoRA: the adapter only
+        (``adapter_model.safetensors`` + ``adapter_config.json``, PEFT key names), or with
+        ``merge_lora=True`` the adapters are merged into the base weights first (the model is
+        changed in place and loses its adapters) and the merged model is saved in the HF layout.
+
+        Args:
+            output_dir: destination (default ``args.output_dir``).
+            merge_lora: see above.
+
+        Returns:
+            The folder written.
+        """
+        out = output_dir or self.args.output_dir
+        from .lora import lora_modules, merge_and_unload, save_adapter
+
+        if lora_modules(self.model):
+            if not merge_lora:
+                save_adapter(self.model, out)
+                return out
+            merge_and_unload(self.model)
+            self._train_step = None  # the graph referenced the adapter cells
+            self.optimizer = None
+        if not hasattr(self.model, "save_pretrained"):
+            raise TypeError(f"{type(self.model).__name__} has no save_pretrained(); save its parameters with "
+                            "mindspore.save_checkpoint instead")
+        self.model.save_pretrained(out)
+        return out
+
+    def _save_with_eval(self) -> None:
+        if self.eval_dataset is not None and self.args.eval_steps is None:
+            self.evaluate()
+        self._save_checkpoint()
+
+    def _save_checkpoint(self) -> Path:
+        step = self.state.global_step
+        from .lora import lora_modules, save_adapter
+
+        lora = bool(lora_modules(self.model))
+        state_dict = self.state.to_dict()
+
+        def write(tmp: Path) -> None:
+            if lora:
+                save_adapter(self.model, tmp)
+            elif hasattr(self.model, "save_pretrained"):
+                self.model.save_pretrained(tmp)
+            else:
+                save_tensors(tmp / "model.safetensors", {p.name: p for p in self._trainable()})
+            opt_state: Dict[str, Any] = dict(self.optimizer.state_tensors()) if hasattr(
+                self.optimizer, "state_tensors") else {}
+            if self._loss_scale is not None:
+                scale, counter = self._loss_scale.state_tensors()
+                opt_state[scale.name] = scale
+                opt_state[counter.name] = counter
+            save_tensors(tmp / "optimizer.safetensors", opt_state)
+            write_json(tmp / "trainer_state.json", {
+                "state": state_dict,
+                "scheduler": self.lr_scheduler.state_dict(),
+                "rng": capture_rng_state(),
+                "data": {"epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch,
+                         "seed": self.args.seed, "shuffle": self.args.shuffle,
+                         "batch_size": self.args.per_device_train_batch_size,
+                         "num_samples": len(self.train_dataset) if self.train_dataset is not None else None},
+            })
+            write_json(tmp / "training_args.json", self.args.to_dict())
+
+        path = write_checkpoint_dir(self.args.output_dir, step, write)
+        if self.state.last_eval_loss is not None and (self.state.best_metric is None
+                                                      or self.state.last_eval_loss < self.state.best_metric):
+            self.state.best_metric = self.state.last_eval_loss
+            self.state.best_checkpoint = str(path)
+            # Record the best in the folder just written too, so a resume from it knows.
+            self._patch_state_file(path)
+        rotate_checkpoints(self.args.output_dir, self.args.save_total_limit, self.state.best_checkpoint)
+        self.callback_handler.fire("on_save", self.args, self.state, checkpoint_dir=str(path), trainer=self)
+        return path
+
+    def _patch_state_file(self, path: Path) -> None:
+        import json
+
+        from ..hub import atomic_write_text
+
+        f = path / "trainer_state.json"
+        data = json.loads(f.read_text(encoding="utf-8"))
+        data["state"]["best_metric"] = self.state.best_metric
+        data["state"]["best_checkpoint"] = self.state.best_checkpoint
+        atomic_write_text(f, json.dumps(data, indent=2, sort_keys=True, default=str))
+
+    def _load_checkpoint(self, path: Path) -> None:
+        import json
+
+        if not path.is_dir() or not (path / "trainer_state.json").is_file():
+            raise CheckpointError(f"{str(path)!r} is not a checkpoint folder (it needs trainer_state.json); "
+                                  f"pass a checkpoint-<step> folder from {self.args.output_dir!r} or True")
+        from .lora import load_adapter_weights, lora_modules
+
+        if lora_modules(self.model):
+            load_adapter_weights(self.model, path)
+        elif (path / "config.json").is_file() and hasattr(type(self.model), "from_hf"):
+            storage = self._trainable()[0].dtype
+            loaded = type(self.model).from_hf(str(path), dtype=storage)
+            self._copy_params(dict((n, p) for n, p in loaded.parameters_and_names()), path)
+        else:
+            arrays = load_tensors(path / "model.safetensors")
+            self._copy_params(arrays, path)
+        opt = load_tensors(path / "optimizer.safetensors")
+        targets: Dict[str, Parameter] = dict(self.optimizer.state_tensors()) if hasattr(
+            self.optimizer, "state_tensors") else {}
+        if self._loss_scale is not None:
+            for p in self._loss_scale.state_tensors():
+                targets[p.name] = p
+        missing = [k for k in targets if k not in opt]
+        if missing:
+            raise CheckpointError(f"{path}/optimizer.safetensors lacks {len(missing)} tensors, e.g. {missing[:3]}: "
+                                  "it was written for a different model, LoRA setting or precision")
+        for k, p in targets.items():
+            arr = opt[k]
+            if tuple(arr.shape) != tuple(p.shape):
+                raise CheckpointError(f"optimizer tensor {k!r} has shape {arr.shape} in {path}, expected {p.shape}")
+            p.set_data(Tensor(arr).astype(p.dtype))
+        data = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        self.state = TrainerState.from_dict(data["state"])
+        self.lr_scheduler.load_state_dict(data["scheduler"])
+        restore_rng_state(data.get("rng", {}))
+
+    def _copy_params(self, source: Dict[str, Any], path: Path) -> None:
+        params = self._trainable()
+        missing = [p.name for p in params if p.name not in source]
+        if missing:
+            raise CheckpointError(f"checkpoint {str(path)!r} lacks {len(missing)} trainable parameters, e.g. "
+                                  f"{missing[:3]}: it belongs to a different model")
+        masters = {}
+        if isinstance(self.optimizer, AdamW):
+            masters = {p.name: w for p, w, low in zip(self.optimizer.params, self.optimizer.master,
+                                                      self.optimizer.has_master) if low}
+        for p in params:
+            src = source[p.name]
+            value = src.value() if isinstance(src, Parameter) else Tensor(np.asarray(src))
+            if tuple(value.shape) != tuple(p.shape):
+                raise CheckpointError(f"parameter {p.name!r} has shape {tuple(value.shape)} in {path}, "
+                                      f"the model expects {tuple(p.shape)}")
+            p.set_data(value.astype(p.dtype))
+            if p.name in masters:
+                masters[p.name].set_data(value.astype(ms.float32))
