@@ -266,3 +266,16 @@ def test_unresolvable_location_raises_hub_error(tmp_path):
         Qwen2ForCausalLM.from_hf(tmp_path / "does-not-exist")
     with pytest.raises(HubError, match="HF_HUB_OFFLINE"):
         Qwen2ForCausalLM.from_hf("nobody/no-such-qwen2-model")
+
+
+def test_load_casts_equal_torch_bit_for_bit():
+    x = torch.randn(300, 37) * 100
+    x[0, :4] = torch.tensor([float("inf"), float("-inf"), 1e-40, -0.0])
+    b = x.to(torch.bfloat16)
+    bf16_np = np.dtype(ms.dtype_to_nptype(ms.bfloat16))
+    widened = ckpt._cast(b.view(torch.int16).numpy().view(bf16_np), "BF16", ms.float32, np.dtype(np.float32))
+    assert np.array_equal(widened.view(np.uint32), b.float().numpy().view(np.uint32))
+    half = ckpt._cast(x.numpy(), "F32", ms.float16, np.dtype(np.float16))
+    assert np.array_equal(half.view(np.uint16), x.half().numpy().view(np.uint16))
+    rounded = ckpt._cast(x.numpy(), "F32", ms.bfloat16, bf16_np)
+    assert np.array_equal(rounded.view(np.uint16), b.view(torch.int16).numpy().view(np.uint16))
