@@ -240,6 +240,13 @@ def test_segment_ids_equal_separate_sequences(tmp_path):
     assert_close(out[:, 5:], model(b).logits.asnumpy(), 1e-5)
     leaky = model(packed, position_ids=pos).logits.asnumpy()
     assert np.abs(leaky[:, 5:] - out[:, 5:]).max() > 1e-3
+    derived = model(packed, segment_ids=seg).logits.asnumpy()  # positions restart per segment by default
+    assert_close(derived, out, 1e-6)
+    # segment ids with right padding (padding as its own segment, masked out)
+    padded = np.concatenate([packed, np.zeros((1, 2), np.int64)], 1)
+    pseg = np.concatenate([seg, np.full((1, 2), 2)], 1)
+    pmask = np.concatenate([np.ones((1, 9)), np.zeros((1, 2))], 1).astype(np.int64)
+    assert_close(model(padded, attention_mask=pmask, segment_ids=pseg).logits.asnumpy()[:, :9], out, 1e-5)
 
 
 def test_loss_all_ignored_is_zero_not_nan(tmp_path):

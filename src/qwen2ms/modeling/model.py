@@ -15,9 +15,11 @@ Forward API (``model(...)`` accepts NumPy arrays or MindSpore tensors)::
 
     out = model(input_ids,               # [B, T] int
                 attention_mask=None,     # [B, T] 1 = real token, 0 = padding (with a cache: [B, <= max_length])
-                position_ids=None,       # [B, T]; default: cumsum(mask) - 1 (left padding), else slot index
+                position_ids=None,       # [B, T]; default: per segment with segment_ids, else
+                                         #   cumsum(mask) - 1 with a mask (left padding), else the slot index
                 labels=None,             # [B, T]; -100 = ignored; shifted inside (HF semantics)
-                segment_ids=None,        # [B, T] packed sequences: attention stays within a segment
+                segment_ids=None,        # [B, T] packed sequences (contiguous runs of one id): attention
+                                         #   stays within a segment; combine with attention_mask for padding
                 cache=None,              # KVCache (see qwen2ms.modeling.cache)
                 cache_position=None,     # first cache slot written by this call (int or int32 Tensor)
                 output_router_logits=None,  # MoE: also return aux_loss (default: config.output_router_logits)
@@ -345,13 +347,12 @@ class Qwen2Model(nn.Cell):
         >>> hidden, _ = m(np.array([[1, 2, 3]]))
     """
 
-    def __init__(self, config: Qwen2Config, dtype: Any = None, init_weights: bool = True, seed: int = 0,
-                 _init: Optional[_Init] = None) -> None:
+    def __init__(self, config: Qwen2Config, dtype: Any = None, init_weights: bool = True, seed: int = 0) -> None:
         super().__init__()
         config.validate()
         self.config = config
         storage = resolve_dtype(dtype) if dtype is not None else ms.float32
-        init = _init or _Init(storage, config.initializer_range, seed, empty=not init_weights)
+        init = _Init(storage, config.initializer_range, seed, empty=not init_weights)
         self.storage_dtype = storage
         self.compute_dtype = compute_dtype_for(storage)
         self.embed_tokens = Embedding(init, config.vocab_size, config.hidden_size, self.compute_dtype)
@@ -372,7 +373,13 @@ class Qwen2Model(nn.Cell):
         q_slots = ops.arange(t, dtype=ms.int32) + start  # [T] cache slots of this call's tokens
         key_len = t if cache is None else cache.max_length
         if position_ids is None:
-            if attention_mask is None:
+            if segment_ids is not None:
+                # Packed sequences: each segment counts its own positions from 0.
+                seg = segment_ids.astype(ms.int32)
+                same = ops.logical_and(ops.equal(seg.expand_dims(2), seg.expand_dims(1)),
+                                       ops.tril(ops.ones((t, t), ms.bool_)).expand_dims(0))  # [B, T, T]
+                position_ids = same.astype(ms.int32).sum(-1) - 1
+            elif attention_mask is None:
                 position_ids = q_slots.reshape(1, t)
             else:
                 # Left padding: a row's positions count its real tokens (the HF generate convention).
@@ -406,9 +413,9 @@ class Qwen2Model(nn.Cell):
         """Run on NumPy arrays or MindSpore tensors; returns ``(hidden [B, T, H], router_logits)``."""
         if isinstance(cache_position, (int, np.integer)):
             cache_position = Tensor(int(cache_position), ms.int32)
-        return super().__call__(_to_tensor(input_ids, "input_ids"), _to_tensor(attention_mask, "attention_mask", allow_float=True),
-                                _to_tensor(position_ids, "position_ids"), _to_tensor(segment_ids, "segment_ids"),
-                                cache, cache_position)
+        mask = _to_tensor(attention_mask, "attention_mask", allow_float=True)
+        return super().__call__(_to_tensor(input_ids, "input_ids"), mask, _to_tensor(position_ids, "position_ids"),
+                                _to_tensor(segment_ids, "segment_ids"), cache, cache_position)
 
 
 class Qwen2ForCausalLM(nn.Cell):
