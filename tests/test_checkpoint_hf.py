@@ -103,12 +103,16 @@ def test_sharded_save_and_load(tmp_path, moe):
     assert not (out / ckpt.INDEX_NAME).exists()
 
 
-def test_transformers_sharded_checkpoint_loads(tmp_path):
-    hf, _ = make_hf(tmp_path)
+def test_transformers_sharded_checkpoint_loads(tmp_path, capfd):
+    hf, single = make_hf(tmp_path)
     src = tmp_path / "hf_sharded"
     hf.save_pretrained(src, max_shard_size="50KB")
     assert (src / ckpt.INDEX_NAME).is_file()
+    capfd.readouterr()
+    Qwen2ForCausalLM.from_hf(single)
+    assert "Loading checkpoint shards" not in capfd.readouterr().err  # one file: no progress bar
     model = Qwen2ForCausalLM.from_hf(src)
+    assert "Loading checkpoint shards" in capfd.readouterr().err
     ids = ids_for(1, 5)
     assert_close(model(ids).logits, hf_logits(hf, ids).logits.numpy())
 
