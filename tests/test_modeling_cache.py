@@ -10,14 +10,14 @@ from qwen2ms.modeling import KVCache, Qwen2ForCausalLM  # noqa: E402
 TOL = 1e-4
 
 
-def tiny(moe=False, **kw):
+def tiny(moe=False, dtype=None, **kw):
     base = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2)
     if moe:
         base.update(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                     shared_expert_intermediate_size=24)
     base.update(kw)
-    return Qwen2ForCausalLM(Qwen2Config(**base), seed=7)
+    return Qwen2ForCausalLM(Qwen2Config(**base), dtype=dtype, seed=7)
 
 
 def left_padded(lengths, t, seed=0, vocab=128):
@@ -60,6 +60,17 @@ def test_cached_decode_equals_full_recompute(moe, jit):
         n = t + i
         ref = model(tokens[:, :n], attention_mask=full_mask[:, :n]).logits.asnumpy()[:, -1]
         assert np.abs(logits - ref).max() <= TOL, f"step {i}"
+
+
+def test_float16_cache_decode():
+    model = tiny(dtype="float16")
+    ids, mask = left_padded([5, 2], 5, seed=3)
+    steps, tokens, full_mask = greedy_cached(model, ids, mask, 2, jit=False)
+    assert model.new_cache(1, 4).keys[0].dtype == ms.float16
+    for i, logits in enumerate(steps):
+        n = 5 + i
+        ref = model(tokens[:, :n], attention_mask=full_mask[:, :n]).logits.asnumpy()[:, -1]
+        assert np.isfinite(logits).all() and np.abs(logits - ref).max() <= 1e-2
 
 
 def test_sliding_window_with_cache():
