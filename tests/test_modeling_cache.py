@@ -90,8 +90,8 @@ def test_decode_step_compiles_once_and_is_reused():
     model = tiny()
     cache = model.new_cache(1, 16)
     mask = np.ones((1, 16), np.int32)
-    model.forward_step(np.array([[5, 6, 7]]), mask, None, cache, 0, 1)  # prefill graph
-    model.forward_step(np.array([[9]]), mask, np.array([[3]]), cache, ms.Tensor(3, ms.int32))  # decode graph
+    first = model.forward_step(np.array([[5, 6, 7]]), mask, None, cache, 0, 1).asnumpy()  # prefill graph
+    dec = model.forward_step(np.array([[9]]), mask, np.array([[3]]), cache, ms.Tensor(3, ms.int32)).asnumpy()
     graphs = len(ms_api.ms_compile_cache)
     steps = dict(cache.__dict__["_compiled_steps"])
     for pos in range(4, 9):
@@ -100,6 +100,13 @@ def test_decode_step_compiles_once_and_is_reused():
     assert cache.__dict__["_compiled_steps"] == steps
     k = cache.keys[0].asnumpy()[0]
     assert np.abs(k[:, :9]).sum(-1).min() > 0 and np.abs(k[:, 9:]).max() == 0
+    # a reset cache serves a new request through the same compiled graphs
+    cache.reset()
+    assert np.abs(cache.keys[0].asnumpy()).max() == 0
+    np.testing.assert_array_equal(model.forward_step(np.array([[5, 6, 7]]), mask, None, cache, 0, 1).asnumpy(), first)
+    again = model.forward_step(np.array([[9]]), mask, np.array([[3]]), cache, ms.Tensor(3, ms.int32)).asnumpy()
+    np.testing.assert_array_equal(again, dec)
+    assert len(ms_api.ms_compile_cache) == graphs
 
 
 def test_chunked_prefill_equals_one_prefill():
