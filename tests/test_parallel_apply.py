@@ -94,6 +94,16 @@ def test_one_device_parallelize_equals_model():
     assert [p.name for p in pm.trainable_params()] == names
     with pytest.raises(ParallelConfigError, match="world size is 1"):
         parallelize(Qwen2ForCausalLM(cfg), ParallelConfig(model_parallel=2))
+    import mindspore as ms
+
+    params = pm.trainable_params()
+    ids_t = ms.Tensor(ids.astype(np.int32))
+    total, count, aux = pm.token_loss(ids_t, ids_t)
+    assert float((total / count).asnumpy()) == pytest.approx(float(ref.loss.asnumpy()), abs=1e-6)
+    assert float(aux.asnumpy()) == 0.0
+    _, grads = ms.value_and_grad(lambda i: pm(i, labels=i).loss, None, params)(ids_t)
+    local = np.sqrt(sum(float((g.asnumpy().astype(np.float64) ** 2).sum()) for g in grads))
+    assert float(pm.grad_norm(grads).asnumpy()) == pytest.approx(local, rel=1e-6)
     cache = pm.new_cache(2, 8)
     assert cache.keys[0].shape == (2, 2, 8, 8)
     np.testing.assert_allclose(pm.forward_step(ids[:, :3], None, None, cache, 0).asnumpy(),

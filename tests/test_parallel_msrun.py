@@ -56,6 +56,10 @@ def test_collectives_match_definitions(ranks, tag):
     np.testing.assert_array_equal(ranks[1][f"{tag}/recv"], xs[0] * 2)
 
 
+def _norm(grads):
+    return float(np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values())))
+
+
 def _shard(name, pname, full, rank):
     from qwen2ms.parallel.plans import PARAM_PLAN, match, param_shard
 
@@ -81,6 +85,11 @@ def test_layout_matches_single_process(ranks, name):
                                        atol=ATOL, rtol=1e-4, err_msg=f"{name} grad {pname} rank {r}")
             np.testing.assert_allclose(got[f"{name}/param/{pname}"], _shard(name, pname, ref["params"][pname], r),
                                        atol=ATOL, rtol=1e-4, err_msg=f"{name} param {pname} after step rank {r}")
+            if name in cases.JIT:
+                np.testing.assert_allclose(got[f"{name}/jit_grad/{pname}"],
+                                           _shard(name, pname, ref["grads"][pname], r), atol=ATOL, rtol=1e-4,
+                                           err_msg=f"{name} ms.jit grad {pname} rank {r}")
+        assert float(got[f"{name}/grad_norm"]) == pytest.approx(_norm(ref["grads"]), rel=1e-5)
     losses = [float(ranks[r][f"{name}/loss"]) for r in range(2)]
     after = [float(ranks[r][f"{name}/loss_after"]) for r in range(2)]
     if split_batch:
@@ -121,6 +130,7 @@ def test_pipeline_matches_single_process(ranks, name):
             np.testing.assert_allclose(got[f"{name}/param/{pname}"], ref["params"][pname], atol=ATOL, rtol=1e-4,
                                        err_msg=f"{name} param {pname} after step, stage {stage}")
         assert float(got[f"{name}/loss"]) == pytest.approx(ref["loss"], abs=1e-5)
+        assert float(got[f"{name}/grad_norm"]) == pytest.approx(_norm(ref["grads"]), rel=1e-5)
         assert float(got[f"{name}/loss_after"]) == pytest.approx(ref["loss_after"], abs=1e-5)
     assert f"{name}/logits_after" not in ranks[0]
     np.testing.assert_allclose(ranks[1][f"{name}/logits_after"], ref["logits_after"], atol=ATOL, rtol=1e-5)

@@ -22,6 +22,8 @@ CASES = {
 
 #: cases whose parallel model also generates (greedy, KV cache, compiled decode step)
 GENERATE = ("tp", "tp_tied_kvrep")
+#: cases whose gradients are also taken inside ms.jit (through ParallelCausalLM.token_loss)
+JIT = ("tp_sp", "moe_ep")
 PROMPT, NEW_TOKENS = 5, 4
 
 #: name -> (config fields, ParallelConfig fields); every stage sees the whole batch.

@@ -58,6 +58,16 @@ for name in cases.CASES:
     ids_t, labels_t = Tensor(ids), Tensor(labels)
     _, grads = ms.value_and_grad(lambda i, l: pm(i, labels=l).loss, None, params)(ids_t, labels_t)
     grads = pm.grad_sync(grads)
+    out[f"{name}/grad_norm"] = pm.grad_norm(grads).asnumpy()
+    if name in cases.JIT:
+        # the compiled path a trainer uses: value_and_grad of token_loss inside ms.jit
+        def step_loss(i, l):
+            total, count, _ = pm.token_loss(i, l)
+            return total / count
+
+        jit_grads = ms.jit(ms.value_and_grad(step_loss, None, params))(ids_t, labels_t)[1]
+        for p, g in zip(params, pm.grad_sync(jit_grads)):
+            out[f"{name}/jit_grad/{p.name}"] = g.asnumpy()
     opt = make_optimizer(pm, lambda ps: nn.AdamWeightDecay(ps, learning_rate=cases.LR, weight_decay=0.1))
     opt(grads)
     if pc.optimizer_shard:
@@ -79,6 +89,7 @@ for name in cases.PIPELINE_CASES:
     pm = parallelize(Qwen2ForCausalLM(cfg, seed=cases.SEED), pc)
     loss, grads = pm.forward_backward(ids, labels)
     out[f"{name}/loss"] = loss.asnumpy()
+    out[f"{name}/grad_norm"] = pm.grad_norm(grads).asnumpy()
     params = pm.trainable_params()
     opt = nn.AdamWeightDecay(params, learning_rate=cases.LR, weight_decay=0.1)
     opt(grads)

@@ -40,7 +40,7 @@ from .comm import (AllGather, AllReduce, CopyToGroup, GatherFromGroup, GatherToG
 from .config import ParallelConfig, ParallelConfigError
 from .plans import MODULE_PLAN, PARAM_PLAN, local_kv_heads, match, param_shard
 
-__all__ = ["parallelize", "shard_parameters", "ParallelCausalLM", "GradientSync", "ParallelGroups",
+__all__ = ["parallelize", "shard_parameters", "ParallelCausalLM", "GradientSync", "GradNorm", "ParallelGroups",
            "vocab_parallel_cross_entropy"]
 
 
@@ -309,6 +309,33 @@ class GradientSync(nn.Cell):
         return out
 
 
+class GradNorm(nn.Cell):
+    """The global L2 norm of the whole model's gradients, from this rank's (synchronised) gradients.
+
+    Each rank adds ``|g|^2 / copies`` for its parameters, where ``copies`` counts the ranks of its
+    model-parallel block (tensor x expert x pipeline ranks of one data-parallel replica) holding an
+    identical copy of that tensor; one all-reduce over the block then sums every distinct shard
+    exactly once. Use it for gradient clipping (``clip_grads_by_norm``) instead of a local norm.
+
+    Args:
+        weights: per parameter, ``1 / copies``.
+        block: the model-parallel block group.
+    """
+
+    def __init__(self, weights: List[float], block: Group) -> None:
+        super().__init__()
+        self.weights = [float(w) for w in weights]
+        self.n = len(weights)
+        self.reduce = AllReduce(block)
+
+    def construct(self, grads):
+        total = ops.zeros((), ms.float32)
+        for i in range(self.n):
+            g = grads[i].astype(ms.float32)
+            total = total + (g * g).sum() * self.weights[i]
+        return ops.sqrt(self.reduce(total))
+
+
 # ---------------------------------------------------------------------------------------------
 # The wrapped model
 # ---------------------------------------------------------------------------------------------
@@ -323,6 +350,7 @@ class ParallelCausalLM(nn.Cell):
         parallel_config: the layout.
         groups: this rank's :class:`ParallelGroups`.
         grad_sync: the :class:`GradientSync` for ``trainable_params()``.
+        grad_norm: the :class:`GradNorm` for ``trainable_params()`` (global norm for clipping).
         gather_logits: whether ``logits`` are gathered to the full vocabulary (else this rank's slice).
     """
 
@@ -358,6 +386,7 @@ class ParallelCausalLM(nn.Cell):
             self.head_enter = _Identity()
         self.is_moe = lm.is_moe
         self.grad_sync = GradientSync([])
+        self.grad_norm = GradNorm([], single_group(groups.rank))
         # What generation reads from a model, passed through.
         self.generation_config_dict = lm.generation_config_dict
         self.tokenizer = lm.tokenizer
@@ -370,6 +399,31 @@ class ParallelCausalLM(nn.Cell):
                 cell = cell.inner
             return cell.weight
         return self.lm.lm_head.weight
+
+    def token_loss(self, input_ids, labels, attention_mask=None, position_ids=None, segment_ids=None):
+        """``(loss_sum, count, aux_loss)`` as plain tensors, for a compiled train step.
+
+        ``loss_sum`` is the summed token cross-entropy of the shifted labels (vocabulary-parallel when
+        the head is split), ``count`` the number of counted tokens, ``aux_loss`` the MoE
+        load-balancing loss (zero for dense models or without ``output_router_logits``). Unlike the
+        :class:`CausalLMOutput` of ``__call__`` it builds no named tuple, which MindSpore 2.10 cannot
+        differentiate through inside ``ms.jit``.
+        """
+        lm = self.lm
+        hidden, router_logits = lm.model(input_ids, attention_mask, position_ids, segment_ids, None, None)
+        hidden = self.head_enter(hidden)
+        logits = qops.linear(hidden, self._head_weight()).astype(ms.float32)
+        v = logits.shape[-1]
+        flat = logits[:, :-1].reshape(-1, v)
+        tgt = labels[:, 1:].reshape(-1)
+        if self.vocab_split:
+            total, count = vocab_parallel_cross_entropy(flat, tgt, self.vocab_start, self.ce_sum, self.ce_max)
+        else:
+            total, count = qops.cross_entropy(flat, tgt)
+        aux = ops.zeros((), ms.float32)
+        if self.is_moe and lm.default_router_logits:
+            aux = qops.load_balancing_loss(router_logits, lm.num_experts, lm.top_k, attention_mask)
+        return total, count, aux
 
     def construct(self, input_ids, attention_mask=None, position_ids=None, labels=None, segment_ids=None,
                   cache=None, cache_position=None, output_router_logits=None, logits_to_keep=0):
@@ -543,6 +597,7 @@ def parallelize(model: nn.Cell, parallel_config: ParallelConfig, *, gather_logit
         stage_layers = prune_to_stage(lm, pc, groups.pp_rank)
     pm = ParallelCausalLM(lm, pc, groups, gather_logits=gather_logits)
     pm.grad_sync = _build_grad_sync(pm, groups, cfg, pc, seq)
+    pm.grad_norm = _build_grad_norm(pm, groups, cfg, pc)
     if stage_layers is None:
         return pm
     from .pipeline import PipelineCausalLM
@@ -596,6 +651,27 @@ def _replace_child(parent: nn.Cell, attr: str, new: nn.Cell) -> None:
         setattr(parent, attr, new)
     for p in new.get_parameters():
         p.name = names[id(p)]
+
+
+def _build_grad_norm(pm: ParallelCausalLM, groups: ParallelGroups, cfg, pc: ParallelConfig) -> GradNorm:
+    mp, ep, pp = pc.model_parallel, pc.expert_parallel, pc.pipeline_stage
+    block_id = groups.dp_rank // ep
+    block = [r for r in range(pc.world_size) if pc.rank_coords(r)[1] // ep == block_id]
+    weights = []
+    for p in pm.trainable_params():
+        split = match(PARAM_PLAN, p.name)
+        tp_split = split is not None and split.dim is not None and mp > 1 and not (
+            split.kind == "vocab" and pc.vocab_emb_dp)
+        if not tp_split:
+            tp_copies = mp
+        elif split.kind == "kv_heads" and cfg.num_key_value_heads < mp:
+            tp_copies = mp // cfg.num_key_value_heads
+        else:
+            tp_copies = 1
+        ep_copies = 1 if (split is not None and split.expert_dim is not None) else ep
+        pp_copies = 2 if (pp > 1 and cfg.tie_word_embeddings and p.name == "model.embed_tokens.weight") else 1
+        weights.append(1.0 / (tp_copies * ep_copies * pp_copies))
+    return GradNorm(weights, new_group(block))
 
 
 def _build_grad_sync(pm: ParallelCausalLM, groups: ParallelGroups, cfg, pc: ParallelConfig, seq: bool

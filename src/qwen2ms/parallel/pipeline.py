@@ -116,6 +116,7 @@ class PipelineCausalLM(nn.Cell):
         self._prev: Optional[Group] = new_group([pp_ranks[stage - 1], rank]) if stage > 0 else None
         self._next: Optional[Group] = new_group([rank, pp_ranks[stage + 1]]) if not self.is_last else None
         self.grad_sync = head.grad_sync
+        self.grad_norm = head.grad_norm
 
     # --------------------------------------------------------------------- helpers
     def _hidden_shape(self, batch: int, seq: int) -> Tuple[int, int, int]:
