@@ -373,3 +373,31 @@ def test_attention_gradient(kernels):
     p = _t(rng.standard_normal(q.shape))
     _assert_grads(_grads(lambda q, k, v: (kernels.attention(q, k, v, mask, 0.3) * p).sum(), (q, k, v), (0, 1, 2)),
                   _grads(lambda q, k, v: (reference.attention(q, k, v, mask, 0.3) * p).sum(), (q, k, v), (0, 1, 2)))
+
+
+def test_compiled_gradients_with_every_linear_variant_in_one_graph(kernels):
+    """Variants with different input counts in one compiled graph (MindSpore caches Custom graphs by name)."""
+    x = _t(rng.standard_normal((2, 3, 8)))
+    w = ms.Parameter(_t(rng.standard_normal((8, 8))), name="w")
+    b = ms.Parameter(_t(rng.standard_normal(8)), name="b")
+    qw = quantize_int8(rng.standard_normal((8, 8)))
+    q, s = Tensor(qw.q), Tensor(qw.scale)
+    ids = Tensor(np.array([[1, 2]], np.int32))
+
+    def loss(x):
+        h = kernels.linear(kernels.linear(x, w, b), w)
+        h = kernels.linear_int8(kernels.linear_int8(h, q, s, b), q, s)
+        e = kernels.embedding(ids, w, ms.float32).sum() + kernels.embedding(ids, q, ms.float32, scale=s).sum()
+        return h.sum() + e
+
+    def ref(x):
+        wq = Tensor(qw.q.astype(np.float32) * qw.scale[:, None])
+        h = ops.matmul(ops.matmul(x, w.T) + b, w.T)
+        h = ops.matmul(ops.matmul(h, wq.T) + b, wq.T)
+        return h.sum() + ops.gather(w, ids, 0).sum() + ops.gather(wq, ids, 0).sum()
+
+    got = ms.jit(ms.value_and_grad(loss, 0, [w, b]))(x)
+    want = ms.value_and_grad(ref, 0, [w, b])(x)
+    np.testing.assert_allclose(got[0].asnumpy(), want[0].asnumpy(), rtol=1e-4, atol=1e-4)
+    _assert_grads([got[1][0].asnumpy(), *[g.asnumpy() for g in got[1][1]]],
+                  [want[1][0].asnumpy(), *[g.asnumpy() for g in want[1][1]]])

@@ -356,11 +356,22 @@ class CpuKernels:
         def embedding_dtype(*dts):
             return ms.float32
 
-        self._embedding = custom("Embedding", embedding_shape, embedding_dtype)
+        def embedding_bprop(ids, table, out, dout):
+            # Rows of the table receive the sum of the gradients of every position that read them.
+            h = table.shape[1]
+            rows = ops.reshape(ops.cast(dout, ms.float32), (-1, h))
+            grad = ops.unsorted_segment_sum(rows, ops.reshape(ids, (-1,)), table.shape[0])
+            return ops.zeros_like(ids), ops.cast(grad, table.dtype)
+
+        def embedding_q_bprop(ids, table, scale, out, dout):
+            return ops.zeros_like(ids), ops.zeros_like(table), ops.zeros_like(scale)  # int8 tables are frozen
+
+        self._embedding = custom("Embedding", embedding_shape, embedding_dtype, embedding_bprop)
+        self._embedding_q = custom("EmbeddingInt8", embedding_shape, embedding_dtype, embedding_q_bprop)
         self._linear = custom("Linear", linear_shape, first_dtype, linear_bprop)
-        self._linear_bias = custom("Linear", linear_shape, first_dtype, linear_bias_bprop)
-        self._linear_q = custom("Linear", linear_shape, first_dtype, linear_q_bprop)
-        self._linear_q_bias = custom("Linear", linear_shape, first_dtype, linear_q_bias_bprop)
+        self._linear_bias = custom("LinearBias", linear_shape, first_dtype, linear_bias_bprop)
+        self._linear_q = custom("LinearInt8", linear_shape, first_dtype, linear_q_bprop)
+        self._linear_q_bias = custom("LinearInt8Bias", linear_shape, first_dtype, linear_q_bias_bprop)
 
     def rms_norm(self, x, weight, eps: float):
         """RMSNorm over the last axis: ``weight * cast(x * rsqrt(mean(x^2) + eps), x.dtype)``.
@@ -458,7 +469,7 @@ class CpuKernels:
         Returns:
             [..., H] in ``dtype``.
         """
-        out = self._embedding(input_ids, table) if scale is None else self._embedding(input_ids, table, scale)
+        out = self._embedding(input_ids, table) if scale is None else self._embedding_q(input_ids, table, scale)
         return out if dtype == ms.float32 else ops.cast(out, dtype)
 
     def linear_int8(self, x, q, scale, bias=None):

@@ -6,9 +6,10 @@
 
 using namespace qk;
 
+namespace {
 // inputs: ids [...] int32/int64, table [V, H], (scale [V] fp32 when the table is int8); output [..., H] fp32.
 // Returns 4 when an id is outside [0, V).
-QK_KERNEL(Embedding) {
+int embedding(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 3 && nparam != 4) return 1;
   const bool i64 = std::strcmp(dtypes[0], "int64") == 0;
   if (!i64 && std::strcmp(dtypes[0], "int32") != 0) return 2;
@@ -29,3 +30,8 @@ QK_KERNEL(Embedding) {
   }
   return 0;
 }
+}  // namespace
+
+// Separate names for the two input signatures (see linear.cpp).
+QK_KERNEL(Embedding) { return nparam == 3 ? embedding(nparam, params, ndims, shapes, dtypes) : 1; }
+QK_KERNEL(EmbeddingInt8) { return nparam == 4 ? embedding(nparam, params, ndims, shapes, dtypes) : 1; }

@@ -116,8 +116,9 @@ void linear_impl(const float *x, const void *w, int64_t M, int64_t N, int64_t K,
 
 }  // namespace
 
+namespace {
 // inputs: x [..., K], weight [N, K], (scale [N] fp32 when weight is int8), (bias [N]); output [..., N].
-QK_KERNEL(Linear) {
+int linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam < 3) return 1;
   const int out = nparam - 1;
   DType xt = dtype_of(dtypes[0]), wt = dtype_of(dtypes[1]), ot = dtype_of(dtypes[out]);
@@ -148,3 +149,11 @@ QK_KERNEL(Linear) {
   }
   return 0;
 }
+}  // namespace
+
+// One exported name per input signature: MindSpore caches a Custom op's graph by its function name, so
+// variants with different input counts must not share one.
+QK_KERNEL(Linear) { return nparam == 3 ? linear(nparam, params, ndims, shapes, dtypes) : 1; }
+QK_KERNEL(LinearBias) { return nparam == 4 ? linear(nparam, params, ndims, shapes, dtypes) : 1; }
+QK_KERNEL(LinearInt8) { return nparam == 4 ? linear(nparam, params, ndims, shapes, dtypes) : 1; }
+QK_KERNEL(LinearInt8Bias) { return nparam == 5 ? linear(nparam, params, ndims, shapes, dtypes) : 1; }
