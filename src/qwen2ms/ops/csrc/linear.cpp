@@ -2,6 +2,8 @@
 //
 // Decode is memory-bound: each weight row is streamed once per call and reused for up to four rows of x,
 // so the bytes read per token are the weight bytes (half of fp32 for bf16, a quarter for int8).
+#include <algorithm>
+
 #include "common.h"
 
 using namespace qk;
@@ -92,7 +94,11 @@ struct Epilogue {
 
 template <int WT>
 void linear_impl(const float *x, const void *w, int64_t M, int64_t N, int64_t K, const Epilogue &ep) {
-#pragma omp parallel for schedule(static) if (N * K >= (1 << 14))
+  // Chunks of ~32 KiB of weights handed out dynamically: on a shared machine one thread may be
+  // descheduled, and a static split would leave the other waiting for it.
+  const int64_t wbytes = WT == F32 ? 4 : (WT == I8 ? 1 : 2);
+  const int64_t chunk = std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(1, K * wbytes));
+#pragma omp parallel for schedule(dynamic, chunk) if (N * K >= (1 << 14))
   for (int64_t n = 0; n < N; ++n) {
     const int64_t woff = n * K;
     float acc[4];
