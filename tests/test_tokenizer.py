@@ -491,11 +491,21 @@ def test_complex_real_template_with_tools_matches_reference(qwen_bpe_dir):
         "{{ raise_exception.__globals__ }}",
         "{{ messages.__class__.__init__.__globals__['os'] }}",
         "{{ messages.append(1) }}",
+        "{% set ns = namespace(__init__=1) %}{{ ns }}",
+        "{% set ns = namespace(a=1) %}{% set ns._x = 2 %}{{ ns.a }}",
     ],
 )
 def test_hostile_templates_fail_clearly(tok, template):
     with pytest.raises(TokenizerError, match="sandbox"):
         tok.apply_chat_template([{"role": "user", "content": "x"}], chat_template=template, tokenize=False)
+
+
+def test_template_dict_global_is_not_the_dict_type(tok):
+    t = "{{ dict(a=1) | tojson }}{{ dict.fromkeys(['k']) | tojson }}"
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}], chat_template=t, tokenize=False) == (
+        '{"a": 1}{"k": null}')
+    with pytest.raises(TokenizerError, match="no attribute 'mro'"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}], chat_template="{{ dict.mro() }}")
 
 
 def test_template_raise_exception_and_syntax_error(tok):

@@ -120,7 +120,35 @@ def _compile(template: str) -> Any:
                 f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe."
             )
 
+    class _Dict:
+        # `dict` in templates builds dicts but is not the dict type itself (no type-level attributes to walk).
+        def __call__(self, *args: Any, **kwargs: Any) -> dict:
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+            return dict.fromkeys(*args, **kwargs)
+
+    class _Namespace(jinja2.utils.Namespace):
+        # Namespaces refuse underscore-prefixed names, so templates cannot plant dunder attributes.
+        def __init__(*args: Any, **kwargs: Any) -> None:
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                _Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            _Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with '_'.")
+
     env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
+    env.globals["dict"] = _Dict()
+    env.globals["namespace"] = _Namespace
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
