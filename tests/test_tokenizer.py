@@ -567,3 +567,13 @@ def test_incremental_detokenizer_equals_decode(tok, ids):
     for p in pieces[:-1]:
         # an increment never ends in a held-back partial character: re-encoding it is lossless
         assert p.encode("utf-8").decode("utf-8") == p
+
+
+def test_pickles_for_worker_processes(tok):
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(tok))
+    for s in SAMPLES:
+        assert copy.encode(s) == tok.encode(s)
+    assert copy.decode(tok.encode(SAMPLES[2])) == SAMPLES[2]
+    assert copy.apply_chat_template(CONVERSATIONS[0], tokenize=False) == tok.apply_chat_template(CONVERSATIONS[0], tokenize=False)
