@@ -2,7 +2,8 @@
 
 Reads top to bottom: dtype helpers, the output tuple, building blocks (Linear, Embedding, RMSNorm),
 attention, the dense MLP, the MoE block, the decoder layer, :class:`Qwen2Model` and
-:class:`Qwen2ForCausalLM`. All arithmetic goes through :mod:`qwen2ms.ops` (one dispatch point).
+:class:`Qwen2ForCausalLM`. All arithmetic goes through the model's ops backend (``self.ops_impl``,
+chosen once by :func:`qwen2ms.ops.dispatch.get_ops`: reference, CPU kernels or Ascend fused ops).
 
 Weights keep the HF layout (linear weights ``[out, in]``) so loading a checkpoint is an identity
 mapping, plus one sanitize step for MoE experts: the model holds each sparse layer's experts stacked
@@ -62,7 +63,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
-from .. import ops as qops
+from ..ops.dispatch import ReferenceOps, get_ops
 from ..config import Qwen2Config
 from .cache import KVCache
 from .rope import dynamic_inv_freq, rope_spec
@@ -130,8 +131,10 @@ class CausalLMOutput(NamedTuple):
 class _Init:
     """How new parameters are filled: N(0, std) from a seeded generator, or lazy zeros for loading."""
 
-    def __init__(self, dtype: Any, std: float, seed: Optional[int], empty: bool) -> None:
+    def __init__(self, dtype: Any, std: float, seed: Optional[int], empty: bool, ops_impl: Any = None) -> None:
         self.dtype, self.std, self.empty = dtype, std, empty
+        # The ops backend every block calls (qwen2ms.ops.dispatch); chosen once per model.
+        self.ops = ops_impl if ops_impl is not None else ReferenceOps()
         self.rng = np.random.default_rng(seed)
 
     def param(self, shape: Tuple[int, ...], kind: str = "normal") -> Parameter:
@@ -154,9 +157,12 @@ class Linear(nn.Cell):
         super().__init__()
         self.weight = init.param((out_features, in_features))
         self.bias = init.param((out_features,), "zeros") if bias else None
+        # float32 [out] once the weight is int8 (qwen2ms.ops.dispatch.quantize_int8_weights).
+        self.weight_scale = None
+        self.ops_impl = init.ops
 
     def construct(self, x: Tensor) -> Tensor:
-        return qops.linear(x, self.weight, self.bias)
+        return self.ops_impl.linear(x, self.weight, self.bias, self.weight_scale)
 
 
 class Embedding(nn.Cell):
@@ -166,9 +172,11 @@ class Embedding(nn.Cell):
         super().__init__()
         self.weight = init.param((vocab_size, hidden_size))
         self.compute_dtype = compute_dtype
+        self.weight_scale = None  # float32 [V] once the table is int8
+        self.ops_impl = init.ops
 
     def construct(self, input_ids: Tensor) -> Tensor:
-        return qops.embedding(input_ids, self.weight, self.compute_dtype)  # [B, T, H]
+        return self.ops_impl.embedding(input_ids, self.weight, self.compute_dtype, self.weight_scale)  # [B, T, H]
 
 
 class RMSNorm(nn.Cell):
@@ -178,9 +186,10 @@ class RMSNorm(nn.Cell):
         super().__init__()
         self.weight = init.param((hidden_size,), "ones")
         self.eps = eps
+        self.ops_impl = init.ops
 
     def construct(self, x: Tensor) -> Tensor:
-        return qops.rms_norm(x, self.weight, self.eps)
+        return self.ops_impl.rms_norm(x, self.weight, self.eps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,16 +210,17 @@ class Attention(nn.Cell):
         self.k_proj = Linear(init, h, self.num_kv_heads * d, bias=config.qkv_bias)
         self.v_proj = Linear(init, h, self.num_kv_heads * d, bias=config.qkv_bias)
         self.o_proj = Linear(init, self.num_heads * d, h, bias=False)
+        self.ops_impl = init.ops
 
     def construct(self, x, cos, sin, mask, cache=None, cache_position=0):
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)  # [B, Hq, T, D]
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q, k = qops.apply_rope(q, k, cos, sin)
+        q, k = self.ops_impl.apply_rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position)  # [B, Hkv, L, D]
-        out = qops.attention(q, k, v, mask, self.scale)  # [B, Hq, T, D]
+        out = self.ops_impl.attention(q, k, v, mask, self.scale)  # [B, Hq, T, D]
         out = out.transpose(0, 2, 1, 3).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
@@ -227,9 +237,10 @@ class MLP(nn.Cell):
         self.up_proj = Linear(init, hidden_size, intermediate_size)
         self.down_proj = Linear(init, intermediate_size, hidden_size)
         self.act = act
+        self.ops_impl = init.ops
 
     def construct(self, x: Tensor) -> Tensor:
-        return self.down_proj(qops.act_mul(self.gate_proj(x), self.up_proj(x), self.act))
+        return self.down_proj(self.ops_impl.act_mul(self.gate_proj(x), self.up_proj(x), self.act))
 
 
 class Router(nn.Cell):
@@ -240,9 +251,10 @@ class Router(nn.Cell):
         self.weight = init.param((config.num_experts, config.hidden_size))
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = bool(config.norm_topk_prob)
+        self.ops_impl = init.ops
 
     def construct(self, x: Tensor):
-        return qops.moe_router(x, self.weight, self.top_k, self.norm_topk_prob)
+        return self.ops_impl.moe_router(x, self.weight, self.top_k, self.norm_topk_prob)
 
 
 class Experts(nn.Cell):
@@ -254,9 +266,10 @@ class Experts(nn.Cell):
         self.gate_up_proj = init.param((e, 2 * i, h))
         self.down_proj = init.param((e, h, i))
         self.act = config.hidden_act
+        self.ops_impl = init.ops
 
     def construct(self, x: Tensor, top_index: Tensor, top_weights: Tensor) -> Tensor:
-        return qops.moe_experts(x, self.gate_up_proj, self.down_proj, top_index, top_weights, self.act)
+        return self.ops_impl.moe_experts(x, self.gate_up_proj, self.down_proj, top_index, top_weights, self.act)
 
 
 class SparseMoeBlock(nn.Cell):
@@ -337,6 +350,9 @@ class Qwen2Model(nn.Cell):
         init_weights: draw N(0, initializer_range) weights (seeded by ``seed``); False leaves
             zero placeholders for a loader to fill (no memory is touched until then).
         seed: NumPy seed for the initial weights.
+        ops_backend: "reference", "cpu", "ascend" or None/"auto": see :func:`qwen2ms.ops.dispatch.resolve_backend`
+            (default: from the device target, overridable by ``$QWEN2MS_OPS_BACKEND``). Resolved once here;
+            the backend object is ``self.ops_impl``.
 
     ``construct`` returns ``(hidden_states [B, T, H], router_logits tuple)``; the arguments are those
     of :class:`Qwen2ForCausalLM` (without labels).
@@ -347,12 +363,14 @@ class Qwen2Model(nn.Cell):
         >>> hidden, _ = m(np.array([[1, 2, 3]]))
     """
 
-    def __init__(self, config: Qwen2Config, dtype: Any = None, init_weights: bool = True, seed: int = 0) -> None:
+    def __init__(self, config: Qwen2Config, dtype: Any = None, init_weights: bool = True, seed: int = 0,
+                 ops_backend: Optional[str] = None) -> None:
         super().__init__()
         config.validate()
         self.config = config
         storage = resolve_dtype(dtype) if dtype is not None else ms.float32
-        init = _Init(storage, config.initializer_range, seed, empty=not init_weights)
+        init = _Init(storage, config.initializer_range, seed, empty=not init_weights, ops_impl=get_ops(ops_backend))
+        self.ops_impl = init.ops
         self.storage_dtype = storage
         self.compute_dtype = compute_dtype_for(storage)
         self.embed_tokens = Embedding(init, config.vocab_size, config.hidden_size, self.compute_dtype)
@@ -391,12 +409,13 @@ class Qwen2Model(nn.Cell):
             inv_freq = dynamic_inv_freq(self.rope, position_ids.max() + 1)
         else:
             inv_freq = self.inv_freq
-        cos, sin = qops.rope_cos_sin(position_ids, inv_freq, self.rope_scaling_factor)  # [B, T, D]
+        cos, sin = self.ops_impl.rope_cos_sin(position_ids, inv_freq, self.rope_scaling_factor)  # [B, T, D]
 
-        full_mask = qops.attention_mask(q_slots, key_len, attention_mask, None, segment_ids)
+        full_mask = self.ops_impl.attention_mask(q_slots, key_len, attention_mask, None, segment_ids)
         slide_mask = full_mask
         if self.has_sliding:
-            slide_mask = qops.attention_mask(q_slots, key_len, attention_mask, self.sliding_window, segment_ids)
+            slide_mask = self.ops_impl.attention_mask(q_slots, key_len, attention_mask, self.sliding_window,
+                                                      segment_ids)
 
         x = self.embed_tokens(input_ids)  # [B, T, H]
         router_logits = ()
@@ -427,6 +446,8 @@ class Qwen2ForCausalLM(nn.Cell):
         init_weights: draw random weights (N(0, initializer_range), norms 1, biases 0); False leaves
             lazily-zero placeholders (what :meth:`from_hf` fills).
         seed: seed of the random weights.
+        ops_backend: the ops backend ("reference", "cpu", "ascend"; default from the device target or
+            ``$QWEN2MS_OPS_BACKEND``), see :mod:`qwen2ms.ops.dispatch`. Stored as ``self.ops_impl``.
 
     Example:
         >>> cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -437,15 +458,18 @@ class Qwen2ForCausalLM(nn.Cell):
         ((1, 3, 256), True)
     """
 
-    def __init__(self, config: Qwen2Config, dtype: Any = None, init_weights: bool = True, seed: int = 0) -> None:
+    def __init__(self, config: Qwen2Config, dtype: Any = None, init_weights: bool = True, seed: int = 0,
+                 ops_backend: Optional[str] = None) -> None:
         super().__init__()
-        self.model = Qwen2Model(config, dtype=dtype, init_weights=init_weights, seed=seed)
+        self.model = Qwen2Model(config, dtype=dtype, init_weights=init_weights, seed=seed, ops_backend=ops_backend)
+        self.ops_impl = self.model.ops_impl
         self.config = config
         self.storage_dtype = self.model.storage_dtype
         self.compute_dtype = self.model.compute_dtype
         self.tied = bool(config.tie_word_embeddings)
         if not self.tied:
-            init = _Init(self.storage_dtype, config.initializer_range, seed + 1, empty=not init_weights)
+            init = _Init(self.storage_dtype, config.initializer_range, seed + 1, empty=not init_weights,
+                         ops_impl=self.ops_impl)
             self.lm_head = Linear(init, config.hidden_size, config.vocab_size)
         self.is_moe = config.is_moe
         self.num_experts = config.num_experts
@@ -464,13 +488,13 @@ class Qwen2ForCausalLM(nn.Cell):
                                            cache, cache_position)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
-        head = self.model.embed_tokens.weight if self.tied else self.lm_head.weight
-        logits = qops.linear(hidden, head).astype(ms.float32)  # [B, T, V]
+        head = self.model.embed_tokens if self.tied else self.lm_head
+        logits = self.ops_impl.linear(hidden, head.weight, None, head.weight_scale).astype(ms.float32)  # [B, T, V]
 
         loss = None
         if labels is not None:
             v = logits.shape[-1]
-            total, count = qops.cross_entropy(logits[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1))
+            total, count = self.ops_impl.cross_entropy(logits[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1))
             loss = total / ops.maximum(count, ops.ones_like(count))
 
         want_router = self.default_router_logits if output_router_logits is None else output_router_logits
@@ -480,7 +504,7 @@ class Qwen2ForCausalLM(nn.Cell):
             if attention_mask is not None and cache is not None:
                 start = 0 if cache_position is None else cache_position
                 token_mask = ops.gather(attention_mask, ops.arange(input_ids.shape[1], dtype=ms.int32) + start, 1)
-            aux_loss = qops.load_balancing_loss(router_logits, self.num_experts, self.top_k, token_mask)
+            aux_loss = self.ops_impl.load_balancing_loss(router_logits, self.num_experts, self.top_k, token_mask)
             if loss is not None:
                 loss = loss + self.router_aux_loss_coef * aux_loss
         # A plain tuple: MindSpore 2.10 builds NamedTuples inside compiled graphs through its Python
