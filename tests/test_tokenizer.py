@@ -161,6 +161,24 @@ def test_hub_id_offline_or_unreachable_names_repo_and_local_folder(tmp_path, off
         assert "HF_HUB_OFFLINE" in out.stdout
 
 
+def test_hub_id_fetches_only_tokenizer_files(monkeypatch, qwen2_tokenizer_dir):
+    import qwen2ms.tokenization.tokenizer as module
+
+    calls = []
+
+    def fake_resolve(path_or_repo_id, allow_patterns=None, revision=None):
+        calls.append((path_or_repo_id, list(allow_patterns), revision))
+        return qwen2_tokenizer_dir
+
+    monkeypatch.setattr(module, "resolve_pretrained", fake_resolve)
+    tok = Qwen2Tokenizer.from_pretrained("Qwen/Qwen2-0.5B-Instruct", revision="main")
+    assert tok.encode("Hello world") == [9707, 1879]
+    (repo, patterns, revision), = calls
+    assert repo == "Qwen/Qwen2-0.5B-Instruct" and revision == "main"
+    assert sorted(patterns) == sorted(["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                                       "chat_template.jinja"])
+
+
 def test_hub_error_in_process(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
