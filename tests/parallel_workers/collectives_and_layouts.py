@@ -25,6 +25,7 @@ from qwen2ms.parallel.optimizer import make_optimizer
 ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
 init()
 rank, world = get_rank(), get_group_size()
+print(f"worker {rank} of {world} initialised", flush=True)  # the test retries only jobs that never got here
 out = {}
 
 # ---- collectives: native world-group ops and the sub-group compositions (forced via a non-world Group)

@@ -458,7 +458,9 @@ class ParallelCausalLM(nn.Cell):
             aux_loss = qops.load_balancing_loss(router_logits, lm.num_experts, lm.top_k, token_mask)
             if loss is not None:
                 loss = loss + lm.router_aux_loss_coef * aux_loss
-        return CausalLMOutput(logits, loss, aux_loss, router_logits if (want_router and self.is_moe) else None)
+        # A plain tuple, as the model's own construct returns (NamedTuples built inside compiled graphs
+        # lose their gradients in MindSpore 2.10); __call__ names the fields.
+        return logits, loss, aux_loss, (router_logits if (want_router and self.is_moe) else None)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, labels=None, segment_ids=None,
                  cache=None, cache_position=None, output_router_logits=None, logits_to_keep: int = 0):
@@ -470,7 +472,7 @@ class ParallelCausalLM(nn.Cell):
         if self.seq and args[0].shape[1] % self.groups.tp.size:
             raise ValueError(f"use_seq_parallel needs the sequence length ({args[0].shape[1]}) to divide by "
                              f"model_parallel={self.groups.tp.size}; pad the batch to a multiple")
-        return super().__call__(*args, output_router_logits, int(logits_to_keep))
+        return CausalLMOutput(*super().__call__(*args, output_router_logits, int(logits_to_keep)))
 
     # ------------------------------------------------------------------ generation
     def local_config(self):
@@ -535,7 +537,7 @@ class _ParallelStep(nn.Cell):
     def construct(self, input_ids, attention_mask, position_ids, cache_position):
         out = self.pm.construct(input_ids, attention_mask, position_ids, None, None, self.cache, cache_position,
                                 False, self.logits_to_keep)
-        return out.logits
+        return out[0]
 
 
 def parallelize(model: nn.Cell, parallel_config: ParallelConfig, *, gather_logits: bool = True) -> nn.Cell:

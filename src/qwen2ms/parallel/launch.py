@@ -160,13 +160,15 @@ def run_msrun(script: Union[str, os.PathLike], script_args: Sequence[str] = (), 
     except subprocess.TimeoutExpired as e:
         raise MsrunError(f"msrun job timed out after {timeout} s: {' '.join(cmd)}\n{_log_tails(log_dir)}") from e
     if proc.returncode != 0:
-        raise MsrunError(f"msrun job failed (exit {proc.returncode}): {' '.join(cmd)}\n{_log_tails(log_dir)}")
+        tail = "\n".join(proc.stdout.splitlines()[-20:] + proc.stderr.splitlines()[-20:])
+        raise MsrunError(f"msrun job failed (exit {proc.returncode}): {' '.join(cmd)}\n{_log_tails(log_dir)}\n"
+                         f"--- msrun output ---\n{tail}")
     return proc
 
 
 def _log_tails(log_dir: Union[str, os.PathLike], lines: int = 40) -> str:
     out = []
-    for path in sorted(Path(log_dir).glob("worker_*.log")):
+    for path in sorted(Path(log_dir).glob("worker_*.log")) + sorted(Path(log_dir).glob("scheduler*.log")):
         text = path.read_text(errors="replace").splitlines()
         keep = [t for t in text if "[WARNING]" not in t and "[INFO]" not in t][-lines:]
         out.append(f"--- {path.name} ---\n" + "\n".join(keep))
