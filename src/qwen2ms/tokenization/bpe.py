@@ -398,23 +398,25 @@ class _SafeBoundary3(dict):
     Every symbol BPE ever forms is a vocabulary token, so if none of them can contain bytes from
     both sides of a boundary, no merge crosses it and BPE of the two sides runs independently.
     A spanning token splits as A + B with A a suffix of the left text and B a prefix of the
-    right; recording (last <= 3 bytes of A, first <= 3 bytes of B) for every token split at a
-    3-byte character start answers the question with nine set lookups per new character pair.
+    right. For every token split at a 3-byte character start we record B's first <= 3 bytes
+    under A's last <= 3 bytes; a character's "followers" are the union over its own suffixes, and
+    a boundary is safe unless one of the right character's prefixes is among the left one's.
     """
 
-    __slots__ = ("_bpe", "_spans")
+    __slots__ = ("_bpe", "_by_suffix", "_followers")
 
     def __init__(self, bpe: "ByteLevelBPE") -> None:
         super().__init__()
         self._bpe = bpe
-        self._spans: Optional[set] = None  # built on the first CJK run
+        self._by_suffix: Optional[Dict[bytes, set]] = None  # built on the first CJK run
+        self._followers: Dict[str, frozenset] = {}
 
     def _build(self) -> None:
         bpe = self._bpe
         to_latin1 = bpe._to_latin1
         # a continuation byte followed by a 3-byte lead byte: the start of a 3-byte character inside a token
         boundary = regex.compile("[\x80-\xbf](?=[\xe0-\xef])").search
-        spans = set()
+        by_suffix: Dict[bytes, set] = {}
         for tok in bpe.vocab:
             if tok.isascii():
                 continue  # printable ASCII tokens hold no byte >= 0x80, so no 3-byte character boundary
@@ -427,15 +429,29 @@ class _SafeBoundary3(dict):
                 continue  # not a byte-level token: BPE never forms it
             for p in range(1, len(raw)):
                 if 0xE0 <= raw[p] < 0xF0 and 0x80 <= raw[p - 1] < 0xC0:
-                    spans.add(raw[max(0, p - 3):p] + b"\x00" + raw[p:p + 3])
-        self._spans = spans
+                    by_suffix.setdefault(raw[max(0, p - 3):p], set()).add(raw[p:p + 3])
+        self._by_suffix = by_suffix
+        self._followers = {}
+
+    def _followers_of(self, ch: str) -> frozenset:
+        if self._by_suffix is None:
+            self._build()
+        raw = ch.encode("utf-8")
+        empty: set = set()
+        found = frozenset().union(*(self._by_suffix.get(raw[-a:], empty) for a in (1, 2, 3)))
+        self._followers[ch] = found
+        return found
 
     def __missing__(self, pair: str) -> bool:
-        if self._spans is None:
-            self._build()
-        left, right = pair[0].encode("utf-8"), pair[1].encode("utf-8")
-        spans = self._spans
-        safe = not any(left[-a:] + b"\x00" + right[:b] in spans for a in (1, 2, 3) for b in (1, 2, 3))
+        left, right = pair[0], pair[1]
+        followers = self._followers.get(left)
+        if followers is None:
+            followers = self._followers_of(left)
+        if followers:
+            raw = right.encode("utf-8")
+            safe = not (raw in followers or raw[:1] in followers or raw[:2] in followers)
+        else:
+            safe = True
         if len(self) >= 1 << 20:
             self.clear()  # bounded memo; entries are cheap to recompute
         self[pair] = safe
