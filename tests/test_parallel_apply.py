@@ -141,6 +141,13 @@ def test_msrun_command_lines():
         msrun_command("t.py", worker_num=2, master_port=80)
 
 
+def test_data_shard():
+    from qwen2ms.parallel.launch import data_shard
+
+    pc = ParallelConfig(data_parallel=2, model_parallel=2, pipeline_stage=2, micro_batch_num=2)
+    assert [data_shard(pc, r) for r in range(8)] == [(2, 0), (2, 0), (2, 1), (2, 1)] * 2
+
+
 def test_init_distributed_outside_msrun(monkeypatch):
     from qwen2ms.parallel.launch import init_distributed, under_msrun
 

@@ -129,6 +129,8 @@ def test_expert_parallel():
         ParallelConfig(data_parallel=2, expert_parallel=4)
     with pytest.raises(ParallelConfigError, match="num_experts=64"):
         ParallelConfig(data_parallel=6, expert_parallel=3).validate(moe)
+    with pytest.raises(ParallelConfigError, match="dense models only"):
+        ParallelConfig(model_parallel=2, use_seq_parallel=True).validate(moe)
     with pytest.raises(ParallelConfigError, match="needs an MoE model"):
         ParallelConfig(data_parallel=2, expert_parallel=2).validate(tiny())
 

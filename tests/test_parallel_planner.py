@@ -135,3 +135,9 @@ def test_cli_plan_config_json(tmp_path, capsys):
     cfg.to_json(tmp_path / "config.json")
     assert main(["plan", "--model", str(tmp_path), "--devices", "1", "--mode", "predict"]) == 0
     assert "suggested: data_parallel=1 model_parallel=1" in capsys.readouterr().out
+
+
+def test_moe_plan_has_no_sequence_parallel():
+    plan = plan_memory(Qwen2Config.from_preset("qwen2-57b-a14b"), 16, mode="finetune", seq_length=4096)
+    assert plan.estimates and not any(e.layout.use_seq_parallel for e in plan.estimates)
+    assert all(e.layout.expert_parallel == e.layout.data_parallel for e in plan.estimates)

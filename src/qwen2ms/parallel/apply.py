@@ -572,9 +572,6 @@ def parallelize(model: nn.Cell, parallel_config: ParallelConfig, *, gather_logit
     else:
         world, rank = 1, 0
     pc.validate(cfg, world_size=world)
-    if pc.use_seq_parallel and cfg.is_moe and pc.model_parallel > 1:
-        raise ParallelConfigError("use_seq_parallel is supported for dense models only; set use_seq_parallel: "
-                                  "false for Qwen2-MoE")
     groups = ParallelGroups(pc, rank)
     shard_parameters(model, pc, rank)
     seq = pc.use_seq_parallel and groups.tp.size > 1

@@ -201,6 +201,9 @@ class ParallelConfig:
             )
         if model_config is None:
             return
+        if self.use_seq_parallel and mp > 1 and model_config.is_moe:
+            raise ParallelConfigError("use_seq_parallel is supported for dense models only (the MoE router runs on "
+                                      "whole sequences); set use_seq_parallel: false for Qwen2-MoE")
         problem = self._model_problem(model_config)
         if problem:
             ws = world_size if world_size is not None else self.world_size

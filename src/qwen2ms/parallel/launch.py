@@ -52,7 +52,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 from .config import ParallelConfig, ParallelConfigError
 
-__all__ = ["msrun_command", "run_msrun", "init_distributed", "under_msrun", "free_port", "MsrunError"]
+__all__ = ["msrun_command", "run_msrun", "init_distributed", "under_msrun", "free_port", "data_shard", "MsrunError"]
 
 
 class MsrunError(RuntimeError):
@@ -205,3 +205,17 @@ def init_distributed(parallel_config: Optional[ParallelConfig] = None) -> Tuple[
             f"(data_parallel*model_parallel*pipeline_stage) but {world} were started; "
             f"launch with msrun --worker_num={parallel_config.world_size}")
     return rank, world
+
+
+def data_shard(parallel_config: ParallelConfig, rank: int) -> Tuple[int, int]:
+    """``(num_shards, shard_id)`` of the training data this rank reads.
+
+    Only data-parallel replicas see different samples; the tensor-parallel peers and pipeline
+    stages of one replica read the same shard. Pass the pair to
+    ``mindspore.dataset.MindDataset(num_shards=..., shard_id=...)`` or slice a sample list with it.
+
+    Example:
+        >>> data_shard(ParallelConfig(data_parallel=2, model_parallel=4), rank=5)
+        (2, 1)
+    """
+    return parallel_config.data_parallel, parallel_config.rank_coords(rank)[1]
