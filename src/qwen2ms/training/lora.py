@@ -1,8 +1,8 @@
 """LoRA adapters for the model's linear layers: inject, save adapter-only (PEFT key names), load, merge, unload.
 
 Injection replaces each targeted linear Cell (a module with a 2-D ``weight`` ``[out, in]`` and an
-optional ``bias``, e.g. ``model.layers.0.self_attn.q_proj``) by a :class:`LoraLinear` that holds
-the *same* base Parameters (frozen, names unchanged) plus ``lora_A`` ``[r, in]`` and ``lora_B``
+optional ``bias``, e.g. ``model.layers.0.self_attn.q_proj``) by a :class:`LoraLinear` that wraps
+it (base parameters frozen, their names unchanged) and adds ``lora_A`` ``[r, in]`` and ``lora_B``
 ``[out, r]``::
 
     y = x @ W.T + b + (dropout(x) @ A.T @ B.T) * (alpha / r)
@@ -28,7 +28,6 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from .. import ops as qops
 
 __all__ = [
     "LoraConfig",
@@ -119,7 +118,8 @@ class LoraConfig:
 
 def _is_linear(cell: nn.Cell) -> bool:
     w = getattr(cell, "weight", None)
-    return isinstance(w, Parameter) and len(w.shape) == 2 and hasattr(cell, "bias") and not isinstance(cell, LoraLinear)
+    return (isinstance(w, Parameter) and len(w.shape) == 2 and hasattr(cell, "bias")
+            and not isinstance(cell, LoraLinear) and type(cell).__name__ != "Embedding")
 
 
 def _matches(path: str, targets: Sequence[str]) -> bool:
@@ -127,10 +127,14 @@ def _matches(path: str, targets: Sequence[str]) -> bool:
 
 
 class LoraLinear(nn.Cell):
-    """A linear layer with a trainable low-rank update; the base ``weight``/``bias`` stay the same Parameters.
+    """A linear layer plus a trainable low-rank update; the base layer is kept, unchanged, inside.
+
+    The base Cell is held as ``base`` and called as-is (so any linear implementation works); its
+    parameters keep their original names (the HF keys). The adapter adds ``lora_A`` ``[r, in]`` and
+    ``lora_B`` ``[out, r]``, named ``<module path>.lora_A`` / ``.lora_B``.
 
     Args:
-        base: the linear Cell being adapted (its ``weight`` ``[out, in]`` and ``bias``).
+        base: the linear Cell being adapted (``weight`` ``[out, in]``, optional ``bias``).
         config: the :class:`LoraConfig`.
         dtype: dtype of ``lora_A``/``lora_B`` (the training precision: float32 or float16).
         rng: generator for ``lora_A``'s initialisation.
@@ -138,32 +142,46 @@ class LoraLinear(nn.Cell):
 
     def __init__(self, base: nn.Cell, config: LoraConfig, dtype: Any = ms.float32,
                  rng: Optional[np.random.Generator] = None) -> None:
-        super().__init__()
+        super().__init__(auto_prefix=False)
         out_f, in_f = base.weight.shape
-        self.weight = base.weight
-        self.bias = base.bias
-        self.base_class = type(base)
+        self.base = base
         self.config = config
         self.scaling = config.scaling
         self.dropout = float(config.dropout)
+        self.in_features, self.out_features = int(in_f), int(out_f)
         rng = rng or np.random.default_rng(config.seed)
         bound = 1.0 / math.sqrt(in_f)  # kaiming_uniform_(a=sqrt(5)), PEFT's default for lora_A
         a = rng.uniform(-bound, bound, size=(config.r, in_f)).astype(np.float32)
         self.lora_A = Parameter(Tensor(a).astype(dtype), name="lora_A")
         self.lora_B = Parameter(Tensor(np.zeros((out_f, config.r), np.float32)).astype(dtype), name="lora_B")
 
+    @property
+    def weight(self) -> Parameter:
+        """The base layer's weight."""
+        return self.base.weight
+
     def construct(self, x: Tensor) -> Tensor:
-        y = qops.linear(x, self.weight, self.bias)
+        y = self.base(x)
         h = x
         if self.training and self.dropout > 0:
             h = ops.dropout(h, p=self.dropout)
-        update = qops.linear(qops.linear(h, self.lora_A), self.lora_B)
-        return y + update * self.scaling
+        lead = h.shape[:-1]
+        h2 = h.reshape(-1, self.in_features)
+        low = _matmul_tb(h2, self.lora_A.astype(h.dtype))  # [N, r]
+        update = _matmul_tb(low, self.lora_B.astype(h.dtype)).reshape(lead + (self.out_features,))
+        return y + (update * self.scaling).astype(y.dtype)
 
     def merged_weight(self) -> Tensor:
         """``W + scaling * B @ A`` computed in float32 and returned in the base weight's dtype."""
+        if getattr(self.base, "weight_scale", None) is not None:
+            raise ValueError("cannot merge a LoRA adapter into an int8-quantized weight; merge into the float "
+                             "model before quantizing")
+        w = self.base.weight
         delta = ops.matmul(self.lora_B.astype(ms.float32), self.lora_A.astype(ms.float32)) * self.scaling
-        return (self.weight.astype(ms.float32) + delta).astype(self.weight.dtype)
+        return (w.astype(ms.float32) + delta).astype(w.dtype)
+
+
+_matmul_tb = ops.MatMul(transpose_b=True)
 
 
 def _parent_and_attr(model: nn.Cell, path: str) -> Tuple[nn.Cell, str]:
@@ -174,12 +192,15 @@ def _parent_and_attr(model: nn.Cell, path: str) -> Tuple[nn.Cell, str]:
     return parent, parts[-1]
 
 
-def _restore_names(model: nn.Cell) -> None:
-    # Assigning a Cell attribute makes MindSpore re-prefix its parameters with only the attribute
-    # name ("q_proj.weight"); put the full module paths (the HF keys) back.
-    for path, param in model.parameters_and_names():
-        if param.name != path:
-            param.name = path
+def _replace(model: nn.Cell, path: str, new: nn.Cell) -> None:
+    # Assigning a Cell attribute makes MindSpore re-prefix the parameters below it with only the
+    # attribute name ("q_proj.weight"); keep every existing name (the HF keys) as it was.
+    names = {id(p): p.name for p in model.get_parameters()}
+    parent, attr = _parent_and_attr(model, path)
+    setattr(parent, attr, new)
+    for p in new.get_parameters():
+        if id(p) in names:
+            p.name = names[id(p)]
 
 
 def lora_modules(model: nn.Cell) -> List[Tuple[str, LoraLinear]]:
@@ -217,9 +238,10 @@ def apply_lora(model: nn.Cell, config: LoraConfig, dtype: Any = ms.float32) -> L
         p.requires_grad = False
     rng = np.random.default_rng(config.seed)
     for path, cell in chosen:
-        parent, attr = _parent_and_attr(model, path)
-        setattr(parent, attr, LoraLinear(cell, config, dtype=dtype, rng=rng))
-    _restore_names(model)
+        lora = LoraLinear(cell, config, dtype=dtype, rng=rng)
+        _replace(model, path, lora)
+        lora.lora_A.name = f"{path}.lora_A"
+        lora.lora_B.name = f"{path}.lora_B"
     return [path for path, _ in chosen]
 
 
@@ -234,16 +256,9 @@ def merge_and_unload(model: nn.Cell) -> List[str]:
     """
     merged = []
     for path, cell in lora_modules(model):
-        w = cell.weight
-        w.set_data(cell.merged_weight())
-        base = cell.base_class.__new__(cell.base_class)
-        nn.Cell.__init__(base)
-        base.weight = w
-        base.bias = cell.bias
-        parent, attr = _parent_and_attr(model, path)
-        setattr(parent, attr, base)
+        cell.base.weight.set_data(cell.merged_weight())
+        _replace(model, path, cell.base)
         merged.append(path)
-    _restore_names(model)
     for p in model.get_parameters():
         p.requires_grad = True
     return merged

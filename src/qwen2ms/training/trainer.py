@@ -204,21 +204,14 @@ class _EvalStep(nn.Cell):
 
 
 def _causal_lm_forward(model, input_ids, attention_mask, position_ids, segment_ids):
-    """Logits ``[B, T, V]`` and the MoE aux loss (or None) of a Qwen2ForCausalLM, differentiable under ms.jit.
+    """Logits ``[B, T, V]`` and the MoE aux loss (or None), differentiable inside compiled code.
 
-    ``Qwen2ForCausalLM.construct`` returns a NamedTuple, which MindSpore 2.10 builds through its
-    Python fallback inside compiled code: the value is right but gradients through it are zero. So
-    the decoder stack (``model.model``) and the head are called directly here.
+    ``Qwen2ForCausalLM.construct`` returns a plain tuple ``(logits, loss, aux_loss, router_logits)``
+    (its ``__call__`` wraps it in a NamedTuple, which MindSpore builds through its Python fallback
+    inside graphs, cutting gradients), so the compiled step calls ``construct`` directly.
     """
-    hidden, router_logits = model.model.construct(input_ids, attention_mask, position_ids, segment_ids, None, None)
-    if model.tied:
-        logits = qops.linear(hidden, model.model.embed_tokens.weight)
-    else:
-        logits = model.lm_head(hidden)
-    aux_loss = None
-    if model.is_moe and model.default_router_logits:
-        aux_loss = qops.load_balancing_loss(router_logits, model.num_experts, model.top_k, attention_mask)
-    return logits, aux_loss
+    out = model.construct(input_ids, attention_mask, position_ids, None, segment_ids, None, None, None, 0)
+    return out[0], out[2]
 
 
 def _count_targets(batch: Dict[str, np.ndarray]) -> int:
@@ -754,6 +747,8 @@ class Trainer:
                                   "it was written for a different model, LoRA setting or precision")
         for k, p in targets.items():
             arr = opt[k]
+            if arr.size == int(np.prod(p.shape)) and arr.ndim != len(p.shape):
+                arr = arr.reshape(p.shape)  # scalars may come back as shape (1,)
             if tuple(arr.shape) != tuple(p.shape):
                 raise CheckpointError(f"optimizer tensor {k!r} has shape {arr.shape} in {path}, expected {p.shape}")
             p.set_data(Tensor(arr).astype(p.dtype))

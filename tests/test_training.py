@@ -1,0 +1,338 @@
+"""The compiled Trainer on tiny Qwen2 models: parity with transformers+torch, accumulation, resume, hooks, NaN, fp16, overfit."""
+import json
+
+import numpy as np
+import pytest
+
+ms = pytest.importorskip("mindspore")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from mindspore import Tensor  # noqa: E402
+
+from qwen2ms import Qwen2Config  # noqa: E402
+from qwen2ms.modeling import Qwen2ForCausalLM  # noqa: E402
+from qwen2ms.training import (  # noqa: E402
+    AdamW,
+    NonFiniteLossError,
+    SFTDataLoader,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    decay_parameter_names,
+    get_scheduler,
+    list_checkpoints,
+)
+
+VOCAB = 96
+TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+
+
+def tiny_model(seed=0, layers=1, **kw):
+    return Qwen2ForCausalLM(Qwen2Config(**dict(TINY, num_hidden_layers=layers, **kw)), seed=seed)
+
+
+def samples(n, seed=0, lo=6, hi=20):
+    """Random SFT samples of different lengths with a masked 'prompt' prefix."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        t = int(rng.integers(lo, hi))
+        ids = rng.integers(1, VOCAB, t).tolist()
+        prompt = int(rng.integers(1, t - 2))
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+def args_for(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), learning_rate=1e-2, per_device_train_batch_size=2, save_steps=0,
+                logging_steps=1, disable_tqdm=True, shuffle=False, max_grad_norm=1.0, lr_scheduler_type="constant")
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def params_of(model):
+    return {p.name: p.asnumpy().copy() for p in model.get_parameters()}
+
+
+class LossRecorder(TrainerCallback):
+    def __init__(self):
+        self.losses = []
+
+    def on_step_end(self, args, state, **kw):
+        self.losses.append(kw["loss"])
+
+
+# ---------------------------------------------------------------- parity with transformers
+def test_one_step_loss_grads_and_update_equal_transformers(tmp_path):
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=False, attn_implementation="eager")
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(0.1 * torch.randn_like(p) + (1.0 if name.endswith("norm.weight") else 0.0))
+    hf.save_pretrained(tmp_path / "hf")
+    model = Qwen2ForCausalLM.from_hf(str(tmp_path / "hf"))
+    data = samples(3, seed=1)
+    args = args_for(tmp_path / "run", per_device_train_batch_size=3, max_steps=1, weight_decay=0.1,
+                    max_grad_norm=0.5, adam_beta2=0.95)
+    trainer = Trainer(model, args, train_dataset=data)
+    batch = trainer.data_collator(data)
+    n_items = int((batch["labels"][:, 1:] != -100).sum())
+
+    # Loss and gradients of compute_loss (the function the compiled step differentiates).
+    weights = model.trainable_params()
+    fn = ms.value_and_grad(lambda inp, n: trainer.compute_loss(model, inp, n), None, weights)
+    loss, grads = fn({k: Tensor(v) for k, v in batch.items()}, Tensor(float(n_items), ms.float32))
+    t_in = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+    out = hf(**t_in)
+    out.loss.backward()
+    np.testing.assert_allclose(float(loss.asnumpy()), out.loss.item(), rtol=1e-4)
+    hf_params = dict(hf.named_parameters())
+    for p, g in zip(weights, grads):
+        want = hf_params[p.name].grad.numpy()
+        np.testing.assert_allclose(g.asnumpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=p.name)
+
+    # One compiled step (clip + AdamW with HF's no-decay groups) against torch.
+    rec = LossRecorder()
+    trainer.callback_handler.add(rec)
+    trainer.train()
+    torch.nn.utils.clip_grad_norm_(hf.parameters(), 0.5)
+    decay = set(decay_parameter_names(list(hf_params)))
+    opt = torch.optim.AdamW([{"params": [p for n, p in hf_params.items() if n in decay], "weight_decay": 0.1},
+                             {"params": [p for n, p in hf_params.items() if n not in decay], "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    opt.step()
+    np.testing.assert_allclose(rec.losses[0], out.loss.item(), rtol=1e-4)
+    for name, value in params_of(model).items():
+        want = hf_params[name].detach().numpy()
+        np.testing.assert_allclose(value, want, rtol=1e-4, atol=1e-5, err_msg=name)
+    assert trainer.state.log_history[0]["grad_norm"] > 0.5  # clipping was active
+
+
+# ---------------------------------------------------------------- accumulation
+def test_accumulation_n_times_b_equals_one_batch_of_n_b(tmp_path):
+    data = samples(8, seed=2)  # different lengths and prompt masks: token counts differ per micro-batch
+    big = Trainer(tiny_model(), args_for(tmp_path / "a", per_device_train_batch_size=4, max_steps=2,
+                                         weight_decay=0.05), train_dataset=data)
+    big.train()
+    acc = Trainer(tiny_model(), args_for(tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                         max_steps=2, weight_decay=0.05), train_dataset=data)
+    acc.train()
+    la = [h["loss"] for h in big.state.log_history]
+    lb = [h["loss"] for h in acc.state.log_history]
+    np.testing.assert_allclose(lb, la, rtol=1e-5)
+    np.testing.assert_allclose([h["grad_norm"] for h in acc.state.log_history],
+                               [h["grad_norm"] for h in big.state.log_history], rtol=1e-5)
+    pa, pb = params_of(big.model), params_of(acc.model)
+    for k in pa:
+        # atol: k_proj.bias has a mathematically zero gradient (softmax ignores it); Adam turns its
+        # float noise into ~lr-sized steps that differ at the 1e-6 level.
+        np.testing.assert_allclose(pb[k], pa[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+# ---------------------------------------------------------------- resume
+def test_resume_continues_with_identical_losses(tmp_path):
+    data = samples(6, seed=3)
+    kw = dict(per_device_train_batch_size=2, max_steps=6, save_steps=3, shuffle=True, seed=7,
+              lr_scheduler_type="cosine", warmup_steps=2, weight_decay=0.1)
+    straight_rec = LossRecorder()
+    straight = Trainer(tiny_model(), args_for(tmp_path / "s", **kw), train_dataset=data, callbacks=[straight_rec])
+    straight.train()
+    assert [s for s, _ in list_checkpoints(tmp_path / "s")] == [3, 6]
+    ckpt = tmp_path / "s" / "checkpoint-3"
+    assert {"model.safetensors", "config.json", "optimizer.safetensors", "trainer_state.json",
+            "training_args.json"} <= {p.name for p in ckpt.iterdir()}
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["data"]["epoch"] == 1 and state["data"]["step_in_epoch"] == 0  # 3 micro-batches per epoch
+    assert state["scheduler"]["last_step"] == 3
+
+    resumed_rec = LossRecorder()
+    # A different initial model: everything must come from the checkpoint.
+    resumed = Trainer(tiny_model(seed=5), args_for(tmp_path / "s", **kw), train_dataset=data, callbacks=[resumed_rec])
+    out = resumed.train(resume_from_checkpoint=str(ckpt))
+    assert out.global_step == 6
+    np.testing.assert_allclose(resumed_rec.losses, straight_rec.losses[3:], rtol=1e-6)
+    a, b = params_of(straight.model), params_of(resumed.model)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    # The JSONL log of the run holds every logged step of both sessions.
+    steps = [json.loads(x)["step"] for x in (tmp_path / "s" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6, 4, 5, 6]
+
+
+def test_resume_true_needs_a_checkpoint(tmp_path):
+    trainer = Trainer(tiny_model(), args_for(tmp_path, max_steps=1, resume_from_checkpoint=True),
+                      train_dataset=samples(2))
+    with pytest.raises(Exception, match="no checkpoint"):
+        trainer.train()
+
+
+# ---------------------------------------------------------------- hooks and callbacks
+def test_every_hook_and_callback_is_used(tmp_path):
+    calls = {}
+
+    def hit(name):
+        calls[name] = calls.get(name, 0) + 1
+
+    class MyTrainer(Trainer):
+        def compute_loss(self, model, inputs, num_items_in_batch):
+            hit("compute_loss")  # runs when the graph is traced
+            return super().compute_loss(model, inputs, num_items_in_batch) * 1.0
+
+        def training_step(self, model, inputs, num_items_in_batch):
+            hit("training_step")
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def create_optimizer(self):
+            hit("create_optimizer")
+            params = self.model.trainable_params()
+            return AdamW(params, betas=(0.8, 0.9), weight_decay=0.0)
+
+        def create_scheduler(self, num_training_steps):
+            hit("create_scheduler")
+            return get_scheduler("linear", 0.02, 0, num_training_steps)
+
+        def get_train_dataloader(self):
+            hit("get_train_dataloader")
+            return SFTDataLoader(self.train_dataset[:4], 2, self.data_collator, shuffle=False)
+
+        def log(self, logs):
+            hit("log")
+            logs = dict(logs, custom=1)
+            super().log(logs)
+
+    events = []
+
+    class Events(TrainerCallback):
+        def on_train_begin(self, args, state, **kw):
+            events.append("begin")
+
+        def on_step_end(self, args, state, **kw):
+            events.append(f"step{state.global_step}")
+
+        def on_log(self, args, state, logs, **kw):
+            events.append("log")
+
+        def on_save(self, args, state, checkpoint_dir="", **kw):
+            events.append(f"save:{checkpoint_dir.rsplit('-', 1)[-1]}")
+
+        def on_evaluate(self, args, state, metrics, **kw):
+            events.append("evaluate")
+
+        def on_train_end(self, args, state, **kw):
+            events.append("end")
+
+    tr = MyTrainer(tiny_model(), args_for(tmp_path, max_steps=4, save_steps=2, save_total_limit=1, logging_steps=2),
+                   train_dataset=samples(10, seed=4), eval_dataset=samples(3, seed=5), callbacks=[Events()])
+    tr.train()
+    assert calls["compute_loss"] >= 1 and calls["training_step"] == 4
+    assert calls["create_optimizer"] == calls["create_scheduler"] == calls["get_train_dataloader"] == 1
+    assert calls["log"] >= 4  # 2 training logs + 2 evaluations
+    assert isinstance(tr.optimizer, AdamW) and tr.optimizer.beta1 == 0.8
+    train_logs = [h for h in tr.state.log_history if "loss" in h]
+    assert [h["step"] for h in train_logs] == [2, 4] and all(h["custom"] == 1 for h in train_logs)
+    # The custom scheduler's learning rates were used: linear from 0.02 to 0 over 4 steps.
+    assert train_logs[0]["learning_rate"] == pytest.approx(0.02 * 3 / 4)
+    for key in ("grad_norm", "tokens_per_second", "epoch"):
+        assert train_logs[0][key] > 0
+    # The custom loader has 2 micro-batches per epoch: 4 steps are 2 epochs.
+    assert tr.state.epoch == 2
+    assert events[0] == "begin" and events[-1] == "end"
+    assert events.count("evaluate") == 2 and "save:2" in events and "save:4" in events
+    assert events.index("evaluate") < events.index("save:2")  # evaluated before saving, so "best" is known
+    kept = [s for s, _ in list_checkpoints(tmp_path)]
+    best = int(tr.state.best_checkpoint.rsplit("-", 1)[-1])
+    assert 4 in kept and best in kept and len(kept) == len({4, best})
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in x for x in lines) and any("tokens_per_second" in x for x in lines)
+
+
+# ---------------------------------------------------------------- failures
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, trainer=None, **kw):
+            if state.global_step == 2:
+                w = trainer.model.model.norm.weight
+                w.set_data(Tensor(np.full(w.shape, np.nan, np.float32)))
+
+    tr = Trainer(tiny_model(), args_for(tmp_path, max_steps=5, save_steps=2), train_dataset=samples(8, seed=6),
+                 callbacks=[Poison()])
+    with pytest.raises(NonFiniteLossError) as e:
+        tr.train()
+    msg = str(e.value)
+    assert "step 3" in msg and "nan" in msg and "checkpoint-2" in msg
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    # The kept checkpoint is good: it loads and has finite weights.
+    back = Qwen2ForCausalLM.from_hf(str(tmp_path / "checkpoint-2"))
+    assert all(np.isfinite(p.asnumpy()).all() for p in back.get_parameters())
+
+
+def test_precision_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="bfloat16.*CPU|CPU.*bf16"):
+        Trainer(tiny_model(), args_for(tmp_path, precision="bf16"), train_dataset=samples(2))
+    with pytest.raises(ValueError, match="dtype='float16'"):
+        Trainer(tiny_model(), args_for(tmp_path, precision="fp16"), train_dataset=samples(2))
+    with pytest.raises(ValueError, match="empty"):
+        Trainer(tiny_model(), args_for(tmp_path, max_steps=1), train_dataset=[]).train()
+
+
+def test_fp16_trains_with_dynamic_loss_scale_and_skips_overflow(tmp_path):
+    model = tiny_model(dtype="float16")
+    # 2**24 overflows the float16 gradients: the first steps are skipped and the scale halves.
+    args = args_for(tmp_path, precision="fp16", max_steps=12, loss_scale_init=2.0 ** 24, loss_scale_window=4,
+                    learning_rate=5e-3)
+    before = params_of(model)
+    tr = Trainer(model, args, train_dataset=samples(8, seed=8))
+    tr.train()
+    logs = tr.state.log_history
+    assert logs[0]["skipped_steps"] >= 1
+    assert logs[0]["loss_scale"] < 2.0 ** 24
+    first_applied = next(i for i, h in enumerate(logs) if h["skipped_steps"] < i + 1)
+    assert first_applied >= 1
+    assert all(np.isfinite(h["loss"]) for h in logs)
+    assert int(tr.optimizer.step_count.asnumpy()) == 12 - logs[-1]["skipped_steps"]
+    after = params_of(model)
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
+    assert all(p.dtype == ms.float16 for p in model.get_parameters())
+    assert logs[-1]["loss"] < logs[first_applied]["loss"]
+
+
+# ---------------------------------------------------------------- overfit + export
+def test_overfits_bundled_samples_and_exports_to_transformers(tmp_path, qwen2_tokenizer_dir):
+    from pathlib import Path
+
+    from qwen2ms.data import load_records, tokenize_dataset
+    from qwen2ms.tokenization import Qwen2Tokenizer
+
+    tok = Qwen2Tokenizer.from_pretrained(str(qwen2_tokenizer_dir))
+    records = load_records(Path(__file__).resolve().parents[1] / "examples" / "data" / "alpaca_sample.json")
+    records = sorted(records, key=lambda r: len(r["instruction"]) + len(r["input"]) + len(r["output"]))[:4]
+    real, _ = tokenize_dataset(records, tok, seq_length=96)
+    # A compact vocabulary keeps the model tiny: the ids the samples use, renumbered.
+    used = sorted({i for s in real for i in s["input_ids"]})
+    remap = {old: new for new, old in enumerate(used)}
+    data = [{"input_ids": [remap[i] for i in s["input_ids"]],
+             "labels": [remap[i] if i != -100 else -100 for i in s["labels"]]} for s in real]
+    model = Qwen2ForCausalLM(Qwen2Config(**dict(TINY, vocab_size=len(used), hidden_size=64, intermediate_size=128,
+                                                num_hidden_layers=2)), seed=0)
+    args = args_for(tmp_path, per_device_train_batch_size=4, max_steps=150, learning_rate=1e-2, logging_steps=10,
+                    lr_scheduler_type="cosine", warmup_steps=5)
+    tr = Trainer(model, args, train_dataset=data)
+    tr.train()
+    losses = [h["loss"] for h in tr.state.log_history]
+    assert losses[0] > 3.0 and losses[-1] < 0.1, losses
+    final = tr.evaluate(data)["eval_loss"]
+    assert final < 0.1
+    tr.save_model(str(tmp_path / "export"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), attn_implementation="eager")
+    ids = np.asarray([data[0]["input_ids"]])
+    with torch.no_grad():
+        want = hf(torch.tensor(ids)).logits.numpy()
+    model.set_train(False)
+    got = model(ids).logits.asnumpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
