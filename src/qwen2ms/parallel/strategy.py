@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple, Union
@@ -32,7 +31,7 @@ import numpy as np
 
 from ..config import Qwen2Config
 from .config import ParallelConfig, ParallelConfigError
-from .plans import PARAM_PLAN, ParamSplit, match
+from .plans import PARAM_PLAN, match
 
 __all__ = ["layout_for", "strategy_layouts", "write_strategy_file", "split_checkpoint", "merge_checkpoints",
            "reshard_checkpoints", "save_rank_checkpoint", "load_rank_checkpoint", "rank_checkpoint_path"]
