@@ -1,0 +1,171 @@
+"""Batch-1 greedy decode speed of a random-weight Qwen2-0.5B-shaped model: our ops backends vs transformers+torch.
+
+Paths (one script run, same machine state): the reference ops with fp32 weights, the CPU kernels with
+fp32, bf16 and int8 weight-only weights, and transformers+torch in fp32 and bf16. Each path prefills a
+prompt, then times the compiled decode step (``Qwen2ForCausalLM.forward_step``) token by token; the best
+of ``--repeats`` runs is reported, because the machine is shared. The roofline is the weight bytes read
+per token over the memory bandwidth (``--bandwidth``, 36 GB/s measured on the development machine).
+
+Usage:
+    GLOG_v=3 python benchmarks/bench_decode.py                   # all paths, 0.5B shape
+    GLOG_v=3 python benchmarks/bench_decode.py --layers 4 --paths cpu-bf16,torch-bf16   # quick look
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from typing import Dict, List, Tuple
+
+os.environ.setdefault("GLOG_v", "3")
+
+import numpy as np
+
+PATHS = ("reference-fp32", "cpu-fp32", "cpu-bf16", "cpu-int8", "torch-fp32", "torch-bf16")
+
+
+def qwen2_05b_config(layers: int):
+    from qwen2ms.config import Qwen2Config
+
+    cfg = Qwen2Config.from_preset("qwen2-0.5b")
+    if layers:
+        cfg.num_hidden_layers = layers
+    return cfg
+
+
+def weight_bytes_per_token(cfg, bytes_per_weight: float, int8: bool = False) -> float:
+    """Bytes of weights one decode step reads: every projection plus the lm_head (the embedding row is negligible)."""
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    per_layer_rows = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
+    elems = cfg.num_hidden_layers * sum(a * b for a, b in per_layer_rows) + cfg.vocab_size * h
+    rows = cfg.num_hidden_layers * sum(a for a, _ in per_layer_rows) + cfg.vocab_size
+    small = cfg.num_hidden_layers * (2 * h + q + 2 * kv) * 4  # norms and biases
+    return elems * bytes_per_weight + (rows * 4 if int8 else 0) + small
+
+
+def run_ours(cfg, path: str, prompt: np.ndarray, new_tokens: int, repeats: int) -> Tuple[float, List[int]]:
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from qwen2ms.modeling.model import Qwen2ForCausalLM
+    from qwen2ms.ops.dispatch import quantize_int8_weights
+
+    backend, wdt = path.split("-")
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "int8": "bfloat16"}[wdt]
+    model = Qwen2ForCausalLM(cfg, dtype=dtype, seed=0, ops_backend=backend)
+    if wdt == "int8":
+        quantize_int8_weights(model)
+    model.set_train(False)
+    t = prompt.shape[1]
+    best, tokens = 0.0, []
+    for _ in range(repeats):
+        cache = model.new_cache(batch_size=1, max_length=t + new_tokens + 1)
+        logits = model.forward_step(prompt, None, None, cache, 0, logits_to_keep=1)
+        tok = int(np.argmax(logits.asnumpy()[0, -1]))
+        out = [tok]
+        step_times = []
+        for j in range(new_tokens):
+            t0 = time.perf_counter()
+            logits = model.forward_step(np.array([[tok]], np.int32), None, None, cache, Tensor(t + j, ms.int32))
+            tok = int(np.argmax(logits.asnumpy()[0, -1]))
+            step_times.append(time.perf_counter() - t0)
+            out.append(tok)
+        # The first decode step compiles the graph: leave it out.
+        rate = (len(step_times) - 1) / sum(step_times[1:])
+        if rate > best:
+            best = rate
+        tokens = out
+    del model
+    gc.collect()
+    return best, tokens
+
+
+def run_torch(cfg, path: str, prompt: np.ndarray, new_tokens: int, repeats: int) -> Tuple[float, List[int]]:
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count() or 2)
+    hf_cfg = transformers.Qwen2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, tie_word_embeddings=cfg.tie_word_embeddings,
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps)
+    torch.manual_seed(0)
+    dtype = torch.float32 if path.endswith("fp32") else torch.bfloat16
+    model = transformers.Qwen2ForCausalLM(hf_cfg).to(dtype).eval()
+    ids = torch.tensor(prompt, dtype=torch.long)
+    best, tokens = 0.0, []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            past = out.past_key_values
+            tok = int(out.logits[0, -1].argmax())
+            res, step_times = [tok], []
+            for _ in range(new_tokens):
+                t0 = time.perf_counter()
+                out = model(input_ids=torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                tok = int(out.logits[0, -1].argmax())
+                step_times.append(time.perf_counter() - t0)
+                res.append(tok)
+            rate = (len(step_times) - 1) / sum(step_times[1:])
+            best = max(best, rate)
+            tokens = res
+    del model
+    gc.collect()
+    return best, tokens
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {', '.join(PATHS)}")
+    ap.add_argument("--tokens", type=int, default=32, help="decode steps per run")
+    ap.add_argument("--prompt", type=int, default=16, help="prompt length")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per path; the best is reported")
+    ap.add_argument("--layers", type=int, default=0, help="override the layer count (0: the real 24)")
+    ap.add_argument("--bandwidth", type=float, default=36.0, help="memory read bandwidth in GB/s for the roofline")
+    args = ap.parse_args(argv)
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    bad = [p for p in paths if p not in PATHS]
+    if bad:
+        ap.error(f"unknown path(s) {bad}; choose from {', '.join(PATHS)}")
+
+    cfg = qwen2_05b_config(args.layers)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    prompt = np.random.default_rng(0).integers(0, 151643, size=(1, args.prompt)).astype(np.int32)
+    print(f"Qwen2-0.5B shape, {cfg.num_hidden_layers} layers, random weights; prompt {args.prompt}, "
+          f"{args.tokens} decode tokens, best of {args.repeats}; {os.cpu_count()} CPU cores, "
+          f"load average {load:.1f} at start (other processes share the cores: compare ratios)")
+    rates: Dict[str, float] = {}
+    toks: Dict[str, List[int]] = {}
+    for path in paths:
+        runner = run_torch if path.startswith("torch") else run_ours
+        rates[path], toks[path] = runner(cfg, path, prompt, args.tokens, args.repeats)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(f"  {path:15s} {rates[path]:7.2f} tok/s   (load average {load:.1f})", flush=True)
+
+    bpw = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0}
+    print(f"\n{'path':15s} {'tok/s':>7s} {'GB/token':>9s} {'roofline':>9s} {'fraction':>9s} "
+          f"{'vs torch-bf16':>13s} {'vs torch-fp32':>13s}")
+    for path in paths:
+        w = path.split("-")[1]
+        nbytes = weight_bytes_per_token(cfg, bpw[w], int8=(w == "int8"))
+        roof = args.bandwidth * 1e9 / nbytes
+        vs_bf16 = f"{rates[path] / rates['torch-bf16']:.2f}x" if "torch-bf16" in rates else "-"
+        vs_fp32 = f"{rates[path] / rates['torch-fp32']:.2f}x" if "torch-fp32" in rates else "-"
+        print(f"{path:15s} {rates[path]:7.2f} {nbytes / 1e9:9.3f} {roof:9.1f} {rates[path] / roof:9.0%} "
+              f"{vs_bf16:>13s} {vs_fp32:>13s}")
+    if "cpu-int8" in toks and "cpu-bf16" in toks:
+        a, b = toks["cpu-int8"], toks["cpu-bf16"]
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        print(f"\ngreedy tokens, int8 vs bf16 weights: first {same} of {len(a)} identical")
+    if "cpu-fp32" in toks and "reference-fp32" in toks:
+        print(f"greedy tokens, cpu-fp32 vs reference-fp32 identical: {toks['cpu-fp32'] == toks['reference-fp32']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
