@@ -149,6 +149,14 @@ def test_golden_ids(ours, hf):
     assert ours.encode("<|im_start|>user\nHi<|im_end|>") == hf("<|im_start|>user\nHi<|im_end|>")["input_ids"]
 
 
+def test_special_tokens_are_matched_before_nfc(ours, hf):
+    # ">" + U+0338 composes to "≯" under NFC: splitting on special tokens must come first, as in the reference.
+    for text in ["<|im_end|>\u0338", "a<|endoftext|>\u0338b", "<|im_start|\u0338>", "x>\u0338<|im_end|>"]:
+        ids = hf(text, add_special_tokens=False)["input_ids"]
+        assert ours.encode(text) == ids, text
+    assert 151645 in ours.encode("<|im_end|>\u0338")
+
+
 def test_generator_covers_what_it_claims():
     docs = mixed_text(200_000, seed=1)
     text = "".join(docs)
