@@ -1,9 +1,16 @@
-"""Real 2-process runs under msrun on this CPU: collectives against their definitions; TP, TP+SP, DP (plain and with
-sharded optimizer state), MoE TP, EP and PP forward passes and one AdamW training step against the single-process
-model on the combined batch; TP greedy generation against the single-process tokens.
+"""Real multi-process runs under msrun on this CPU, checked number by number against one process.
 
-One msrun job (tests/parallel_workers/collectives_and_layouts.py) produces every number; each test
-checks one part of it against a reference computed here in one process.
+Two msrun jobs:
+
+* 2 processes (tests/parallel_workers/collectives_and_layouts.py): every collective against its
+  definition (world group and the sub-group compositions); TP, TP with replicated kv heads and tied
+  embeddings, TP + sequence parallel, DP, DP + ZeRO-1, MoE TP, MoE EP + ZeRO-1, PP (GPipe, untied
+  and tied) forward passes, synchronised gradients, gradient norms, one AdamW step and the loss after
+  it, ms.jit gradients, and TP greedy generation;
+* 4 processes (tests/parallel_workers/four_ranks.py): layouts whose groups are real sub-groups --
+  DP x TP + SP + ZeRO-1, MoE DP x EP x TP, PP x TP (tied, replicated kv heads).
+
+The references are the single-process model on the whole batch (tests/parallel_workers/cases.py).
 """
 import os
 import sys
@@ -22,16 +29,13 @@ pytestmark = pytest.mark.slow
 ATOL = 2e-5
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    from qwen2ms.parallel.launch import run_msrun
-
-    from qwen2ms.parallel.launch import MsrunError
+def _run_job(tmp_path_factory, script, workers):
+    from qwen2ms.parallel.launch import MsrunError, run_msrun
 
     out = tmp_path_factory.mktemp("msrun_out")
     try:
-        run_msrun(os.path.join(WORKERS, "collectives_and_layouts.py"), [str(out)], worker_num=2,
-                  log_dir=out / "logs", timeout=900, cwd=str(out))
+        run_msrun(os.path.join(WORKERS, script), [str(out)], worker_num=workers, log_dir=out / "logs",
+                  timeout=900, cwd=str(out))
     except MsrunError as first:
         # One more try only when the cluster never formed (no worker got past init): that is the
         # machine (ports, load), not the code. Any failure after init is reported as it is.
@@ -40,12 +44,34 @@ def ranks(tmp_path_factory):
             raise
         retry = tmp_path_factory.mktemp("msrun_retry")
         try:
-            run_msrun(os.path.join(WORKERS, "collectives_and_layouts.py"), [str(retry)], worker_num=2,
-                      log_dir=retry / "logs", timeout=900, cwd=str(retry))
+            run_msrun(os.path.join(WORKERS, script), [str(retry)], worker_num=workers, log_dir=retry / "logs",
+                      timeout=900, cwd=str(retry))
         except MsrunError as second:
             raise MsrunError(f"{first}\n=== retry ===\n{second}") from second
         out = retry
-    return [dict(np.load(out / f"rank{r}.npz")) for r in range(2)]
+    return [dict(np.load(out / f"rank{r}.npz")) for r in range(workers)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return _run_job(tmp_path_factory, "collectives_and_layouts.py", 2)
+
+
+@pytest.fixture(scope="module")
+def ranks4(tmp_path_factory):
+    return _run_job(tmp_path_factory, "four_ranks.py", 4)
+
+
+@pytest.fixture(scope="module")
+def references():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = cases.reference(name)
+        return cache[name]
+
+    return get
 
 
 def _x(rank):
@@ -85,15 +111,13 @@ def _shard(name, pname, full, rank):
                        dp_rank % pc.expert_parallel, pc.expert_parallel, pc.vocab_emb_dp)
 
 
-@pytest.mark.parametrize("name", list(cases.CASES))
-def test_layout_matches_single_process(ranks, name):
-    ref = cases.reference(name)
-    split_batch = cases.CASES[name][2]
-    for r in range(2):
-        got = ranks[r]
-        logits = got[f"{name}/logits"]
-        want = np.split(ref["logits"], 2, 0)[r] if split_batch else ref["logits"]
-        np.testing.assert_allclose(logits, want, atol=ATOL, rtol=1e-5, err_msg=f"{name} logits rank {r}")
+def _check_layout(ranks, name, ref):
+    pc = cases.layout(name)
+    split = cases.split_batch(name)
+    for r, got in enumerate(ranks):
+        dp_rank = pc.rank_coords(r)[1]
+        want = np.split(ref["logits"], pc.data_parallel, 0)[dp_rank] if split else ref["logits"]
+        np.testing.assert_allclose(got[f"{name}/logits"], want, atol=ATOL, rtol=1e-5, err_msg=f"{name} logits rank {r}")
         names = [k.split("/", 2)[2] for k in got if k.startswith(f"{name}/grad/")]
         assert sorted(names) == sorted(ref["grads"]), f"{name}: parameter names changed"
         for pname in names:
@@ -106,15 +130,9 @@ def test_layout_matches_single_process(ranks, name):
                                            _shard(name, pname, ref["grads"][pname], r), atol=ATOL, rtol=1e-4,
                                            err_msg=f"{name} ms.jit grad {pname} rank {r}")
         assert float(got[f"{name}/grad_norm"]) == pytest.approx(_norm(ref["grads"]), rel=1e-5)
-    losses = [float(ranks[r][f"{name}/loss"]) for r in range(2)]
-    after = [float(ranks[r][f"{name}/loss_after"]) for r in range(2)]
-    if split_batch:
-        # equal token counts per rank: the global mean is the mean of the rank means
-        losses, after = [np.mean(losses)], [np.mean(after)]
-    for v in losses:
-        assert v == pytest.approx(ref["loss"], abs=1e-5)
-    for v in after:
-        assert v == pytest.approx(ref["loss_after"], abs=1e-5)
+    # equal token counts per replica: the global mean is the mean of the replica means
+    assert np.mean([float(g[f"{name}/loss"]) for g in ranks]) == pytest.approx(ref["loss"], abs=1e-5)
+    assert np.mean([float(g[f"{name}/loss_after"]) for g in ranks]) == pytest.approx(ref["loss_after"], abs=1e-5)
     assert ref["loss_after"] < ref["loss"]
 
 
@@ -133,23 +151,34 @@ def _stage_params(name, stage):
     return names
 
 
-@pytest.mark.parametrize("name", list(cases.PIPELINE_CASES))
-def test_pipeline_matches_single_process(ranks, name):
-    ref = cases.reference(name)
-    for stage in range(2):
-        got = ranks[stage]
+def _check_pipeline(ranks, name, ref):
+    pc = cases.layout(name)
+    for r, got in enumerate(ranks):
+        stage = pc.rank_coords(r)[0]
         names = {k.split("/", 2)[2] for k in got if k.startswith(f"{name}/grad/")}
-        assert names == _stage_params(name, stage), f"stage {stage} holds the wrong parameters"
+        assert names == _stage_params(name, stage), f"rank {r} (stage {stage}) holds the wrong parameters"
         for pname in names:
-            np.testing.assert_allclose(got[f"{name}/grad/{pname}"], ref["grads"][pname], atol=ATOL, rtol=1e-4,
-                                       err_msg=f"{name} grad {pname} stage {stage}")
-            np.testing.assert_allclose(got[f"{name}/param/{pname}"], ref["params"][pname], atol=ATOL, rtol=1e-4,
-                                       err_msg=f"{name} param {pname} after step, stage {stage}")
+            np.testing.assert_allclose(got[f"{name}/grad/{pname}"], _shard(name, pname, ref["grads"][pname], r),
+                                       atol=ATOL, rtol=1e-4, err_msg=f"{name} grad {pname} rank {r}")
+            np.testing.assert_allclose(got[f"{name}/param/{pname}"], _shard(name, pname, ref["params"][pname], r),
+                                       atol=ATOL, rtol=1e-4, err_msg=f"{name} param {pname} after step, rank {r}")
         assert float(got[f"{name}/loss"]) == pytest.approx(ref["loss"], abs=1e-5)
         assert float(got[f"{name}/grad_norm"]) == pytest.approx(_norm(ref["grads"]), rel=1e-5)
         assert float(got[f"{name}/loss_after"]) == pytest.approx(ref["loss_after"], abs=1e-5)
-    assert f"{name}/logits_after" not in ranks[0]
-    np.testing.assert_allclose(ranks[1][f"{name}/logits_after"], ref["logits_after"], atol=ATOL, rtol=1e-5)
+        if stage == pc.pipeline_stage - 1:
+            np.testing.assert_allclose(got[f"{name}/logits_after"], ref["logits_after"], atol=ATOL, rtol=1e-5)
+        else:
+            assert f"{name}/logits_after" not in got
+
+
+@pytest.mark.parametrize("name", list(cases.CASES))
+def test_layout_matches_single_process(ranks, references, name):
+    _check_layout(ranks, name, references(name))
+
+
+@pytest.mark.parametrize("name", list(cases.PIPELINE_CASES))
+def test_pipeline_matches_single_process(ranks, references, name):
+    _check_pipeline(ranks, name, references(name))
 
 
 @pytest.mark.parametrize("name", cases.GENERATE)
@@ -164,12 +193,31 @@ def test_tensor_parallel_generation_matches_single_process(ranks, name):
         np.testing.assert_array_equal(ranks[r][f"{name}/generate"], want)
 
 
-def test_optimizer_state_is_sharded(ranks):
-    # dp_zero: each rank keeps half of every (flattened, padded) parameter and AdamW's two moments for it
+def _zero_bytes(name):
     from qwen2ms.modeling.model import Qwen2ForCausalLM
 
-    model = Qwen2ForCausalLM(cases.config("dp_zero"), seed=cases.SEED)
-    halves = sum(-(-int(np.prod(p.shape)) // 2) for p in model.trainable_params())
-    for r in range(2):
-        # fp32 slice + two moments (plus the optimizer's step counter); unsharded would be twice that
-        assert halves * 4 * 3 <= int(ranks[r]["dp_zero/optimizer_state_bytes"]) <= halves * 4 * 3 + 64
+    pc = cases.layout(name)
+    model = Qwen2ForCausalLM(cases.config(name), seed=cases.SEED)
+    from qwen2ms.parallel.apply import shard_parameters
+
+    shard_parameters(model, pc, 0)
+    # fp32 slice + AdamW's two moments of 1/dp of every (flattened, padded) local parameter
+    return sum(-(-int(np.prod(p.shape)) // pc.data_parallel) for p in model.trainable_params()) * 4 * 3
+
+
+def test_optimizer_state_is_sharded(ranks, ranks4):
+    for got, name in ((ranks, "dp_zero"), (ranks4, "dp2_tp2_sp")):
+        want = _zero_bytes(name)
+        for r, res in enumerate(got):
+            # (plus the optimizer's step counter); unsharded would be dp times as much
+            assert want <= int(res[f"{name}/optimizer_state_bytes"]) <= want + 64, f"{name} rank {r}"
+
+
+@pytest.mark.parametrize("name", list(cases.FOUR_CASES))
+def test_four_process_layout_matches_single_process(ranks4, references, name):
+    _check_layout(ranks4, name, references(name))
+
+
+@pytest.mark.parametrize("name", list(cases.FOUR_PIPELINE_CASES))
+def test_four_process_pipeline_matches_single_process(ranks4, references, name):
+    _check_pipeline(ranks4, name, references(name))

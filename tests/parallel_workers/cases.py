@@ -32,13 +32,32 @@ PIPELINE_CASES = {
     "pp_tied": (dict(DENSE, tie_word_embeddings=True, num_hidden_layers=3), dict(pipeline_stage=2, micro_batch_num=4)),
 }
 
+#: 4-process layouts (tests/parallel_workers/four_ranks.py): sub-groups created with create_group.
+FOUR_CASES = {
+    "dp2_tp2_sp": (DENSE, dict(data_parallel=2, model_parallel=2, use_seq_parallel=True, optimizer_shard=True), True),
+    "moe_dp2_ep2_tp2": (MOE, dict(data_parallel=2, expert_parallel=2, model_parallel=2), True),
+}
+FOUR_PIPELINE_CASES = {
+    "pp2_tp2_tied": (dict(DENSE, tie_word_embeddings=True, num_key_value_heads=1, num_hidden_layers=3),
+                     dict(pipeline_stage=2, model_parallel=2, micro_batch_num=2)),
+}
+
 SEED = 3
 LR = 1e-2
 BATCH, SEQ = 4, 8
 
 
 def _entry(name):
-    return CASES[name] if name in CASES else PIPELINE_CASES[name]
+    for table in (CASES, PIPELINE_CASES, FOUR_CASES, FOUR_PIPELINE_CASES):
+        if name in table:
+            return table[name]
+    raise KeyError(name)
+
+
+def split_batch(name):
+    """Whether data-parallel replicas of this case see different rows of the batch."""
+    entry = _entry(name)
+    return len(entry) > 2 and entry[2]
 
 
 def config(name):
@@ -54,7 +73,7 @@ def batch(name):
     rng = np.random.default_rng(7)
     ids = rng.integers(0, _entry(name)[0]["vocab_size"], (BATCH, SEQ)).astype(np.int32)
     labels = ids.copy()
-    if name in PIPELINE_CASES:
+    if name in PIPELINE_CASES or name in FOUR_PIPELINE_CASES:
         labels[0, 1:4] = -100  # unequal token counts per micro-batch: the loss must still be the batch mean
     return ids, labels
 
@@ -84,12 +103,14 @@ def _after(model, ids, labels):
     return dict(loss_after=float(out.loss.asnumpy()), logits_after=out.logits.asnumpy())
 
 
-def rank_batch(name, rank, world):
-    """This rank's part of the batch: its slice of rows under data parallel, else the whole batch."""
+def rank_batch(name, rank):
+    """This rank's part of the batch: its data-parallel replica's rows, else the whole batch."""
     ids, labels = batch(name)
-    if CASES[name][2]:
-        step = BATCH // world
-        return ids[rank * step:(rank + 1) * step], labels[rank * step:(rank + 1) * step]
+    if split_batch(name):
+        pc = layout(name)
+        dp_rank = pc.rank_coords(rank)[1]
+        step = BATCH // pc.data_parallel
+        return ids[dp_rank * step:(dp_rank + 1) * step], labels[dp_rank * step:(dp_rank + 1) * step]
     return ids, labels
 
 

@@ -12,15 +12,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn
+from mindspore import Tensor
 from mindspore.communication import GlobalComm, get_group_size, get_rank, init
 
 import cases
-from qwen2ms.modeling.model import Qwen2ForCausalLM
+import runners
 from qwen2ms.parallel import comm
-from qwen2ms.generation.generate import generate
-from qwen2ms.parallel.apply import parallelize
-from qwen2ms.parallel.optimizer import make_optimizer
 
 ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
 init()
@@ -47,60 +44,11 @@ for tag, g in (("world", world_g), ("composite", composite)):
     else:
         out[f"{tag}/recv"] = comm.recv((4, 6), ms.float32, 0, g).asnumpy()
 
-# ---- layouts: forward, loss, synchronised gradients, parameters after one AdamW step
+# ---- layouts (forward, loss, synchronised gradients, one AdamW step) and pipeline stages
 for name in cases.CASES:
-    cfg, pc = cases.config(name), cases.layout(name)
-    ids, labels = cases.rank_batch(name, rank, world)
-    pm = parallelize(Qwen2ForCausalLM(cfg, seed=cases.SEED), pc)
-    res = pm(ids, labels=labels)
-    out[f"{name}/logits"] = res.logits.asnumpy()
-    out[f"{name}/loss"] = res.loss.asnumpy()
-    params = pm.trainable_params()
-    ids_t, labels_t = Tensor(ids), Tensor(labels)
-    _, grads = ms.value_and_grad(lambda i, l: pm(i, labels=l).loss, None, params)(ids_t, labels_t)
-    grads = pm.grad_sync(grads)
-    out[f"{name}/grad_norm"] = pm.grad_norm(grads).asnumpy()
-    if name in cases.JIT:
-        # the compiled path a trainer uses: value_and_grad of token_loss inside ms.jit
-        def step_loss(i, l):
-            total, count, _ = pm.token_loss(i, l)
-            return total / count
-
-        jit_grads = ms.jit(ms.value_and_grad(step_loss, None, params))(ids_t, labels_t)[1]
-        for p, g in zip(params, pm.grad_sync(jit_grads)):
-            out[f"{name}/jit_grad/{p.name}"] = g.asnumpy()
-    opt = make_optimizer(pm, lambda ps: nn.AdamWeightDecay(ps, learning_rate=cases.LR, weight_decay=0.1))
-    opt(grads)
-    if pc.optimizer_shard:
-        out[f"{name}/optimizer_state_bytes"] = np.array(opt.state_bytes())
-    for p, g in zip(params, grads):
-        out[f"{name}/grad/{p.name}"] = g.asnumpy()
-        out[f"{name}/param/{p.name}"] = p.asnumpy()
-    out[f"{name}/loss_after"] = pm(ids, labels=labels).loss.asnumpy()
-    if name in cases.GENERATE:
-        fresh = parallelize(Qwen2ForCausalLM(cfg, seed=cases.SEED), pc)
-        ids_all, _ = cases.batch(name)
-        out[f"{name}/generate"] = generate(fresh, ids_all[:2, :cases.PROMPT], max_new_tokens=cases.NEW_TOKENS,
-                                           do_sample=False)
-
-# ---- pipeline stages (GPipe over micro-batches): every stage sees the whole batch
+    runners.run_layout(name, rank, out)
 for name in cases.PIPELINE_CASES:
-    cfg, pc = cases.config(name), cases.layout(name)
-    ids, labels = cases.batch(name)
-    pm = parallelize(Qwen2ForCausalLM(cfg, seed=cases.SEED), pc)
-    loss, grads = pm.forward_backward(ids, labels)
-    out[f"{name}/loss"] = loss.asnumpy()
-    out[f"{name}/grad_norm"] = pm.grad_norm(grads).asnumpy()
-    params = pm.trainable_params()
-    opt = nn.AdamWeightDecay(params, learning_rate=cases.LR, weight_decay=0.1)
-    opt(grads)
-    for p, g in zip(params, grads):
-        out[f"{name}/grad/{p.name}"] = g.asnumpy()
-        out[f"{name}/param/{p.name}"] = p.asnumpy()
-    loss_after, logits = pm.evaluate(ids, labels)
-    out[f"{name}/loss_after"] = loss_after.asnumpy()
-    if logits is not None:
-        out[f"{name}/logits_after"] = logits.asnumpy()
+    runners.run_pipeline(name, out)
 
 np.savez(os.path.join(sys.argv[1], f"rank{rank}.npz"), **out)
 print(f"rank {rank}: wrote {len(out)} arrays", flush=True)

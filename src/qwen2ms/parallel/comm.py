@@ -12,7 +12,8 @@ all_gather     ``ops.AllGather``                       world group: ``ops.AllGat
                                                        (CPU AllGather only takes the world group):
                                                        each rank writes its tensor into its slot of
                                                        a zero buffer ``[n, ...]`` and the buffers
-                                                       are summed with AllReduce
+                                                       are summed with AllReduce (integer tensors
+                                                       travel as float32: exact below 2**24)
 reduce_scatter ``ops.ReduceScatter``                   all_reduce, then keep this rank's chunk
 all_to_all     ``ops.AlltoAll``                        all_gather, then take chunk ``r`` of every
                                                        rank's tensor
@@ -172,6 +173,7 @@ class AllReduce(nn.Cell):
         self.n = group.size
         self.op = op
         self.composite = self.n > 1 and op != "sum" and _on_cpu()
+        self.cpu = _on_cpu()
         if self.n > 1 and not self.composite:
             red = {"sum": ops.ReduceOp.SUM, "max": ops.ReduceOp.MAX, "min": ops.ReduceOp.MIN,
                    "prod": ops.ReduceOp.PROD}[op]
@@ -183,6 +185,9 @@ class AllReduce(nn.Cell):
         if self.n == 1:
             return x
         if not self.composite:
+            if self.cpu and not x.is_floating_point():
+                # CPU AllReduce takes float16/float32 only; integers below 2**24 pass float32 exactly.
+                return self.ar(x.astype(ms.float32)).astype(x.dtype)
             return self.ar(x)
         stacked = self.gather(x)  # [n, ...]
         if self.op == "max":
@@ -213,6 +218,10 @@ class _Stack(nn.Cell):
             return x.expand_dims(0)
         if self.native:
             return self.ag(x.expand_dims(0))  # AllGather concatenates along dim 0
+        if not x.is_floating_point():
+            # CPU AllReduce takes float16/float32 only; integers below 2**24 pass float32 exactly.
+            sel = self.onehot.reshape((self.n,) + (1,) * x.ndim)
+            return self.ar(sel * x.astype(ms.float32).expand_dims(0)).astype(x.dtype)
         sel = self.onehot.astype(x.dtype).reshape((self.n,) + (1,) * x.ndim)
         # Exact: every slot but one is x * 0 summed with the owner's x * 1.
         return self.ar(sel * x.expand_dims(0))
