@@ -12,7 +12,13 @@ The model's code is not changed (DESIGN rule 4). After the single-device
 3. wraps the model in :class:`ParallelCausalLM`, which runs the decoder stack and computes the
    vocabulary-parallel lm_head and cross-entropy (the full logits are never formed on one device
    unless asked for), and carries :class:`GradientSync` for the training step (data-parallel mean,
-   sums of sequence-parallel norm gradients, replicated kv heads and expert replicas).
+   sums of sequence-parallel norm gradients, replicated kv heads and expert replicas) and
+   :class:`GradNorm` (the global gradient norm for clipping);
+4. with ``pipeline_stage > 1``, keeps only this rank's stage (:mod:`qwen2ms.parallel.pipeline`) and
+   returns a :class:`~qwen2ms.parallel.pipeline.PipelineCausalLM`.
+
+Tensor-parallel generation works through ``new_cache``/``forward_step`` (the KV cache holds this
+rank's heads), so :func:`qwen2ms.generation.generate.generate` accepts the parallel model.
 
 Example (under ``msrun --worker_num=2``, see :mod:`qwen2ms.parallel.launch`)::
 
@@ -54,11 +60,11 @@ class ParallelGroups:
         expert_dp: ranks holding the same experts (the data-parallel group divided by the expert group).
     """
 
-    def __init__(self, pc: ParallelConfig, rank: int, communicate: bool = True) -> None:
+    def __init__(self, pc: ParallelConfig, rank: int) -> None:
         self.pc, self.rank = pc, rank
         self.pp_rank, self.dp_rank, self.mp_rank = pc.rank_coords(rank)
         self.ep_rank = self.dp_rank % pc.expert_parallel
-        make = new_group if communicate else (lambda ranks: single_group(rank))
+        make = new_group
         self.tp = make(pc.group_ranks("model", rank))
         self.dp = make(pc.group_ranks("data", rank))
         self.pp = make(pc.group_ranks("pipeline", rank))
