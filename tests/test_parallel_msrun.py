@@ -130,6 +130,8 @@ def _check_layout(ranks, name, ref):
                                            _shard(name, pname, ref["grads"][pname], r), atol=ATOL, rtol=1e-4,
                                            err_msg=f"{name} ms.jit grad {pname} rank {r}")
         assert float(got[f"{name}/grad_norm"]) == pytest.approx(_norm(ref["grads"]), rel=1e-5)
+        if name in cases.JIT:
+            assert float(got[f"{name}/jit_grad_norm"]) == pytest.approx(_norm(ref["grads"]), rel=1e-5)
     # equal token counts per replica: the global mean is the mean of the replica means
     assert np.mean([float(g[f"{name}/loss"]) for g in ranks]) == pytest.approx(ref["loss"], abs=1e-5)
     assert np.mean([float(g[f"{name}/loss_after"]) for g in ranks]) == pytest.approx(ref["loss_after"], abs=1e-5)

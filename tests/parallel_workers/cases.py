@@ -14,6 +14,8 @@ CASES = {
     "tp": (DENSE, dict(model_parallel=2), False),
     "tp_tied_kvrep": (dict(DENSE, tie_word_embeddings=True, num_key_value_heads=1), dict(model_parallel=2), False),
     "tp_sp": (DENSE, dict(model_parallel=2, use_seq_parallel=True), False),
+    "tp_sp_embdp_recompute": (dict(DENSE, tie_word_embeddings=True),
+                              dict(model_parallel=2, use_seq_parallel=True, vocab_emb_dp=True, recompute=True), False),
     "dp": (DENSE, dict(data_parallel=2), True),
     "dp_zero": (DENSE, dict(data_parallel=2, optimizer_shard=True), True),
     "moe_tp": (MOE, dict(model_parallel=2), False),

@@ -27,13 +27,21 @@ def run_layout(name, rank, out):
     grads = pm.grad_sync(grads)
     out[f"{name}/grad_norm"] = pm.grad_norm(grads).asnumpy()
     if name in cases.JIT:
-        # the compiled path a trainer uses: value_and_grad of token_loss inside ms.jit
+        # the compiled path a trainer uses: value_and_grad of token_loss, gradient sync and norm inside ms.jit
         def step_loss(i, l):
             total, count, _ = pm.token_loss(i, l)
             return total / count
 
-        jit_grads = ms.jit(ms.value_and_grad(step_loss, None, params))(ids_t, labels_t)[1]
-        for p, g in zip(params, pm.grad_sync(jit_grads)):
+        grad_fn = ms.value_and_grad(step_loss, None, params)
+
+        def compiled_step(i, l):
+            _, g = grad_fn(i, l)
+            g = pm.grad_sync(g)
+            return g, pm.grad_norm(g)
+
+        jit_grads, jit_norm = ms.jit(compiled_step)(ids_t, labels_t)
+        out[f"{name}/jit_grad_norm"] = jit_norm.asnumpy()
+        for p, g in zip(params, jit_grads):
             out[f"{name}/jit_grad/{p.name}"] = g.asnumpy()
     opt = make_optimizer(pm, _adamw)
     opt(grads)
