@@ -29,8 +29,8 @@ TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_l
             num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
 
 
-def tiny_model(seed=0, layers=1, **kw):
-    return Qwen2ForCausalLM(Qwen2Config(**dict(TINY, num_hidden_layers=layers, **kw)), seed=seed)
+def tiny_model(seed=0, layers=1, dtype=None, **kw):
+    return Qwen2ForCausalLM(Qwen2Config(**dict(TINY, num_hidden_layers=layers, **kw)), dtype=dtype, seed=seed)
 
 
 def samples(n, seed=0, lo=6, hi=20):
@@ -180,8 +180,9 @@ def test_every_hook_and_callback_is_used(tmp_path):
 
     class MyTrainer(Trainer):
         def compute_loss(self, model, inputs, num_items_in_batch):
-            hit("compute_loss")  # runs when the graph is traced
-            return super().compute_loss(model, inputs, num_items_in_batch) * 1.0
+            # Traced into the compiled step (graph code: no Python side effects): the logged loss
+            # shows the override ran.
+            return super().compute_loss(model, inputs, num_items_in_batch) + 100.0
 
         def training_step(self, model, inputs, num_items_in_batch):
             hit("training_step")
@@ -229,12 +230,13 @@ def test_every_hook_and_callback_is_used(tmp_path):
     tr = MyTrainer(tiny_model(), args_for(tmp_path, max_steps=4, save_steps=2, save_total_limit=1, logging_steps=2),
                    train_dataset=samples(10, seed=4), eval_dataset=samples(3, seed=5), callbacks=[Events()])
     tr.train()
-    assert calls["compute_loss"] >= 1 and calls["training_step"] == 4
+    assert calls["training_step"] == 4
     assert calls["create_optimizer"] == calls["create_scheduler"] == calls["get_train_dataloader"] == 1
     assert calls["log"] >= 4  # 2 training logs + 2 evaluations
     assert isinstance(tr.optimizer, AdamW) and tr.optimizer.beta1 == 0.8
     train_logs = [h for h in tr.state.log_history if "loss" in h]
     assert [h["step"] for h in train_logs] == [2, 4] and all(h["custom"] == 1 for h in train_logs)
+    assert all(100.0 < h["loss"] < 110.0 for h in train_logs)  # the overriding compute_loss was compiled in
     # The custom scheduler's learning rates were used: linear from 0.02 to 0 over 4 steps.
     assert train_logs[0]["learning_rate"] == pytest.approx(0.02 * 3 / 4)
     for key in ("grad_norm", "tokens_per_second", "epoch"):
@@ -253,23 +255,38 @@ def test_every_hook_and_callback_is_used(tmp_path):
 
 # ---------------------------------------------------------------- failures
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
-    class Poison(TrainerCallback):
-        def on_step_end(self, args, state, trainer=None, **kw):
-            if state.global_step == 2:
-                w = trainer.model.model.norm.weight
-                w.set_data(Tensor(np.full(w.shape, np.nan, np.float32)))
+    class Poisoned(Trainer):
+        def compute_loss(self, model, inputs, num_items_in_batch):
+            loss = super().compute_loss(model, inputs, num_items_in_batch)
+            # A batch whose first token is 95 gets an infinite loss (only the 5th sample starts so).
+            bad = inputs["input_ids"][0, 0] == 95
+            return loss + ms.ops.where(bad, Tensor(float("inf"), ms.float32), Tensor(0.0, ms.float32))
 
-    tr = Trainer(tiny_model(), args_for(tmp_path, max_steps=5, save_steps=2), train_dataset=samples(8, seed=6),
-                 callbacks=[Poison()])
+    data = samples(8, seed=6)
+    for i, s in enumerate(data):
+        s["input_ids"][0] = 95 if i == 4 else 1
+    tr = Poisoned(tiny_model(), args_for(tmp_path, max_steps=4, save_steps=2), train_dataset=data)
+    before_step3 = None
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, trainer=None, **kw):
+            nonlocal before_step3
+            if state.global_step == 2:
+                before_step3 = params_of(trainer.model)
+
+    tr.callback_handler.add(Snapshot())
     with pytest.raises(NonFiniteLossError) as e:
         tr.train()
     msg = str(e.value)
-    assert "step 3" in msg and "nan" in msg and "checkpoint-2" in msg
+    assert "step 3" in msg and ("inf" in msg or "nan" in msg) and "checkpoint-2" in msg
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
-    # The kept checkpoint is good: it loads and has finite weights.
+    # The bad step did not touch the weights, and the kept checkpoint holds them.
+    after = params_of(tr.model)
     back = Qwen2ForCausalLM.from_hf(str(tmp_path / "checkpoint-2"))
-    assert all(np.isfinite(p.asnumpy()).all() for p in back.get_parameters())
+    for name, value in params_of(back).items():
+        np.testing.assert_array_equal(after[name], before_step3[name])
+        np.testing.assert_array_equal(value, before_step3[name])
 
 
 def test_precision_errors_are_clear(tmp_path):
@@ -311,7 +328,13 @@ def test_overfits_bundled_samples_and_exports_to_transformers(tmp_path, qwen2_to
 
     tok = Qwen2Tokenizer.from_pretrained(str(qwen2_tokenizer_dir))
     records = load_records(Path(__file__).resolve().parents[1] / "examples" / "data" / "alpaca_sample.json")
-    records = sorted(records, key=lambda r: len(r["instruction"]) + len(r["input"]) + len(r["output"]))[:4]
+    records = sorted(records, key=lambda r: len(r["instruction"]) + len(r["input"]) + len(r["output"]))
+    # Distinct prompts only: the sample has several records with the same instruction and different
+    # answers, which no model can fit to zero loss.
+    unique = {}
+    for r in records:
+        unique.setdefault(r["instruction"] + r["input"], r)
+    records = list(unique.values())[:4]
     real, _ = tokenize_dataset(records, tok, seq_length=96)
     # A compact vocabulary keeps the model tiny: the ids the samples use, renumbered.
     used = sorted({i for s in real for i in s["input_ids"]})
@@ -320,12 +343,12 @@ def test_overfits_bundled_samples_and_exports_to_transformers(tmp_path, qwen2_to
              "labels": [remap[i] if i != -100 else -100 for i in s["labels"]]} for s in real]
     model = Qwen2ForCausalLM(Qwen2Config(**dict(TINY, vocab_size=len(used), hidden_size=64, intermediate_size=128,
                                                 num_hidden_layers=2)), seed=0)
-    args = args_for(tmp_path, per_device_train_batch_size=4, max_steps=150, learning_rate=1e-2, logging_steps=10,
-                    lr_scheduler_type="cosine", warmup_steps=5)
-    tr = Trainer(model, args, train_dataset=data)
+    args = args_for(tmp_path, per_device_train_batch_size=4, max_steps=100, learning_rate=1e-2, logging_steps=10,
+                    lr_scheduler_type="constant_with_warmup", warmup_steps=5)
+    rec = LossRecorder()
+    tr = Trainer(model, args, train_dataset=data, callbacks=[rec])
     tr.train()
-    losses = [h["loss"] for h in tr.state.log_history]
-    assert losses[0] > 3.0 and losses[-1] < 0.1, losses
+    assert rec.losses[0] > 3.0 and rec.losses[-1] < 0.1, rec.losses[::10]
     final = tr.evaluate(data)["eval_loss"]
     assert final < 0.1
     tr.save_model(str(tmp_path / "export"))

@@ -589,7 +589,9 @@ class Trainer:
         return f"The last good checkpoint is {str(last)!r} (resume with resume_from_checkpoint=True)."
 
     def _nonfinite_message(self, loss: float, step: int, n_micro: int) -> str:
-        return (f"training stopped: the loss is {loss} at step {step} (epoch {self.state.epoch}, micro-batches "
+        what = f"the loss is {loss}" if not math.isfinite(loss) else \
+            f"the gradients are not finite (norm {self._last_grad_norm}; loss {loss})"
+        return (f"training stopped: {what} at step {step} (epoch {self.state.epoch}, micro-batches "
                 f"{self.state.step_in_epoch}..{self.state.step_in_epoch + n_micro - 1} of the epoch); the parameters "
                 f"were not updated with this step. {self._last_good_text()} Lower learning_rate or max_grad_norm, "
                 f"or check the data.")
