@@ -228,7 +228,11 @@ def apply_lora(model: nn.Cell, config: LoraConfig, dtype: Any = ms.float32) -> L
     """
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters; merge_and_unload() it first or keep training them")
-    linears = [(path, cell) for path, cell in model.cells_and_names() if path and _is_linear(cell)]
+    if any(t == "lm_head" or t.endswith(".lm_head") for t in config.target_modules):
+        raise ValueError("lm_head cannot take a LoRA adapter: Qwen2ForCausalLM multiplies by its weight directly "
+                         "(it may be tied to the embeddings); adapt the attention/MLP projections instead")
+    linears = [(path, cell) for path, cell in model.cells_and_names()
+               if path and _is_linear(cell) and path != "lm_head"]
     chosen = [(path, cell) for path, cell in linears if _matches(path, config.target_modules)]
     if not chosen:
         names = sorted({path.rsplit(".", 1)[-1] for path, _ in linears})
