@@ -114,3 +114,22 @@ def test_rank_checkpoint_round_trip(tmp_path):
                         ParallelConfig())
     with pytest.raises(ValueError, match="another layout"):
         load_rank_checkpoint(small, tmp_path / "ck")
+
+
+def test_lazy_model_loads_only_its_shard(tmp_path):
+    from qwen2ms.modeling.model import Qwen2ForCausalLM
+    from qwen2ms.parallel.apply import shard_parameters
+    from qwen2ms.parallel.plans import PARAM_PLAN, match, param_shard
+    from qwen2ms.parallel.strategy import load_rank_checkpoint, split_checkpoint
+
+    cfg, pc = Qwen2Config(**DENSE), ParallelConfig(model_parallel=2)
+    full_path, full = _full_ckpt(tmp_path, cfg)
+    split_checkpoint(full_path, tmp_path / "shards", cfg, pc)
+    lazy = Qwen2ForCausalLM(cfg, init_weights=False)
+    shard_parameters(lazy, pc, rank=1)
+    with pytest.raises(ValueError, match="pass rank="):
+        load_rank_checkpoint(lazy, tmp_path / "shards")
+    load_rank_checkpoint(lazy, tmp_path / "shards", rank=1)
+    for p in lazy.get_parameters():
+        want = param_shard(full[p.name], match(PARAM_PLAN, p.name), cfg, 1, 2)
+        np.testing.assert_array_equal(p.asnumpy(), want, err_msg=p.name)

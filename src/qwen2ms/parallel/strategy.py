@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -280,16 +280,29 @@ def save_rank_checkpoint(pmodel, folder: PathLike, prefix: str = "qwen2ms") -> P
     return path
 
 
-def load_rank_checkpoint(pmodel, folder: PathLike) -> None:
-    """Load this rank's shard from ``<folder>/rank_<r>/`` into a parallelized model.
+def load_rank_checkpoint(pmodel, folder: PathLike, rank: Optional[int] = None) -> None:
+    """Load one rank's shard from ``<folder>/rank_<r>/`` into a parallelized (or sharded) model.
+
+    With a model built without weights (``Qwen2ForCausalLM(config, init_weights=False)``) and cut by
+    :func:`~qwen2ms.parallel.apply.parallelize` or ``shard_parameters``, only this rank's shard is
+    ever read: the way to load a model too large for one host's memory.
+
+    Args:
+        pmodel: a :class:`~qwen2ms.parallel.apply.ParallelCausalLM`, or a model already cut by
+            ``shard_parameters``.
+        folder: the checkpoint folder (``split_checkpoint`` / ``save_rank_checkpoint`` output).
+        rank: the global rank to read (default: the parallel model's own rank).
 
     Raises:
         ValueError: a parameter is missing from the file or has another shape (the layouts differ:
-            use :func:`reshard_checkpoints` first).
+            use :func:`reshard_checkpoints` first), or no rank was given for a plain model.
     """
     import mindspore as ms
 
-    rank = pmodel.groups.rank
+    if rank is None:
+        if not hasattr(pmodel, "groups"):
+            raise ValueError("pass rank= when loading into a model that was not built by parallelize")
+        rank = pmodel.groups.rank
     arrays = _load_arrays(_only_ckpt(Path(folder) / f"rank_{rank}"))
     for p in pmodel.get_parameters():
         if p.name not in arrays:
