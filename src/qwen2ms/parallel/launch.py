@@ -29,13 +29,32 @@ MindSpore's "mccl" backend); that is how this project's multi-process tests run,
 ``--worker_num=2 --local_worker_num=2``. Each worker writes ``worker_<rank>.log`` under
 ``--log_dir``; set ``GLOG_v=3`` to keep them short.
 
-Inside the script::
+Inside the script (every worker runs the same code)::
 
-    from qwen2ms.parallel import ParallelConfig, parallelize
-    from qwen2ms.parallel.launch import init_distributed
-    pc = ParallelConfig.from_yaml("run.yaml")
-    rank, world = init_distributed(pc)            # init() under msrun; checks dp*mp*pp == world
-    model = parallelize(Qwen2ForCausalLM.from_hf(path), pc)
+    import mindspore as ms
+    from mindspore import nn
+    from qwen2ms import Qwen2Config, Qwen2ForCausalLM
+    from qwen2ms.parallel import (ParallelConfig, parallelize, split_checkpoint, load_rank_checkpoint,
+                                  make_optimizer)
+    from qwen2ms.parallel.launch import init_distributed, data_shard
+
+    pc = ParallelConfig.from_yaml("run.yaml")      # the upstream parallel_config keys work
+    rank, world = init_distributed(pc)             # init() under msrun; checks dp*mp*pp == world
+    config = Qwen2Config.from_json("model_dir")
+    # once, on one process, before the job: split_checkpoint("full.ckpt", "shards", config, pc)
+    pm = parallelize(Qwen2ForCausalLM(config, init_weights=False), pc)   # no full weights in memory
+    load_rank_checkpoint(pm, "shards")             # reads this rank's shard only
+    num_shards, shard_id = data_shard(pc, rank)    # which slice of the data this replica reads
+    opt = make_optimizer(pm, lambda ps: nn.AdamWeightDecay(ps, learning_rate=1e-5))   # ZeRO-1 if asked
+    grad_fn = ms.value_and_grad(lambda i, l: pm(i, labels=l).loss, None, pm.trainable_params())
+    for input_ids, labels in batches:              # this replica's batches
+        loss, grads = grad_fn(input_ids, labels)
+        grads = pm.grad_sync(grads)                # data-parallel mean, SP/kv/expert sums
+        norm = pm.grad_norm(grads)                 # global norm over all shards, for clipping
+        opt(grads)
+
+With ``pipeline_stage > 1`` the step is ``loss, grads = pm.forward_backward(input_ids, labels)``
+(already synchronised), then ``opt(grads)``.
 
 :func:`msrun_command` builds these command lines and :func:`run_msrun` runs one and reports the
 workers' logs when it fails.
