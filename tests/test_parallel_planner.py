@@ -102,6 +102,7 @@ def test_plan_72b_suggests_upstream_layout():
     best = plan.best.layout
     assert (best.data_parallel, best.model_parallel, best.pipeline_stage) == (2, 4, 1)
     assert all(e.fits for e in plan.estimates[: len(plan.fitting)])
+    assert all(e.layout.pipeline_stage == 1 for e in plan.estimates)  # generation is tensor-parallel
     # 72B full fine-tuning does not fit 8 x 64 GiB
     ft = plan_memory(Qwen2Config.from_preset("qwen2-72b"), 8, mode="finetune", seq_length=32768)
     assert ft.best is None and ft.estimates[0].total == min(e.total for e in ft.estimates)

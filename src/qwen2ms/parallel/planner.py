@@ -288,7 +288,8 @@ def plan_memory(cfg: Qwen2Config, devices: int, *, mode: str = "finetune", seq_l
     """Estimate every layout of ``devices`` devices and rank them.
 
     Candidates are all ``(dp, mp, pp)`` the model can be split into with ``mp <= devices_per_node``
-    (tensor parallelism across nodes is too slow to be worth listing); fine-tuning candidates come
+    (tensor parallelism across nodes is too slow to be worth listing), and ``pp == 1`` for
+    ``predict`` (generation runs tensor-parallel); fine-tuning candidates come
     without and with recompute, with sequence parallel whenever ``mp > 1`` (dense models) and optimizer sharding
     whenever ``dp > 1`` (both only save memory). Ranking: layouts that fit first; then no recompute
     before recompute (it costs a third more compute), fewer pipeline stages (bubbles, and latency when
@@ -314,7 +315,8 @@ def plan_memory(cfg: Qwen2Config, devices: int, *, mode: str = "finetune", seq_l
     ep_max = cfg.num_experts if cfg.is_moe else 1
     out: List[MemoryEstimate] = []
     for dp, mp, pp in ParallelConfig(micro_batch_num=micro_batch_num).candidate_layouts(devices, cfg):
-        if mp > devices_per_node:
+        if mp > devices_per_node or (mode == "predict" and pp > 1):
+            # qwen2ms generates tensor-parallel (the KV cache is per rank); pipeline stages are for training.
             continue
         if cfg.is_moe:
             ep = max(e for e in range(1, dp + 1) if dp % e == 0 and ep_max % e == 0)
