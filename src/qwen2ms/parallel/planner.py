@@ -290,7 +290,8 @@ def plan_memory(cfg: Qwen2Config, devices: int, *, mode: str = "finetune", seq_l
     Candidates are all ``(dp, mp, pp)`` the model can be split into with ``mp <= devices_per_node``
     (tensor parallelism across nodes is too slow to be worth listing), and ``pp == 1`` for
     ``predict`` (generation runs tensor-parallel); fine-tuning candidates come
-    without and with recompute, with sequence parallel whenever ``mp > 1`` (dense models) and optimizer sharding
+    without and with recompute, with sequence parallel whenever ``mp > 1`` (dense models; not for
+    ``predict``, where a decode step has one token) and optimizer sharding
     whenever ``dp > 1`` (both only save memory). Ranking: layouts that fit first; then no recompute
     before recompute (it costs a third more compute), fewer pipeline stages (bubbles, and latency when
     generating), smaller tensor-parallel degree (more replicas, less communication), and less memory;
@@ -327,7 +328,7 @@ def plan_memory(cfg: Qwen2Config, devices: int, *, mode: str = "finetune", seq_l
             try:
                 layout = ParallelConfig(data_parallel=dp, model_parallel=mp, pipeline_stage=pp,
                                         micro_batch_num=max(micro_batch_num, pp),
-                                        use_seq_parallel=mp > 1 and not cfg.is_moe,
+                                        use_seq_parallel=mp > 1 and not cfg.is_moe and mode == "finetune",
                                         expert_parallel=ep, optimizer_shard=mode == "finetune" and dp > 1,
                                         recompute=rec)
                 out.append(estimate_memory(cfg, layout, mode=mode, seq_length=seq_length,
