@@ -6,7 +6,8 @@ Measured in one script run on the same machine state:
     prompt, timed between the first and the last generated token (so prefill is excluded); both sides run
     their full generate loop (processors, selection, stopping), timestamps come from a stopping criterion;
   * compile time: our first call minus a warm call of the same shape (graphs are cached per shape).
-The best of ``--repeats`` runs is reported for each measurement, because the machine may be shared.
+Both models live in one process and the runs alternate (ours, theirs, ours, ...), so a change in
+machine load affects both sides; the best of ``--repeats`` timed runs is reported per measurement.
 
 Usage:
     GLOG_v=3 python benchmarks/bench_generate.py                 # 0.5B shape, 24 layers
@@ -15,7 +16,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import time
@@ -50,83 +50,111 @@ def config(layers: int):
     return cfg
 
 
-def bench_ours(cfg, prompts: Dict[str, np.ndarray], new: int, repeats: int) -> Dict[str, float]:
-    from qwen2ms.generation.engine import CachedDecoder
-    from qwen2ms.generation.generate import generate
-    from qwen2ms.modeling import Qwen2ForCausalLM
+def rss_gb() -> float:
+    """Peak resident memory of this process so far, in GB."""
+    import resource
 
-    model = Qwen2ForCausalLM(cfg, dtype="float32", seed=0)
-    model.set_train(False)
-    res: Dict[str, float] = {}
-    ids = prompts["prefill"]
-    for r in range(repeats + 1):
-        dec = CachedDecoder(model, 1, ids.shape[1], 1)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+class Ours:
+    """qwen2ms: CachedDecoder for prefill, generate() for decoding."""
+
+    name = "qwen2ms"
+
+    def __init__(self, cfg):
+        from qwen2ms.modeling import Qwen2ForCausalLM
+
+        self.model = Qwen2ForCausalLM(cfg, dtype="float32", seed=0)
+        self.model.set_train(False)
+
+    def prefill(self, ids: np.ndarray) -> float:
+        from qwen2ms.generation.engine import CachedDecoder
+
+        dec = CachedDecoder(self.model, ids.shape[0], ids.shape[1], 1)
         t0 = time.perf_counter()
         dec.prefill(ids, np.ones_like(ids))
-        dt = time.perf_counter() - t0
-        if r == 0:
-            res["prefill_first_s"] = dt
-        else:
-            res["prefill"] = max(res.get("prefill", 0.0), ids.shape[1] / dt)
+        return time.perf_counter() - t0
+
+    def decode(self, ids: np.ndarray, new: int, clock: Clock) -> None:
+        from qwen2ms.generation.generate import generate
+
+        # eos_token_id=[]: no eos stopping, every run generates exactly `new` tokens (as transformers here).
+        generate(self.model, ids, max_new_tokens=new, do_sample=False, eos_token_id=[], pad_token_id=0,
+                 stopping_criteria=[clock])
+
+
+class Torch:
+    """transformers + torch, fp32, its own generate()."""
+
+    name = "transformers"
+
+    def __init__(self, cfg):
+        import torch
+        import transformers
+
+        self.torch, self.transformers = torch, transformers
+        torch.set_num_threads(os.cpu_count() or 2)
+        hf_cfg = transformers.Qwen2Config(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads, tie_word_embeddings=cfg.tie_word_embeddings,
+            max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+            rope_theta=cfg.rope_theta)  # eos/bos unset: generation runs the full length
+        torch.manual_seed(0)
+        self.model = transformers.Qwen2ForCausalLM(hf_cfg).float().eval()
+
+    def prefill(self, ids: np.ndarray) -> float:
+        with self.torch.inference_mode():
+            t = self.torch.tensor(ids, dtype=self.torch.long)
+            t0 = time.perf_counter()
+            self.model(input_ids=t, use_cache=True, logits_to_keep=1)
+            return time.perf_counter() - t0
+
+    def decode(self, ids: np.ndarray, new: int, clock: Clock) -> None:
+        torch, transformers = self.torch, self.transformers
+
+        class Crit(transformers.StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                clock(input_ids)
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+        with torch.inference_mode():
+            t = torch.tensor(ids, dtype=torch.long)
+            self.model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=new, do_sample=False,
+                                pad_token_id=0, stopping_criteria=transformers.StoppingCriteriaList([Crit()]))
+
+
+def measure(impls, prompts: Dict[str, np.ndarray], new: int, repeats: int) -> Dict[str, Dict[str, float]]:
+    """Alternate the implementations run by run (so a change in machine load hits both); best of the timed runs."""
+    res: Dict[str, Dict[str, float]] = {impl.name: {} for impl in impls}
+    ids = prompts["prefill"]
+    for r in range(repeats + 1):  # run 0 compiles (ours) / warms up (torch)
+        for impl in impls:
+            dt = impl.prefill(ids)
+            out = res[impl.name]
+            if r == 0:
+                out["prefill_first_s"] = dt
+            else:
+                out["prefill"] = max(out.get("prefill", 0.0), ids.shape[1] / dt)
+                out["prefill_warm_s"] = min(out.get("prefill_warm_s", 1e9), dt)
+            print(f"    {impl.name} prefill run {r}: {dt:.2f} s", flush=True)
     for name in ("decode_b1", "decode_bN"):
         ids = prompts[name]
         for r in range(repeats + 1):
-            clock = Clock()
-            t0 = time.perf_counter()
-            generate(model, ids, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0,
-                     stopping_criteria=[clock])
-            total = time.perf_counter() - t0
-            if r == 0:
-                res[name + "_first_s"] = total
-            else:
-                res[name] = max(res.get(name, 0.0), clock.decode_rate(ids.shape[0]))
-                res[name + "_warm_s"] = min(res.get(name + "_warm_s", 1e9), total)
-        res[name + "_compile_s"] = res[name + "_first_s"] - res[name + "_warm_s"]
-    res["prefill_compile_s"] = res["prefill_first_s"] - prompts["prefill"].shape[1] / res["prefill"]
-    del model
-    gc.collect()
-    return res
-
-
-def bench_torch(cfg, prompts: Dict[str, np.ndarray], new: int, repeats: int) -> Dict[str, float]:
-    import torch
-    import transformers
-
-    torch.set_num_threads(os.cpu_count() or 2)
-    hf_cfg = transformers.Qwen2Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, tie_word_embeddings=cfg.tie_word_embeddings,
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta)
-    torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(hf_cfg).float().eval()
-    res: Dict[str, float] = {}
-    with torch.inference_mode():
-        ids = torch.tensor(prompts["prefill"], dtype=torch.long)
-        for r in range(repeats + 1):
-            t0 = time.perf_counter()
-            model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            dt = time.perf_counter() - t0
-            if r:
-                res["prefill"] = max(res.get("prefill", 0.0), ids.shape[1] / dt)
-        for name in ("decode_b1", "decode_bN"):
-            ids = torch.tensor(prompts[name], dtype=torch.long)
-            for r in range(repeats + 1):
+            for impl in impls:
                 clock = Clock()
-
-                class Crit(transformers.StoppingCriteria):
-                    def __call__(self, input_ids, scores, **kwargs):
-                        clock(input_ids)
-                        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
-                               eos_token_id=None, pad_token_id=0,
-                               stopping_criteria=transformers.StoppingCriteriaList([Crit()]))
-                if r:
-                    res[name] = max(res.get(name, 0.0), clock.decode_rate(ids.shape[0]))
-    del model
-    gc.collect()
+                t0 = time.perf_counter()
+                impl.decode(ids, new, clock)
+                total = time.perf_counter() - t0
+                out = res[impl.name]
+                if r == 0:
+                    out[name + "_first_s"] = total
+                else:
+                    out[name] = max(out.get(name, 0.0), clock.decode_rate(ids.shape[0]))
+                    out[name + "_warm_s"] = min(out.get(name + "_warm_s", 1e9), total)
+                print(f"    {impl.name} {name} run {r}: {total:.1f} s, {clock.decode_rate(ids.shape[0]):.2f} tok/s",
+                      flush=True)
     return res
 
 
@@ -150,20 +178,25 @@ def main(argv=None) -> int:
     print(f"Qwen2-0.5B shape, {cfg.num_hidden_layers} layers, random fp32 weights; prefill {args.prefill} tokens; "
           f"decode {args.new} new tokens from {args.prompt}-token prompts at batch 1 and {args.batch}; "
           f"best of {args.repeats}; {os.cpu_count()} CPU cores", flush=True)
-    t0 = time.perf_counter()
-    ours = bench_ours(cfg, prompts, args.new, args.repeats)
-    print(f"  qwen2ms done in {time.perf_counter() - t0:.0f} s", flush=True)
-    t0 = time.perf_counter()
-    ref = bench_torch(cfg, prompts, args.new, args.repeats)
-    print(f"  transformers done in {time.perf_counter() - t0:.0f} s\n", flush=True)
+    ours_impl = Ours(cfg)
+    print(f"  qwen2ms model built; peak RSS {rss_gb():.1f} GB", flush=True)
+    torch_impl = Torch(cfg)
+    print(f"  transformers model built; peak RSS {rss_gb():.1f} GB", flush=True)
+    res = measure([ours_impl, torch_impl], prompts, args.new, args.repeats)
+    ours, ref = res["qwen2ms"], res["transformers"]
+    print(f"  peak RSS of both models and all runs: {rss_gb():.1f} GB\n", flush=True)
 
     rows = [("prefill", f"prefill {args.prefill} (tok/s)"), ("decode_b1", "decode batch 1 (tok/s)"),
             ("decode_bN", f"decode batch {args.batch} (tok/s)")]
     print(f"{'measurement':28s} {'qwen2ms':>9s} {'transformers':>13s} {'ratio':>7s}")
     for key, label in rows:
         print(f"{label:28s} {ours[key]:9.2f} {ref[key]:13.2f} {ours[key] / ref[key]:6.2f}x")
-    print(f"\ncompile time (first call minus a warm call): prefill {ours['prefill_compile_s']:.1f} s, "
-          f"generate batch 1 {ours['decode_b1_compile_s']:.1f} s, batch {args.batch} {ours['decode_bN_compile_s']:.1f} s")
+    compile_prefill = ours["prefill_first_s"] - ours["prefill_warm_s"]
+    compile_b1 = ours["decode_b1_first_s"] - ours["decode_b1_warm_s"]
+    compile_bn = ours["decode_bN_first_s"] - ours["decode_bN_warm_s"]
+    print(f"\nqwen2ms compile time (first call minus the fastest warm call of the same shape): prefill "
+          f"{args.prefill} {compile_prefill:.1f} s; generate at batch 1 (prefill {args.prompt} + decode graphs) "
+          f"{compile_b1:.1f} s; at batch {args.batch} {compile_bn:.1f} s")
     return 0
 
 

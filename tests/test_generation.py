@@ -59,6 +59,7 @@ def test_config_defaults_and_greedy_rules():
     assert not GenerationConfig(do_sample=True).is_greedy
     assert GenerationConfig(eos_token_id=5).eos_token_ids == [5]
     assert GenerationConfig(eos_token_id=[1, 2]).eos_token_ids == [1, 2]
+    assert GenerationConfig(eos_token_id=[]).eos_token_ids == []  # [] disables eos stopping
     assert GenerationConfig(stop_strings="x").stop_string_list == ["x"]
 
 
@@ -131,7 +132,7 @@ def test_greedy_with_inherited_sampling_fields_is_silent():
     ("max_new_tokens", 0, "max_new_tokens"),
     ("min_new_tokens", -1, "min_new_tokens"),
     ("do_sample", "yes", "do_sample"),
-    ("eos_token_id", [], "eos_token_id"),
+    ("eos_token_id", [1, -2], "eos_token_id"),
     ("eos_token_id", -3, "eos_token_id"),
     ("pad_token_id", 1.5, "pad_token_id"),
     ("stop_strings", "", "stop_strings"),

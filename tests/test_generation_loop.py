@@ -287,6 +287,7 @@ def test_resolve_config_fallbacks():
             pad_token_id = None
         generation_config = GenerationConfig(top_k=3)
 
+    assert resolve_config(None, M(), None, eos_token_id=[]).eos_token_ids == []  # [] is not "unset"
     cfg = resolve_config(None, M(), None, max_new_tokens=9)
     assert cfg.top_k == 3 and cfg.eos_token_ids == [7] and cfg.pad_token_id == 7 and cfg.max_new_tokens == 9
     assert M.generation_config.max_new_tokens == 256  # the model's config is not modified

@@ -90,20 +90,20 @@ def test_cached_decode_logits_equal_full_recompute(tiny):
 
 
 def test_sampling_seed_and_num_return_sequences(tiny):
-    kw = dict(do_sample=True, top_k=0, temperature=1.5, max_new_tokens=6, num_return_sequences=3, eos_token_id=None)
+    kw = dict(do_sample=True, top_k=0, temperature=1.5, max_new_tokens=6, num_return_sequences=3, eos_token_id=[])
     a = generate(tiny, np.array([[5, 6, 7]]), seed=11, **kw)
     b = generate(tiny, np.array([[5, 6, 7]]), seed=11, **kw)
     c = generate(tiny, np.array([[5, 6, 7]]), seed=12, **kw)
     assert a.shape == (3, 9)  # batch 3: reuses the previous test's cache and graphs
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c) and not np.array_equal(a[0], a[1])
-    greedy = generate(tiny, np.array([[5, 6, 7]]), max_new_tokens=6, eos_token_id=None)
-    top1 = generate(tiny, np.array([[5, 6, 7]]), do_sample=True, top_k=1, seed=0, max_new_tokens=6, eos_token_id=None)
+    greedy = generate(tiny, np.array([[5, 6, 7]]), max_new_tokens=6, eos_token_id=[])
+    top1 = generate(tiny, np.array([[5, 6, 7]]), do_sample=True, top_k=1, seed=0, max_new_tokens=6, eos_token_id=[])
     np.testing.assert_array_equal(greedy, top1)
 
 
 def test_cache_is_sized_from_the_request_and_reused(tiny):
-    generate(tiny, np.array([[5, 6, 7]]), max_new_tokens=4, eos_token_id=None)
+    generate(tiny, np.array([[5, 6, 7]]), max_new_tokens=4, eos_token_id=[])
     cache = tiny._generation_cache
     assert cache.batch_size == 1 and 3 + 4 <= cache.max_length <= 96
     generate(tiny, np.array([[5, 6, 7, 8]]), max_new_tokens=3)
@@ -129,10 +129,10 @@ def test_streaming_random_multibyte_tokens_equals_final_decode(qwen_vocab_model)
     tok = qwen_vocab_model.tokenizer
     pieces = []
     text = generate(qwen_vocab_model, "你好，世界 😀", streamer=pieces.append, do_sample=True, top_k=0,
-                    temperature=2.0, seed=1, max_new_tokens=40, eos_token_id=None)
+                    temperature=2.0, seed=1, max_new_tokens=40, eos_token_id=[])
     assert isinstance(text, str) and text == "".join(pieces) and len(pieces) > 5
     ids = generate(qwen_vocab_model, "你好，世界 😀", do_sample=True, top_k=0, temperature=2.0, seed=1,
-                   max_new_tokens=40, eos_token_id=None, return_text=False)
+                   max_new_tokens=40, eos_token_id=[], return_text=False)
     prompt_len = len(tok.encode("你好，世界 😀"))
     assert text == tok.decode(ids[0, prompt_len:], skip_special_tokens=True)
     assert ids[0, prompt_len:].max() < len(tok)  # padded embedding rows are never generated
@@ -141,7 +141,7 @@ def test_streaming_random_multibyte_tokens_equals_final_decode(qwen_vocab_model)
 
 def test_stop_strings_on_the_model(qwen_vocab_model):
     tok = qwen_vocab_model.tokenizer
-    kw = dict(do_sample=True, top_k=0, temperature=2.0, seed=1, max_new_tokens=40, eos_token_id=None)
+    kw = dict(do_sample=True, top_k=0, temperature=2.0, seed=1, max_new_tokens=40, eos_token_id=[])
     full = generate(qwen_vocab_model, "你好，世界 😀", **kw)
     stop = full[3:5]
     cut = generate(qwen_vocab_model, "你好，世界 😀", stop_strings=[stop], **kw)
@@ -172,7 +172,7 @@ def test_chat_and_no_warning_on_greedy(qwen_vocab_model):
 
 
 def test_model_generate_and_chat_methods(qwen_vocab_model):
-    kw = dict(max_new_tokens=4, eos_token_id=None)
+    kw = dict(max_new_tokens=4, eos_token_id=[])
     assert qwen_vocab_model.generate("你好", **kw) == generate(qwen_vocab_model, "你好", **kw)
     ids = qwen_vocab_model.generate(np.array([[9707, 1879]]), attention_mask=np.array([[1, 1]]), **kw)
     assert ids.shape == (1, 6) and (ids[:, :2] == [9707, 1879]).all()
@@ -181,7 +181,7 @@ def test_model_generate_and_chat_methods(qwen_vocab_model):
 
 
 def test_text_batch_equals_single_prompts(qwen_vocab_model):
-    single = generate(qwen_vocab_model, "你好，今天天气怎么样？", max_new_tokens=5, eos_token_id=None)
-    outs = generate(qwen_vocab_model, ["Hello", "你好，今天天气怎么样？"], max_new_tokens=5, eos_token_id=None)
+    single = generate(qwen_vocab_model, "你好，今天天气怎么样？", max_new_tokens=5, eos_token_id=[])
+    outs = generate(qwen_vocab_model, ["Hello", "你好，今天天气怎么样？"], max_new_tokens=5, eos_token_id=[])
     assert isinstance(outs, list) and len(outs) == 2 and all(isinstance(o, str) for o in outs)
     assert outs[1] == single  # left padding in a batch changes nothing

@@ -65,7 +65,8 @@ class GenerationConfig:
         top_k: sample among the k most likely tokens (0 disables; HF's default is 50).
         top_p: nucleus sampling mass in (0, 1] (1 disables).
         repetition_penalty: CTRL penalty (> 0; 1 disables) on ids of the prompt and generated tokens.
-        eos_token_id: an id or a list of ids that end a sequence (Qwen2-Instruct: [151645, 151643]).
+        eos_token_id: an id or a list of ids that end a sequence (Qwen2-Instruct: [151645, 151643]);
+            None falls back to the model's/tokenizer's eos, ``[]`` disables eos stopping.
         pad_token_id: written after a sequence ended (defaults to the first eos id when unset).
         bos_token_id: kept for the HF round trip (Qwen2 has no BOS token).
         stop_strings: a string or list of strings; generation of a row stops once its generated
@@ -166,8 +167,8 @@ class GenerationConfig:
         eos = self.eos_token_id
         if eos is not None:
             ids = [eos] if not isinstance(eos, list) else eos
-            if not ids or not all(_is_int(i) and i >= 0 for i in ids):
-                raise err(f"eos_token_id must be a non-negative int or a non-empty list of them, got {eos!r}")
+            if not all(_is_int(i) and i >= 0 for i in ids):
+                raise err(f"eos_token_id must be a non-negative int or a list of them ([] disables eos), got {eos!r}")
         for name in ("pad_token_id", "bos_token_id"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 0):
