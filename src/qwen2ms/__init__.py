@@ -22,6 +22,24 @@ from .data import (
     tokenize_dataset,
     write_mindrecord,
 )
+from .training import (
+    AdamW,
+    LoraConfig,
+    NonFiniteLossError,
+    RunConfigError,
+    Trainer,
+    TrainerCallback,
+    TrainerState,
+    TrainingArguments,
+    TrainOutput,
+    apply_lora,
+    get_scheduler,
+    load_adapter,
+    load_run_config,
+    merge_and_unload,
+    run_finetune,
+    save_adapter,
+)
 
 from .cli import demo_model, demo_tokenizer
 
@@ -62,4 +80,9 @@ __all__ = [
     "tokenize_conversation",
     "tokenize_dataset",
     "write_mindrecord",
+]
+__all__ += [
+    "AdamW", "LoraConfig", "NonFiniteLossError", "RunConfigError", "Trainer", "TrainerCallback", "TrainerState",
+    "TrainingArguments", "TrainOutput", "apply_lora", "get_scheduler", "load_adapter", "load_run_config",
+    "merge_and_unload", "run_finetune", "save_adapter",
 ]

