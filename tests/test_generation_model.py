@@ -185,3 +185,14 @@ def test_text_batch_equals_single_prompts(qwen_vocab_model):
     outs = generate(qwen_vocab_model, ["Hello", "你好，今天天气怎么样？"], max_new_tokens=5, eos_token_id=[])
     assert isinstance(outs, list) and len(outs) == 2 and all(isinstance(o, str) for o in outs)
     assert outs[1] == single  # left padding in a batch changes nothing
+
+
+def test_a_transformers_tokenizer_works_too(qwen_vocab_model, qwen2_tokenizer_dir):
+    # Duck typing: an HF tokenizer (encode/decode/apply_chat_template returning an encoding dict) is accepted.
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(qwen2_tokenizer_dir))
+    messages = [{"role": "user", "content": "你好"}]
+    kw = dict(max_new_tokens=6, eos_token_id=[], do_sample=True, top_k=0, temperature=2.0, seed=4)
+    pieces = []
+    ours = chat(qwen_vocab_model, messages, **kw)
+    theirs = chat(qwen_vocab_model, messages, tokenizer=hf_tok, streamer=pieces.append, **kw)
+    assert ours == theirs == "".join(pieces)

@@ -11,6 +11,7 @@ from .processors import (
     apply_processors,
     build_processors,
 )
+from .generate import chat, generate
 from .sampling import greedy, make_rng, sample
 from .stopping import StopState, StopStrings
 from .streamers import CallbackStreamer, IncrementalDecoder, TextStreamer, as_streamer
@@ -37,4 +38,6 @@ __all__ = [
     "TextStreamer",
     "CallbackStreamer",
     "as_streamer",
+    "generate",
+    "chat",
 ]

@@ -16,7 +16,7 @@ from .sampling import Sampler, greedy, make_rng, sample
 from .stopping import RowText, StoppingCriterion, StopState, StopStrings, run_criteria
 from .streamers import Streamer, as_streamer
 
-__all__ = ["Decoder", "decode_loop", "prepare_inputs", "generate", "chat", "resolve_config"]
+__all__ = ["Decoder", "decode_loop", "left_pad", "prepare_inputs", "resolve_config", "run_generation", "generate", "chat"]
 
 
 class Decoder(Protocol):
@@ -424,7 +424,10 @@ def chat(
     if tokenizer is None or not callable(getattr(tokenizer, "apply_chat_template", None)):
         raise GenerationConfigError("chat needs a tokenizer with a chat template: pass tokenizer=, or load the "
                                     "model with from_hf so that model.tokenizer is set")
-    ids = list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True))
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 tokenizers return an encoding dict
+        ids = ids["input_ids"]
+    ids = [int(i) for i in (ids[0] if len(ids) and isinstance(ids[0], (list, tuple)) else ids)]
     config = resolve_config(generation_config, model, tokenizer,
                             **{k: gen.pop(k) for k in list(gen) if k in GenerationConfig._field_names()})
     eos = list(dict.fromkeys(config.eos_token_ids + _chat_eos_ids(tokenizer)))
