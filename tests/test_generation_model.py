@@ -1,5 +1,4 @@
 """generate()/chat() on real (tiny) Qwen2 models: greedy parity with transformers, cache vs recompute, text, streaming."""
-import json
 import warnings
 
 import numpy as np
@@ -10,7 +9,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from qwen2ms import Qwen2Config  # noqa: E402
-from qwen2ms.generation import GenerationConfig, GenerationConfigError  # noqa: E402
+from qwen2ms.generation import GenerationConfigError  # noqa: E402
 from qwen2ms.generation.engine import CachedDecoder  # noqa: E402
 from qwen2ms.generation.generate import chat, generate  # noqa: E402
 from qwen2ms.modeling import Qwen2ForCausalLM  # noqa: E402

@@ -8,7 +8,7 @@ dropped), so streamed text and the returned string agree.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
