@@ -163,6 +163,13 @@ def test_resume_continues_with_identical_losses(tmp_path):
     steps = [json.loads(x)["step"] for x in (tmp_path / "s" / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6, 4, 5, 6]
 
+    # Resuming into a trainer whose compiled step already ran (its graph holds the parameters):
+    # the checkpoint must still be what the graph sees.
+    again = LossRecorder()
+    straight.callback_handler.add(again)
+    straight.train(resume_from_checkpoint=str(ckpt))
+    np.testing.assert_allclose(again.losses, straight_rec.losses[3:6], rtol=1e-6)
+
 
 def test_resume_true_needs_a_checkpoint(tmp_path):
     trainer = Trainer(tiny_model(), args_for(tmp_path, max_steps=1, resume_from_checkpoint=True),

@@ -23,6 +23,7 @@ __all__ = [
     "load_tensors",
     "capture_rng_state",
     "restore_rng_state",
+    "assign_parameters",
 ]
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -206,3 +207,38 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
 def write_json(path: PathLike, data: Any) -> None:
     """Write ``data`` as indented JSON (inside a temporary checkpoint folder, so no extra rename)."""
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, default=str), encoding="utf-8")
+
+
+def assign_parameters(pairs: List[Tuple[Any, Any]]) -> None:
+    """Write values into Parameters so that already-compiled graphs see them.
+
+    In MindSpore 2.10, once a compiled graph has updated a Parameter, ``Parameter.set_data`` only
+    replaces the host copy: graphs keep reading their own buffer. An ``ops.assign`` inside a compiled
+    graph writes that shared buffer, so checkpoint loading goes through one here.
+
+    Args:
+        pairs: ``(parameter, value)`` with values as MindSpore tensors or NumPy arrays of the
+            parameter's shape (cast to its dtype).
+    """
+    import mindspore as ms
+    from mindspore import ParameterTuple, Tensor, nn, ops
+
+    if not pairs:
+        return
+
+    class _Assign(nn.Cell):
+        def __init__(self, params):
+            super().__init__(auto_prefix=False)
+            self.targets = ParameterTuple(params)
+
+        def construct(self, values):
+            for p, v in zip(self.targets, values):
+                ops.assign(p, v)
+            return values[0]
+
+    params = [p for p, _ in pairs]
+    values = []
+    for p, v in pairs:
+        t = v if isinstance(v, Tensor) else Tensor(np.asarray(v))
+        values.append(t.astype(p.dtype).reshape(p.shape))
+    ms.jit(_Assign(params).construct)(tuple(values))

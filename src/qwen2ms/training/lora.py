@@ -260,7 +260,9 @@ def merge_and_unload(model: nn.Cell) -> List[str]:
     """
     merged = []
     for path, cell in lora_modules(model):
-        cell.base.weight.set_data(cell.merged_weight())
+        from .checkpointing import assign_parameters
+
+        assign_parameters([(cell.base.weight, cell.merged_weight())])
         _replace(model, path, cell.base)
         merged.append(path)
     for p in model.get_parameters():
@@ -318,8 +320,9 @@ def load_adapter_weights(model: nn.Cell, folder: Union[str, os.PathLike]) -> Non
     if missing or unexpected or wrong:
         raise ValueError(f"adapter in {os.fspath(folder)!r} does not fit the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}")
-    for k, p in targets.items():
-        p.set_data(Tensor(arrays[k]).astype(p.dtype))
+    from .checkpointing import assign_parameters
+
+    assign_parameters([(p, arrays[k]) for k, p in targets.items()])
 
 
 def load_adapter(model: nn.Cell, folder: Union[str, os.PathLike], dtype: Any = ms.float32) -> List[str]:

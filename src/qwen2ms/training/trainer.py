@@ -33,6 +33,7 @@ from .arguments import TrainingArguments
 from .callbacks import CallbackHandler, JsonlLoggerCallback, ProgressCallback, TrainerCallback, TrainerState
 from .checkpointing import (
     CheckpointError,
+    assign_parameters,
     capture_rng_state,
     latest_checkpoint,
     load_tensors,
@@ -747,13 +748,15 @@ class Trainer:
         if missing:
             raise CheckpointError(f"{path}/optimizer.safetensors lacks {len(missing)} tensors, e.g. {missing[:3]}: "
                                   "it was written for a different model, LoRA setting or precision")
+        pairs = []
         for k, p in targets.items():
             arr = opt[k]
             if arr.size == int(np.prod(p.shape)) and arr.ndim != len(p.shape):
                 arr = arr.reshape(p.shape)  # scalars may come back as shape (1,)
             if tuple(arr.shape) != tuple(p.shape):
                 raise CheckpointError(f"optimizer tensor {k!r} has shape {arr.shape} in {path}, expected {p.shape}")
-            p.set_data(Tensor(arr).astype(p.dtype))
+            pairs.append((p, arr))
+        assign_parameters(pairs)
         data = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         self.state = TrainerState.from_dict(data["state"])
         self.lr_scheduler.load_state_dict(data["scheduler"])
@@ -769,12 +772,14 @@ class Trainer:
         if isinstance(self.optimizer, AdamW):
             masters = {p.name: w for p, w, low in zip(self.optimizer.params, self.optimizer.master,
                                                       self.optimizer.has_master) if low}
+        pairs = []
         for p in params:
             src = source[p.name]
             value = src.value() if isinstance(src, Parameter) else Tensor(np.asarray(src))
             if tuple(value.shape) != tuple(p.shape):
                 raise CheckpointError(f"parameter {p.name!r} has shape {tuple(value.shape)} in {path}, "
                                       f"the model expects {tuple(p.shape)}")
-            p.set_data(value.astype(p.dtype))
+            pairs.append((p, value))
             if p.name in masters:
-                masters[p.name].set_data(value.astype(ms.float32))
+                pairs.append((masters[p.name], value))
+        assign_parameters(pairs)
