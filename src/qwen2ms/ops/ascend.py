@@ -34,7 +34,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import mindspore as ms
 from mindspore import Tensor, ops

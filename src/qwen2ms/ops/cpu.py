@@ -34,7 +34,7 @@ __all__ = [
 
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 LIB_NAME = "libqwen2ms_kernels.so"
-_SOURCES = ("common.h", "norm.cpp", "rope.cpp", "swiglu.cpp", "linear.cpp", "embedding.cpp", "attention.cpp")
+_SOURCES = ("common.h", "pool.h", "norm.cpp", "rope.cpp", "swiglu.cpp", "linear.cpp", "embedding.cpp", "attention.cpp")
 _build_lock = threading.Lock()
 
 
@@ -96,14 +96,15 @@ def compiler_flags(cpu_flags: Optional[set] = None) -> List[str]:
         cpu_flags: CPU feature flags to decide from (default: read ``/proc/cpuinfo``).
 
     Returns:
-        The flag list passed to the compiler (always with ``-fopenmp -shared -fPIC``).
+        The flag list passed to the compiler (always with ``-O3 -shared -fPIC -pthread``).
 
     Example:
         >>> "-mavx2" in compiler_flags({"avx2", "fma", "f16c"})
         True
     """
     flags = _cpu_flags() if cpu_flags is None else set(cpu_flags)
-    out = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
+    # Threads come from our own pool (csrc/pool.h), not OpenMP; -fopenmp-simd only enables `omp simd`.
+    out = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fopenmp-simd"]
     if {"avx2", "fma", "f16c"} <= flags:
         out += ["-mavx2", "-mfma", "-mf16c"]
     return out
@@ -221,10 +222,6 @@ def quantize_int8(weight) -> QuantizedWeight:
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
     q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
     return QuantizedWeight(q, scale)
-
-
-def _shape_same(*shapes):
-    return shapes[0]
 
 
 class CpuKernels:

@@ -32,11 +32,9 @@ QK_KERNEL(Attention) {
   std::vector<float> kbuf, vbuf;
   const float *kf = as_f32(params[1], kt, B * Hkv * S * D, kbuf);
   const float *vf = as_f32(params[2], vt, B * Hkv * S * D, vbuf);
-#pragma omp parallel if (worth_threads(rows * S * D))
-  {
+  parallel_for(rows, 4, worth_threads(rows * S * D), [&](int64_t r0, int64_t r1) {
     std::vector<float> q(static_cast<size_t>(D)), p(static_cast<size_t>(S)), acc(static_cast<size_t>(D));
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = r0; r < r1; ++r) {
       const int64_t t = r % T, h = (r / T) % Hq, b = r / (T * Hq);
       const int64_t kvh = h / group;
       const float *kb = kf + (b * Hkv + kvh) * S * D, *vb = vf + (b * Hkv + kvh) * S * D;
@@ -68,6 +66,6 @@ QK_KERNEL(Attention) {
       }
       for (int64_t d = 0; d < D; ++d) store(params[5], ot, r * D + d, acc[d]);
     }
-  }
+  });
   return 0;
 }

@@ -13,9 +13,7 @@
 #define QK_SIMD 0
 #endif
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "pool.h"
 
 // MindSpore calls every AOT kernel with this signature; inputs come first in params, then outputs.
 #define QK_KERNEL(name)                                                                          \

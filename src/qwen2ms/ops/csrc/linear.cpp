@@ -98,8 +98,8 @@ void linear_impl(const float *x, const void *w, int64_t M, int64_t N, int64_t K,
   // descheduled, and a static split would leave the other waiting for it.
   const int64_t wbytes = WT == F32 ? 4 : (WT == I8 ? 1 : 2);
   const int64_t chunk = std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(1, K * wbytes));
-#pragma omp parallel for schedule(dynamic, chunk) if (N * K >= (1 << 14))
-  for (int64_t n = 0; n < N; ++n) {
+  parallel_for(N, chunk, N * K >= (1 << 14), [&](int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
     const int64_t woff = n * K;
     float acc[4];
     int64_t m = 0;
@@ -118,6 +118,7 @@ void linear_impl(const float *x, const void *w, int64_t M, int64_t N, int64_t K,
       ep.put(m, n, acc[0]);
     }
   }
+  });
 }
 
 }  // namespace

@@ -11,9 +11,9 @@ void rms_rows(const void *x, DType xt, const void *w, DType wt, float eps, void 
               int64_t h) {
   std::vector<float> wf(static_cast<size_t>(h));
   for (int64_t j = 0; j < h; ++j) wf[j] = load(w, wt, j);
-#pragma omp parallel for schedule(static) if (worth_threads(rows * h))
-  for (int64_t r = 0; r < rows; ++r) {
-    std::vector<float> buf;
+  parallel_for(rows, 8, worth_threads(rows * h), [&](int64_t r0, int64_t r1) {
+  std::vector<float> buf;
+  for (int64_t r = r0; r < r1; ++r) {
     const float *xr;
     if (xt == F32) {
       xr = static_cast<const float *>(x) + r * h;
@@ -27,6 +27,7 @@ void rms_rows(const void *x, DType xt, const void *w, DType wt, float eps, void 
     float inv = 1.0f / std::sqrt(static_cast<float>(ss / static_cast<double>(h)) + eps);
     for (int64_t j = 0; j < h; ++j) store(y, yt, r * h + j, round_to(xt, xr[j] * inv) * wf[j]);
   }
+  });
 }
 
 }  // namespace
@@ -55,8 +56,9 @@ QK_KERNEL(AddRmsNorm) {
   float eps = *static_cast<const float *>(params[3]);
   const void *x = params[0], *res = params[1];
   void *s = params[5];
-#pragma omp parallel for schedule(static) if (worth_threads(n))
-  for (int64_t i = 0; i < n; ++i) store(s, st, i, load(x, xt, i) + load(res, rt, i));
+  parallel_for(n, 1 << 14, worth_threads(n), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) store(s, st, i, load(x, xt, i) + load(res, rt, i));
+  });
   rms_rows(s, st, params[2], wt, eps, params[4], yt, rows, h);
   return 0;
 }
@@ -74,13 +76,12 @@ QK_KERNEL(RmsNormGrad) {
   const void *dy = params[0], *x = params[1];
   std::vector<float> wf(static_cast<size_t>(h));
   for (int64_t j = 0; j < h; ++j) wf[j] = load(params[2], wt, j);
-  std::vector<double> dw_total(static_cast<size_t>(h), 0.0);
-#pragma omp parallel if (worth_threads(rows * h))
-  {
-    std::vector<double> dw_local(static_cast<size_t>(h), 0.0);
+  // Pass 1 (rows in parallel): dx and each row's 1/rms. Pass 2 (columns in parallel): dweight, so no
+  // thread-local partial sums have to be merged.
+  std::vector<double> inv_rms(static_cast<size_t>(rows));
+  parallel_for(rows, 8, worth_threads(rows * h), [&](int64_t r0, int64_t r1) {
     std::vector<float> xr(static_cast<size_t>(h)), gr(static_cast<size_t>(h));
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = r0; r < r1; ++r) {
       double ss = 0.0, gx = 0.0;
       for (int64_t j = 0; j < h; ++j) {
         xr[j] = load(x, xt, r * h + j);
@@ -90,14 +91,17 @@ QK_KERNEL(RmsNormGrad) {
       }
       double inv = 1.0 / std::sqrt(ss / static_cast<double>(h) + eps);
       double coef = inv * inv * inv * gx / static_cast<double>(h);
-      for (int64_t j = 0; j < h; ++j) {
+      inv_rms[r] = inv;
+      for (int64_t j = 0; j < h; ++j)
         store(params[4], dxt, r * h + j, static_cast<float>(inv * gr[j] * wf[j] - coef * xr[j]));
-        dw_local[j] += static_cast<double>(gr[j]) * xr[j] * inv;
-      }
     }
-#pragma omp critical
-    for (int64_t j = 0; j < h; ++j) dw_total[j] += dw_local[j];
-  }
+  });
+  std::vector<double> dw_total(static_cast<size_t>(h), 0.0);
+  parallel_for(h, 64, worth_threads(rows * h), [&](int64_t j0, int64_t j1) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = j0; j < j1; ++j)
+        dw_total[j] += static_cast<double>(load(dy, gt, r * h + j)) * load(x, xt, r * h + j) * inv_rms[r];
+  });
   for (int64_t j = 0; j < h; ++j) store(params[5], dwt, j, static_cast<float>(dw_total[j]));
   return 0;
 }

@@ -13,8 +13,8 @@ void rope_one(const void *x, DType xt, const int64_t *shape, const void *cosp, c
   const int64_t B = shape[0], A = shape[1], C = shape[2], D = shape[3], half = D / 2;
   const int64_t S = seq_axis == 2 ? C : A;
   const int64_t rows = B * A * C;
-#pragma omp parallel for schedule(static) if (worth_threads(rows * D))
-  for (int64_t r = 0; r < rows; ++r) {
+  parallel_for(rows, 16, worth_threads(rows * D), [&](int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
     const int64_t c = r % C, a = (r / C) % A, b = r / (A * C);
     const int64_t s = seq_axis == 2 ? c : a;
     const int64_t cbase = ((bc == 1 ? 0 : b) * S + s) * D, base = r * D;
@@ -34,6 +34,7 @@ void rope_one(const void *x, DType xt, const int64_t *shape, const void *cosp, c
       store(y, xt, base + i + half, o2);
     }
   }
+  });
 }
 
 int rope_qk(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int seq_axis,

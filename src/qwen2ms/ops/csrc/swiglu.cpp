@@ -16,15 +16,17 @@ QK_KERNEL(SwiGLU) {
   if (gt == F32 && ut == F32) {
     const float *gf = static_cast<const float *>(g), *uf = static_cast<const float *>(u);
     float *yf = static_cast<float *>(y);
-#pragma omp parallel for schedule(static) if (worth_threads(n))
-    for (int64_t i = 0; i < n; ++i) yf[i] = gf[i] / (1.0f + std::exp(-gf[i])) * uf[i];
+    parallel_for(n, 1 << 13, worth_threads(n), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) yf[i] = gf[i] / (1.0f + std::exp(-gf[i])) * uf[i];
+    });
     return 0;
   }
-#pragma omp parallel for schedule(static) if (worth_threads(n))
-  for (int64_t i = 0; i < n; ++i) {
-    float a = load(g, gt, i);
-    store(y, yt, i, round_to(gt, a / (1.0f + std::exp(-a))) * load(u, ut, i));
-  }
+  parallel_for(n, 1 << 13, worth_threads(n), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      float a = load(g, gt, i);
+      store(y, yt, i, round_to(gt, a / (1.0f + std::exp(-a))) * load(u, ut, i));
+    }
+  });
   return 0;
 }
 
@@ -35,12 +37,13 @@ QK_KERNEL(SwiGLUGrad) {
   DType dgt = dtype_of(dtypes[3]), dut = dtype_of(dtypes[4]);
   if (!is_float(dt) || !is_float(gt) || !is_float(ut)) return 2;
   const int64_t n = numel(ndims[1], shapes[1]);
-#pragma omp parallel for schedule(static) if (worth_threads(n))
-  for (int64_t i = 0; i < n; ++i) {
-    float d = load(params[0], dt, i), a = load(params[1], gt, i), b = load(params[2], ut, i);
-    float s = 1.0f / (1.0f + std::exp(-a));
-    store(params[3], dgt, i, d * b * s * (1.0f + a * (1.0f - s)));
-    store(params[4], dut, i, d * a * s);
-  }
+  parallel_for(n, 1 << 13, worth_threads(n), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      float d = load(params[0], dt, i), a = load(params[1], gt, i), b = load(params[2], ut, i);
+      float s = 1.0f / (1.0f + std::exp(-a));
+      store(params[3], dgt, i, d * b * s * (1.0f + a * (1.0f - s)));
+      store(params[4], dut, i, d * a * s);
+    }
+  });
   return 0;
 }
