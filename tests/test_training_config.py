@@ -90,6 +90,12 @@ def test_finetune_cli_trains_from_a_config(tmp_path, capsys):
     assert [x["step"] for x in train] == [2, 4, 6] and any("eval_loss" in x for x in logs)
     assert (tmp_path / "out" / "final" / "config.json").is_file()
     assert (tmp_path / "out" / "checkpoint-6").is_dir()
+    # --resume without a path continues from the newest checkpoint.
+    assert main(["finetune", "--config", str(path), "--no-progress", "--resume", "--max-steps", "8"]) == 0
+    assert "finetune: 8 steps" in capsys.readouterr().out
+    steps = [json.loads(x)["step"] for x in (tmp_path / "out" / "log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == [2, 4, 6, 8]
 
 
 def test_multi_device_layout_is_refused_by_the_single_process_finetune(tmp_path):

@@ -56,8 +56,6 @@ class TrainingArguments:
         shuffle: shuffle the training set each epoch (a permutation seeded by ``seed`` and the epoch).
         dataloader_drop_last: drop a last incomplete micro-batch of each epoch.
         disable_tqdm: no progress bar.
-        jit_dynamic_shapes: compile the train step once for variable shapes (``ms.jit(dynamic=1)``)
-            instead of once per padded shape.
 
     Example:
         >>> args = TrainingArguments(output_dir="runs/demo", learning_rate=1e-4, max_steps=100)
@@ -97,7 +95,6 @@ class TrainingArguments:
     shuffle: bool = True
     dataloader_drop_last: bool = False
     disable_tqdm: bool = False
-    jit_dynamic_shapes: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_target_modules, str):
