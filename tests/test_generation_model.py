@@ -109,6 +109,12 @@ def test_cache_is_sized_from_the_request_and_reused(tiny):
     assert tiny._generation_cache is cache  # same shape class: its compiled decode step is reused
     with pytest.raises(GenerationConfigError, match="max_position_embeddings"):
         generate(tiny, np.array([[5, 6, 7]]), max_new_tokens=94)
+    # Nothing compiles per token or per call: more tokens and another prompt of the same bucket add no graph.
+    from mindspore.graph import api as ms_graph_api
+
+    compiled = len(ms_graph_api.ms_compile_cache)
+    out = generate(tiny, np.array([[9, 8, 7, 6, 5]]), max_new_tokens=20, eos_token_id=[])
+    assert out.shape == (1, 25) and len(ms_graph_api.ms_compile_cache) == compiled
 
 
 @pytest.fixture(scope="module")
