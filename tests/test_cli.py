@@ -93,3 +93,15 @@ def test_generate_command_names_a_missing_model(tmp_path):
 
     with pytest.raises(HubError, match="no_such_model"):
         main(["generate", str(tmp_path / "no_such_model"), "--prompt", "x"])
+
+
+def test_run_config_builtin_tokenizer_is_qwen2():
+    from pathlib import Path
+
+    from qwen2ms.cli import DEMO_RUN_CONFIG
+    from qwen2ms.training.run_config import _load_tokenizer, load_run_config
+
+    run = load_run_config(Path(DEMO_RUN_CONFIG))
+    assert run.data["tokenizer"] == "builtin"
+    tok = _load_tokenizer(run, model=None)
+    assert len(tok) == 151646 and tok.chat_template == demo_tokenizer().chat_template
