@@ -98,8 +98,9 @@ class CachedDecoder:
         if self.slot >= self.cache.max_length:
             raise ValueError(f"the KV cache is full ({self.cache.max_length} slots); size it for the request")
         ids = np.asarray(tokens, dtype=np.int32).reshape(-1, 1)
-        logits = self.model.forward_step(ids, self._mask, ms.Tensor(self._next_pos), self.cache,
-                                         ms.Tensor(self.slot, ms.int32))
+        # The slot goes in as an int: forward_step wraps it in a Tensor (no recompile, and no cast op
+        # as an int32 Tensor argument would cost).
+        logits = self.model.forward_step(ids, self._mask, ms.Tensor(self._next_pos), self.cache, self.slot)
         self.slot += 1
         self._next_pos = self._next_pos + 1
         return logits.asnumpy()[:, -1, :]
