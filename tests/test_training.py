@@ -33,8 +33,8 @@ def tiny_model(seed=0, layers=1, dtype=None, **kw):
     return Qwen2ForCausalLM(Qwen2Config(**dict(TINY, num_hidden_layers=layers, **kw)), dtype=dtype, seed=seed)
 
 
-def samples(n, seed=0, lo=6, hi=20):
-    """Random SFT samples of different lengths with a masked 'prompt' prefix."""
+def samples(n, seed=0, lo=9, hi=17):
+    """Random SFT samples of 9..16 tokens (one padded shape: one compile) with a masked "prompt" prefix."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):

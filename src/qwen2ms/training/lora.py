@@ -54,7 +54,9 @@ class LoraConfig:
     Args:
         r: rank of the update.
         alpha: the update is scaled by ``alpha / r``.
-        dropout: dropout probability on the adapter's input (training only).
+        dropout: dropout probability on the adapter's input (training only). The masks come from
+            MindSpore's Dropout op, whose generator state is not part of a checkpoint: a resumed run
+            draws other masks than an uninterrupted one, so resume is loss-identical only at 0.
         target_modules: linear layers to adapt, matched by the end of their module path
             (``"q_proj"`` matches every ``...self_attn.q_proj``; ``"layers.0.self_attn.q_proj"`` one).
         seed: seed of the ``lora_A`` initialisation.
