@@ -5,7 +5,7 @@ same fixed-shape batches with AdamW (weight decay on, gradient clipping 1.0). Wa
 graph compile, torch's first allocations) are excluded; the timed steps are interleaved in rounds so
 machine load affects both alike. Prints tokens/s for each side and the ratio.
 
-    python benchmarks/bench_train.py [--layers 4 --hidden 256 --batch 4 --seq 256 --steps 10]
+    python benchmarks/bench_train.py [--layers 4 --hidden 256 --batch 4 --seq 256 --steps 10] [--ops-backend reference]
 """
 from __future__ import annotations
 
@@ -28,7 +28,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per side per round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ops-backend", default=None,
+                    help="qwen2ms ops backend for our model (reference, cpu, ascend; default: by device)")
     a = ap.parse_args()
+    if a.ops_backend:
+        os.environ["QWEN2MS_OPS_BACKEND"] = a.ops_backend
 
     import torch
     import transformers
@@ -100,8 +104,9 @@ def main() -> None:
         torch_time += torch_steps(a.steps)
     n = a.rounds * a.steps * tokens_per_step
     ours_tps, torch_tps = n / ms_time, n / torch_time
+    backend = type(ours.model.embed_tokens.ops_impl).__name__ if hasattr(ours.model.embed_tokens, "ops_impl") else "?"
     print(f"config: {a.layers} layers, hidden {a.hidden}, vocab {a.vocab}, batch {a.batch} x seq {a.seq}, "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}, qwen2ms ops backend {backend}")
     print(f"qwen2ms compiled step: {ours_tps:8.0f} tokens/s  (first 2 steps incl. compile: {compile_s:.1f} s)")
     print(f"transformers + torch : {torch_tps:8.0f} tokens/s")
     print(f"ratio qwen2ms / torch: {ours_tps / torch_tps:.2f}x")
