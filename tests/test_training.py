@@ -366,3 +366,25 @@ def test_overfits_bundled_samples_and_exports_to_transformers(tmp_path, qwen2_to
     model.set_train(False)
     got = model(ids).logits.asnumpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_moe_loss_includes_the_router_aux_loss_like_transformers(tmp_path):
+    cfg = transformers.Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                      num_experts_per_tok=2, moe_intermediate_size=32,
+                                      shared_expert_intermediate_size=48, output_router_logits=True,
+                                      router_aux_loss_coef=0.5, max_position_embeddings=128,
+                                      tie_word_embeddings=False, attn_implementation="eager")
+    torch.manual_seed(0)
+    hf = transformers.Qwen2MoeForCausalLM(cfg)
+    hf.save_pretrained(tmp_path / "moe")
+    model = Qwen2ForCausalLM.from_hf(str(tmp_path / "moe"))
+    data = samples(2, seed=9)
+    trainer = Trainer(model, args_for(tmp_path / "run", per_device_train_batch_size=2), train_dataset=data)
+    batch = trainer.data_collator(data)
+    n = float((batch["labels"][:, 1:] != -100).sum())
+    ours = trainer.compute_loss(model, {k: Tensor(v) for k, v in batch.items()}, Tensor(n, ms.float32))
+    with torch.no_grad():
+        out = hf(**{k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()})
+    assert out.aux_loss is not None and out.aux_loss.item() > 0
+    np.testing.assert_allclose(float(ours.asnumpy()), out.loss.item(), rtol=1e-4)
