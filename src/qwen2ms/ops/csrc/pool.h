@@ -110,6 +110,7 @@ class Pool {
   }
 
   explicit Pool(int nthreads) {
+    if (const char *env = std::getenv("QWEN2MS_KERNEL_SPIN_US")) spin_us_ = std::atoi(env) > 0 ? std::atoi(env) : 0;
     for (int i = 1; i < nthreads; ++i) workers_.emplace_back([this] { loop(); });
     for (auto &t : workers_) t.detach();
   }
@@ -134,10 +135,13 @@ class Pool {
     uint32_t seen = 0;
     for (;;) {
       uint32_t gen = published_.load(std::memory_order_acquire);
-      // ~20-50 us of spinning catches the next kernel of the same layer without a futex wake-up.
-      for (int i = 0; i < 20000 && gen == seen; ++i) {
+      // A short spin (spin_us_, default 50 us) catches the next kernel of the same layer without a
+      // futex wake-up; longer would burn a core that MindSpore's runtime or other processes need.
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
+      for (int i = 1; gen == seen; ++i) {
         QK_PAUSE();
         gen = published_.load(std::memory_order_acquire);
+        if ((i & 63) == 0 && std::chrono::steady_clock::now() >= until) break;
       }
       Job job;
       {
@@ -164,6 +168,7 @@ class Pool {
   std::atomic<uint64_t> state_{0};
   std::atomic<int64_t> done_{0};
   std::atomic<int> sleepers_{0};
+  int spin_us_ = 50;
 };
 
 // parallel_for, or a plain call when `worth` is false (too little work to pay for waking a thread).
