@@ -1,10 +1,14 @@
-"""CPU backend: our own C++ kernels (fused RMSNorm, RoPE, SwiGLU, low-precision linear) run through ``ops.Custom``.
+"""CPU backend: our own C++ kernels (RMSNorm, RoPE, SwiGLU, attention, embedding, low-precision linear) via ``ops.Custom``.
 
 The kernels in ``ops/csrc/*.cpp`` are compiled with the system C++ compiler on first use into a cache
 folder keyed by a hash of the sources, the flags and the compiler version
 (``~/.cache/qwen2ms/kernels/<hash>/``, or ``$QWEN2MS_KERNEL_CACHE/<hash>/``). The build writes to a
 temporary file and renames it into place, so concurrent processes never load a half-written library.
 Each kernel has a bprop where training uses it.
+
+Threads: the kernels share one small pool (``csrc/pool.h``) with ``$QWEN2MS_KERNEL_THREADS`` threads
+(default: the CPUs this process may run on); idle workers spin ``$QWEN2MS_KERNEL_SPIN_US`` microseconds
+(default 50) and then sleep, so they do not starve MindSpore's runtime threads between kernels.
 """
 from __future__ import annotations
 
