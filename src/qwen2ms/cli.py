@@ -287,9 +287,12 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 def _finetune_summary(trainer, out) -> str:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    shown = " -> ".join(f"{x:.3f}" for x in losses[:: max(1, len(losses) // 8)] + losses[-1:]) if losses else "-"
+    picked = losses[:: max(1, len(losses) // 8)]
+    if losses and picked[-1] is not losses[-1]:
+        picked.append(losses[-1])  # the last loss once, not twice when the stride already hit it
+    shown = " -> ".join(f"{x:.3f}" for x in picked) if picked else "-"
     return (f"finetune: {out.global_step} steps, loss {shown}; "
-            f"{out.metrics['train_tokens_per_second']:.0f} trained tokens/s; model saved to "
+            f"{out.metrics['train_tokens_per_second']:.0f} trained tokens/s (incl. compile); model saved to "
             f"{trainer.args.output_dir}/final")
 
 

@@ -370,7 +370,9 @@ class Trainer:
     def compute_loss(self, model: nn.Cell, inputs: Dict[str, Tensor], num_items_in_batch: Tensor) -> Tensor:
         """This micro-batch's loss: summed token cross-entropy (fp32) / trained tokens of the whole step.
 
-        Runs inside the compiled train step (use MindSpore ops only). Dividing by the token count of
+        Runs inside the compiled train step: use MindSpore ops only, no Python side effects, and
+        read only ``self.args`` (the graph sees a stand-in of the trainer holding just ``args``, so
+        per-step trainer state cannot force recompiles). Dividing by the token count of
         all accumulated micro-batches, not of this one, is what makes ``N x b`` accumulation equal to
         one batch of ``N*b``. For MoE models with ``output_router_logits`` the weighted aux loss is
         added in proportion to this micro-batch's share of the tokens.
