@@ -1,4 +1,4 @@
-"""The CPU C++ kernels against NumPy references: values for fp32/fp16/bf16 and odd shapes, gradients, jit, build cache."""
+"""The CPU C++ kernels against NumPy references: fp32/fp16/bf16, odd shapes, gradients, jit, build cache."""
 import os
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""CPU backend: our own C++ kernels (RMSNorm, RoPE, SwiGLU, attention, embedding, low-precision linear) via ``ops.Custom``.
+"""CPU backend: our C++ kernels (RMSNorm, RoPE, SwiGLU, attention, embedding, low-precision linear) via ``ops.Custom``.
 
 The kernels in ``ops/csrc/*.cpp`` are compiled with the system C++ compiler on first use into a cache
 folder keyed by a hash of the sources, the flags and the compiler version
