@@ -348,7 +348,7 @@ class Qwen2Model(nn.Cell):
         config: the architecture.
         dtype: parameter storage dtype ("float32" default, "float16", "bfloat16").
         init_weights: draw N(0, initializer_range) weights (seeded by ``seed``); False leaves
-            zero placeholders for a loader to fill (no memory is touched until then).
+            zero-valued parameters for a loader to fill (no memory is touched until then).
         seed: NumPy seed for the initial weights.
         ops_backend: "reference", "cpu", "ascend" or None/"auto": see :func:`qwen2ms.ops.dispatch.resolve_backend`
             (default: from the device target, overridable by ``$QWEN2MS_OPS_BACKEND``). Resolved once here;
@@ -444,7 +444,7 @@ class Qwen2ForCausalLM(nn.Cell):
         config: the architecture (``config.is_moe`` selects the sparse blocks).
         dtype: parameter storage dtype: "float32" (default), "float16" or "bfloat16" (or MindSpore dtype).
         init_weights: draw random weights (N(0, initializer_range), norms 1, biases 0); False leaves
-            lazily-zero placeholders (what :meth:`from_hf` fills).
+            lazily allocated zero parameters (what :meth:`from_hf` fills).
         seed: seed of the random weights.
         ops_backend: the ops backend ("reference", "cpu", "ascend"; default from the device target or
             ``$QWEN2MS_OPS_BACKEND``), see :mod:`qwen2ms.ops.dispatch`. Stored as ``self.ops_impl``.
@@ -708,9 +708,12 @@ class Qwen2ForCausalLM(nn.Cell):
 
 
 class _CachedStep(nn.Cell):
-    """The compiled unit of :meth:`Qwen2ForCausalLM.forward_step`: the model plus one cache."""
+    """The compiled unit of :meth:`Qwen2ForCausalLM.forward_step`: the model plus one cache.
 
-    def __init__(self, lm: Qwen2ForCausalLM, cache: KVCache, logits_to_keep: int) -> None:
+    Also used by :class:`qwen2ms.parallel.ParallelCausalLM`, whose ``construct`` has the same signature.
+    """
+
+    def __init__(self, lm: nn.Cell, cache: KVCache, logits_to_keep: int) -> None:
         # auto_prefix=False keeps the model's parameter names (the HF keys) unchanged.
         super().__init__(auto_prefix=False)
         self.lm = lm

@@ -40,7 +40,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from .. import ops as qops
-from ..modeling.model import CausalLMOutput
+from ..modeling.model import CausalLMOutput, _CachedStep
 from .comm import (AllGather, AllReduce, CopyToGroup, GatherFromGroup, GatherToGroup, Group, ReduceFromGroup,
                    ReduceScatterToGroup, ScatterToGroup, is_initialized, new_group, single_group)
 from .config import ParallelConfig, ParallelConfigError
@@ -526,24 +526,11 @@ class ParallelCausalLM(nn.Cell):
         key = (id(self), int(logits_to_keep), mask is None, pos is None)
         step = steps.get(key)
         if step is None:
-            step = ms.jit(_ParallelStep(self, cache, int(logits_to_keep)))
+            step = ms.jit(_CachedStep(self, cache, int(logits_to_keep)))
             steps[key] = step
         return step(ids, mask, pos, cache_position)
 
 
-class _ParallelStep(nn.Cell):
-    """The compiled unit of :meth:`ParallelCausalLM.forward_step` (the model plus one cache)."""
-
-    def __init__(self, pm: ParallelCausalLM, cache, logits_to_keep: int) -> None:
-        super().__init__(auto_prefix=False)
-        self.pm = pm
-        self.cache = cache
-        self.logits_to_keep = logits_to_keep
-
-    def construct(self, input_ids, attention_mask, position_ids, cache_position):
-        out = self.pm.construct(input_ids, attention_mask, position_ids, None, None, self.cache, cache_position,
-                                False, self.logits_to_keep)
-        return out[0]
 
 
 def parallelize(model: nn.Cell, parallel_config: ParallelConfig, *, gather_logits: bool = True) -> nn.Cell:
