@@ -227,3 +227,35 @@ def test_quantize_int8_weights_in_place(cpu_ops):
         assert np.abs(after - before).max() <= bound
         assert dispatch.quantize_int8_weights(toy) == 0  # already quantised: untouched
         np.testing.assert_allclose(ms.jit(toy)(x).asnumpy(), after, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_linear_uses_the_kernel_only_for_few_rows_of_narrower_weights():
+    import mindspore as ms
+    from mindspore import Tensor
+
+    cpu_ops = get_ops("cpu")
+    calls = []
+    kernel = cpu_ops.kernels.linear
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(cpu_ops.kernels, name)
+
+        def linear(self, *a):
+            calls.append(a[0].shape)
+            return kernel(*a)
+
+    cpu_ops.kernels, real = Spy(), cpu_ops.kernels
+    try:
+        rng = np.random.default_rng(0)
+        w32 = rng.standard_normal((40, 24)).astype(np.float32)
+        w16 = Tensor(w32).astype(ms.bfloat16)
+        ref = get_ops("reference")
+        for rows, w in [(3, w16), (40, w16), (3, Tensor(w32))]:
+            x = Tensor(rng.standard_normal((1, rows, 24)).astype(np.float32))
+            got = cpu_ops.linear(x, w).asnumpy()
+            want = ref.linear(x, w).asnumpy()
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    finally:
+        cpu_ops.kernels = real
+    assert calls == [(1, 3, 24)]  # only the bf16 weight with few rows took the kernel

@@ -36,6 +36,9 @@ ENV_VAR = "QWEN2MS_OPS_BACKEND"
 _SILU = ("silu", "swish")
 
 
+#: Above this many rows a product is compute-bound: CpuOps.linear hands it to MindSpore's matmul.
+_KERNEL_MAX_ROWS = 16
+
 class ReferenceOps:
     """The reference implementations as one object; fused backends subclass it and override what they fuse.
 
@@ -140,9 +143,20 @@ class CpuOps(ReferenceOps):
         self.kernels = kernels if kernels is not None else shared_kernels()
 
     def linear(self, x, weight, bias=None, weight_scale=None):
-        """Kernel linear; int8 ``weight`` needs ``weight_scale`` (float32 ``[out]``)."""
+        """Kernel linear; int8 ``weight`` needs ``weight_scale`` (float32 ``[out]``).
+
+        The kernel wins where decoding is memory-bound (few rows, weights narrower than the
+        compute dtype). MindSpore's own matmul is as fast for weights already in the compute dtype
+        and ~5x faster on compute-bound shapes (prefill, training), so those go to the reference.
+        The choice depends only on static shapes and dtypes, fixed when a graph is built.
+        """
         if weight_scale is not None:
             return self.kernels.linear_int8(x, weight, weight_scale, bias)
+        rows = 1
+        for n in x.shape[:-1]:
+            rows *= n
+        if weight.dtype == x.dtype or rows > _KERNEL_MAX_ROWS:
+            return reference.linear(x, weight, bias)
         return self.kernels.linear(x, weight, bias)
 
     def embedding(self, input_ids, weight, dtype, weight_scale=None):
