@@ -478,7 +478,20 @@ def _finish(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
-class SafetensorsWriter:
+class _AtomicWriter:
+    """Context-manager protocol of the writers: :meth:`commit` on success, :meth:`abort` on error."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+class SafetensorsWriter(_AtomicWriter):
     """Write one ``.safetensors`` file tensor by tensor, atomically (temp file + rename on :meth:`commit`).
 
     The tensors go straight to their final place after a reserved header area; the header is
@@ -581,17 +594,8 @@ class SafetensorsWriter:
         if self._tmp.exists():
             self._tmp.unlink()
 
-    def __enter__(self) -> "SafetensorsWriter":
-        return self
 
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
-
-
-class MSCheckpointWriter:
+class MSCheckpointWriter(_AtomicWriter):
     """Write a MindSpore checkpoint one tensor at a time, atomically (temp file + rename on :meth:`commit`).
 
     ``format="ckpt"`` emits the same protobuf records, in the same slicing, as
@@ -700,15 +704,6 @@ class MSCheckpointWriter:
             self._f = None
         if self._tmp.exists():
             self._tmp.unlink()
-
-    def __enter__(self) -> "MSCheckpointWriter":
-        return self
-
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 
 
 # ---------------------------------------------------------------------------------------------
