@@ -259,3 +259,34 @@ def test_cpu_linear_uses_the_kernel_only_for_few_rows_of_narrower_weights():
     finally:
         cpu_ops.kernels = real
     assert calls == [(1, 3, 24)]  # only the bf16 weight with few rows took the kernel
+
+
+def test_cpu_attention_uses_the_kernel_only_for_few_query_tokens():
+    from mindspore import Tensor
+
+    cpu_ops = get_ops("cpu")
+    calls = []
+    kernel = cpu_ops.kernels.attention
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(cpu_ops.kernels, name)
+
+        def attention(self, *a):
+            calls.append(a[0].shape[2])
+            return kernel(*a)
+
+    cpu_ops.kernels, real = Spy(), cpu_ops.kernels
+    try:
+        rng = np.random.default_rng(1)
+        ref = get_ops("reference")
+        for t in (1, 16, 17, 40):
+            s = t + 3
+            q = Tensor(rng.standard_normal((1, 4, t, 8)).astype(np.float32))
+            k, v = (Tensor(rng.standard_normal((1, 2, s, 8)).astype(np.float32)) for _ in range(2))
+            mask = ref.attention_mask(Tensor(np.arange(3, s, dtype=np.int32)), s)
+            np.testing.assert_allclose(cpu_ops.attention(q, k, v, mask, 0.3).asnumpy(),
+                                       ref.attention(q, k, v, mask, 0.3).asnumpy(), rtol=1e-5, atol=1e-5)
+    finally:
+        cpu_ops.kernels = real
+    assert calls == [1, 16]  # prefill-sized query blocks go to MindSpore's batched matmuls

@@ -36,7 +36,8 @@ ENV_VAR = "QWEN2MS_OPS_BACKEND"
 _SILU = ("silu", "swish")
 
 
-#: Above this many rows a product is compute-bound: CpuOps.linear hands it to MindSpore's matmul.
+#: Above this many rows (linear) or query tokens (attention) the work is compute-bound: CpuOps hands
+#: it to MindSpore's matmul-based reference ops.
 _KERNEL_MAX_ROWS = 16
 
 class ReferenceOps:
@@ -182,7 +183,15 @@ class CpuOps(ReferenceOps):
         return reference.act_mul(gate, up, act)
 
     def attention(self, q, k, v, mask, scale):
-        """One-kernel GQA attention (scores, mask, fp32 softmax, values) with the reference's semantics."""
+        """One-kernel GQA attention (scores, mask, fp32 softmax, values) with the reference's semantics.
+
+        The kernel serves decoding (a few query tokens against the cache), where it replaces ~12 small
+        ops. With more than ``_KERNEL_MAX_ROWS`` query tokens (prefill, training) attention is
+        compute-bound and MindSpore's batched matmuls and softmax are faster (measured ~5x at 512
+        tokens), so those shapes use the reference. Static shapes decide, fixed when a graph is built.
+        """
+        if q.shape[2] > _KERNEL_MAX_ROWS:
+            return reference.attention(q, k, v, mask, scale)
         return self.kernels.attention(q, k, v, mask, scale)
 
 
