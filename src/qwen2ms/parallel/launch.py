@@ -79,8 +79,12 @@ class MsrunError(RuntimeError):
 
 
 def under_msrun() -> bool:
-    """Whether this process was started by ``msrun`` as a worker (it sets ``MS_ROLE=MS_WORKER``)."""
-    return os.environ.get("MS_ROLE") == "MS_WORKER"
+    """Whether this process was started by ``msrun``: a worker (``MS_ROLE=MS_WORKER``) or its scheduler.
+
+    msrun also runs the job's script as the scheduler (``MS_ROLE=MS_SCHED``); there
+    ``mindspore.communication.init()`` serves the cluster and ends the process when the job ends.
+    """
+    return os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED")
 
 
 def free_port() -> int:
@@ -197,7 +201,8 @@ def _log_tails(log_dir: Union[str, os.PathLike], lines: int = 40) -> str:
 def init_distributed(parallel_config: Optional[ParallelConfig] = None) -> Tuple[int, int]:
     """Initialise MindSpore communication when running under msrun and check the layout against it.
 
-    Outside msrun nothing is initialised and ``(0, 1)`` is returned.
+    Outside msrun nothing is initialised and ``(0, 1)`` is returned. In msrun's scheduler process
+    (which runs the same script) ``init()`` serves the cluster and does not return.
 
     Args:
         parallel_config: the run's layout; its world size must equal the number of workers.

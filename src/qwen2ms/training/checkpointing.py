@@ -18,6 +18,7 @@ __all__ = [
     "list_checkpoints",
     "latest_checkpoint",
     "write_checkpoint_dir",
+    "publish_checkpoint_dir",
     "rotate_checkpoints",
     "save_tensors",
     "load_tensors",
@@ -81,21 +82,44 @@ def write_checkpoint_dir(output_dir: PathLike, step: int, write: Callable[[Path]
     """
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{CHECKPOINT_PREFIX}{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=root))
     try:
         write(tmp)
-        if final.exists():
-            # A directory cannot be renamed over a non-empty one: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-{step}-", dir=root))
-            os.replace(final, old / "x")
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        return publish_checkpoint_dir(tmp, root, step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def staging_dir(output_dir: PathLike, step: int, tag: str) -> Path:
+    """A temporary folder name for a checkpoint that several processes fill (same path in each of them).
+
+    :func:`remove_stale_temporaries` deletes it if the save never completed.
+    """
+    return Path(output_dir) / f"{_TMP_PREFIX}{step}-{tag}"
+
+
+def publish_checkpoint_dir(tmp: PathLike, output_dir: PathLike, step: int) -> Path:
+    """Rename a completely written folder to ``output_dir/checkpoint-<step>`` (replacing an existing one).
+
+    Args:
+        tmp: the filled temporary folder, inside ``output_dir``.
+        output_dir: the run folder.
+        step: the global step.
+
+    Returns:
+        The final checkpoint folder.
+    """
+    root = Path(output_dir)
+    final = root / f"{CHECKPOINT_PREFIX}{step}"
+    if final.exists():
+        # A directory cannot be renamed over a non-empty one: move the old one aside first.
+        old = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-{step}-", dir=root))
+        os.replace(final, old / "x")
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     return final
 
 

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-__all__ = ["RunConfig", "RunConfigError", "load_run_config", "build_model", "build_datasets", "run_finetune"]
+__all__ = ["RunConfig", "RunConfigError", "load_run_config", "build_model", "build_datasets", "run_finetune",
+           "cli_msrun_command"]
 
 _SECTIONS = ("model", "data", "training", "parallel", "generation")
 _MODEL_KEYS = ("pretrained", "preset", "config", "dtype", "seed", "revision")
@@ -254,21 +255,89 @@ def build_datasets(run: RunConfig, model: Any) -> Tuple[List[Dict[str, Any]], Op
     return train, evals
 
 
-def _check_single_process(run: RunConfig) -> None:
+def cli_msrun_command(run: RunConfig, command: str, worker_num: int) -> str:
+    """The one-node ``msrun`` command line that runs ``qwen2ms <command> --config <run config>`` on ``worker_num`` workers.
+
+    msrun starts every worker (and its scheduler) with ``python <args>``, so the CLI runs as
+    ``python -m qwen2ms.cli``; the ``python`` on ``PATH`` must be the one with qwen2ms installed.
+
+    Args:
+        run: the run config (its file path goes on the command line).
+        command: the ``qwen2ms`` subcommand, e.g. "finetune".
+        worker_num: processes to start (= the layout's world size).
+
+    Returns:
+        The command line as one string.
+
+    Example:
+        >>> cli_msrun_command(RunConfig(path="run.yaml"), "finetune", 2)
+        'msrun --worker_num=2 --local_worker_num=2 --master_addr=127.0.0.1 --master_port=8118 --log_dir=output/msrun_log --join=True python -m qwen2ms.cli finetune --config run.yaml'
+    """
+    from ..parallel.launch import msrun_command
+
+    script_args = ["-m", "qwen2ms.cli", command, "--config", run.path or "run.yaml"]
+    return " ".join(msrun_command("python", script_args, worker_num=worker_num, log_dir="output/msrun_log"))
+
+
+def _launch_layout(run: RunConfig, command: str = "finetune"):
+    """The run's multi-device ParallelConfig with communication initialised, or None for a one-device run.
+
+    Raises:
+        RunConfigError: the layout asks for what ``command`` cannot run (pipeline stages; for
+            finetune ZeRO-1, for generate sequence parallel), the process was not started by msrun,
+            or msrun started another number of workers.
+    """
     if not run.parallel:
-        return
-    from ..parallel import ParallelConfig
+        return None
+    from ..parallel import ParallelConfig, ParallelConfigError
+    from ..parallel.launch import init_distributed, under_msrun
+    from .trainer import check_parallel_layout
 
     pc = ParallelConfig.from_dict(run.parallel)
-    if pc.world_size != 1:
+    n = pc.world_size
+    if n == 1:
+        return None
+    where = f"{run.path or 'run config'} [parallel]"
+    mp = pc.model_parallel
+    if command == "finetune":
+        try:
+            check_parallel_layout(pc)
+        except ValueError as e:
+            raise RunConfigError(f"{where}: {e}") from e
+        pad = int(run.data.get("pad_to_multiple_of", 8))
+        if pc.use_seq_parallel and mp > 1 and pad % mp:
+            raise RunConfigError(f"{where}: use_seq_parallel splits every batch's sequence over model_parallel={mp} "
+                                 f"ranks; set data.pad_to_multiple_of to a multiple of {mp} (it is {pad})")
+    elif pc.pipeline_stage > 1 or (pc.use_seq_parallel and mp > 1):
+        bad = f"pipeline_stage={pc.pipeline_stage}" if pc.pipeline_stage > 1 else "use_seq_parallel=true"
+        raise RunConfigError(f"{where}: {bad}: generation runs tensor-parallel layouts (model_parallel, with "
+                             f"data_parallel replicas); set pipeline_stage: 1 and use_seq_parallel: false")
+    cmd = cli_msrun_command(run, command, n)
+    if not under_msrun():
         raise RunConfigError(
-            f"{run.path} [parallel]: this layout needs {pc.world_size} devices (data_parallel x model_parallel x "
-            f"pipeline_stage); `qwen2ms finetune` trains in one process. Launch the multi-device run through "
-            f"qwen2ms.parallel under msrun, or set every degree to 1 for a single-device run.")
+            f"{where}: this layout needs {n} devices (data_parallel x model_parallel x pipeline_stage = "
+            f"{pc.data_parallel} x {mp} x {pc.pipeline_stage}) but this process was not started by msrun. "
+            f"Run one worker per device, e.g. on one node:\n  {cmd}\n(or set every degree to 1 for a "
+            f"single-device run)")
+    started = os.environ.get("MS_WORKER_NUM")
+    if started is not None and started.isdigit() and int(started) != n:
+        raise RunConfigError(f"{where}: msrun started {started} workers but this layout needs {n} "
+                             f"(data_parallel x model_parallel x pipeline_stage); start it with --worker_num={n}:\n"
+                             f"  {cmd}")
+    try:
+        init_distributed(pc)
+    except ParallelConfigError as e:
+        raise RunConfigError(f"{where}: {e}:\n  {cmd}") from e
+    return pc
 
 
 def run_finetune(config: Union[str, os.PathLike, RunConfig], **overrides: Any):
     """Fine-tune as a run config says: build the model and data, train, save the result.
+
+    A ``parallel`` section with more than one device needs the job started by ``msrun`` with that
+    many workers (:func:`cli_msrun_command` gives the line): every worker then initialises
+    communication, builds the model, cuts its shard with :func:`qwen2ms.parallel.parallelize` and
+    trains with the same :class:`Trainer` (data, tensor, sequence and expert parallel).
 
     Args:
         config: a YAML path or a :class:`RunConfig`.
@@ -284,7 +353,7 @@ def run_finetune(config: Union[str, os.PathLike, RunConfig], **overrides: Any):
     from .trainer import Trainer
 
     run = config if isinstance(config, RunConfig) else load_run_config(config)
-    _check_single_process(run)
+    layout = _launch_layout(run)
     args = run.training_arguments(**overrides)
     model = build_model(run)
     train, evals = build_datasets(run, model)
@@ -292,6 +361,10 @@ def run_finetune(config: Union[str, os.PathLike, RunConfig], **overrides: Any):
     if pad is None or pad >= model.config.vocab_size:
         pad = 151643 if model.config.vocab_size > 151643 else 0
     collator = DataCollatorForSFT(pad_token_id=int(pad), pad_to_multiple_of=int(run.data.get("pad_to_multiple_of", 8)))
+    if layout is not None:
+        from ..parallel import parallelize
+
+        model = parallelize(model, layout)
     trainer = Trainer(model, args, train_dataset=train, eval_dataset=evals, data_collator=collator)
     out = trainer.train()
     trainer.save_model(os.path.join(args.output_dir, "final"))

@@ -14,6 +14,14 @@ Override points for subclasses (public API):
 
 Callbacks (:class:`~qwen2ms.training.callbacks.TrainerCallback`) receive on_train_begin, on_step_end,
 on_log, on_save, on_evaluate and on_train_end.
+
+A model built by :func:`qwen2ms.parallel.parallelize` (data, tensor, sequence and expert parallel;
+every process of an ``msrun`` job runs the same Trainer) trains the same way: each data-parallel
+replica reads its rows of the global batch, the loss is normalised by the token count of the whole
+global batch, gradients go through the model's ``grad_sync`` and are clipped with its global
+``grad_norm``, and checkpoints hold one shard per rank plus, from rank 0, the trainer state (and a
+merged Hugging Face folder for :meth:`Trainer.save_model`). See :func:`check_parallel_layout` for
+what is not driven by the Trainer.
 """
 from __future__ import annotations
 
@@ -37,17 +45,19 @@ from .checkpointing import (
     capture_rng_state,
     latest_checkpoint,
     load_tensors,
+    publish_checkpoint_dir,
     remove_stale_temporaries,
     restore_rng_state,
     rotate_checkpoints,
     save_tensors,
+    staging_dir,
     write_checkpoint_dir,
     write_json,
 )
 from .loss_scale import DynamicLossScale
 from .optim import AdamW, LRSchedule, clip_grads_by_norm, decay_parameter_names, get_scheduler, global_grad_norm
 
-__all__ = ["Trainer", "TrainOutput", "SFTDataLoader", "NonFiniteLossError", "IGNORE_INDEX"]
+__all__ = ["Trainer", "TrainOutput", "SFTDataLoader", "NonFiniteLossError", "IGNORE_INDEX", "check_parallel_layout"]
 
 IGNORE_INDEX = -100
 #: fp16: this many overflowing (skipped) steps in a row means the model itself overflows: stop.
@@ -192,6 +202,97 @@ class _TrainStep(nn.Cell):
         return loss, norm, finite
 
 
+class _ParallelTrainStep(_TrainStep):
+    """The compiled unit for a model built by ``parallelize``: as :class:`_TrainStep`, plus the model's collectives.
+
+    Every rank's loss is its rows' summed cross-entropy over the token count of the *global* batch,
+    so the job's objective is the sum over data-parallel replicas; ``grad_sync`` averages over them,
+    hence the ``data_parallel`` factor on the differentiated loss. Gradients are synchronised once per
+    optimizer step (after accumulation: the sync is linear) and clipped with the global norm. The
+    returned loss is summed over the replicas, so every rank reports the global step loss.
+    """
+
+    def __init__(self, trainer: "Trainer", model: nn.Cell, params: Sequence[Parameter], optimizer: nn.Cell,
+                 loss_scale: Optional[DynamicLossScale], max_grad_norm: float, accumulate: bool) -> None:
+        super().__init__(trainer, model, params, optimizer, loss_scale, max_grad_norm, accumulate)
+        from ..parallel.comm import AllReduce
+
+        self.dp = float(model.parallel_config.data_parallel)
+        self.replica_sum = AllReduce(model.groups.dp)
+
+    def scaled_loss(self, inputs, num_items, scale):
+        return self.trainer.compute_loss(self.model, inputs, num_items) * (scale * self.dp)
+
+    def construct(self, inputs, num_items, lr, first, last):
+        scale = self.loss_scale.scale
+        if not self.use_scale:
+            scale = ops.ones((), ms.float32)
+        loss, grads = self.grad_fn(inputs, num_items, scale)
+        grads = tuple(g.astype(ms.float32) for g in grads)
+        loss = self.replica_sum(loss / (scale * self.dp))
+        if self.use_scale:
+            inv = 1.0 / scale
+            grads = tuple(g * inv for g in grads)
+        if not first:
+            grads = tuple(a + g for a, g in zip(self.acc, grads))
+        zero = ops.zeros((), ms.float32)
+        if not last:
+            for a, g in zip(self.acc, grads):
+                ops.assign(a, g)
+            return loss, zero, ops.isfinite(loss)
+        grads = self.model.grad_sync(grads)
+        norm = self.model.grad_norm(grads)
+        finite = ops.logical_and(ops.isfinite(norm), ops.isfinite(loss))
+        if self.max_grad_norm > 0:
+            grads = clip_grads_by_norm(grads, norm, self.max_grad_norm)
+        if finite:
+            self.optimizer(grads, lr)
+        if self.use_scale:
+            self.loss_scale.adjust(finite)
+        return loss, norm, finite
+
+
+def _parallel_layout(model: nn.Cell):
+    """The ParallelConfig of a model built by ``qwen2ms.parallel.parallelize``, or None for a one-device model."""
+    pc = getattr(model, "parallel_config", None)
+    if pc is None or not hasattr(model, "grad_sync") or not hasattr(model, "groups"):
+        return None
+    return pc
+
+
+def check_parallel_layout(parallel_config: Any) -> None:
+    """Refuse the parts of a layout that the Trainer does not drive, naming the config key and what works.
+
+    The Trainer trains data, tensor, sequence and expert parallel layouts (``data_parallel``,
+    ``model_parallel``, ``use_seq_parallel``, ``expert_parallel``, ``vocab_emb_dp``, ``recompute``).
+    Pipeline stages need the GPipe schedule of
+    :meth:`qwen2ms.parallel.pipeline.PipelineCausalLM.forward_backward` and optimizer-state sharding
+    runs outside a compiled step (:func:`qwen2ms.parallel.make_optimizer`): both are for your own loop
+    (see :mod:`qwen2ms.parallel.launch`).
+
+    Args:
+        parallel_config: a :class:`qwen2ms.parallel.ParallelConfig`.
+
+    Raises:
+        ValueError: ``pipeline_stage > 1``, or ``optimizer_shard`` with ``data_parallel > 1``.
+
+    Example:
+        >>> from qwen2ms.parallel import ParallelConfig
+        >>> check_parallel_layout(ParallelConfig(data_parallel=2, model_parallel=2))
+    """
+    pc = parallel_config
+    works = ("the Trainer trains data, tensor, sequence and expert parallel layouts (data_parallel, model_parallel, "
+             "use_seq_parallel, expert_parallel)")
+    if pc.pipeline_stage > 1:
+        raise ValueError(f"parallel.pipeline_stage={pc.pipeline_stage}: the Trainer does not run pipeline stages; "
+                         f"{works}. Set pipeline_stage: 1 (e.g. move the degree to model_parallel or data_parallel), "
+                         f"or drive PipelineCausalLM.forward_backward in your own loop (qwen2ms.parallel.launch).")
+    if pc.optimizer_shard and pc.data_parallel > 1:
+        raise ValueError("parallel.optimizer_shard (enable_parallel_optimizer) is true: the Trainer's AdamW runs inside "
+                         f"its compiled step and keeps the state of all of its rank's parameters; {works}. Set optimizer_shard: "
+                         "false, or use qwen2ms.parallel.make_optimizer in your own loop.")
+
+
 class _EvalStep(nn.Cell):
     """Compiled forward for evaluation: the batch's mean loss via the trainer's compute_loss."""
 
@@ -248,6 +349,12 @@ class Trainer:
         optimizers: ``(optimizer, scheduler)`` to use instead of :meth:`create_optimizer` /
             :meth:`create_scheduler`; either may be None.
 
+    With a model from :func:`qwen2ms.parallel.parallelize` (run under ``msrun``, every rank builds the
+    same Trainer on the same full dataset), ``per_device_train_batch_size`` is per data-parallel
+    replica: the loader draws global batches of ``per_device_train_batch_size * data_parallel`` in the
+    order a single process would, and each replica trains on its rows. Only rank 0 writes
+    ``log.jsonl``, shows progress and writes the trainer state; LoRA is not combined with a layout.
+
     Example:
         >>> args = TrainingArguments("runs/demo", learning_rate=1e-3, max_steps=50, logging_steps=10)
         >>> trainer = Trainer(model, args, train_dataset=samples)  # doctest: +SKIP
@@ -267,8 +374,15 @@ class Trainer:
         self.data_collator = data_collator or self._default_collator()
         self.optimizer, self.lr_scheduler = optimizers
         self.state = TrainerState()
-        handlers: List[TrainerCallback] = [JsonlLoggerCallback()]
-        if not args.disable_tqdm:
+        self.parallel_config = _parallel_layout(model)
+        if self.parallel_config is not None:
+            check_parallel_layout(self.parallel_config)
+            if args.lora_r > 0:
+                raise ValueError("lora_r > 0 with a parallelized model: LoRA adapters are not sharded by the parallel "
+                                 "plans; train LoRA on one device (parallel degrees 1) or fully fine-tune with the layout")
+        main = self.is_world_process_zero()
+        handlers: List[TrainerCallback] = [JsonlLoggerCallback()] if main else []
+        if not args.disable_tqdm and main:
             handlers.append(ProgressCallback())
         self.callback_handler = CallbackHandler(handlers + list(callbacks or []))
         self.lora_config = None
@@ -286,6 +400,9 @@ class Trainer:
             else:
                 self.lora_config = lora_modules(model)[0][1].config
         self._check_param_dtypes()
+        if self.parallel_config is not None and len(self._trainable()) != model.grad_sync.n:
+            raise ValueError(f"the parallel model has {len(self._trainable())} trainable parameters but its grad_sync "
+                             f"was built for {model.grad_sync.n}: freeze or unfreeze parameters before parallelize()")
         self._train_step: Optional[_TrainStep] = None
         self._eval_step: Optional[_EvalStep] = None
         self._loss_scale: Optional[DynamicLossScale] = None
@@ -294,6 +411,10 @@ class Trainer:
         self._micro_position = (True, True)
 
     # ------------------------------------------------------------------ set-up helpers
+    def is_world_process_zero(self) -> bool:
+        """Whether this process is rank 0 of the job (always True for a one-device model): it logs and saves state."""
+        return self.parallel_config is None or self.model.groups.rank == 0
+
     def _default_collator(self) -> Callable:
         from ..data import DataCollatorForSFT
 
@@ -339,7 +460,10 @@ class Trainer:
             raise ValueError("Trainer.train() needs a train_dataset")
         if len(self.train_dataset) == 0:
             raise ValueError("the train_dataset is empty")
-        return SFTDataLoader(self.train_dataset, self.args.per_device_train_batch_size, self.data_collator,
+        batch = self.args.per_device_train_batch_size
+        if self.parallel_config is not None:
+            batch *= self.parallel_config.data_parallel  # global batches; training_step keeps this replica's rows
+        return SFTDataLoader(self.train_dataset, batch, self.data_collator,
                              shuffle=self.args.shuffle, seed=self.args.seed, drop_last=self.args.dataloader_drop_last)
 
     def get_eval_dataloader(self, eval_dataset: Optional[Sequence[Dict[str, Any]]] = None) -> SFTDataLoader:
@@ -377,6 +501,11 @@ class Trainer:
         one batch of ``N*b``. For MoE models with ``output_router_logits`` the weighted aux loss is
         added in proportion to this micro-batch's share of the tokens.
 
+        A parallelized model (one with ``token_loss``) computes the cross-entropy with it (vocabulary
+        parallel when the head is split); ``num_items_in_batch`` then counts the whole global batch,
+        so this is this rank's share of the job's loss. Under data parallel the MoE aux loss is each
+        replica's own, weighted by its share of the tokens.
+
         Args:
             model: the model Cell.
             inputs: ``input_ids``, ``labels`` and optionally ``attention_mask``, ``position_ids``,
@@ -395,6 +524,13 @@ class Trainer:
             position_ids = inputs["position_ids"]
         if "segment_ids" in inputs:
             segment_ids = inputs["segment_ids"]
+        if hasattr(model, "token_loss"):
+            total, count, aux = model.token_loss(inputs["input_ids"], inputs["labels"], attention_mask, position_ids,
+                                                 segment_ids)
+            loss = total / num_items_in_batch
+            if model.is_moe:
+                loss = loss + model.lm.router_aux_loss_coef * aux * (count / num_items_in_batch)
+            return loss
         logits, aux_loss = _causal_lm_forward(model, inputs["input_ids"], attention_mask, position_ids, segment_ids)
         labels = inputs["labels"]
         v = logits.shape[-1]
@@ -421,6 +557,8 @@ class Trainer:
             The micro-batch's loss contribution (the step loss is their sum).
         """
         first, last = self._micro_position
+        if self.parallel_config is not None:
+            inputs = self._replica_rows(inputs)
         # mutable(): a plain dict argument is a compile-time constant (a recompile per batch).
         tensors = ms.mutable({k: Tensor(np.asarray(v, dtype=np.int32)) for k, v in inputs.items()})
         lr = Tensor(self.lr_scheduler.get_last_lr(), ms.float32)
@@ -430,6 +568,34 @@ class Trainer:
             self._last_grad_norm = float(norm.asnumpy())
             self._last_finite = bool(finite.asnumpy())
         return float(loss.asnumpy())
+
+    def _replica_rows(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """This data-parallel replica's rows of a global batch (``ceil(rows / dp)`` each, in rank order).
+
+        A replica left short by a smaller last batch gets copies of the first row with every label
+        ignored: they add nothing to the loss or the gradients, and every replica keeps one shape.
+        """
+        pc = self.parallel_config
+        dp, d = pc.data_parallel, self.model.groups.dp_rank
+        rows = int(np.asarray(batch["input_ids"]).shape[0])
+        per = -(-rows // dp)
+        lo, hi = min(d * per, rows), min((d + 1) * per, rows)
+        out = {}
+        for k, v in batch.items():
+            v = np.asarray(v)
+            part = v[lo:hi]
+            if hi - lo < per:
+                filler = np.repeat(v[:1], per - (hi - lo), axis=0)
+                if k == "labels":
+                    filler = np.full_like(filler, IGNORE_INDEX)
+                part = np.concatenate([part, filler], axis=0)
+            out[k] = part
+        width = out["input_ids"].shape[1]
+        if pc.use_seq_parallel and pc.model_parallel > 1 and width % pc.model_parallel:
+            raise ValueError(f"use_seq_parallel splits the sequence over model_parallel={pc.model_parallel} ranks, but "
+                             f"this batch is {width} tokens wide; pad batches to a multiple of {pc.model_parallel} "
+                             f"(the collator's pad_to_multiple_of, data.pad_to_multiple_of in a run config)")
+        return out
 
     def log(self, logs: Dict[str, Any]) -> None:
         """Record a dict of metrics: adds ``step``, appends to ``state.log_history``, fires ``on_log``."""
@@ -449,7 +615,8 @@ class Trainer:
             self._loss_scale = DynamicLossScale(a.loss_scale_init, a.loss_scale_factor, a.loss_scale_window)
         if self._train_step is None:
             params = list(getattr(self.optimizer, "params", self._trainable()))
-            self._train_step = _TrainStep(self, self.model, params, self.optimizer, self._loss_scale,
+            step_cls = _TrainStep if self.parallel_config is None else _ParallelTrainStep
+            self._train_step = step_cls(self, self.model, params, self.optimizer, self._loss_scale,
                                           self.args.max_grad_norm or 0.0, self.args.gradient_accumulation_steps > 1)
             # One graph per batch shape (ms.jit(dynamic=1) measured no better here: it still
             # recompiled per shape); the collator's pad_to_multiple_of keeps the shapes few.
@@ -637,7 +804,11 @@ class Trainer:
     def save_model(self, output_dir: Optional[str] = None, merge_lora: bool = False) -> str:
         """Save the trained model.
 
-        Full fine-tuning: the HF layout via ``model.save_pretrained``. LoRA: the adapter only
+        Full fine-tuning: the HF layout via ``model.save_pretrained``. A parallelized model: every
+        rank writes its shard to ``<output_dir>/rank_<r>/`` (:func:`qwen2ms.parallel.save_rank_checkpoint`;
+        :func:`qwen2ms.parallel.load_rank_checkpoint` reads it back into the same layout), and rank 0
+        merges the shards (:func:`qwen2ms.parallel.merge_checkpoints`) into the HF layout in
+        ``output_dir`` itself; every rank must call it. LoRA: the adapter only
         (``adapter_model.safetensors`` + ``adapter_config.json``, PEFT key names), or with
         ``merge_lora=True`` the adapters are merged into the base weights first (the model is
         changed in place and loses its adapters) and the merged model is saved in the HF layout.
@@ -650,6 +821,8 @@ class Trainer:
             The folder written.
         """
         out = output_dir or self.args.output_dir
+        if self.parallel_config is not None:
+            return self._save_parallel_model(out)
         from .lora import lora_modules, merge_and_unload, save_adapter
 
         if lora_modules(self.model):
@@ -671,11 +844,12 @@ class Trainer:
         self._save_checkpoint()
 
     def _save_checkpoint(self) -> Path:
+        if self.parallel_config is not None:
+            return self._save_parallel_checkpoint()
         step = self.state.global_step
         from .lora import lora_modules, save_adapter
 
         lora = bool(lora_modules(self.model))
-        state_dict = self.state.to_dict()
 
         def write(tmp: Path) -> None:
             if lora:
@@ -684,34 +858,110 @@ class Trainer:
                 self.model.save_pretrained(tmp)
             else:
                 save_tensors(tmp / "model.safetensors", {p.name: p for p in self._trainable()})
-            opt_state: Dict[str, Any] = dict(self.optimizer.state_tensors()) if hasattr(
-                self.optimizer, "state_tensors") else {}
-            if self._loss_scale is not None:
-                scale, counter = self._loss_scale.state_tensors()
-                opt_state[scale.name] = scale
-                opt_state[counter.name] = counter
-            save_tensors(tmp / "optimizer.safetensors", opt_state)
-            write_json(tmp / "trainer_state.json", {
-                "state": state_dict,
-                "scheduler": self.lr_scheduler.state_dict(),
-                "rng": capture_rng_state(),
-                "data": {"epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch,
-                         "seed": self.args.seed, "shuffle": self.args.shuffle,
-                         "batch_size": self.args.per_device_train_batch_size,
-                         "num_samples": len(self.train_dataset) if self.train_dataset is not None else None},
-            })
-            write_json(tmp / "training_args.json", self.args.to_dict())
+            save_tensors(tmp / "optimizer.safetensors", self._optimizer_state())
+            self._write_state_files(tmp)
 
         path = write_checkpoint_dir(self.args.output_dir, step, write)
+        return self._after_save(path)
+
+    def _optimizer_state(self) -> Dict[str, Any]:
+        opt_state: Dict[str, Any] = dict(self.optimizer.state_tensors()) if hasattr(
+            self.optimizer, "state_tensors") else {}
+        if self._loss_scale is not None:
+            scale, counter = self._loss_scale.state_tensors()
+            opt_state[scale.name] = scale
+            opt_state[counter.name] = counter
+        return opt_state
+
+    def _write_state_files(self, folder: Path) -> None:
+        write_json(folder / "trainer_state.json", {
+            "state": self.state.to_dict(),
+            "scheduler": self.lr_scheduler.state_dict(),
+            "rng": capture_rng_state(),
+            "data": {"epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch,
+                     "seed": self.args.seed, "shuffle": self.args.shuffle,
+                     "batch_size": self.args.per_device_train_batch_size,
+                     "num_samples": len(self.train_dataset) if self.train_dataset is not None else None},
+        })
+        write_json(folder / "training_args.json", self.args.to_dict())
+
+    def _after_save(self, path: Path) -> Path:
+        """Best-checkpoint bookkeeping, rotation and on_save for a checkpoint folder just written."""
         if self.state.last_eval_loss is not None and (self.state.best_metric is None
                                                       or self.state.last_eval_loss < self.state.best_metric):
             self.state.best_metric = self.state.last_eval_loss
             self.state.best_checkpoint = str(path)
             # Record the best in the folder just written too, so a resume from it knows.
-            self._patch_state_file(path)
-        rotate_checkpoints(self.args.output_dir, self.args.save_total_limit, self.state.best_checkpoint)
+            if self.is_world_process_zero():
+                self._patch_state_file(path)
+        if self.is_world_process_zero():
+            rotate_checkpoints(self.args.output_dir, self.args.save_total_limit, self.state.best_checkpoint)
         self.callback_handler.fire("on_save", self.args, self.state, checkpoint_dir=str(path), trainer=self)
         return path
+
+    # ------------------------------------------------------------------ parallel checkpoints
+    def _barrier(self) -> None:
+        """Wait until every rank of the job gets here (a one-element all-reduce over the world group)."""
+        from ..parallel.comm import all_reduce, world_group
+
+        all_reduce(Tensor(np.ones((1,), np.float32)), "sum", world_group()).asnumpy()
+
+    def _save_parallel_checkpoint(self) -> Path:
+        """``checkpoint-<step>/rank_<r>/`` (model shard + optimizer state) from every rank, the state from rank 0.
+
+        All ranks fill one staging folder; after a barrier rank 0 adds the trainer state and renames
+        it into place, so a crash leaves no partial ``checkpoint-*`` folder.
+        """
+        from ..parallel.strategy import save_rank_checkpoint
+
+        step, rank = self.state.global_step, self.model.groups.rank
+        tmp = staging_dir(self.args.output_dir, step, "parallel")
+        save_rank_checkpoint(self.model, tmp)
+        save_tensors(tmp / f"rank_{rank}" / "optimizer.safetensors", self._optimizer_state())
+        self._barrier()
+        final = Path(self.args.output_dir) / f"checkpoint-{step}"
+        if self.is_world_process_zero():
+            self._write_state_files(tmp)
+            write_json(tmp / "parallel_config.json", self.parallel_config.to_dict())
+            final = publish_checkpoint_dir(tmp, self.args.output_dir, step)
+        self._barrier()
+        return self._after_save(final)
+
+    def _save_parallel_model(self, out: str) -> str:
+        import tempfile
+
+        from ..modeling.model import Qwen2ForCausalLM
+        from ..parallel.strategy import merge_checkpoints, save_rank_checkpoint
+
+        save_rank_checkpoint(self.model, out)
+        self._barrier()
+        if self.is_world_process_zero():
+            lm = self.model.lm
+            with tempfile.TemporaryDirectory(dir=out) as tmp:
+                merged = merge_checkpoints(out, Path(tmp) / "merged.ckpt", self.model.config, self.parallel_config)
+                full = Qwen2ForCausalLM.from_checkpoint(merged, self.model.config, dtype=lm.storage_dtype)
+            full.generation_config_dict = lm.generation_config_dict
+            full.save_pretrained(out)
+        self._barrier()
+        return out
+
+    def _load_parallel_checkpoint(self, path: Path) -> None:
+        import json
+
+        rank = self.model.groups.rank
+        rank_dir = path / f"rank_{rank}"
+        saved = path / "parallel_config.json"
+        layout = json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else None
+        if layout != self.parallel_config.to_dict() or not rank_dir.is_dir():
+            raise CheckpointError(f"{str(path)!r} was not written by this parallel layout ({layout} vs "
+                                  f"{self.parallel_config.to_dict()}); resume with the layout it was saved with, or "
+                                  f"re-cut its rank shards with qwen2ms.parallel.reshard_checkpoints")
+        ckpts = sorted(rank_dir.glob("*.ckpt"))
+        if len(ckpts) != 1:
+            raise CheckpointError(f"{str(rank_dir)!r} should hold one .ckpt model shard, found {[c.name for c in ckpts]}")
+        self._copy_params(ms.load_checkpoint(str(ckpts[0])), path)
+        self._load_optimizer_state(rank_dir / "optimizer.safetensors", path)
+        self._load_state_files(path)
 
     def _patch_state_file(self, path: Path) -> None:
         import json
@@ -725,11 +975,11 @@ class Trainer:
         atomic_write_text(f, json.dumps(data, indent=2, sort_keys=True, default=str))
 
     def _load_checkpoint(self, path: Path) -> None:
-        import json
-
         if not path.is_dir() or not (path / "trainer_state.json").is_file():
             raise CheckpointError(f"{str(path)!r} is not a checkpoint folder (it needs trainer_state.json); "
                                   f"pass a checkpoint-<step> folder from {self.args.output_dir!r} or True")
+        if self.parallel_config is not None:
+            return self._load_parallel_checkpoint(path)
         from .lora import load_adapter_weights, lora_modules
 
         if lora_modules(self.model):
@@ -741,7 +991,11 @@ class Trainer:
         else:
             arrays = load_tensors(path / "model.safetensors")
             self._copy_params(arrays, path)
-        opt = load_tensors(path / "optimizer.safetensors")
+        self._load_optimizer_state(path / "optimizer.safetensors", path)
+        self._load_state_files(path)
+
+    def _load_optimizer_state(self, file: Path, path: Path) -> None:
+        opt = load_tensors(file)
         targets: Dict[str, Parameter] = dict(self.optimizer.state_tensors()) if hasattr(
             self.optimizer, "state_tensors") else {}
         if self._loss_scale is not None:
@@ -749,7 +1003,7 @@ class Trainer:
                 targets[p.name] = p
         missing = [k for k in targets if k not in opt]
         if missing:
-            raise CheckpointError(f"{path}/optimizer.safetensors lacks {len(missing)} tensors, e.g. {missing[:3]}: "
+            raise CheckpointError(f"{file} lacks {len(missing)} tensors, e.g. {missing[:3]}: "
                                   "it was written for a different model, LoRA setting or precision")
         pairs = []
         for k, p in targets.items():
@@ -760,6 +1014,10 @@ class Trainer:
                 raise CheckpointError(f"optimizer tensor {k!r} has shape {arr.shape} in {path}, expected {p.shape}")
             pairs.append((p, arr))
         assign_parameters(pairs)
+
+    def _load_state_files(self, path: Path) -> None:
+        import json
+
         data = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         self.state = TrainerState.from_dict(data["state"])
         self.lr_scheduler.load_state_dict(data["scheduler"])
