@@ -84,9 +84,12 @@ class KVCache(nn.Cell):
         # select, valid for any (tensor) start position, so a compiled step is reused for all tokens.
         src = ops.arange(length, dtype=ms.int32) - cache_position
         valid = ops.logical_and(src >= 0, src < t).reshape(1, 1, length, 1)
+        # Broadcast explicitly: implicitly broadcasting selects keep their temporaries alive for the
+        # whole graph on MindSpore 2.10's CPU backend (see reference.attention).
+        valid = ops.broadcast_to(valid, k_param.shape)
         src = ops.maximum(ops.minimum(src, t - 1), 0)
-        new_k = ops.where(valid, ops.gather(key.astype(k_param.dtype), src, 2), k_param)
-        new_v = ops.where(valid, ops.gather(value.astype(v_param.dtype), src, 2), v_param)
+        new_k = ops.select(valid, ops.gather(key.astype(k_param.dtype), src, 2), k_param)
+        new_v = ops.select(valid, ops.gather(value.astype(v_param.dtype), src, 2), v_param)
         ops.assign(k_param, new_k)
         ops.assign(v_param, new_v)
         return new_k, new_v

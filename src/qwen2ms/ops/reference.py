@@ -46,6 +46,17 @@ def _as(w: Tensor, dtype) -> Tensor:
     return w if w.dtype == dtype else w.astype(dtype)
 
 
+def _full(a: Tensor, shape) -> Tensor:
+    """``a`` broadcast to ``shape`` explicitly.
+
+    MindSpore 2.10's CPU graphs keep the temporaries of implicitly broadcasting binary ops alive
+    until the whole graph ends, so a 24-layer prefill held every layer's [T, H]-sized (and, in
+    attention, [T, S]-sized) buffers at once: measured +1.4 GB per layer at 2048 tokens for the
+    attention mask alone. Operands broadcast by ``broadcast_to`` first are freed layer by layer.
+    """
+    return a if tuple(a.shape) == tuple(shape) else ops.broadcast_to(a, tuple(shape))
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ weight.T + bias`` with ``weight`` in the Hugging Face layout ``[out, in]``.
 
@@ -63,7 +74,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     lead = x.shape[:-1]
     y = _matmul_tb(x.reshape(-1, x.shape[-1]), _as(weight, x.dtype))
     if bias is not None:
-        y = y + _as(bias, x.dtype)
+        y = y + _full(_as(bias, x.dtype), y.shape)
     return y.reshape(lead + (weight.shape[0],))
 
 
@@ -90,8 +101,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """
     h = x.astype(ms.float32)
     var = ops.mean(h * h, -1, keep_dims=True)
-    h = (h * ops.rsqrt(var + eps)).astype(x.dtype)
-    return _as(weight, x.dtype) * h
+    h = (h * _full(ops.rsqrt(var + eps), h.shape)).astype(x.dtype)
+    return _full(_as(weight, x.dtype), h.shape) * h
 
 
 def rope_cos_sin(position_ids: Tensor, inv_freq: Tensor, attention_scaling: float = 1.0) -> Tuple[Tensor, Tensor]:
@@ -116,7 +127,8 @@ def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> Tuple[Tensor, 
     """Rotate ``q`` ``[B, Hq, T, D]`` and ``k`` ``[B, Hkv, T, D]`` by cos/sin ``[B, T, D]`` (half-split layout)."""
     cos = cos.expand_dims(1).astype(q.dtype)
     sin = sin.expand_dims(1).astype(q.dtype)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    cq, sq, ck, sk = _full(cos, q.shape), _full(sin, q.shape), _full(cos, k.shape), _full(sin, k.shape)
+    return q * cq + _rotate_half(q) * sq, k * ck + _rotate_half(k) * sk
 
 
 def attention_mask(
@@ -172,7 +184,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Te
     # Fold the query groups into the row axis so each kv head is read once, never copied per group.
     scores = _bmm_tb(q.reshape(b, hkv, g * t, d), _as(k, q.dtype)) * scale  # [B, Hkv, G*T, S]
     scores = scores.astype(ms.float32).reshape(b, hkv, g, t, s)
-    scores = ops.where(mask.expand_dims(1), scores, Tensor(MASK_VALUE, ms.float32))
+    # An explicitly broadcast mask and a full-size fill value (see _full: `where` with a scalar kept
+    # every layer's [.., T, S] temporaries alive).
+    keep = _full(mask.expand_dims(1), scores.shape)
+    scores = ops.select(keep, scores, ops.full_like(scores, MASK_VALUE))
     probs = ops.softmax(scores, -1).astype(q.dtype).reshape(b, hkv, g * t, s)
     out = _bmm(probs, _as(v, q.dtype))  # [B, Hkv, G*T, D]
     return out.reshape(b, hq, t, d)
