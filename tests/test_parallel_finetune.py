@@ -1,6 +1,6 @@
-"""`qwen2ms finetune` and the Trainer with a parallel layout: refusals without msrun, the parallel code path in one
-process, and real 2-process msrun runs (DP=2 with accumulation and resume; TP=2 with sequence parallel) that must
-equal one process training on the combined batch, step by step."""
+"""`qwen2ms finetune` / `generate` and the Trainer with a parallel layout: refusals without msrun, the parallel code
+path in one process, and one real 2-process msrun job (DP=2 with accumulation and resume; TP=2 with sequence
+parallel; TP=2 generation) that must equal one process training on the combined batch, step by step."""
 import json
 import os
 import sys
@@ -47,6 +47,24 @@ def _config(folder: Path, name: str, parallel: dict, **training) -> Path:
     return path
 
 
+#: a tiny body over Qwen2's real vocabulary, so the built-in tokenizer's text round-trips
+PREDICT_MODEL = {"vocab_size": 151936, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
+                 "max_position_embeddings": 4096, "rope_theta": 1000000.0, "bos_token_id": 151643,
+                 "eos_token_id": 151645, "pad_token_id": 151643}
+PROMPT = "The capital of France is"
+
+
+def _predict_config(folder: Path, name: str, parallel: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    # a strong repetition penalty: random weights otherwise repeat one token; shows the section is honoured too
+    cfg = {"model": {"config": PREDICT_MODEL, "seed": 0}, "data": {"tokenizer": "builtin"},
+           "generation": {"max_new_tokens": 8, "repetition_penalty": 20.0}, "parallel": parallel}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 # ----------------------------------------------------------------------------------- refusals (no msrun)
 def test_layout_outside_msrun_names_the_msrun_command(tmp_path, monkeypatch):
     monkeypatch.delenv("MS_ROLE", raising=False)
@@ -81,6 +99,19 @@ def test_layouts_the_trainer_does_not_drive_are_refused_before_launch(tmp_path, 
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(RunConfigError, match=words):
         run_finetune(path)
+
+
+@pytest.mark.parametrize("parallel,words", [
+    ({"model_parallel": 2}, r"(?s)needs 2 devices .*python -m qwen2ms.cli generate --config"),
+    ({"pipeline_stage": 2, "micro_batch_num": 2}, "pipeline_stage=2: generation runs tensor-parallel layouts"),
+    ({"model_parallel": 2, "use_seq_parallel": True}, "use_seq_parallel=true: generation"),
+])
+def test_generate_with_a_layout_outside_msrun_is_refused(tmp_path, monkeypatch, parallel, words):
+    from qwen2ms.cli import main
+
+    monkeypatch.delenv("MS_ROLE", raising=False)
+    with pytest.raises(RunConfigError, match=words):
+        main(["generate", "--config", str(_predict_config(tmp_path, "p", parallel)), "--prompt", "hi"])
 
 
 def test_trainer_refuses_a_pipeline_layout():
@@ -151,8 +182,9 @@ def msrun_runs(tmp_path_factory):
     def launch(out):
         _config(out, "dp2", {"data_parallel": 2}, per_device_train_batch_size=1, gradient_accumulation_steps=2)
         _config(out, "tp2_sp", {"model_parallel": 2, "use_seq_parallel": True}, per_device_train_batch_size=4)
-        run_msrun(WORKERS / "finetune_layouts.py", [str(out)], worker_num=2, log_dir=out / "logs", timeout=900,
-                  cwd=str(out))
+        _predict_config(out, "predict_tp2", {"model_parallel": 2})
+        run_msrun(WORKERS / "finetune_layouts.py", [str(out), PROMPT], worker_num=2, log_dir=out / "logs",
+                  timeout=900, cwd=str(out))
 
     out = tmp_path_factory.mktemp("finetune_msrun")
     try:
@@ -226,3 +258,16 @@ def test_msrun_data_parallel_finetune_with_accumulation_and_resume_equals_one_pr
 def test_msrun_tensor_sequence_parallel_finetune_equals_one_process(msrun_runs):
     out, ref = msrun_runs
     _check_against_reference(out / "tp2_sp", ref, {"model_parallel": 2, "use_seq_parallel": True})
+
+
+@pytest.mark.slow
+def test_msrun_tensor_parallel_generate_from_a_run_config_equals_one_process(msrun_runs, tmp_path, capsys):
+    from qwen2ms.cli import main
+
+    out, _ = msrun_runs
+    assert main(["generate", "--config", str(_predict_config(tmp_path, "single", {})), "--prompt", PROMPT,
+                 "--greedy"]) == 0
+    want = capsys.readouterr().out
+    assert len(want.strip()) > 0
+    assert (out / "generate_rank0.txt").read_text(encoding="utf-8") == want
+    assert (out / "generate_rank1.txt").read_text(encoding="utf-8") == ""  # only rank 0 prints

@@ -179,7 +179,7 @@ def load_model(spec: Optional[str], dtype: Optional[str] = None, tokenizer: Opti
 
 
 def _gen_overrides(args: argparse.Namespace) -> Dict[str, object]:
-    out: Dict[str, object] = {"max_new_tokens": args.max_new_tokens}
+    out: Dict[str, object] = {"max_new_tokens": 128 if args.max_new_tokens is None else args.max_new_tokens}
     if args.greedy:
         out["do_sample"] = False
     for key in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
@@ -240,9 +240,34 @@ def chat_loop(model, system_prompt: Optional[str], gen: Dict[str, object], max_c
         history = trial + [{"role": "assistant", "content": reply}]
 
 
+def _generate_from_config(args: argparse.Namespace) -> int:
+    """``generate --config``: the run config's model, generation defaults and parallel layout (under msrun)."""
+    from .generation import TextStreamer
+    from .generation.generate import chat, generate
+    from .training.run_config import build_generation_model, load_run_config
+
+    run = load_run_config(args.config)
+    model, rank = build_generation_model(run, args.tokenizer)
+    gen: Dict[str, object] = dict(run.generation)
+    over = _gen_overrides(args)
+    if args.max_new_tokens is None and "max_new_tokens" in gen:
+        over.pop("max_new_tokens")
+    gen.update(over)
+    if hasattr(model, "groups") and gen.get("seed") is None:
+        gen["seed"] = 0  # every rank must draw the same tokens
+    streamer = TextStreamer() if rank == 0 else None  # one copy of the text, from rank 0
+    if args.chat:
+        chat(model, [{"role": "user", "content": args.prompt}], streamer=streamer, **gen)
+    else:
+        generate(model, args.prompt, streamer=streamer, **gen)
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .generation import TextStreamer
 
+    if args.config:
+        return _generate_from_config(args)
     model = load_model(args.model, args.dtype, args.tokenizer)
     gen = _gen_overrides(args)
     if args.chat:
@@ -265,7 +290,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="checkpoint folder or hub id (default 'demo': a tiny random-weight model, output is noise)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one next to the weights)")
     p.add_argument("--dtype", default=None, help="weight dtype: float32, float16 or bfloat16 (default: as stored)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 128 (or the run config's)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (ignore the sampling settings)")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -317,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--chat", action="store_true", help="send the prompt as one user turn of the chat template")
+    p.add_argument("--config", default=None,
+                   help="run config YAML: its model, generation defaults and parallel layout (a layout of N devices "
+                        "runs under msrun with N workers) replace MODEL")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat (/clear, /exit)")

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 __all__ = ["RunConfig", "RunConfigError", "load_run_config", "build_model", "build_datasets", "run_finetune",
-           "cli_msrun_command"]
+           "cli_msrun_command", "build_generation_model"]
 
 _SECTIONS = ("model", "data", "training", "parallel", "generation")
 _MODEL_KEYS = ("pretrained", "preset", "config", "dtype", "seed", "revision")
@@ -329,6 +329,43 @@ def _launch_layout(run: RunConfig, command: str = "finetune"):
     except ParallelConfigError as e:
         raise RunConfigError(f"{where}: {e}:\n  {cmd}") from e
     return pc
+
+
+def build_generation_model(run: RunConfig, tokenizer: Optional[str] = None) -> Tuple[Any, int]:
+    """The model of a prediction config with its tokenizer, cut for this rank when the ``parallel`` section asks.
+
+    A layout of more than one device must run under ``msrun`` (:func:`cli_msrun_command` with
+    "generate"): every rank then holds its tensor-parallel shard and generates the same tokens
+    (the KV cache holds its heads); data-parallel replicas repeat the work.
+
+    Args:
+        run: a run config with a ``model`` section (and optionally ``parallel``, ``data.tokenizer``).
+        tokenizer: a tokenizer folder or hub id that replaces the config's.
+
+    Returns:
+        ``(model, rank)``: a ``Qwen2ForCausalLM`` and 0, or this rank's
+        :class:`~qwen2ms.parallel.apply.ParallelCausalLM` and its global rank.
+
+    Raises:
+        RunConfigError: a layout that generation cannot run, or a launch that does not match it.
+
+    Example:
+        >>> model, rank = build_generation_model(load_run_config("predict.yaml"))  # doctest: +SKIP
+    """
+    layout = _launch_layout(run, "generate")
+    model = build_model(run)
+    if tokenizer:
+        from ..tokenization import Qwen2Tokenizer
+
+        model.tokenizer = Qwen2Tokenizer.from_pretrained(tokenizer)
+    else:
+        model.tokenizer = _load_tokenizer(run, model)
+    if layout is None:
+        return model, 0
+    from ..parallel import parallelize
+
+    pm = parallelize(model, layout)
+    return pm, pm.groups.rank
 
 
 def run_finetune(config: Union[str, os.PathLike, RunConfig], **overrides: Any):
