@@ -128,7 +128,7 @@ def _train(model, out, samples, **kw):
     from qwen2ms.data import DataCollatorForSFT
     from qwen2ms.training import Trainer, TrainingArguments
 
-    args = TrainingArguments(str(out), per_device_train_batch_size=4, **dict(TRAINING, max_steps=3, **kw))
+    args = TrainingArguments(str(out), per_device_train_batch_size=4, **dict(TRAINING, **{"max_steps": 3, **kw}))
     trainer = Trainer(model, args, train_dataset=samples, data_collator=DataCollatorForSFT(0, pad_to_multiple_of=8))
     return trainer, trainer.train()
 
@@ -167,6 +167,25 @@ def test_parallel_trainer_path_in_one_process_equals_the_plain_trainer(tmp_path)
         np.testing.assert_allclose(p.asnumpy(), dict(par.model.parameters_and_names())[name].asnumpy(), atol=1e-6)
     with pytest.raises(ValueError, match="lora_r > 0 with a parallelized model"):
         _train(parallelize(Qwen2ForCausalLM(cfg, seed=3), ParallelConfig()), tmp_path / "lora", samples, lora_r=4)
+
+
+def test_parallel_trainer_path_keeps_the_moe_router_aux_loss(tmp_path):
+    from qwen2ms import Qwen2Config
+    from qwen2ms.modeling import Qwen2ForCausalLM
+    from qwen2ms.parallel import ParallelConfig, parallelize
+
+    _samples(tmp_path / "s.jsonl")
+    samples = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()][:4]
+    cfg = Qwen2Config(**dict(MODEL, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2,
+                             moe_intermediate_size=16, shared_expert_intermediate_size=24, decoder_sparse_step=1,
+                             output_router_logits=True, router_aux_loss_coef=0.5))
+    kw = dict(max_steps=2, save_steps=0)
+    plain, _ = _train(Qwen2ForCausalLM(cfg, seed=3), tmp_path / "plain", samples, **kw)
+    par, _ = _train(parallelize(Qwen2ForCausalLM(cfg, seed=3), ParallelConfig()), tmp_path / "par", samples, **kw)
+    losses = [(a["loss"], b["loss"]) for a, b in zip(plain.state.log_history, par.state.log_history)]
+    assert len(losses) == 2
+    for want, got in losses:
+        assert got == pytest.approx(want, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------------- real msrun (2 processes)

@@ -24,6 +24,15 @@ and ``--node_rank`` 0 on the first node, 1 on the second::
           --node_rank=1 --log_dir=output/msrun_log --join=True --cluster_time_out=600 \\
           train.py --config run.yaml
 
+``qwen2ms finetune`` and ``qwen2ms generate`` are such scripts: with a run config whose ``parallel``
+section needs N devices, put ``python -m qwen2ms.cli finetune --config run.yaml`` (or ``generate
+--config predict.yaml --prompt ...``) in place of ``train.py --config run.yaml`` above, with
+``--worker_num=N`` (msrun runs every worker and its scheduler as ``python <args>``; the scheduler
+process's ``init()`` serves the cluster and never returns)::
+
+    msrun --worker_num=2 --local_worker_num=2 --master_addr=127.0.0.1 --master_port=8118 \\
+          --log_dir=output/msrun_log --join=True python -m qwen2ms.cli finetune --config run.yaml
+
 On a CPU-only machine the same command runs the workers as CPU processes (collectives over
 MindSpore's "mccl" backend); that is how this project's multi-process tests run, with
 ``--worker_num=2 --local_worker_num=2``. Each worker writes ``worker_<rank>.log`` under
