@@ -573,7 +573,8 @@ class Trainer:
         """This data-parallel replica's rows of a global batch (``ceil(rows / dp)`` each, in rank order).
 
         A replica left short by a smaller last batch gets copies of the first row with every label
-        ignored: they add nothing to the loss or the gradients, and every replica keeps one shape.
+        ignored: they add nothing to the cross-entropy or its gradients, and every replica keeps one
+        shape (an MoE router's load-balancing loss does count their tokens).
         """
         pc = self.parallel_config
         dp, d = pc.data_parallel, self.model.groups.dp_rank
@@ -617,7 +618,7 @@ class Trainer:
             params = list(getattr(self.optimizer, "params", self._trainable()))
             step_cls = _TrainStep if self.parallel_config is None else _ParallelTrainStep
             self._train_step = step_cls(self, self.model, params, self.optimizer, self._loss_scale,
-                                          self.args.max_grad_norm or 0.0, self.args.gradient_accumulation_steps > 1)
+                                        self.args.max_grad_norm or 0.0, self.args.gradient_accumulation_steps > 1)
             # One graph per batch shape (ms.jit(dynamic=1) measured no better here: it still
             # recompiled per shape); the collator's pad_to_multiple_of keeps the shapes few.
             self._compiled_step = ms.jit(self._train_step.construct)
