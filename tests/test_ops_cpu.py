@@ -163,6 +163,80 @@ def test_quantize_int8_error_is_within_half_a_step():
         quantize_int8(np.zeros(3))
 
 
+@pytest.mark.parametrize("k", [16, 40, 100])
+@pytest.mark.parametrize("m", [1, 4, 8, 11])
+def test_linear_vector_steps_and_tails(kernels, k, m):
+    """K a whole number of 16-wide steps, or steps plus a tail (the bf16 even/odd split covers only whole
+    steps); N not a multiple of the four rows walked together; 8-row blocks of x plus a remainder."""
+    n = 14
+    x, w, b = rng.standard_normal((m, k)), rng.standard_normal((n, k)) * 0.2, rng.standard_normal(n)
+    for wdt in ("float32", "bfloat16", "float16"):
+        y = kernels.linear(_t(x), _t(w, wdt), _t(b))
+        _close(_np(y), x @ _rounded(w, wdt).T + b, "float32")
+    qw = quantize_int8(w)
+    y = kernels.linear(_t(x), QuantizedWeight(Tensor(qw.q), Tensor(qw.scale)))
+    _close(_np(y), x @ (qw.q * qw.scale[:, None].astype(np.float64)).T, "float32")
+
+
+@pytest.mark.parametrize("xdt", ["float32", "bfloat16"])
+@pytest.mark.parametrize("m", [1, 3, 8, 9])
+@pytest.mark.parametrize("k, group", [(64, 32), (96, 32), (256, 128)])
+def test_int8_group_scales_match_numpy(kernels, xdt, m, k, group):
+    n = 13
+    x, w, b = rng.standard_normal((m, k)), rng.standard_normal((n, k)) * 0.2, rng.standard_normal(n)
+    w[:, :group] *= 20.0  # one group with much larger values: its own scale keeps the rest precise
+    qw = quantize_int8(w, group_size=group)
+    assert qw.scale.shape == (n, k // group)
+    w_eff = (qw.q.reshape(n, k // group, group) * qw.scale[:, :, None].astype(np.float64)).reshape(n, k)
+    y = kernels.linear(_t(x, xdt), QuantizedWeight(Tensor(qw.q), Tensor(qw.scale)), _t(b, xdt))
+    assert y.shape == (m, n) and y.dtype == DTYPES[xdt]
+    _close(_np(y), _rounded(x, xdt) @ w_eff.T + _rounded(b, xdt), xdt)
+    y2 = kernels.linear_int8(_t(x, xdt), Tensor(qw.q), Tensor(qw.scale))
+    _close(_np(y2), _rounded(x, xdt) @ w_eff.T, xdt)
+
+
+def test_quantize_int8_groups_error_and_validation():
+    w = rng.standard_normal((5, 128)).astype(np.float32)
+    w[:, 64:96] *= 50.0
+    w[2, :32] = 0.0
+    qw = quantize_int8(w, group_size=32)
+    assert qw.q.dtype == np.int8 and qw.scale.dtype == np.float32 and qw.scale.shape == (5, 4)
+    step = np.repeat(qw.scale, 32, axis=1)
+    err = np.abs(qw.q * step - w)
+    assert np.all(err <= step / 2 + 1e-6)
+    assert qw.scale[2, 0] == 1.0
+    # Groups beat one scale per row when the magnitudes differ along K.
+    per_row = quantize_int8(w)
+    assert np.abs(per_row.q * per_row.scale[:, None] - w)[:, :64].max() > 4 * err[:, :64].max()
+    np.testing.assert_array_equal(quantize_int8(w, group_size=128).q, per_row.q)  # one group = per channel
+    assert quantize_int8(w, group_size=128).scale.shape == (5,)
+    for bad in (48, 0, -32, 256):
+        with pytest.raises(ValueError, match="group_size"):
+            quantize_int8(w, group_size=bad)
+
+
+def test_kernel_rejects_groups_that_are_not_whole_vector_steps(kernels):
+    # Scales [N, G] whose group K // G is not a multiple of 32 have no kernel path: the op fails, it does
+    # not compute with the wrong groups.
+    q = Tensor(np.ones((4, 48), np.int8))
+    with pytest.raises(RuntimeError):
+        kernels.linear_int8(_t(np.ones((1, 48))), q, Tensor(np.ones((4, 3), np.float32))).asnumpy()
+
+
+def test_grouped_int8_reference_and_gradient_match(kernels):
+    from qwen2ms.ops.dispatch import ReferenceOps
+
+    x, w = rng.standard_normal((3, 64)), rng.standard_normal((10, 64))
+    qw = quantize_int8(w, group_size=32)
+    q, s = Tensor(qw.q), Tensor(qw.scale)
+    w_eff = (qw.q.reshape(10, 2, 32) * qw.scale[:, :, None].astype(np.float64)).reshape(10, 64)
+    _close(_np(ReferenceOps().linear(_t(x), q, None, s)), x @ w_eff.T, "float32")
+    np.testing.assert_allclose(_np(cpu.dequantize_int8(q, s)), w_eff, rtol=1e-6)
+    p = rng.standard_normal((3, 10))
+    got = ms.grad(lambda a: (kernels.linear_int8(a, q, s) * _t(p)).sum())(_t(x))
+    _close(_np(got), p @ w_eff, "float32")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Gradients against MindSpore autodiff of a plain-ops reference.
 

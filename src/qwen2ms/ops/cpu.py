@@ -31,6 +31,7 @@ __all__ = [
     "QuantizedWeight",
     "build_kernels",
     "compiler_flags",
+    "dequantize_int8",
     "find_compiler",
     "kernel_cache_dir",
     "quantize_int8",
@@ -184,11 +185,12 @@ def build_kernels(cxx: Optional[str] = None, cache_dir: Optional[Path] = None, f
 
 
 class QuantizedWeight:
-    """An int8 weight-only quantised matrix: ``W ~= q * scale[:, None]`` with per-output-channel scales.
+    """An int8 weight-only quantised matrix: ``W ~= q * scale`` with per-output-channel or per-group scales.
 
     Args:
         q: int8 tensor [N, K].
-        scale: float32 tensor [N].
+        scale: float32 tensor [N] (one scale per output channel), or [N, G] (one per group of ``K // G``
+            consecutive inputs of a channel).
 
     Example:
         >>> qw = quantize_int8(np.ones((4, 8), np.float32))
@@ -205,27 +207,72 @@ class QuantizedWeight:
         return tuple(self.q.shape)
 
 
-def quantize_int8(weight) -> QuantizedWeight:
-    """Symmetric per-output-channel int8 quantisation of a [N, K] weight (round to nearest).
+#: Group sizes along K must be multiples of this (whole vector steps of the kernel).
+INT8_GROUP_MULTIPLE = 32
+
+
+def quantize_int8(weight, group_size: Optional[int] = None) -> QuantizedWeight:
+    """Symmetric int8 quantisation of a [N, K] weight (round to nearest), per output channel or per group.
 
     Args:
         weight: numpy array or MindSpore tensor [N, K], any float dtype.
+        group_size: None for one scale per output channel; else one scale per ``group_size`` consecutive
+            inputs of a channel (a multiple of 32 dividing K; K itself means per channel).
 
     Returns:
-        :class:`QuantizedWeight` with numpy ``q`` (int8) and ``scale`` (float32, max|row|/127; 1 for zero rows).
+        :class:`QuantizedWeight` with numpy ``q`` (int8) and ``scale`` (float32, max|values|/127, 1 for all-zero
+        rows/groups): ``[N]`` per channel, ``[N, K // group_size]`` per group.
+
+    Raises:
+        ValueError: not a matrix, or a group size that is not a multiple of 32 dividing K.
 
     Example:
         >>> qw = quantize_int8(np.array([[0.5, -1.0]], np.float32))
         >>> qw.q.tolist(), float(qw.scale[0]) == 1.0 / 127
         ([[64, -127]], True)
+        >>> quantize_int8(np.ones((4, 64), np.float32), group_size=32).scale.shape
+        (4, 2)
     """
     w = weight.astype("float32").asnumpy() if hasattr(weight, "asnumpy") else np.asarray(weight, np.float32)
     if w.ndim != 2:
         raise ValueError(f"quantize_int8 expects a [out, in] weight matrix, got shape {w.shape}")
+    n, k = w.shape
+    if group_size is not None and group_size != k:
+        if group_size <= 0 or group_size % INT8_GROUP_MULTIPLE or k % group_size:
+            raise ValueError(f"quantize_int8 group_size={group_size} must be a multiple of {INT8_GROUP_MULTIPLE} "
+                             f"that divides the input size {k} (or None for per-channel scales)")
+        wg = w.reshape(n, k // group_size, group_size)
+        amax = np.abs(wg).max(axis=2)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        q = np.clip(np.rint(wg / scale[:, :, None]), -127, 127).astype(np.int8).reshape(n, k)
+        return QuantizedWeight(q, scale)
     amax = np.abs(w).max(axis=1)
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
     q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
     return QuantizedWeight(q, scale)
+
+
+def dequantize_int8(q, scale):
+    """``q * scale`` as a float32 [N, K] MindSpore tensor, for per-channel ``[N]`` or per-group ``[N, G]`` scales.
+
+    Args:
+        q: int8 tensor [N, K].
+        scale: float32 tensor [N] or [N, G].
+
+    Returns:
+        float32 tensor [N, K].
+
+    Example:
+        >>> qw = quantize_int8(np.ones((2, 64), np.float32), group_size=32)
+        >>> dequantize_int8(ms.Tensor(qw.q), ms.Tensor(qw.scale)).shape
+        (2, 64)
+    """
+    w = ops.cast(q, ms.float32)
+    if scale.ndim == 1:
+        return w * ops.expand_dims(scale, 1)
+    n, k = q.shape
+    g = scale.shape[1]
+    return ops.reshape(ops.reshape(w, (n, g, k // g)) * ops.expand_dims(scale, 2), (n, k))
 
 
 class CpuKernels:
@@ -310,13 +357,13 @@ class CpuKernels:
             return dx, ops.cast(dw, w.dtype), ops.cast(ops.reduce_sum(dy2, 0), b.dtype)
 
         def linear_q_bprop(x, q, scale, out, dout):
-            w = ops.cast(q, ms.float32) * ops.expand_dims(scale, 1)
+            w = dequantize_int8(q, scale)
             dx, _, _ = dx_of(dout, w, x)
             # int8 weights are frozen: no gradient flows into them or their scales.
             return dx, ops.zeros_like(q), ops.zeros_like(scale)
 
         def linear_q_bias_bprop(x, q, scale, b, out, dout):
-            w = ops.cast(q, ms.float32) * ops.expand_dims(scale, 1)
+            w = dequantize_int8(q, scale)
             dx, _, dy2 = dx_of(dout, w, x)
             return dx, ops.zeros_like(q), ops.zeros_like(scale), ops.cast(ops.reduce_sum(dy2, 0), b.dtype)
 
@@ -474,10 +521,11 @@ class CpuKernels:
         return out if dtype == ms.float32 else ops.cast(out, dtype)
 
     def linear_int8(self, x, q, scale, bias=None):
-        """Int8 weight-only linear: ``(x @ q.T) * scale (+ bias)``.
+        """Int8 weight-only linear: ``x @ (q * scale).T (+ bias)``.
 
         Args:
-            x: [..., K]; q: int8 [N, K]; scale: float32 [N]; bias: optional [N].
+            x: [..., K]; q: int8 [N, K]; scale: float32 [N] per channel or [N, G] per group (``K // G`` a
+                multiple of 32); bias: optional [N].
 
         Returns:
             [..., N] in the dtype of x.
