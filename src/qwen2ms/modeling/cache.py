@@ -23,10 +23,12 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from ..config import Qwen2Config
+from ..ops.dispatch import ReferenceOps
 
 __all__ = ["KVCache"]
 
 _cache_ids = iter(range(1 << 62))
+_REFERENCE = ReferenceOps()
 
 
 class KVCache(nn.Cell):
@@ -70,29 +72,21 @@ class KVCache(nn.Cell):
             Parameter(initializer("zeros", shape, self.dtype), name=f"kv_cache{uid}.value.{i}", requires_grad=False)
             for i in range(self.num_layers)])
 
-    def update(self, layer_idx: int, key: Tensor, value: Tensor, cache_position: Union[int, Tensor]):
+    def update(self, layer_idx: int, key: Tensor, value: Tensor, cache_position: Union[int, Tensor],
+               ops_impl=None):
         """Write ``key``/``value`` ``[B, kv_heads, T, D]`` into slots ``[cache_position, cache_position + T)``.
+
+        Args:
+            ops_impl: the ops backend that performs the write (``cache_update``; the model passes its
+                own); default: the reference ops.
 
         Returns:
             The layer's full updated ``(keys, values)`` ``[B, kv_heads, max_length, D]``.
         """
-        k_param = self.keys[layer_idx]
-        v_param = self.values[layer_idx]
-        t = key.shape[2]
-        length = k_param.shape[2]
-        # Every slot takes either its old value or the new token that lands on it: one static-shape
-        # select, valid for any (tensor) start position, so a compiled step is reused for all tokens.
-        src = ops.arange(length, dtype=ms.int32) - cache_position
-        valid = ops.logical_and(src >= 0, src < t).reshape(1, 1, length, 1)
-        # Broadcast explicitly: implicitly broadcasting selects keep their temporaries alive for the
-        # whole graph on MindSpore 2.10's CPU backend (see reference.attention).
-        valid = ops.broadcast_to(valid, k_param.shape)
-        src = ops.maximum(ops.minimum(src, t - 1), 0)
-        new_k = ops.select(valid, ops.gather(key.astype(k_param.dtype), src, 2), k_param)
-        new_v = ops.select(valid, ops.gather(value.astype(v_param.dtype), src, 2), v_param)
-        ops.assign(k_param, new_k)
-        ops.assign(v_param, new_v)
-        return new_k, new_v
+        impl = ops_impl if ops_impl is not None else _REFERENCE
+        if isinstance(cache_position, int):
+            cache_position = Tensor(cache_position, ms.int32)
+        return impl.cache_update(self.keys[layer_idx], self.values[layer_idx], key, value, cache_position)
 
     def reset(self) -> None:
         """Zero every slot (a new request can then reuse the cache)."""

@@ -219,7 +219,7 @@ class Attention(nn.Cell):
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         q, k = self.ops_impl.apply_rope(q, k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, cache_position)  # [B, Hkv, L, D]
+            k, v = cache.update(self.layer_idx, k, v, cache_position, self.ops_impl)  # [B, Hkv, L, D]
         out = self.ops_impl.attention(q, k, v, mask, self.scale)  # [B, Hq, T, D]
         out = out.transpose(0, 2, 1, 3).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out)

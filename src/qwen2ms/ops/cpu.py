@@ -39,7 +39,8 @@ __all__ = [
 
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 LIB_NAME = "libqwen2ms_kernels.so"
-_SOURCES = ("common.h", "pool.h", "norm.cpp", "rope.cpp", "swiglu.cpp", "linear.cpp", "embedding.cpp", "attention.cpp")
+_SOURCES = ("common.h", "pool.h", "norm.cpp", "rope.cpp", "swiglu.cpp", "linear.cpp", "embedding.cpp", "attention.cpp",
+            "kvcache.cpp")
 _build_lock = threading.Lock()
 
 
@@ -397,6 +398,12 @@ class CpuKernels:
 
         self._attention = custom("Attention", lambda q, k, v, m, s: q, first_dtype, attention_bprop)
 
+        # --- KV cache write (in place) ------------------------------------------------------------------
+        # side_effect_mem: MindSpore then hands the kernel the cache Parameters' own memory (without it,
+        # graph mode passes copies and the write is lost) and keeps the op although its output is unused.
+        self._kv_write = custom("KvCacheWrite", lambda kc, vc, k, v, p: [1], lambda kc, vc, k, v, p: ms.int32)
+        self._kv_write.add_prim_attr("side_effect_mem", True)
+
         # --- Embedding -----------------------------------------------------------------------------------
         def embedding_shape(ids, table, *rest):
             return list(ids) + [table[1]]
@@ -474,6 +481,20 @@ class CpuKernels:
             [B, Hq, T, D] in the dtype of q; a fully masked row averages all values uniformly.
         """
         return self._attention(q, k, v, mask, ms.Tensor([scale], ms.float32))
+
+    def kv_cache_write(self, k_cache, v_cache, key, value, start):
+        """Write ``key``/``value`` ``[B, H, T, D]`` into cache slots ``[start, start + T)`` in place.
+
+        Args:
+            k_cache, v_cache: the cache Parameters ``[B, H, L, D]`` (one float dtype).
+            key, value: the new rows (any float dtype; converted to the cache's).
+            start: int32 scalar Tensor, the first slot; slots outside ``[0, L)`` are skipped.
+
+        Returns:
+            An int32 ``[1]`` token: read the caches through ``ops.depend(cache, token)`` so that reads are
+            ordered after the write.
+        """
+        return self._kv_write(k_cache, v_cache, key, value, start)
 
     def swiglu(self, gate, up):
         """``silu(gate) * up`` elementwise (gate and up of one shape).

@@ -102,6 +102,11 @@ class ReferenceOps:
         """See :func:`qwen2ms.ops.reference.attention`."""
         return reference.attention(q, k, v, mask, scale)
 
+    def cache_update(self, k_cache: Tensor, v_cache: Tensor, key: Tensor, value: Tensor,
+                     start: Tensor) -> Tuple[Tensor, Tensor]:
+        """See :func:`qwen2ms.ops.reference.cache_update`."""
+        return reference.cache_update(k_cache, v_cache, key, value, start)
+
     def act_mul(self, gate: Tensor, up: Tensor, act: str = "silu") -> Tensor:
         """See :func:`qwen2ms.ops.reference.act_mul`."""
         return reference.act_mul(gate, up, act)
@@ -202,6 +207,11 @@ class CpuOps(ReferenceOps):
         if q.shape[2] > _KERNEL_MAX_ROWS:
             return reference.attention(q, k, v, mask, scale)
         return self.kernels.attention(q, k, v, mask, scale)
+
+    def cache_update(self, k_cache, v_cache, key, value, start):
+        """In-place kernel write of the new rows only (the reference copies the whole cache per token)."""
+        token = self.kernels.kv_cache_write(k_cache, v_cache, key, value, start)
+        return ops.depend(k_cache, token), ops.depend(v_cache, token)
 
 
 def _device_target() -> str:

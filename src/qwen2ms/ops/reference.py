@@ -25,6 +25,7 @@ __all__ = [
     "apply_rope",
     "attention_mask",
     "attention",
+    "cache_update",
     "act_mul",
     "moe_router",
     "moe_experts",
@@ -191,6 +192,32 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Te
     probs = ops.softmax(scores, -1).astype(q.dtype).reshape(b, hkv, g * t, s)
     out = _bmm(probs, _as(v, q.dtype))  # [B, Hkv, G*T, D]
     return out.reshape(b, hq, t, d)
+
+
+def cache_update(k_cache: Tensor, v_cache: Tensor, key: Tensor, value: Tensor,
+                 start: Tensor) -> Tuple[Tensor, Tensor]:
+    """Write ``key``/``value`` ``[B, H, T, D]`` into cache slots ``[start, start + T)``; return the full caches.
+
+    Args:
+        k_cache, v_cache: the cache Parameters ``[B, H, L, D]`` (updated with ``ops.assign``).
+        key, value: the new rows (cast to the cache dtype).
+        start: int32 scalar Tensor (or int), the first slot written; slots outside ``[0, L)`` are skipped.
+
+    Returns:
+        ``(keys, values)`` ``[B, H, L, D]`` after the write.
+    """
+    t = key.shape[2]
+    length = k_cache.shape[2]
+    # Every slot takes either its old value or the new token that lands on it: one static-shape
+    # select, valid for any (tensor) start position, so a compiled step is reused for all tokens.
+    src = ops.arange(length, dtype=ms.int32) - start
+    valid = _full(ops.logical_and(src >= 0, src < t).reshape(1, 1, length, 1), k_cache.shape)
+    src = ops.maximum(ops.minimum(src, t - 1), 0)
+    new_k = ops.select(valid, ops.gather(key.astype(k_cache.dtype), src, 2), k_cache)
+    new_v = ops.select(valid, ops.gather(value.astype(v_cache.dtype), src, 2), v_cache)
+    ops.assign(k_cache, new_k)
+    ops.assign(v_cache, new_v)
+    return new_k, new_v
 
 
 def _act(x: Tensor, name: str) -> Tensor:

@@ -1,0 +1,45 @@
+// KV-cache write in place: the new keys/values of this step land in their cache slots, nothing else moves.
+//
+// The reference update rebuilds each layer's whole cache (gather + select + assign, a full copy per
+// token and ~12 small ops per layer); here only the T new rows are written. MindSpore runs it as a
+// memory side effect on the cache Parameters (the primitive carries `side_effect_mem`), and the
+// Python side orders later reads after it with `ops.depend`.
+#include "common.h"
+
+using namespace qk;
+
+// inputs: k_cache [B, H, L, D], v_cache [B, H, L, D] (same dtype), k_new [B, H, T, D], v_new [B, H, T, D]
+// (float dtypes, converted to the cache's), start slot int32 scalar; output: int32 [1] (the start slot).
+// Slots outside [0, L) are skipped, as the reference's select skips them.
+QK_KERNEL(KvCacheWrite) {
+  if (nparam != 6) return 1;
+  const DType ct = dtype_of(dtypes[0]), nt = dtype_of(dtypes[2]);
+  if (!is_float(ct) || dtype_of(dtypes[1]) != ct || !is_float(nt) || dtype_of(dtypes[3]) != nt) return 2;
+  if (std::strcmp(dtypes[4], "int32") != 0) return 2;
+  for (int i = 0; i < 4; ++i)
+    if (ndims[i] != 4) return 3;
+  const int64_t B = shapes[0][0], H = shapes[0][1], L = shapes[0][2], D = shapes[0][3], T = shapes[2][2];
+  for (int i = 1; i < 4; ++i)
+    if (shapes[i][0] != B || shapes[i][1] != H || shapes[i][3] != D) return 3;
+  if (shapes[1][2] != L || shapes[3][2] != T) return 3;
+  const int64_t start = *static_cast<const int32_t *>(params[4]);
+  const int64_t esize = ct == F32 ? 4 : 2;
+  for (int which = 0; which < 2; ++which) {
+    char *cache = static_cast<char *>(params[which]);
+    const void *src = params[2 + which];
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t slot = start + t;
+        if (slot < 0 || slot >= L) continue;
+        const int64_t dst = (bh * L + slot) * D, from = (bh * T + t) * D;
+        if (nt == ct) {
+          std::memcpy(cache + dst * esize, static_cast<const char *>(src) + from * esize, D * esize);
+        } else {
+          for (int64_t d = 0; d < D; ++d) store(cache, ct, dst + d, load(src, nt, from + d));
+        }
+      }
+    }
+  }
+  *static_cast<int32_t *>(params[5]) = static_cast<int32_t>(start);
+  return 0;
+}
