@@ -191,6 +191,10 @@ class RMSNorm(nn.Cell):
     def construct(self, x: Tensor) -> Tensor:
         return self.ops_impl.rms_norm(x, self.weight, self.eps)
 
+    def add_and_norm(self, x: Tensor, residual: Tensor) -> Tuple[Tensor, Tensor]:
+        """``s = x + residual`` and ``norm(s)`` in one fused op: returns ``(norm(s), s)``."""
+        return self.ops_impl.add_rms_norm(x, residual, self.weight, self.eps)
+
 
 # ---------------------------------------------------------------------------------------------
 # Attention
@@ -313,12 +317,13 @@ class DecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(init, config.hidden_size, config.rms_norm_eps)
 
     def construct(self, x, cos, sin, mask, cache=None, cache_position=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position)
+        h, x = self.post_attention_layernorm.add_and_norm(attn, x)  # x + attn, and its norm, fused
         router_logits = None
         if self.is_sparse:
-            y, router_logits = self.mlp(self.post_attention_layernorm(x))
+            y, router_logits = self.mlp(h)
         else:
-            y = self.mlp(self.post_attention_layernorm(x))
+            y = self.mlp(h)
         return x + y, router_logits
 
 
