@@ -229,7 +229,7 @@ def test_quantize_int8_weights_in_place(cpu_ops):
         np.testing.assert_allclose(ms.jit(toy)(x).asnumpy(), after, rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_linear_uses_the_kernel_only_for_few_rows_of_narrower_weights():
+def test_cpu_linear_uses_the_kernel_only_for_few_rows():
     import mindspore as ms
     from mindspore import Tensor
 
@@ -258,7 +258,7 @@ def test_cpu_linear_uses_the_kernel_only_for_few_rows_of_narrower_weights():
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     finally:
         cpu_ops.kernels = real
-    assert calls == [(1, 3, 24)]  # only the bf16 weight with few rows took the kernel
+    assert calls == [(1, 3, 24), (1, 3, 24)]  # few rows take the kernel (bf16 and fp32 weights), 40 rows do not
 
 
 def test_cpu_attention_uses_the_kernel_only_for_few_query_tokens():

@@ -147,4 +147,27 @@ inline bool is_float(DType t) { return t == F32 || t == F16 || t == BF16; }
 // Threads only pay off above a few tens of thousands of elements (a parallel region costs ~1-2 us).
 inline bool worth_threads(int64_t work) { return work >= (1 << 15); }
 
+#if QK_SIMD
+// exp of 8 floats: range reduction x = n ln2 + r (ln2 split in two constants for exactness) and a
+// degree-6 polynomial for e^r (the Cephes expf coefficients); relative error ~2e-7 against std::exp.
+// Inputs are clamped to [-87.3, 88.7], so overflow gives ~1.7e38 rather than inf, and large
+// negative inputs give ~1e-38 rather than 0: callers divide by (1 + e^-x) and see no difference.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
 }  // namespace qk

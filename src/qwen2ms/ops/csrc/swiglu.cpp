@@ -17,7 +17,16 @@ QK_KERNEL(SwiGLU) {
     const float *gf = static_cast<const float *>(g), *uf = static_cast<const float *>(u);
     float *yf = static_cast<float *>(y);
     parallel_for(n, 1 << 13, worth_threads(n), [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) yf[i] = gf[i] / (1.0f + std::exp(-gf[i])) * uf[i];
+      int64_t i = b;
+#if QK_SIMD
+      const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+      for (; i + 8 <= e; i += 8) {
+        const __m256 a = _mm256_loadu_ps(gf + i);
+        const __m256 sig = _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, a)));
+        _mm256_storeu_ps(yf + i, _mm256_mul_ps(_mm256_div_ps(a, sig), _mm256_loadu_ps(uf + i)));
+      }
+#endif
+      for (; i < e; ++i) yf[i] = gf[i] / (1.0f + std::exp(-gf[i])) * uf[i];
     });
     return 0;
   }
