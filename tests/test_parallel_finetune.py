@@ -87,7 +87,7 @@ def test_worker_count_that_does_not_match_the_layout_is_refused(tmp_path, monkey
 
 @pytest.mark.parametrize("parallel,words", [
     ({"data_parallel": 1, "pipeline_stage": 2, "micro_batch_num": 2},
-     r"pipeline_stage=2: the Trainer does not run pipeline stages.*data_parallel, model_parallel, use_seq_parallel"),
+     r"pipeline_stage=2 with training.precision fp16: the pipeline step has no loss scaling; set precision: fp32"),
     ({"data_parallel": 2, "optimizer_shard": True}, r"optimizer_shard .*Set optimizer_shard: false"),
     ({"model_parallel": 2, "use_seq_parallel": True}, r"pad_to_multiple_of to a multiple of 2 \(it is 3\)"),
 ])
@@ -96,6 +96,8 @@ def test_layouts_the_trainer_does_not_drive_are_refused_before_launch(tmp_path, 
     path = _config(tmp_path, "bad", parallel)
     data = yaml.safe_load(path.read_text())
     data["data"]["pad_to_multiple_of"] = 3
+    data["training"]["precision"] = "fp16"
+    data["model"]["dtype"] = "float16"
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(RunConfigError, match=words):
         run_finetune(path)
@@ -114,13 +116,26 @@ def test_generate_with_a_layout_outside_msrun_is_refused(tmp_path, monkeypatch, 
         main(["generate", "--config", str(_predict_config(tmp_path, "p", parallel)), "--prompt", "hi"])
 
 
-def test_trainer_refuses_a_pipeline_layout():
+def test_trainer_layout_check_accepts_pipeline_stages():
     from qwen2ms.parallel import ParallelConfig
     from qwen2ms.training.trainer import check_parallel_layout
 
-    with pytest.raises(ValueError, match="parallel.pipeline_stage=2"):
-        check_parallel_layout(ParallelConfig(pipeline_stage=2, micro_batch_num=2))
+    check_parallel_layout(ParallelConfig(pipeline_stage=2, micro_batch_num=2))
+    check_parallel_layout(ParallelConfig(data_parallel=2, pipeline_stage=2, micro_batch_num=4))
     check_parallel_layout(ParallelConfig(data_parallel=2, model_parallel=2, use_seq_parallel=True))
+
+
+def test_pad_rows_adds_ignored_copies_up_to_the_micro_batch_multiple():
+    from qwen2ms.training.trainer import _pad_rows
+
+    batch = {"input_ids": np.arange(6).reshape(3, 2), "labels": np.arange(6).reshape(3, 2) + 10,
+             "attention_mask": np.ones((3, 2), np.int64)}
+    out = _pad_rows(batch, 2)
+    np.testing.assert_array_equal(out["input_ids"], [[0, 1], [2, 3], [4, 5], [0, 1]])
+    np.testing.assert_array_equal(out["labels"], [[10, 11], [12, 13], [14, 15], [-100, -100]])
+    assert out["attention_mask"].shape == (4, 2)
+    assert _pad_rows(batch, 3) is batch
+    assert _pad_rows(batch, 1) is batch
 
 
 # ----------------------------------------------------------------------------------- the parallel path, one process
@@ -194,9 +209,35 @@ def _logs(folder: Path):
     return {r["step"]: r for r in rows if "loss" in r}, {r["step"]: r for r in rows if "eval_loss" in r}
 
 
+def _launch_with_retry(tmp_path_factory, name, launch):
+    """Run ``launch(folder)``; retry once in a fresh folder only when the cluster never formed (the machine, not the code)."""
+    from qwen2ms.parallel.launch import MsrunError
+
+    out = tmp_path_factory.mktemp(name)
+    try:
+        launch(out)
+    except MsrunError as first:
+        if any("initialised" in p.read_text(errors="replace") for p in (out / "logs").glob("worker_*.log")):
+            raise
+        out = tmp_path_factory.mktemp(f"{name}_retry")
+        try:
+            launch(out)
+        except MsrunError as second:
+            raise MsrunError(f"{first}\n=== retry ===\n{second}") from second
+    return out
+
+
 @pytest.fixture(scope="module")
-def msrun_runs(tmp_path_factory):
-    from qwen2ms.parallel.launch import MsrunError, run_msrun
+def reference_run(tmp_path_factory):
+    """One process training on the combined batches (4 samples per step) for 6 steps."""
+    ref = tmp_path_factory.mktemp("finetune_reference")
+    run_finetune(_config(ref, "single", {}, per_device_train_batch_size=4))
+    return ref / "single"
+
+
+@pytest.fixture(scope="module")
+def msrun_runs(tmp_path_factory, reference_run):
+    from qwen2ms.parallel.launch import run_msrun
 
     def launch(out):
         _config(out, "dp2", {"data_parallel": 2}, per_device_train_batch_size=1, gradient_accumulation_steps=2)
@@ -205,21 +246,22 @@ def msrun_runs(tmp_path_factory):
         run_msrun(WORKERS / "finetune_layouts.py", [str(out), PROMPT], worker_num=2, log_dir=out / "logs",
                   timeout=900, cwd=str(out))
 
-    out = tmp_path_factory.mktemp("finetune_msrun")
-    try:
-        launch(out)
-    except MsrunError as first:
-        # Retry only when the cluster never formed (no worker finished a run): the machine, not the code.
-        if any("initialised" in p.read_text(errors="replace") for p in (out / "logs").glob("worker_*.log")):
-            raise
-        out = tmp_path_factory.mktemp("finetune_msrun_retry")
-        try:
-            launch(out)
-        except MsrunError as second:
-            raise MsrunError(f"{first}\n=== retry ===\n{second}") from second
-    ref = tmp_path_factory.mktemp("finetune_reference")
-    run_finetune(_config(ref, "single", {}, per_device_train_batch_size=4))
-    return out, ref / "single"
+    return _launch_with_retry(tmp_path_factory, "finetune_msrun", launch), reference_run
+
+
+@pytest.fixture(scope="module")
+def msrun_pipeline_runs(tmp_path_factory, reference_run):
+    from qwen2ms.parallel.launch import run_msrun
+
+    def launch(out):
+        # 2 rows per loader batch, 2 of them per step (4 samples, as the reference); each batch goes through the
+        # pipeline as 2 micro-batches of 1 row (the epoch's last step has a 1-row batch: padded with an ignored row)
+        _config(out, "pp2", {"pipeline_stage": 2, "micro_batch_num": 2}, per_device_train_batch_size=2,
+                gradient_accumulation_steps=2)
+        run_msrun(WORKERS / "finetune_pipeline.py", [str(out)], worker_num=2, log_dir=out / "logs",
+                  timeout=900, cwd=str(out))
+
+    return _launch_with_retry(tmp_path_factory, "finetune_msrun_pp", launch), reference_run
 
 
 def _check_against_reference(run: Path, ref: Path, layout: dict):
@@ -243,8 +285,12 @@ def _check_against_reference(run: Path, ref: Path, layout: dict):
         np.testing.assert_allclose(got[name].asnumpy(), want[name].asnumpy(), atol=1e-4, rtol=1e-4, err_msg=name)
     # per-rank checkpoints: layout recorded, one shard per rank, each loads into that rank's slice
     ckpt = run / "checkpoint-6"
-    assert json.loads((ckpt / "parallel_config.json").read_text())["model_parallel"] == layout.get("model_parallel", 1)
+    saved_layout = json.loads((ckpt / "parallel_config.json").read_text())
+    for key in ("model_parallel", "pipeline_stage", "data_parallel"):
+        assert saved_layout[key] == layout.get(key, 1), key
     assert json.loads((ckpt / "trainer_state.json").read_text())["state"]["global_step"] == 6
+    if layout.get("pipeline_stage", 1) > 1:
+        return _check_stage_shards(run, ref, ckpt, layout)
     from qwen2ms import Qwen2Config
     from qwen2ms.parallel import ParallelConfig, load_rank_checkpoint
     from qwen2ms.parallel.apply import shard_parameters
@@ -261,6 +307,34 @@ def _check_against_reference(run: Path, ref: Path, layout: dict):
             want_shard = dict(reference.parameters_and_names())
             for name, p in model.parameters_and_names():
                 np.testing.assert_allclose(p.asnumpy(), want_shard[name].asnumpy(), atol=1e-4, rtol=1e-4,
+                                           err_msg=f"{folder.name} rank {r} {name}")
+
+
+def _check_stage_shards(run: Path, ref: Path, ckpt: Path, layout: dict):
+    """Each rank's files hold exactly its stage's parameters (names of the one-device model), equal to the reference."""
+    from mindspore import load_checkpoint
+
+    from qwen2ms import Qwen2Config
+    from qwen2ms.modeling import Qwen2ForCausalLM
+    from qwen2ms.parallel import ParallelConfig
+
+    pc = ParallelConfig(**layout)
+    want = {n: p.asnumpy() for n, p in Qwen2ForCausalLM.from_hf(str(ref / "final")).parameters_and_names()}
+    stages = pc.stage_layers(MODEL["num_hidden_layers"])
+    assert not Qwen2Config(**MODEL).tie_word_embeddings
+    for r in range(pc.world_size):
+        stage = pc.rank_coords(r)[0]
+        names = {n for n in want if ".layers." in n and int(n.split(".")[2]) in stages[stage]}
+        names |= {"model.embed_tokens.weight"} if stage == 0 else set()
+        names |= {"model.norm.weight", "lm_head.weight"} if stage == pc.pipeline_stage - 1 else set()
+        assert (ckpt / f"rank_{r}" / "optimizer.safetensors").is_file()
+        for folder in (ckpt, run / "final"):
+            files = sorted((folder / f"rank_{r}").glob("*.ckpt"))
+            assert len(files) == 1
+            got = {k: v.asnumpy() for k, v in load_checkpoint(str(files[0])).items()}
+            assert set(got) == names, f"{folder.name} rank {r} (stage {stage}) holds the wrong parameters"
+            for name in names:
+                np.testing.assert_allclose(got[name], want[name], atol=1e-4, rtol=1e-4,
                                            err_msg=f"{folder.name} rank {r} {name}")
 
 
@@ -290,3 +364,11 @@ def test_msrun_tensor_parallel_generate_from_a_run_config_equals_one_process(msr
     assert len(want.strip()) > 0
     assert (out / "generate_rank0.txt").read_text(encoding="utf-8") == want
     assert (out / "generate_rank1.txt").read_text(encoding="utf-8") == ""  # only rank 0 prints
+
+
+@pytest.mark.slow
+def test_msrun_pipeline_finetune_with_accumulation_and_resume_equals_one_process(msrun_pipeline_runs):
+    out, ref = msrun_pipeline_runs
+    _check_against_reference(out / "pp2", ref, {"pipeline_stage": 2, "micro_batch_num": 2})
+    lines = (out / "pp2" / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 6 + 3  # rank 0 (stage 0) logged the last stage's loss, once per step and evaluation

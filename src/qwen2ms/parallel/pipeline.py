@@ -22,7 +22,10 @@ Example (msrun with 2 workers)::
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import os
+import tempfile
+from pathlib import Path
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import mindspore as ms
@@ -31,7 +34,7 @@ from mindspore import Tensor, nn, ops
 from .comm import Group, broadcast, new_group, send_recv
 from .config import ParallelConfig, ParallelConfigError
 
-__all__ = ["prune_to_stage", "PipelineCausalLM"]
+__all__ = ["prune_to_stage", "PipelineCausalLM", "merge_stage_checkpoints"]
 
 
 class _PassThrough(nn.Cell):
@@ -128,24 +131,29 @@ class PipelineCausalLM(nn.Cell):
     def _stage_input(self) -> _StageInput:
         return self.head.lm.model.embed_tokens
 
-    def _split(self, input_ids, labels, attention_mask):
+    def _split(self, input_ids, *others):
+        """``input_ids`` and each of ``others`` (None passes through) as ``micro_batch_num`` NumPy row chunks."""
         m = self.parallel_config.micro_batch_num
         ids = np.asarray(input_ids.asnumpy() if isinstance(input_ids, Tensor) else input_ids)
         if ids.ndim != 2 or ids.shape[0] % m:
             raise ValueError(f"the batch ({ids.shape[0] if ids.ndim else '?'} rows) must divide into "
                              f"micro_batch_num={m} micro-batches")
-        lab = None if labels is None else np.asarray(labels.asnumpy() if isinstance(labels, Tensor) else labels)
-        mask = None if attention_mask is None else np.asarray(
-            attention_mask.asnumpy() if isinstance(attention_mask, Tensor) else attention_mask)
-        split = lambda a: [None] * m if a is None else np.split(a, m, 0)  # noqa: E731
-        return split(ids), split(lab), split(mask)
 
-    def _stage_out(self, ids, mask):
-        hidden, _ = self.head.lm.model(ids, mask)
+        def split(a):
+            if a is None:
+                return [None] * m
+            return np.split(np.asarray(a.asnumpy() if isinstance(a, Tensor) else a), m, 0)
+
+        return (split(ids),) + tuple(split(a) for a in others)
+
+    def _stage_out(self, ids, mask, pos=None, seg=None):
+        hidden, _ = self.head.lm.model(ids, mask, pos, seg)
         return hidden
 
     # --------------------------------------------------------------------- schedules
-    def forward_backward(self, input_ids, labels, attention_mask=None) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+    def forward_backward(self, input_ids, labels, attention_mask=None, position_ids=None, segment_ids=None, *,
+                         num_items: Optional[float] = None, sync: bool = True
+                         ) -> Tuple[Tensor, Tuple[Tensor, ...]]:
         """One GPipe step over ``micro_batch_num`` micro-batches of the batch.
 
         Every rank of the pipeline calls it with the same (data-parallel rank's) batch.
@@ -154,16 +162,28 @@ class PipelineCausalLM(nn.Cell):
             input_ids: ``[B, T]`` token ids (``B`` divisible by ``micro_batch_num``).
             labels: ``[B, T]`` (shifted inside, ``-100`` ignored), as for the model.
             attention_mask: optional ``[B, T]``.
+            position_ids: optional ``[B, T]`` (packed rows).
+            segment_ids: optional ``[B, T]`` (packed rows: attention stays inside a segment).
+            num_items: divide the summed token loss by this count instead of the batch's own trained
+                tokens (e.g. the tokens of a whole accumulated optimizer step, or of the global batch).
+            sync: apply ``grad_sync`` (data-parallel mean, tied embedding) to the gradients; False
+                returns this rank's raw gradients (to accumulate several calls and sync once).
 
         Returns:
-            ``(loss, grads)``: the batch's mean token loss (on every stage) and the synchronised
-            gradients of this stage's ``trainable_params()``.
+            ``(loss, grads)``: the summed token loss over ``num_items`` (default: the batch's mean token
+            loss), on every stage, and the gradients of this stage's ``trainable_params()``.
+
+        Example:
+            >>> loss, grads = pm.forward_backward(ids, labels, num_items=n_step_tokens, sync=False)  # doctest: +SKIP
         """
-        ids_mb, lab_mb, mask_mb = self._split(input_ids, labels, attention_mask)
+        ids_mb, lab_mb, mask_mb, pos_mb, seg_mb = self._split(input_ids, labels, attention_mask, position_ids,
+                                                              segment_ids)
         if lab_mb[0] is None:
             raise ValueError("forward_backward needs labels")
         counts = [float((lab[:, 1:] != -100).sum()) for lab in lab_mb]
-        total = max(sum(counts), 1.0)
+        total = max(sum(counts), 1.0) if num_items is None else float(num_items)
+        if total <= 0:
+            raise ValueError(f"num_items must be > 0, got {num_items!r}")
         params = self.trainable_params()
         dtype = self.head.lm.compute_dtype
         received: List[Tensor] = []
@@ -175,7 +195,7 @@ class PipelineCausalLM(nn.Cell):
                 received.append(h)
                 self._stage_input().value = h
             if not self.is_last:
-                out = self._stage_out(ids, mask_mb[i])
+                out = self._stage_out(ids, mask_mb[i], pos_mb[i], seg_mb[i])
                 send_recv(out, 0, 1, self._next)
         # backward, in the same micro-batch order
         grads = None
@@ -183,34 +203,40 @@ class PipelineCausalLM(nn.Cell):
         for i, ids in enumerate(ids_mb):
             shape = self._hidden_shape(*ids.shape)
             weight = counts[i] / total
+            mask, pos, seg = mask_mb[i], pos_mb[i], seg_mb[i]
             if self.is_last:
-                def fn(h, ids=ids, lab=lab_mb[i], mask=mask_mb[i]):
+                def fn(h, ids=ids, lab=lab_mb[i], mask=mask, pos=pos, seg=seg):
                     self._stage_input().value = h
-                    return self.head(ids, mask, labels=lab).loss * weight
+                    return self.head(ids, mask, pos, labels=lab, segment_ids=seg).loss * weight
                 loss_i, (dh, g) = ms.value_and_grad(fn, 0, params)(received[i])
                 loss_sum = loss_sum + loss_i
             else:
                 dout = send_recv(ops.zeros(shape, dtype), 1, 0, self._next)
                 if self.is_first:
-                    def fn0(ids=ids, mask=mask_mb[i], dout=dout):
-                        return (self._stage_out(ids, mask) * dout).sum()
+                    def fn0(ids=ids, mask=mask, pos=pos, seg=seg, dout=dout):
+                        return (self._stage_out(ids, mask, pos, seg) * dout).sum()
                     _, g = ms.value_and_grad(fn0, None, params)()
                     dh = None
                 else:
-                    def fnm(h, ids=ids, mask=mask_mb[i], dout=dout):
+                    def fnm(h, ids=ids, mask=mask, pos=pos, seg=seg, dout=dout):
                         self._stage_input().value = h
-                        return (self._stage_out(ids, mask) * dout).sum()
+                        return (self._stage_out(ids, mask, pos, seg) * dout).sum()
                     _, (dh, g) = ms.value_and_grad(fnm, 0, params)(received[i])
             if not self.is_first:
                 send_recv(dh, 1, 0, self._prev)
             grads = tuple(g) if grads is None else tuple(a + b for a, b in zip(grads, g))
         loss = broadcast(loss_sum, self.num_stages - 1, self.groups.pp)
         self._stage_input_reset()
-        return loss, self.grad_sync(grads)
+        return loss, (self.grad_sync(grads) if sync else grads)
 
-    def evaluate(self, input_ids, labels=None, attention_mask=None) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        """Forward through the pipeline: ``(loss on every stage or None without labels, logits on the last stage)``."""
-        ids_mb, lab_mb, mask_mb = self._split(input_ids, labels, attention_mask)
+    def evaluate(self, input_ids, labels=None, attention_mask=None, position_ids=None, segment_ids=None
+                 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """Forward through the pipeline: ``(loss on every stage or None without labels, logits on the last stage)``.
+
+        The loss is the mean over the batch's trained tokens; the arguments are those of :meth:`forward_backward`.
+        """
+        ids_mb, lab_mb, mask_mb, pos_mb, seg_mb = self._split(input_ids, labels, attention_mask, position_ids,
+                                                              segment_ids)
         dtype = self.head.lm.compute_dtype
         logits, loss_sum, total = [], ops.zeros((), ms.float32), 0.0
         for i, ids in enumerate(ids_mb):
@@ -218,14 +244,14 @@ class PipelineCausalLM(nn.Cell):
                 self._stage_input().value = send_recv(ops.zeros(self._hidden_shape(*ids.shape), dtype), 0, 1,
                                                       self._prev)
             if self.is_last:
-                out = self.head(ids, mask_mb[i], labels=lab_mb[i])
+                out = self.head(ids, mask_mb[i], pos_mb[i], labels=lab_mb[i], segment_ids=seg_mb[i])
                 logits.append(out.logits)
                 if out.loss is not None:
                     n = float((lab_mb[i][:, 1:] != -100).sum())
                     loss_sum = loss_sum + out.loss * n
                     total += n
             else:
-                send_recv(self._stage_out(ids, mask_mb[i]), 0, 1, self._next)
+                send_recv(self._stage_out(ids, mask_mb[i], pos_mb[i], seg_mb[i]), 0, 1, self._next)
         self._stage_input_reset()
         loss = None
         if labels is not None:
@@ -239,3 +265,47 @@ class PipelineCausalLM(nn.Cell):
     def construct(self, *args):
         raise TypeError("a pipeline stage is not called directly: use forward_backward(...) to train or "
                         "evaluate(...) for the loss and logits")
+
+
+def merge_stage_checkpoints(shard_dir: Union[str, os.PathLike], out_ckpt: Union[str, os.PathLike], config,
+                            pc: ParallelConfig) -> Path:
+    """Merge the per-rank shards of a pipeline layout (``rank_<r>/*.ckpt``) into one single-device checkpoint.
+
+    Each stage holds its own parameters (the names of the single-device model): within a stage the
+    ``data_parallel x model_parallel`` ranks are merged like a layout without stages
+    (:func:`qwen2ms.parallel.merge_checkpoints`), then the stages' tensors are put together (a tied
+    embedding, kept by the first and the last stage, is identical on both).
+
+    Args:
+        shard_dir: folder with one ``rank_<r>`` folder per rank (:func:`qwen2ms.parallel.save_rank_checkpoint`).
+        out_ckpt: the merged ``.ckpt`` to write (atomically).
+        config: the model's Qwen2Config.
+        pc: the layout the shards were written with (``pipeline_stage >= 1``).
+
+    Returns:
+        ``out_ckpt``.
+
+    Example:
+        >>> merge_stage_checkpoints("run/final", "merged.ckpt", config, ParallelConfig(pipeline_stage=2))  # doctest: +SKIP
+    """
+    from .strategy import _load_arrays, _only_ckpt, _save_arrays, merge_checkpoints
+
+    shard_dir = Path(shard_dir)
+    per_stage = pc.data_parallel * pc.model_parallel
+    inner = pc.replace(pipeline_stage=1, micro_batch_num=1)
+    merged = {}
+    for stage in range(pc.pipeline_stage):
+        ranks = range(stage * per_stage, (stage + 1) * per_stage)  # rank_coords: the stage index is outermost
+        missing = [r for r in ranks if not (shard_dir / f"rank_{r}").is_dir()]
+        if missing:
+            raise FileNotFoundError(f"missing shard folder(s) {[f'rank_{r}' for r in missing]} under "
+                                    f"{os.fspath(shard_dir)!r} for a layout of {pc.world_size} ranks")
+        if per_stage == 1:
+            merged.update(_load_arrays(_only_ckpt(shard_dir / f"rank_{ranks[0]}")))
+            continue
+        with tempfile.TemporaryDirectory(dir=shard_dir) as tmp:
+            for local, r in enumerate(ranks):
+                os.symlink((shard_dir / f"rank_{r}").resolve(), Path(tmp) / f"rank_{local}")
+            merged.update(_load_arrays(merge_checkpoints(tmp, Path(tmp) / "stage.ckpt", config, inner)))
+    _save_arrays(merged, out_ckpt)
+    return Path(out_ckpt)

@@ -283,9 +283,9 @@ def _launch_layout(run: RunConfig, command: str = "finetune"):
     """The run's multi-device ParallelConfig with communication initialised, or None for a one-device run.
 
     Raises:
-        RunConfigError: the layout asks for what ``command`` cannot run (pipeline stages; for
-            finetune ZeRO-1, for generate sequence parallel), the process was not started by msrun,
-            or msrun started another number of workers.
+        RunConfigError: the layout asks for what ``command`` cannot run (for finetune ZeRO-1 or
+            fp16 pipeline stages, for generate pipeline stages or sequence parallel), the process was
+            not started by msrun, or msrun started another number of workers.
     """
     if not run.parallel:
         return None
@@ -304,6 +304,9 @@ def _launch_layout(run: RunConfig, command: str = "finetune"):
             check_parallel_layout(pc)
         except ValueError as e:
             raise RunConfigError(f"{where}: {e}") from e
+        if pc.pipeline_stage > 1 and run.training.get("precision") == "fp16":
+            raise RunConfigError(f"{where}: pipeline_stage={pc.pipeline_stage} with training.precision fp16: the "
+                                 f"pipeline step has no loss scaling; set precision: fp32 (or pipeline_stage: 1)")
         pad = int(run.data.get("pad_to_multiple_of", 8))
         if pc.use_seq_parallel and mp > 1 and pad % mp:
             raise RunConfigError(f"{where}: use_seq_parallel splits every batch's sequence over model_parallel={mp} "
@@ -374,7 +377,7 @@ def run_finetune(config: Union[str, os.PathLike, RunConfig], **overrides: Any):
     A ``parallel`` section with more than one device needs the job started by ``msrun`` with that
     many workers (:func:`cli_msrun_command` gives the line): every worker then initialises
     communication, builds the model, cuts its shard with :func:`qwen2ms.parallel.parallelize` and
-    trains with the same :class:`Trainer` (data, tensor, sequence and expert parallel).
+    trains with the same :class:`Trainer` (data, tensor, sequence, expert and pipeline parallel).
 
     Args:
         config: a YAML path or a :class:`RunConfig`.

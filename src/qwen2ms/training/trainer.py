@@ -15,13 +15,16 @@ Override points for subclasses (public API):
 Callbacks (:class:`~qwen2ms.training.callbacks.TrainerCallback`) receive on_train_begin, on_step_end,
 on_log, on_save, on_evaluate and on_train_end.
 
-A model built by :func:`qwen2ms.parallel.parallelize` (data, tensor, sequence and expert parallel;
+A model built by :func:`qwen2ms.parallel.parallelize` (data, tensor, sequence, expert and pipeline parallel;
 every process of an ``msrun`` job runs the same Trainer) trains the same way: each data-parallel
 replica reads its rows of the global batch, the loss is normalised by the token count of the whole
 global batch, gradients go through the model's ``grad_sync`` and are clipped with its global
 ``grad_norm``, and checkpoints hold one shard per rank plus, from rank 0, the trainer state (and a
-merged Hugging Face folder for :meth:`Trainer.save_model`). See :func:`check_parallel_layout` for
-what is not driven by the Trainer.
+merged Hugging Face folder for :meth:`Trainer.save_model`). Pipeline stages (a
+:class:`~qwen2ms.parallel.pipeline.PipelineCausalLM`) train through its GPipe ``forward_backward``
+instead of the compiled forward/backward; the gradient sync, global-norm clipping and AdamW update
+after it are still one compiled call. See :func:`check_parallel_layout` for what is not driven by
+the Trainer.
 """
 from __future__ import annotations
 
@@ -252,6 +255,39 @@ class _ParallelTrainStep(_TrainStep):
         return loss, norm, finite
 
 
+class _PipelineUpdate(nn.Cell):
+    """The compiled end of a pipeline-parallel optimizer step: gradient sync, global-norm clip, AdamW.
+
+    The gradients come from :meth:`PipelineCausalLM.forward_backward` accumulated over the step's
+    micro-batches, each the gradient of this replica's summed token loss over the token count of
+    the whole global step; ``grad_sync`` averages over data-parallel replicas, hence the
+    ``data_parallel`` factor (the job's objective is the sum over replicas). The norm adds up the
+    squared norms of every stage's (and tensor shard's) parameters (the model's ``grad_norm``).
+    """
+
+    def __init__(self, model: nn.Cell, optimizer: nn.Cell, max_grad_norm: float) -> None:
+        super().__init__(auto_prefix=False)
+        self.model = model
+        self.optimizer = optimizer
+        self.max_grad_norm = float(max_grad_norm or 0.0)
+        self.dp = float(model.parallel_config.data_parallel)
+
+    def construct(self, grads, lr):
+        grads = self.model.grad_sync(tuple(g * self.dp for g in grads))
+        norm = self.model.grad_norm(grads)
+        finite = ops.isfinite(norm)
+        if self.max_grad_norm > 0:
+            grads = clip_grads_by_norm(grads, norm, self.max_grad_norm)
+        if finite:
+            self.optimizer(grads, lr)
+        return norm, finite
+
+
+def _is_pipeline(model: nn.Cell) -> bool:
+    """Whether ``model`` is one stage of a pipeline layout (trained with ``forward_backward``)."""
+    return hasattr(model, "forward_backward") and getattr(model, "parallel_config", None) is not None
+
+
 def _parallel_layout(model: nn.Cell):
     """The ParallelConfig of a model built by ``qwen2ms.parallel.parallelize``, or None for a one-device model."""
     pc = getattr(model, "parallel_config", None)
@@ -263,30 +299,25 @@ def _parallel_layout(model: nn.Cell):
 def check_parallel_layout(parallel_config: Any) -> None:
     """Refuse the parts of a layout that the Trainer does not drive, naming the config key and what works.
 
-    The Trainer trains data, tensor, sequence and expert parallel layouts (``data_parallel``,
-    ``model_parallel``, ``use_seq_parallel``, ``expert_parallel``, ``vocab_emb_dp``, ``recompute``).
-    Pipeline stages need the GPipe schedule of
-    :meth:`qwen2ms.parallel.pipeline.PipelineCausalLM.forward_backward` and optimizer-state sharding
-    runs outside a compiled step (:func:`qwen2ms.parallel.make_optimizer`): both are for your own loop
-    (see :mod:`qwen2ms.parallel.launch`).
+    The Trainer trains data, tensor, sequence, expert and pipeline parallel layouts
+    (``data_parallel``, ``model_parallel``, ``use_seq_parallel``, ``expert_parallel``,
+    ``pipeline_stage`` with ``micro_batch_num``, ``vocab_emb_dp``, ``recompute``). Optimizer-state
+    sharding runs outside a compiled step (:func:`qwen2ms.parallel.make_optimizer`): it is for your
+    own loop (see :mod:`qwen2ms.parallel.launch`).
 
     Args:
         parallel_config: a :class:`qwen2ms.parallel.ParallelConfig`.
 
     Raises:
-        ValueError: ``pipeline_stage > 1``, or ``optimizer_shard`` with ``data_parallel > 1``.
+        ValueError: ``optimizer_shard`` with ``data_parallel > 1``.
 
     Example:
         >>> from qwen2ms.parallel import ParallelConfig
-        >>> check_parallel_layout(ParallelConfig(data_parallel=2, model_parallel=2))
+        >>> check_parallel_layout(ParallelConfig(data_parallel=2, pipeline_stage=2, micro_batch_num=2))
     """
     pc = parallel_config
-    works = ("the Trainer trains data, tensor, sequence and expert parallel layouts (data_parallel, model_parallel, "
-             "use_seq_parallel, expert_parallel)")
-    if pc.pipeline_stage > 1:
-        raise ValueError(f"parallel.pipeline_stage={pc.pipeline_stage}: the Trainer does not run pipeline stages; "
-                         f"{works}. Set pipeline_stage: 1 (e.g. move the degree to model_parallel or data_parallel), "
-                         f"or drive PipelineCausalLM.forward_backward in your own loop (qwen2ms.parallel.launch).")
+    works = ("the Trainer trains data, tensor, sequence, expert and pipeline parallel layouts (data_parallel, "
+             "model_parallel, use_seq_parallel, expert_parallel, pipeline_stage)")
     if pc.optimizer_shard and pc.data_parallel > 1:
         raise ValueError("parallel.optimizer_shard (enable_parallel_optimizer) is true: the Trainer's AdamW runs inside "
                          f"its compiled step and keeps the state of all of its rank's parameters; {works}. Set optimizer_shard: "
@@ -331,6 +362,25 @@ def _count_input_tokens(batch: Dict[str, np.ndarray]) -> int:
     return int(np.asarray(batch["input_ids"]).size)
 
 
+def _pad_rows(batch: Dict[str, np.ndarray], multiple: int) -> Dict[str, np.ndarray]:
+    """The batch with rows added up to a multiple of ``multiple``: copies of the first row, every label ignored.
+
+    They add nothing to the loss or its gradients; pipeline micro-batches need equal row counts.
+    """
+    rows = int(np.asarray(batch["input_ids"]).shape[0])
+    extra = -rows % multiple
+    if not extra:
+        return batch
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        filler = np.repeat(v[:1], extra, axis=0)
+        if k == "labels":
+            filler = np.full_like(filler, IGNORE_INDEX)
+        out[k] = np.concatenate([v, filler], axis=0)
+    return out
+
+
 class Trainer:
     """Supervised fine-tuning of a qwen2ms model (full or LoRA) with a compiled train step.
 
@@ -354,6 +404,9 @@ class Trainer:
     replica: the loader draws global batches of ``per_device_train_batch_size * data_parallel`` in the
     order a single process would, and each replica trains on its rows. Only rank 0 writes
     ``log.jsonl``, shows progress and writes the trainer state; LoRA is not combined with a layout.
+    A pipeline stage (``pipeline_stage > 1``) runs each micro-batch of the loader through
+    ``forward_backward`` in ``micro_batch_num`` pipeline micro-batches (rows padded to a multiple of
+    it with ignored rows), so :meth:`compute_loss` is not used there; it trains in fp32.
 
     Example:
         >>> args = TrainingArguments("runs/demo", learning_rate=1e-3, max_steps=50, logging_steps=10)
@@ -375,8 +428,12 @@ class Trainer:
         self.optimizer, self.lr_scheduler = optimizers
         self.state = TrainerState()
         self.parallel_config = _parallel_layout(model)
+        self._pipeline = self.parallel_config is not None and _is_pipeline(model)
         if self.parallel_config is not None:
             check_parallel_layout(self.parallel_config)
+            if self._pipeline and args.precision == "fp16":
+                raise ValueError("precision='fp16' with pipeline_stage > 1: the pipeline step has no loss scaling; "
+                                 "train pipeline layouts with precision='fp32' (or set pipeline_stage: 1 for fp16)")
             if args.lora_r > 0:
                 raise ValueError("lora_r > 0 with a parallelized model: LoRA adapters are not sharded by the parallel "
                                  "plans; train LoRA on one device (parallel degrees 1) or fully fine-tune with the layout")
@@ -409,6 +466,8 @@ class Trainer:
         self._last_grad_norm = 0.0
         self._last_finite = True
         self._micro_position = (True, True)
+        self._pipeline_update: Optional[_PipelineUpdate] = None
+        self._pipeline_grads: Optional[Tuple[Tensor, ...]] = None
 
     # ------------------------------------------------------------------ set-up helpers
     def is_world_process_zero(self) -> bool:
@@ -557,6 +616,8 @@ class Trainer:
             The micro-batch's loss contribution (the step loss is their sum).
         """
         first, last = self._micro_position
+        if self._pipeline:
+            return self._pipeline_step(self._replica_rows(inputs), num_items_in_batch, first, last)
         if self.parallel_config is not None:
             inputs = self._replica_rows(inputs)
         # mutable(): a plain dict argument is a compile-time constant (a recompile per batch).
@@ -565,6 +626,29 @@ class Trainer:
         n = Tensor(float(max(1, num_items_in_batch)), ms.float32)
         loss, norm, finite = self._compiled_step(tensors, n, lr, first, last)
         if last:
+            self._last_grad_norm = float(norm.asnumpy())
+            self._last_finite = bool(finite.asnumpy())
+        return float(loss.asnumpy())
+
+    def _pipeline_step(self, inputs: Dict[str, np.ndarray], num_items_in_batch: int, first: bool, last: bool
+                       ) -> float:
+        """One micro-batch through the GPipe schedule; on the step's last, the compiled sync/clip/update."""
+        from ..parallel.comm import all_reduce
+
+        batch = _pad_rows(inputs, self.parallel_config.micro_batch_num)
+        loss, grads = self.model.forward_backward(
+            batch["input_ids"], batch["labels"], batch.get("attention_mask"), batch.get("position_ids"),
+            batch.get("segment_ids"), num_items=float(max(1, num_items_in_batch)), sync=False)
+        grads = tuple(g.astype(ms.float32) for g in grads)
+        if not first and self._pipeline_grads is not None:
+            grads = tuple(a + g for a, g in zip(self._pipeline_grads, grads))
+        self._pipeline_grads = grads
+        if self.model.groups.dp.size > 1:
+            loss = all_reduce(loss, "sum", self.model.groups.dp)  # every replica's share of the global loss
+        if last:
+            lr = Tensor(self.lr_scheduler.get_last_lr(), ms.float32)
+            norm, finite = self._compiled_update(grads, lr)
+            self._pipeline_grads = None
             self._last_grad_norm = float(norm.asnumpy())
             self._last_finite = bool(finite.asnumpy())
         return float(loss.asnumpy())
@@ -614,6 +698,11 @@ class Trainer:
         if self.args.precision == "fp16" and self._loss_scale is None:
             a = self.args
             self._loss_scale = DynamicLossScale(a.loss_scale_init, a.loss_scale_factor, a.loss_scale_window)
+        if self._pipeline:
+            if self._pipeline_update is None:
+                self._pipeline_update = _PipelineUpdate(self.model, self.optimizer, self.args.max_grad_norm or 0.0)
+                self._compiled_update = ms.jit(self._pipeline_update.construct)
+            return
         if self._train_step is None:
             params = list(getattr(self.optimizer, "params", self._trainable()))
             step_cls = _TrainStep if self.parallel_config is None else _ParallelTrainStep
@@ -779,6 +868,8 @@ class Trainer:
             ``{"eval_loss", "eval_tokens"}``; also logged and passed to ``on_evaluate``.
         """
         dl = self.get_eval_dataloader(eval_dataset)
+        if self._pipeline:
+            return self._record_eval(*self._evaluate_pipeline(dl))
         if self._eval_step is None:
             self._eval_step = _EvalStep(self, self.model)
             self._compiled_eval = ms.jit(self._eval_step.construct)
@@ -795,6 +886,27 @@ class Trainer:
                 tokens += n
         finally:
             self.model.set_train(True)
+        return self._record_eval(total, tokens)
+
+    def _evaluate_pipeline(self, dl: SFTDataLoader) -> Tuple[float, int]:
+        """Summed token loss and token count over the loader, through the pipeline (every replica: all batches)."""
+        self.model.set_train(False)
+        total, tokens = 0.0, 0
+        try:
+            for batch in dl.iter_epoch(0):
+                n = _count_targets(batch)
+                if n == 0:
+                    continue
+                batch = _pad_rows(batch, self.parallel_config.micro_batch_num)
+                loss, _ = self.model.evaluate(batch["input_ids"], batch["labels"], batch.get("attention_mask"),
+                                              batch.get("position_ids"), batch.get("segment_ids"))
+                total += float(loss.asnumpy()) * n
+                tokens += n
+        finally:
+            self.model.set_train(True)
+        return total, tokens
+
+    def _record_eval(self, total: float, tokens: int) -> Dict[str, float]:
         metrics = {"eval_loss": total / max(tokens, 1), "eval_tokens": float(tokens)}
         self.state.last_eval_loss = metrics["eval_loss"]
         self.log(dict(metrics))
@@ -932,14 +1044,16 @@ class Trainer:
         import tempfile
 
         from ..modeling.model import Qwen2ForCausalLM
+        from ..parallel.pipeline import merge_stage_checkpoints
         from ..parallel.strategy import merge_checkpoints, save_rank_checkpoint
 
         save_rank_checkpoint(self.model, out)
         self._barrier()
         if self.is_world_process_zero():
-            lm = self.model.lm
+            lm = self.model.head.lm if self._pipeline else self.model.lm
+            merge = merge_stage_checkpoints if self._pipeline else merge_checkpoints
             with tempfile.TemporaryDirectory(dir=out) as tmp:
-                merged = merge_checkpoints(out, Path(tmp) / "merged.ckpt", self.model.config, self.parallel_config)
+                merged = merge(out, Path(tmp) / "merged.ckpt", self.model.config, self.parallel_config)
                 full = Qwen2ForCausalLM.from_checkpoint(merged, self.model.config, dtype=lm.storage_dtype)
             full.generation_config_dict = lm.generation_config_dict
             full.save_pretrained(out)
