@@ -42,16 +42,32 @@ QK_KERNEL(Attention) {
       for (int64_t d = 0; d < D; ++d) q[d] = load(params[0], qt, r * D + d);
       float mx = kMaskValue;
       for (int64_t s = 0; s < S; ++s) {
+        if (!mrow[s]) {  // masked slots (e.g. the cache's unwritten tail) cost no dot product
+          p[s] = kMaskValue;
+          continue;
+        }
         float dot = 0.f;
         const float *kr = kb + s * D;
 #pragma omp simd reduction(+ : dot)
         for (int64_t d = 0; d < D; ++d) dot += q[d] * kr[d];
         // The reference multiplies in the query dtype before the fp32 softmax.
-        p[s] = mrow[s] ? round_to(qt, round_to(qt, dot) * scale) : kMaskValue;
+        p[s] = round_to(qt, round_to(qt, dot) * scale);
         mx = p[s] > mx ? p[s] : mx;
       }
       double sum = 0.0;
-      for (int64_t s = 0; s < S; ++s) {
+      int64_t s = 0;
+#if QK_SIMD
+      // exp8 below its clamp would give ~1e-38 where std::exp underflows towards 0: those entries
+      // (masked slots among them) are set to exactly 0, as the reference's softmax gives them.
+      const __m256 vmx = _mm256_set1_ps(mx), floor = _mm256_set1_ps(-87.3f);
+      for (; s + 8 <= S; s += 8) {
+        const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(p.data() + s), vmx);
+        const __m256 e = _mm256_and_ps(exp8(x), _mm256_cmp_ps(x, floor, _CMP_GE_OQ));
+        _mm256_storeu_ps(p.data() + s, e);
+        for (int j = 0; j < 8; ++j) sum += p[s + j];
+      }
+#endif
+      for (; s < S; ++s) {
         p[s] = std::exp(p[s] - mx);
         sum += p[s];
       }
