@@ -114,21 +114,26 @@ inline void dot_block(const void *w, int64_t n, const XView &xs, const Epilogue 
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < MB; ++m) t[r][m] = vzero();
     const int64_t kend = k + gsteps * KS;
-    for (; k < kend; k += KS) {
-      if ((k * wbytes<WT>()) % 64 == 0)  // once per cache line
-        for (int r = 0; r < R; ++r)
-          _mm_prefetch(wb + ((n + r) * K + k) * wbytes<WT>() + kPrefetchBytes, _MM_HINT_T0);
+    auto step = [&](int64_t kk) {
       VF x0[MB], x1[MB];
       for (int m = 0; m < MB; ++m) {
-        x0[m] = vload(xs.xv + m * xs.ld + k);
-        x1[m] = vload(xs.xv + m * xs.ld + k + VW);
+        x0[m] = vload(xs.xv + m * xs.ld + kk);
+        x1[m] = vload(xs.xv + m * xs.ld + kk + VW);
       }
       for (int r = 0; r < R; ++r) {
         VF w0, w1;
-        wload<WT>(w, (n + r) * K + k, w0, w1);
+        wload<WT>(w, (n + r) * K + kk, w0, w1);
         for (int m = 0; m < MB; ++m) t[r][m] = vfma(w1, x1[m], vfma(w0, x0[m], t[r][m]));
       }
+    };
+    // One cache line of each weight row per iteration: one prefetch per line, no branch in the loop.
+    constexpr int64_t LS = 64 / (KS * wbytes<WT>()) > 0 ? 64 / (KS * wbytes<WT>()) : 1;
+    for (; k + LS * KS <= kend; k += LS * KS) {
+      for (int r = 0; r < R; ++r)
+        _mm_prefetch(wb + ((n + r) * K + k) * wbytes<WT>() + kPrefetchBytes, _MM_HINT_T0);
+      for (int64_t j = 0; j < LS; ++j) step(k + j * KS);
     }
+    for (; k < kend; k += KS) step(k);
     if (G > 1) {
       for (int r = 0; r < R; ++r) {
         const VF s = vset1(ep.scale[(n + r) * G + g]);
