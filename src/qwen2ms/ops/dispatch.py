@@ -44,8 +44,9 @@ class ReferenceOps:
     """The reference implementations as one object; fused backends subclass it and override what they fuse.
 
     Every method has the signature of the same-named function in :mod:`qwen2ms.ops.reference`, plus:
-    ``linear``/``embedding`` take an optional ``weight_scale`` (per-output-channel / per-row float32
-    scales of an int8 weight-only matrix) and ``add_rms_norm`` fuses the residual add.
+    ``linear``/``embedding`` take an optional ``weight_scale`` (float32 scales of an int8 weight-only
+    matrix: per output channel ``[out]`` or per group ``[out, G]`` for linear, per row for embedding)
+    and ``add_rms_norm`` fuses the residual add.
 
     Example:
         >>> r = ReferenceOps()
@@ -136,7 +137,7 @@ class CpuOps(ReferenceOps):
     """CPU backend: fused C++ kernels for norms, RoPE, SwiGLU, attention, embedding and linear layers.
 
     Linear layers read fp32/fp16/bf16 weights directly (no cast of the weight per call) and int8
-    weights with per-channel scales, accumulating in fp32; this halves (bf16) or quarters (int8) the
+    weights with per-channel or per-group scales, accumulating in fp32; this halves (bf16) or quarters (int8) the
     bytes read per decoded token compared with fp32 weights. Masks, MoE routing and the loss are the
     reference implementations.
 
