@@ -1,6 +1,7 @@
 """`qwen2ms finetune` / `generate` and the Trainer with a parallel layout: refusals without msrun, the parallel code
-path in one process, and one real 2-process msrun job (DP=2 with accumulation and resume; TP=2 with sequence
-parallel; TP=2 generation) that must equal one process training on the combined batch, step by step."""
+path in one process, and two real 2-process msrun jobs (DP=2 with accumulation and resume; TP=2 with sequence
+parallel; TP=2 generation / PP=2 with accumulation and resume; ZeRO-1 DP=2 with resume) that must equal one
+process training on the combined batch, step by step."""
 import json
 import os
 import sys
@@ -87,8 +88,8 @@ def test_worker_count_that_does_not_match_the_layout_is_refused(tmp_path, monkey
 
 @pytest.mark.parametrize("parallel,words", [
     ({"data_parallel": 1, "pipeline_stage": 2, "micro_batch_num": 2},
-     r"pipeline_stage=2 with training.precision fp16: the pipeline step has no loss scaling; set precision: fp32"),
-    ({"data_parallel": 2, "optimizer_shard": True}, r"optimizer_shard .*Set optimizer_shard: false"),
+     r"pipeline_stage=2 with precision fp16: the pipeline step has no loss scaling; train pipeline layouts with "
+     r"precision: fp32"),
     ({"model_parallel": 2, "use_seq_parallel": True}, r"pad_to_multiple_of to a multiple of 2 \(it is 3\)"),
 ])
 def test_layouts_the_trainer_does_not_drive_are_refused_before_launch(tmp_path, monkeypatch, parallel, words):
@@ -116,13 +117,54 @@ def test_generate_with_a_layout_outside_msrun_is_refused(tmp_path, monkeypatch, 
         main(["generate", "--config", str(_predict_config(tmp_path, "p", parallel)), "--prompt", "hi"])
 
 
-def test_trainer_layout_check_accepts_pipeline_stages():
+def test_trainer_layout_check_accepts_pipeline_and_zero_and_refuses_fp16_pipelines():
     from qwen2ms.parallel import ParallelConfig
     from qwen2ms.training.trainer import check_parallel_layout
 
     check_parallel_layout(ParallelConfig(pipeline_stage=2, micro_batch_num=2))
-    check_parallel_layout(ParallelConfig(data_parallel=2, pipeline_stage=2, micro_batch_num=4))
-    check_parallel_layout(ParallelConfig(data_parallel=2, model_parallel=2, use_seq_parallel=True))
+    check_parallel_layout(ParallelConfig(data_parallel=2, pipeline_stage=2, micro_batch_num=4, optimizer_shard=True))
+    check_parallel_layout(ParallelConfig(data_parallel=2, model_parallel=2, use_seq_parallel=True), "fp16")
+    with pytest.raises(ValueError, match="pipeline_stage=2 with precision fp16.*precision: fp32"):
+        check_parallel_layout(ParallelConfig(pipeline_stage=2, micro_batch_num=2), "fp16")
+
+
+def test_zero_optimizer_in_a_compiled_step_equals_adamw():
+    """ZeroOptimizer inside ms.jit (one-member groups here; the 2-rank split runs in the msrun test) updates like AdamW."""
+    import mindspore as ms
+    from mindspore import Parameter, Tensor
+
+    from qwen2ms.parallel.comm import single_group
+    from qwen2ms.parallel.optimizer import ZeroOptimizer
+    from qwen2ms.training.optim import AdamW
+
+    rng = np.random.default_rng(0)
+    shapes = [(3, 5), (7,), (2, 2)]
+    init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+
+    def params(dtype):
+        return [Parameter(Tensor(a, dtype), name=f"layer.{i}.weight") for i, a in enumerate(init)]
+
+    mask = [True, False, True]
+    plain = params(ms.float32)
+    ref = AdamW(plain, weight_decay=0.1, decay_mask=mask)
+    for dtype in (ms.float32, ms.float16):
+        sharded = params(dtype)
+        zero = ZeroOptimizer(sharded, lambda ps: AdamW(ps, weight_decay=0.1, decay_mask=mask), single_group(0))
+        assert all(a is b for a, b in zip(zero.params, sharded)) and len(zero.params) == 3
+        assert sorted(zero.state_tensors()) == sorted(
+            ["adamw_step"] + [f"{k}zero_shard.layer.{i}.weight" for i in range(3) for k in ("", "exp_avg.", "exp_avg_sq.")])
+        step = ms.jit(zero.construct)
+        for k in range(3):
+            grads = tuple(Tensor(np.full(s, 0.5 * (k + 1), np.float32) * (i + 1)) for i, s in enumerate(shapes))
+            step(grads, Tensor(1e-2, ms.float32))
+            if dtype == ms.float32:
+                ms.jit(ref.construct)(grads, Tensor(1e-2, ms.float32))
+        # float16 parameters start from rounded values; their float32 slices act as masters
+        tol = 1e-6 if dtype == ms.float32 else 2e-3
+        for a, b, s, a0 in zip(plain, sharded, zero.shards, init):
+            np.testing.assert_array_equal(b.asnumpy(), s.asnumpy().reshape(b.shape).astype(b.asnumpy().dtype))
+            np.testing.assert_allclose(s.asnumpy(), a.asnumpy().reshape(-1), atol=tol, rtol=tol)
+            assert not np.allclose(a.asnumpy(), a0)
 
 
 def test_pad_rows_adds_ignored_copies_up_to_the_micro_batch_multiple():
@@ -251,6 +293,7 @@ def msrun_runs(tmp_path_factory, reference_run):
 
 @pytest.fixture(scope="module")
 def msrun_pipeline_runs(tmp_path_factory, reference_run):
+    """One msrun job: pipeline stages (PP=2), then ZeRO-1 (DP=2 with optimizer_shard); each trains 4 steps, resumes to 6."""
     from qwen2ms.parallel.launch import run_msrun
 
     def launch(out):
@@ -258,7 +301,8 @@ def msrun_pipeline_runs(tmp_path_factory, reference_run):
         # pipeline as 2 micro-batches of 1 row (the epoch's last step has a 1-row batch: padded with an ignored row)
         _config(out, "pp2", {"pipeline_stage": 2, "micro_batch_num": 2}, per_device_train_batch_size=2,
                 gradient_accumulation_steps=2)
-        run_msrun(WORKERS / "finetune_pipeline.py", [str(out)], worker_num=2, log_dir=out / "logs",
+        _config(out, "zero_dp2", {"data_parallel": 2, "optimizer_shard": True}, per_device_train_batch_size=2)
+        run_msrun(WORKERS / "finetune_pp_zero.py", [str(out)], worker_num=2, log_dir=out / "logs",
                   timeout=900, cwd=str(out))
 
     return _launch_with_retry(tmp_path_factory, "finetune_msrun_pp", launch), reference_run
@@ -372,3 +416,24 @@ def test_msrun_pipeline_finetune_with_accumulation_and_resume_equals_one_process
     _check_against_reference(out / "pp2", ref, {"pipeline_stage": 2, "micro_batch_num": 2})
     lines = (out / "pp2" / "log.jsonl").read_text().splitlines()
     assert len(lines) == 6 + 3  # rank 0 (stage 0) logged the last stage's loss, once per step and evaluation
+
+
+@pytest.mark.slow
+def test_msrun_zero1_data_parallel_finetune_and_resume_equals_one_process(msrun_pipeline_runs):
+    from qwen2ms.modeling import Qwen2ForCausalLM
+    from qwen2ms.training.checkpointing import load_tensors
+
+    out, ref = msrun_pipeline_runs
+    _check_against_reference(out / "zero_dp2", ref, {"data_parallel": 2, "optimizer_shard": True})
+    # each rank keeps the float32 slice and the AdamW moments of half of every parameter (zero-padded when odd)
+    want = {n: p.asnumpy() for n, p in Qwen2ForCausalLM.from_hf(str(ref / "final")).parameters_and_names()}
+    for r in range(2):
+        state = load_tensors(out / "zero_dp2" / "checkpoint-6" / f"rank_{r}" / "optimizer.safetensors")
+        assert int(np.asarray(state["adamw_step"]).reshape(-1)[0]) == 6
+        for name, full in want.items():
+            chunk = -(-full.size // 2)
+            flat = np.concatenate([full.reshape(-1), np.zeros(2 * chunk - full.size, np.float32)])
+            for key in (f"exp_avg.zero_shard.{name}", f"exp_avg_sq.zero_shard.{name}"):
+                assert np.asarray(state[key]).shape == (chunk,), key
+            np.testing.assert_allclose(state[f"zero_shard.{name}"], flat[r * chunk:(r + 1) * chunk], atol=1e-4,
+                                       rtol=1e-4, err_msg=f"rank {r} slice of {name}")

@@ -283,8 +283,8 @@ def _launch_layout(run: RunConfig, command: str = "finetune"):
     """The run's multi-device ParallelConfig with communication initialised, or None for a one-device run.
 
     Raises:
-        RunConfigError: the layout asks for what ``command`` cannot run (for finetune ZeRO-1 or
-            fp16 pipeline stages, for generate pipeline stages or sequence parallel), the process was
+        RunConfigError: the layout asks for what ``command`` cannot run (for finetune fp16
+            pipeline stages, for generate pipeline stages or sequence parallel), the process was
             not started by msrun, or msrun started another number of workers.
     """
     if not run.parallel:
@@ -301,12 +301,9 @@ def _launch_layout(run: RunConfig, command: str = "finetune"):
     mp = pc.model_parallel
     if command == "finetune":
         try:
-            check_parallel_layout(pc)
+            check_parallel_layout(pc, str(run.training.get("precision", "fp32")))
         except ValueError as e:
             raise RunConfigError(f"{where}: {e}") from e
-        if pc.pipeline_stage > 1 and run.training.get("precision") == "fp16":
-            raise RunConfigError(f"{where}: pipeline_stage={pc.pipeline_stage} with training.precision fp16: the "
-                                 f"pipeline step has no loss scaling; set precision: fp32 (or pipeline_stage: 1)")
         pad = int(run.data.get("pad_to_multiple_of", 8))
         if pc.use_seq_parallel and mp > 1 and pad % mp:
             raise RunConfigError(f"{where}: use_seq_parallel splits every batch's sequence over model_parallel={mp} "

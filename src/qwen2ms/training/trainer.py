@@ -23,8 +23,9 @@ global batch, gradients go through the model's ``grad_sync`` and are clipped wit
 merged Hugging Face folder for :meth:`Trainer.save_model`). Pipeline stages (a
 :class:`~qwen2ms.parallel.pipeline.PipelineCausalLM`) train through its GPipe ``forward_backward``
 instead of the compiled forward/backward; the gradient sync, global-norm clipping and AdamW update
-after it are still one compiled call. See :func:`check_parallel_layout` for what is not driven by
-the Trainer.
+after it are still one compiled call. With ``optimizer_shard`` the AdamW state is sharded over
+data parallel (:class:`qwen2ms.parallel.optimizer.ZeroOptimizer`, inside the compiled step). See
+:func:`check_parallel_layout` for what is not driven by the Trainer.
 """
 from __future__ import annotations
 
@@ -296,32 +297,30 @@ def _parallel_layout(model: nn.Cell):
     return pc
 
 
-def check_parallel_layout(parallel_config: Any) -> None:
-    """Refuse the parts of a layout that the Trainer does not drive, naming the config key and what works.
+def check_parallel_layout(parallel_config: Any, precision: str = "fp32") -> None:
+    """Refuse the combinations of a layout and a precision that the Trainer does not drive, naming what works.
 
     The Trainer trains data, tensor, sequence, expert and pipeline parallel layouts
     (``data_parallel``, ``model_parallel``, ``use_seq_parallel``, ``expert_parallel``,
-    ``pipeline_stage`` with ``micro_batch_num``, ``vocab_emb_dp``, ``recompute``). Optimizer-state
-    sharding runs outside a compiled step (:func:`qwen2ms.parallel.make_optimizer`): it is for your
-    own loop (see :mod:`qwen2ms.parallel.launch`).
+    ``pipeline_stage`` with ``micro_batch_num``, ``vocab_emb_dp``, ``recompute``) and shards the
+    AdamW state over data parallel with ``optimizer_shard`` (ZeRO-1). Pipeline stages train in
+    fp32 only: their step has no loss scaling.
 
     Args:
         parallel_config: a :class:`qwen2ms.parallel.ParallelConfig`.
+        precision: the run's ``TrainingArguments.precision``.
 
     Raises:
-        ValueError: ``optimizer_shard`` with ``data_parallel > 1``.
+        ValueError: ``pipeline_stage > 1`` with ``precision="fp16"``.
 
     Example:
         >>> from qwen2ms.parallel import ParallelConfig
-        >>> check_parallel_layout(ParallelConfig(data_parallel=2, pipeline_stage=2, micro_batch_num=2))
+        >>> check_parallel_layout(ParallelConfig(data_parallel=2, pipeline_stage=2, micro_batch_num=2, optimizer_shard=True))
     """
     pc = parallel_config
-    works = ("the Trainer trains data, tensor, sequence, expert and pipeline parallel layouts (data_parallel, "
-             "model_parallel, use_seq_parallel, expert_parallel, pipeline_stage)")
-    if pc.optimizer_shard and pc.data_parallel > 1:
-        raise ValueError("parallel.optimizer_shard (enable_parallel_optimizer) is true: the Trainer's AdamW runs inside "
-                         f"its compiled step and keeps the state of all of its rank's parameters; {works}. Set optimizer_shard: "
-                         "false, or use qwen2ms.parallel.make_optimizer in your own loop.")
+    if pc.pipeline_stage > 1 and precision == "fp16":
+        raise ValueError(f"pipeline_stage={pc.pipeline_stage} with precision fp16: the pipeline step has no loss "
+                         f"scaling; train pipeline layouts with precision: fp32 (or set pipeline_stage: 1 for fp16)")
 
 
 class _EvalStep(nn.Cell):
@@ -430,10 +429,7 @@ class Trainer:
         self.parallel_config = _parallel_layout(model)
         self._pipeline = self.parallel_config is not None and _is_pipeline(model)
         if self.parallel_config is not None:
-            check_parallel_layout(self.parallel_config)
-            if self._pipeline and args.precision == "fp16":
-                raise ValueError("precision='fp16' with pipeline_stage > 1: the pipeline step has no loss scaling; "
-                                 "train pipeline layouts with precision='fp32' (or set pipeline_stage: 1 for fp16)")
+            check_parallel_layout(self.parallel_config, args.precision)
             if args.lora_r > 0:
                 raise ValueError("lora_r > 0 with a parallelized model: LoRA adapters are not sharded by the parallel "
                                  "plans; train LoRA on one device (parallel degrees 1) or fully fine-tune with the layout")
@@ -532,17 +528,31 @@ class Trainer:
             raise ValueError("evaluate() needs an eval_dataset (pass it to Trainer or to evaluate())")
         return SFTDataLoader(ds, self.args.per_device_eval_batch_size, self.data_collator, shuffle=False)
 
-    def create_optimizer(self) -> AdamW:
+    def create_optimizer(self) -> nn.Cell:
         """AdamW over the trainable parameters; weight decay skips biases and norms (HF's rule).
+
+        With a parallel layout whose ``optimizer_shard`` is set and ``data_parallel > 1`` the AdamW
+        runs on this rank's slice of every parameter (:class:`qwen2ms.parallel.optimizer.ZeroOptimizer`,
+        ZeRO-1: the moments shrink ``data_parallel`` times; the update is the same).
 
         Returns:
             The optimizer Cell, called inside the compiled step as ``optimizer(grads, lr)``.
         """
         params = self._trainable()
         decay = set(decay_parameter_names([p.name for p in params]))
+        mask = [p.name in decay for p in params]
         a = self.args
-        return AdamW(params, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon, weight_decay=a.weight_decay,
-                     decay_mask=[p.name in decay for p in params])
+
+        def adamw(ps: Sequence[Parameter]) -> AdamW:
+            return AdamW(ps, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon, weight_decay=a.weight_decay,
+                         decay_mask=mask)
+
+        pc = self.parallel_config
+        if pc is not None and pc.optimizer_shard and self.model.groups.dp.size > 1:
+            from ..parallel.optimizer import ZeroOptimizer, shard_groups
+
+            return ZeroOptimizer(params, adamw, shard_groups(self.model))
+        return adamw(params)
 
     def create_scheduler(self, num_training_steps: int) -> LRSchedule:
         """The learning-rate schedule for a run of ``num_training_steps`` optimizer steps."""
