@@ -128,8 +128,60 @@ def test_trainer_layout_check_accepts_pipeline_and_zero_and_refuses_fp16_pipelin
         check_parallel_layout(ParallelConfig(pipeline_stage=2, micro_batch_num=2), "fp16")
 
 
+def test_micro_batch_weights_normalise_by_the_step_token_count():
+    from qwen2ms.parallel.pipeline import micro_batch_weights
+
+    labels = [np.array([[1, 2, 3], [4, -100, 6]]), np.array([[1, -100, -100], [1, 2, 3]])]  # 3 and 2 counted
+    assert micro_batch_weights(labels) == pytest.approx([0.6, 0.4])
+    assert micro_batch_weights(labels, num_items=10) == pytest.approx([0.3, 0.2])
+    assert micro_batch_weights([np.full((1, 4), -100)]) == [0.0]
+    for bad in (0, -3.0, float("nan")):
+        with pytest.raises(ValueError, match="num_items must be a positive token count"):
+            micro_batch_weights(labels, num_items=bad)
+
+
+@pytest.mark.parametrize("layout", [dict(pipeline_stage=2, micro_batch_num=2),
+                                    dict(pipeline_stage=2, micro_batch_num=2, model_parallel=2),
+                                    dict(pipeline_stage=2, micro_batch_num=2, data_parallel=2)])
+def test_merge_stage_checkpoints_rebuilds_the_full_model(tmp_path, layout):
+    """Per-rank files as a pipeline layout's ranks write them (their stage's parameters, tensor-parallel slices)."""
+    import mindspore as ms
+
+    from qwen2ms import Qwen2Config
+    from qwen2ms.modeling import Qwen2ForCausalLM
+    from qwen2ms.parallel import ParallelConfig
+    from qwen2ms.parallel.apply import shard_parameters
+    from qwen2ms.parallel.pipeline import merge_stage_checkpoints
+
+    cfg = Qwen2Config(**dict(MODEL, num_hidden_layers=3))
+    pc = ParallelConfig(**layout)
+    want = {n: p.asnumpy() for n, p in Qwen2ForCausalLM(cfg, seed=5).parameters_and_names()}
+    stages = pc.stage_layers(cfg.num_hidden_layers)
+    for r in range(pc.world_size):
+        stage = pc.rank_coords(r)[0]
+        model = Qwen2ForCausalLM(cfg, seed=5)
+        shard_parameters(model, pc, r)
+        keep = [(n, p) for n, p in model.parameters_and_names()
+                if (".layers." in n and int(n.split(".")[2]) in stages[stage])
+                or (stage == 0 and n == "model.embed_tokens.weight")
+                or (stage == pc.pipeline_stage - 1 and n in ("model.norm.weight", "lm_head.weight"))]
+        (tmp_path / f"rank_{r}").mkdir()
+        ms.save_checkpoint([{"name": n, "data": p.value()} for n, p in keep],
+                           str(tmp_path / f"rank_{r}" / f"qwen2ms{r}.ckpt"))
+    out = merge_stage_checkpoints(tmp_path, tmp_path / "merged.ckpt", cfg, pc)
+    got = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(out)).items()}
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"rank_{r}" for r in range(pc.world_size)]
+                                                                + ["merged.ckpt"])
+    with pytest.raises(FileNotFoundError, match=r"missing shard folder\(s\) \[.*'rank_5'\] under .* layout of 6 ranks"):
+        merge_stage_checkpoints(tmp_path, tmp_path / "again.ckpt", cfg,
+                                ParallelConfig(pipeline_stage=3, micro_batch_num=3, model_parallel=2))
+
+
 def test_zero_optimizer_in_a_compiled_step_equals_adamw():
-    """ZeroOptimizer inside ms.jit (one-member groups here; the 2-rank split runs in the msrun test) updates like AdamW."""
+    """ZeroOptimizer inside ms.jit updates like AdamW (one-member groups here; the msrun test splits over 2 ranks)."""
     import mindspore as ms
     from mindspore import Parameter, Tensor
 
@@ -151,8 +203,8 @@ def test_zero_optimizer_in_a_compiled_step_equals_adamw():
         sharded = params(dtype)
         zero = ZeroOptimizer(sharded, lambda ps: AdamW(ps, weight_decay=0.1, decay_mask=mask), single_group(0))
         assert all(a is b for a, b in zip(zero.params, sharded)) and len(zero.params) == 3
-        assert sorted(zero.state_tensors()) == sorted(
-            ["adamw_step"] + [f"{k}zero_shard.layer.{i}.weight" for i in range(3) for k in ("", "exp_avg.", "exp_avg_sq.")])
+        names = [f"{k}zero_shard.layer.{i}.weight" for i in range(3) for k in ("", "exp_avg.", "exp_avg_sq.")]
+        assert sorted(zero.state_tensors()) == sorted(["adamw_step"] + names)
         step = ms.jit(zero.construct)
         for k in range(3):
             grads = tuple(Tensor(np.full(s, 0.5 * (k + 1), np.float32) * (i + 1)) for i, s in enumerate(shapes))
@@ -252,7 +304,7 @@ def _logs(folder: Path):
 
 
 def _launch_with_retry(tmp_path_factory, name, launch):
-    """Run ``launch(folder)``; retry once in a fresh folder only when the cluster never formed (the machine, not the code)."""
+    """Run ``launch(folder)``; retry once in a fresh folder only if the cluster never formed (the machine)."""
     from qwen2ms.parallel.launch import MsrunError
 
     out = tmp_path_factory.mktemp(name)
@@ -293,7 +345,7 @@ def msrun_runs(tmp_path_factory, reference_run):
 
 @pytest.fixture(scope="module")
 def msrun_pipeline_runs(tmp_path_factory, reference_run):
-    """One msrun job: pipeline stages (PP=2), then ZeRO-1 (DP=2 with optimizer_shard); each trains 4 steps, resumes to 6."""
+    """One msrun job: pipeline stages (PP=2), then ZeRO-1 (DP=2, optimizer_shard); each trains 4 steps, resumes to 6."""
     from qwen2ms.parallel.launch import run_msrun
 
     def launch(out):

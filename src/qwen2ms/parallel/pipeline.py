@@ -34,7 +34,34 @@ from mindspore import Tensor, nn, ops
 from .comm import Group, broadcast, new_group, send_recv
 from .config import ParallelConfig, ParallelConfigError
 
-__all__ = ["prune_to_stage", "PipelineCausalLM", "merge_stage_checkpoints"]
+__all__ = ["prune_to_stage", "PipelineCausalLM", "merge_stage_checkpoints", "micro_batch_weights"]
+
+
+def micro_batch_weights(labels: List[np.ndarray], num_items: Optional[float] = None) -> List[float]:
+    """Per micro-batch, the factor of its mean token loss in the step loss: its trained tokens / ``num_items``.
+
+    Args:
+        labels: each micro-batch's ``[b, T]`` labels (shifted inside: position 0 never counts; -100 ignored).
+        num_items: the step's token count (default: the micro-batches' own total, i.e. the batch mean).
+
+    Returns:
+        The factors; their weighted sum of micro-batch means is the summed token loss over ``num_items``.
+
+    Raises:
+        ValueError: ``num_items`` is not positive.
+
+    Example:
+        >>> micro_batch_weights([np.array([[5, 6, 7]]), np.array([[5, -100, 7]])])
+        [0.6666666666666666, 0.3333333333333333]
+    """
+    counts = [float((np.asarray(lab)[:, 1:] != -100).sum()) for lab in labels]
+    if num_items is None:
+        total = max(sum(counts), 1.0)
+    else:
+        total = float(num_items)
+        if not total > 0:
+            raise ValueError(f"num_items must be a positive token count, got {num_items!r}")
+    return [c / total for c in counts]
 
 
 class _PassThrough(nn.Cell):
@@ -180,10 +207,7 @@ class PipelineCausalLM(nn.Cell):
                                                               segment_ids)
         if lab_mb[0] is None:
             raise ValueError("forward_backward needs labels")
-        counts = [float((lab[:, 1:] != -100).sum()) for lab in lab_mb]
-        total = max(sum(counts), 1.0) if num_items is None else float(num_items)
-        if total <= 0:
-            raise ValueError(f"num_items must be > 0, got {num_items!r}")
+        weights = micro_batch_weights(lab_mb, num_items)
         params = self.trainable_params()
         dtype = self.head.lm.compute_dtype
         received: List[Tensor] = []
@@ -202,7 +226,7 @@ class PipelineCausalLM(nn.Cell):
         loss_sum = ops.zeros((), ms.float32)
         for i, ids in enumerate(ids_mb):
             shape = self._hidden_shape(*ids.shape)
-            weight = counts[i] / total
+            weight = weights[i]
             mask, pos, seg = mask_mb[i], pos_mb[i], seg_mb[i]
             if self.is_last:
                 def fn(h, ids=ids, lab=lab_mb[i], mask=mask, pos=pos, seg=seg):
@@ -286,20 +310,21 @@ def merge_stage_checkpoints(shard_dir: Union[str, os.PathLike], out_ckpt: Union[
         ``out_ckpt``.
 
     Example:
-        >>> merge_stage_checkpoints("run/final", "merged.ckpt", config, ParallelConfig(pipeline_stage=2))  # doctest: +SKIP
+        >>> pc = ParallelConfig(pipeline_stage=2, micro_batch_num=2)
+        >>> merge_stage_checkpoints("run/final", "merged.ckpt", config, pc)  # doctest: +SKIP
     """
     from .strategy import _load_arrays, _only_ckpt, _save_arrays, merge_checkpoints
 
     shard_dir = Path(shard_dir)
     per_stage = pc.data_parallel * pc.model_parallel
     inner = pc.replace(pipeline_stage=1, micro_batch_num=1)
+    missing = [r for r in range(pc.world_size) if not (shard_dir / f"rank_{r}").is_dir()]
+    if missing:
+        raise FileNotFoundError(f"missing shard folder(s) {[f'rank_{r}' for r in missing]} under "
+                                f"{os.fspath(shard_dir)!r} for a layout of {pc.world_size} ranks")
     merged = {}
     for stage in range(pc.pipeline_stage):
         ranks = range(stage * per_stage, (stage + 1) * per_stage)  # rank_coords: the stage index is outermost
-        missing = [r for r in ranks if not (shard_dir / f"rank_{r}").is_dir()]
-        if missing:
-            raise FileNotFoundError(f"missing shard folder(s) {[f'rank_{r}' for r in missing]} under "
-                                    f"{os.fspath(shard_dir)!r} for a layout of {pc.world_size} ranks")
         if per_stage == 1:
             merged.update(_load_arrays(_only_ckpt(shard_dir / f"rank_{ranks[0]}")))
             continue

@@ -315,7 +315,7 @@ def check_parallel_layout(parallel_config: Any, precision: str = "fp32") -> None
 
     Example:
         >>> from qwen2ms.parallel import ParallelConfig
-        >>> check_parallel_layout(ParallelConfig(data_parallel=2, pipeline_stage=2, micro_batch_num=2, optimizer_shard=True))
+        >>> check_parallel_layout(ParallelConfig(data_parallel=2, pipeline_stage=2, micro_batch_num=2), "fp32")
     """
     pc = parallel_config
     if pc.pipeline_stage > 1 and precision == "fp16":
