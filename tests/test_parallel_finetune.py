@@ -1,7 +1,7 @@
 """`qwen2ms finetune` / `generate` and the Trainer with a parallel layout: refusals without msrun, the parallel code
 path in one process, and two real 2-process msrun jobs (DP=2 with accumulation and resume; TP=2 with sequence
-parallel; TP=2 generation / PP=2 with accumulation and resume; ZeRO-1 DP=2 with resume) that must equal one
-process training on the combined batch, step by step."""
+parallel; TP=2 generation / PP=2 with accumulation and resume; ZeRO-1 DP=2 with resume; PP=2 in fp16) that must
+equal one process training on the combined batch, step by step."""
 import json
 import os
 import sys
@@ -86,19 +86,17 @@ def test_worker_count_that_does_not_match_the_layout_is_refused(tmp_path, monkey
         run_finetune(path)
 
 
-@pytest.mark.parametrize("parallel,words", [
-    ({"data_parallel": 1, "pipeline_stage": 2, "micro_batch_num": 2},
-     r"pipeline_stage=2 with precision fp16: the pipeline step has no loss scaling; train pipeline layouts with "
-     r"precision: fp32"),
-    ({"model_parallel": 2, "use_seq_parallel": True}, r"pad_to_multiple_of to a multiple of 2 \(it is 3\)"),
+@pytest.mark.parametrize("parallel,training,words", [
+    ({"data_parallel": 1, "pipeline_stage": 2, "micro_batch_num": 2}, {"lora_r": 4},
+     r"lora_r=4 with a parallel layout \(\{'data_parallel': 1, .*'pipeline_stage': 2.*train LoRA on one device"),
+    ({"model_parallel": 2, "use_seq_parallel": True}, {}, r"pad_to_multiple_of to a multiple of 2 \(it is 3\)"),
 ])
-def test_layouts_the_trainer_does_not_drive_are_refused_before_launch(tmp_path, monkeypatch, parallel, words):
+def test_layouts_the_trainer_does_not_drive_are_refused_before_launch(tmp_path, monkeypatch, parallel, training,
+                                                                      words):
     monkeypatch.delenv("MS_ROLE", raising=False)
-    path = _config(tmp_path, "bad", parallel)
+    path = _config(tmp_path, "bad", parallel, **training)
     data = yaml.safe_load(path.read_text())
     data["data"]["pad_to_multiple_of"] = 3
-    data["training"]["precision"] = "fp16"
-    data["model"]["dtype"] = "float16"
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(RunConfigError, match=words):
         run_finetune(path)
@@ -117,15 +115,15 @@ def test_generate_with_a_layout_outside_msrun_is_refused(tmp_path, monkeypatch, 
         main(["generate", "--config", str(_predict_config(tmp_path, "p", parallel)), "--prompt", "hi"])
 
 
-def test_trainer_layout_check_accepts_pipeline_and_zero_and_refuses_fp16_pipelines():
+def test_trainer_layout_check_accepts_pipeline_and_zero_and_refuses_lora():
     from qwen2ms.parallel import ParallelConfig
     from qwen2ms.training.trainer import check_parallel_layout
 
     check_parallel_layout(ParallelConfig(pipeline_stage=2, micro_batch_num=2))
     check_parallel_layout(ParallelConfig(data_parallel=2, pipeline_stage=2, micro_batch_num=4, optimizer_shard=True))
-    check_parallel_layout(ParallelConfig(data_parallel=2, model_parallel=2, use_seq_parallel=True), "fp16")
-    with pytest.raises(ValueError, match="pipeline_stage=2 with precision fp16.*precision: fp32"):
-        check_parallel_layout(ParallelConfig(pipeline_stage=2, micro_batch_num=2), "fp16")
+    check_parallel_layout(ParallelConfig(data_parallel=2, model_parallel=2, use_seq_parallel=True), lora_r=0)
+    with pytest.raises(ValueError, match="lora_r=8 with a parallel layout.*'pipeline_stage': 2"):
+        check_parallel_layout(ParallelConfig(pipeline_stage=2, micro_batch_num=2), lora_r=8)
 
 
 def test_micro_batch_weights_normalise_by_the_step_token_count():
@@ -274,7 +272,7 @@ def test_parallel_trainer_path_in_one_process_equals_the_plain_trainer(tmp_path)
     assert out.global_step == 3
     for name, p in res.model.parameters_and_names():
         np.testing.assert_allclose(p.asnumpy(), dict(par.model.parameters_and_names())[name].asnumpy(), atol=1e-6)
-    with pytest.raises(ValueError, match="lora_r > 0 with a parallelized model"):
+    with pytest.raises(ValueError, match="lora_r=4 with a parallel layout .*lora_r: 0"):
         _train(parallelize(Qwen2ForCausalLM(cfg, seed=3), ParallelConfig()), tmp_path / "lora", samples, lora_r=4)
 
 
@@ -343,9 +341,21 @@ def msrun_runs(tmp_path_factory, reference_run):
     return _launch_with_retry(tmp_path_factory, "finetune_msrun", launch), reference_run
 
 
+#: fp16 with a loss scale that overflows at first (skipped steps) and grows back every 2 finite steps
+FP16 = {"precision": "fp16", "loss_scale_init": 2.0 ** 20, "loss_scale_window": 2}
+
+
+def _fp16_config(folder: Path, name: str, parallel: dict, **training) -> Path:
+    path = _config(folder, name, parallel, **FP16, **training)
+    data = yaml.safe_load(path.read_text())
+    data["model"]["dtype"] = "float16"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 @pytest.fixture(scope="module")
 def msrun_pipeline_runs(tmp_path_factory, reference_run):
-    """One msrun job: pipeline stages (PP=2), then ZeRO-1 (DP=2, optimizer_shard); each trains 4 steps, resumes to 6."""
+    """One msrun job: PP=2 and ZeRO-1 (DP=2, optimizer_shard), each 4 steps then resumed to 6; PP=2 in fp16, 6 steps."""
     from qwen2ms.parallel.launch import run_msrun
 
     def launch(out):
@@ -354,6 +364,7 @@ def msrun_pipeline_runs(tmp_path_factory, reference_run):
         _config(out, "pp2", {"pipeline_stage": 2, "micro_batch_num": 2}, per_device_train_batch_size=2,
                 gradient_accumulation_steps=2)
         _config(out, "zero_dp2", {"data_parallel": 2, "optimizer_shard": True}, per_device_train_batch_size=2)
+        _fp16_config(out, "pp2_fp16", {"pipeline_stage": 2, "micro_batch_num": 2}, per_device_train_batch_size=4)
         run_msrun(WORKERS / "finetune_pp_zero.py", [str(out)], worker_num=2, log_dir=out / "logs",
                   timeout=900, cwd=str(out))
 
@@ -489,3 +500,37 @@ def test_msrun_zero1_data_parallel_finetune_and_resume_equals_one_process(msrun_
                 assert np.asarray(state[key]).shape == (chunk,), key
             np.testing.assert_allclose(state[f"zero_shard.{name}"], flat[r * chunk:(r + 1) * chunk], atol=1e-4,
                                        rtol=1e-4, err_msg=f"rank {r} slice of {name}")
+
+
+@pytest.mark.slow
+def test_msrun_pipeline_finetune_in_fp16_with_loss_scaling_equals_one_process(msrun_pipeline_runs, tmp_path):
+    """Same overflow skips and loss scales as one process; losses and fp16 weights agree to fp16 rounding."""
+    import math
+
+    from qwen2ms.modeling import Qwen2ForCausalLM
+
+    out, _ = msrun_pipeline_runs
+    ref = tmp_path / "single_fp16"
+    run_finetune(_fp16_config(tmp_path, "single_fp16", {}, per_device_train_batch_size=4))
+    got_train, got_eval = _logs(out / "pp2_fp16")
+    want_train, want_eval = _logs(ref)
+    assert sorted(got_train) == sorted(want_train) == [1, 2, 3, 4, 5, 6]
+    assert sorted(got_eval) == sorted(want_eval) == [2, 4, 6]
+    assert want_train[6]["skipped_steps"] > 0  # the case covers overflowing steps
+    for step, want in want_train.items():
+        got = got_train[step]
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-4), f"loss at step {step}"
+        assert (got["loss_scale"], got["skipped_steps"]) == (want["loss_scale"], want["skipped_steps"]), step
+        want_norm, got_norm = float(want["grad_norm"]), float(got["grad_norm"])  # the log writes inf/nan as text
+        if math.isfinite(want_norm):
+            assert got_norm == pytest.approx(want_norm, rel=1e-3), f"grad norm, step {step}"
+        else:
+            assert not math.isfinite(got_norm), f"step {step} should have overflowed"
+    for step, want in want_eval.items():
+        assert got_eval[step]["eval_loss"] == pytest.approx(want["eval_loss"], abs=1e-4)
+    got = dict(Qwen2ForCausalLM.from_hf(str(out / "pp2_fp16" / "final")).parameters_and_names())
+    want = dict(Qwen2ForCausalLM.from_hf(str(ref / "final")).parameters_and_names())
+    for name in want:
+        assert got[name].dtype == want[name].dtype
+        np.testing.assert_allclose(got[name].asnumpy().astype(np.float32), want[name].asnumpy().astype(np.float32),
+                                   atol=2e-3, err_msg=name)

@@ -283,9 +283,9 @@ def _launch_layout(run: RunConfig, command: str = "finetune"):
     """The run's multi-device ParallelConfig with communication initialised, or None for a one-device run.
 
     Raises:
-        RunConfigError: the layout asks for what ``command`` cannot run (for finetune fp16
-            pipeline stages, for generate pipeline stages or sequence parallel), the process was
-            not started by msrun, or msrun started another number of workers.
+        RunConfigError: the layout asks for what ``command`` cannot run (for finetune LoRA, for
+            generate pipeline stages or sequence parallel), the process was not started by msrun,
+            or msrun started another number of workers.
     """
     if not run.parallel:
         return None
@@ -301,7 +301,7 @@ def _launch_layout(run: RunConfig, command: str = "finetune"):
     mp = pc.model_parallel
     if command == "finetune":
         try:
-            check_parallel_layout(pc, str(run.training.get("precision", "fp32")))
+            check_parallel_layout(pc, int(run.training.get("lora_r") or 0))
         except ValueError as e:
             raise RunConfigError(f"{where}: {e}") from e
         pad = int(run.data.get("pad_to_multiple_of", 8))

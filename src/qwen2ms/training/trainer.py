@@ -22,8 +22,8 @@ global batch, gradients go through the model's ``grad_sync`` and are clipped wit
 ``grad_norm``, and checkpoints hold one shard per rank plus, from rank 0, the trainer state (and a
 merged Hugging Face folder for :meth:`Trainer.save_model`). Pipeline stages (a
 :class:`~qwen2ms.parallel.pipeline.PipelineCausalLM`) train through its GPipe ``forward_backward``
-instead of the compiled forward/backward; the gradient sync, global-norm clipping and AdamW update
-after it are still one compiled call. With ``optimizer_shard`` the AdamW state is sharded over
+instead of the compiled forward/backward; the gradient sync, global-norm clipping, AdamW update and
+fp16 loss-scale update after it are still one compiled call. With ``optimizer_shard`` the AdamW state is sharded over
 data parallel (:class:`qwen2ms.parallel.optimizer.ZeroOptimizer`, inside the compiled step). See
 :func:`check_parallel_layout` for what is not driven by the Trainer.
 """
@@ -257,30 +257,40 @@ class _ParallelTrainStep(_TrainStep):
 
 
 class _PipelineUpdate(nn.Cell):
-    """The compiled end of a pipeline-parallel optimizer step: gradient sync, global-norm clip, AdamW.
+    """The compiled end of a pipeline-parallel optimizer step: unscale, gradient sync, global-norm clip, AdamW.
 
     The gradients come from :meth:`PipelineCausalLM.forward_backward` accumulated over the step's
-    micro-batches, each the gradient of this replica's summed token loss over the token count of
-    the whole global step; ``grad_sync`` averages over data-parallel replicas, hence the
-    ``data_parallel`` factor (the job's objective is the sum over replicas). The norm adds up the
-    squared norms of every stage's (and tensor shard's) parameters (the model's ``grad_norm``).
+    micro-batches, each the gradient of this replica's summed token loss (times the fp16 loss
+    scale) over the token count of the whole global step; ``grad_sync`` averages over
+    data-parallel replicas, hence the ``data_parallel`` factor (the job's objective is the sum over
+    replicas). The norm adds up the squared norms of every stage's (and tensor shard's)
+    parameters (the model's ``grad_norm``), so every rank sees the same norm and the same
+    finite/overflow decision.
     """
 
-    def __init__(self, model: nn.Cell, optimizer: nn.Cell, max_grad_norm: float) -> None:
+    def __init__(self, model: nn.Cell, optimizer: nn.Cell, loss_scale: Optional[DynamicLossScale],
+                 max_grad_norm: float) -> None:
         super().__init__(auto_prefix=False)
         self.model = model
         self.optimizer = optimizer
+        self.use_scale = loss_scale is not None
+        self.loss_scale = loss_scale if loss_scale is not None else DynamicLossScale(1.0, 1, 1)
         self.max_grad_norm = float(max_grad_norm or 0.0)
         self.dp = float(model.parallel_config.data_parallel)
 
     def construct(self, grads, lr):
-        grads = self.model.grad_sync(tuple(g * self.dp for g in grads))
+        factor = ops.ones((), ms.float32) * self.dp
+        if self.use_scale:
+            factor = factor / self.loss_scale.scale
+        grads = self.model.grad_sync(tuple(g * factor for g in grads))
         norm = self.model.grad_norm(grads)
         finite = ops.isfinite(norm)
         if self.max_grad_norm > 0:
             grads = clip_grads_by_norm(grads, norm, self.max_grad_norm)
         if finite:
             self.optimizer(grads, lr)
+        if self.use_scale:
+            self.loss_scale.adjust(finite)
         return norm, finite
 
 
@@ -297,30 +307,30 @@ def _parallel_layout(model: nn.Cell):
     return pc
 
 
-def check_parallel_layout(parallel_config: Any, precision: str = "fp32") -> None:
-    """Refuse the combinations of a layout and a precision that the Trainer does not drive, naming what works.
+def check_parallel_layout(parallel_config: Any, lora_r: int = 0) -> None:
+    """Refuse what the Trainer does not combine with a parallel layout, naming what works.
 
     The Trainer trains data, tensor, sequence, expert and pipeline parallel layouts
     (``data_parallel``, ``model_parallel``, ``use_seq_parallel``, ``expert_parallel``,
-    ``pipeline_stage`` with ``micro_batch_num``, ``vocab_emb_dp``, ``recompute``) and shards the
-    AdamW state over data parallel with ``optimizer_shard`` (ZeRO-1). Pipeline stages train in
-    fp32 only: their step has no loss scaling.
+    ``pipeline_stage`` with ``micro_batch_num``, ``vocab_emb_dp``, ``recompute``), in fp32 or fp16,
+    and shards the AdamW state over data parallel with ``optimizer_shard`` (ZeRO-1). LoRA adapters
+    are not sharded by the parallel plans.
 
     Args:
         parallel_config: a :class:`qwen2ms.parallel.ParallelConfig`.
-        precision: the run's ``TrainingArguments.precision``.
+        lora_r: the run's ``TrainingArguments.lora_r``.
 
     Raises:
-        ValueError: ``pipeline_stage > 1`` with ``precision="fp16"``.
+        ValueError: ``lora_r > 0``.
 
     Example:
         >>> from qwen2ms.parallel import ParallelConfig
-        >>> check_parallel_layout(ParallelConfig(data_parallel=2, pipeline_stage=2, micro_batch_num=2), "fp32")
+        >>> check_parallel_layout(ParallelConfig(data_parallel=2, pipeline_stage=2, micro_batch_num=2))
     """
-    pc = parallel_config
-    if pc.pipeline_stage > 1 and precision == "fp16":
-        raise ValueError(f"pipeline_stage={pc.pipeline_stage} with precision fp16: the pipeline step has no loss "
-                         f"scaling; train pipeline layouts with precision: fp32 (or set pipeline_stage: 1 for fp16)")
+    if lora_r > 0:
+        raise ValueError(f"lora_r={lora_r} with a parallel layout ({parallel_config.to_dict()}): LoRA adapters are not "
+                         "sharded by the parallel plans; train LoRA on one device (parallel degrees 1) or fully "
+                         "fine-tune with the layout (lora_r: 0)")
 
 
 class _EvalStep(nn.Cell):
@@ -405,7 +415,7 @@ class Trainer:
     ``log.jsonl``, shows progress and writes the trainer state; LoRA is not combined with a layout.
     A pipeline stage (``pipeline_stage > 1``) runs each micro-batch of the loader through
     ``forward_backward`` in ``micro_batch_num`` pipeline micro-batches (rows padded to a multiple of
-    it with ignored rows), so :meth:`compute_loss` is not used there; it trains in fp32.
+    it with ignored rows), so :meth:`compute_loss` is not used there.
 
     Example:
         >>> args = TrainingArguments("runs/demo", learning_rate=1e-3, max_steps=50, logging_steps=10)
@@ -429,10 +439,7 @@ class Trainer:
         self.parallel_config = _parallel_layout(model)
         self._pipeline = self.parallel_config is not None and _is_pipeline(model)
         if self.parallel_config is not None:
-            check_parallel_layout(self.parallel_config, args.precision)
-            if args.lora_r > 0:
-                raise ValueError("lora_r > 0 with a parallelized model: LoRA adapters are not sharded by the parallel "
-                                 "plans; train LoRA on one device (parallel degrees 1) or fully fine-tune with the layout")
+            check_parallel_layout(self.parallel_config, args.lora_r)
         main = self.is_world_process_zero()
         handlers: List[TrainerCallback] = [JsonlLoggerCallback()] if main else []
         if not args.disable_tqdm and main:
@@ -646,9 +653,12 @@ class Trainer:
         from ..parallel.comm import all_reduce
 
         batch = _pad_rows(inputs, self.parallel_config.micro_batch_num)
+        # fp16: dividing the token count by the loss scale multiplies the loss (and its gradients) by it
+        scale = float(self._loss_scale.scale.asnumpy()) if self._loss_scale is not None else 1.0
         loss, grads = self.model.forward_backward(
             batch["input_ids"], batch["labels"], batch.get("attention_mask"), batch.get("position_ids"),
-            batch.get("segment_ids"), num_items=float(max(1, num_items_in_batch)), sync=False)
+            batch.get("segment_ids"), num_items=float(max(1, num_items_in_batch)) / scale, sync=False)
+        loss = loss / scale
         grads = tuple(g.astype(ms.float32) for g in grads)
         if not first and self._pipeline_grads is not None:
             grads = tuple(a + g for a, g in zip(self._pipeline_grads, grads))
@@ -710,7 +720,8 @@ class Trainer:
             self._loss_scale = DynamicLossScale(a.loss_scale_init, a.loss_scale_factor, a.loss_scale_window)
         if self._pipeline:
             if self._pipeline_update is None:
-                self._pipeline_update = _PipelineUpdate(self.model, self.optimizer, self.args.max_grad_norm or 0.0)
+                self._pipeline_update = _PipelineUpdate(self.model, self.optimizer, self._loss_scale,
+                                                        self.args.max_grad_norm or 0.0)
                 self._compiled_update = ms.jit(self._pipeline_update.construct)
             return
         if self._train_step is None:
