@@ -2,8 +2,9 @@
 
 Paths (one script run, same machine state): the reference ops with fp32 weights, the CPU kernels with
 fp32, bf16 and int8 weight-only weights, and transformers+torch in fp32 and bf16. Each path prefills a
-prompt, then times the compiled decode step (``Qwen2ForCausalLM.forward_step``) token by token; the best
-of ``--repeats`` runs is reported, because the machine is shared. The roofline is the weight bytes read
+prompt, then times the compiled decode step (``Qwen2ForCausalLM.forward_step``) token by token; the paths
+run round-robin for ``--repeats`` rounds (all models stay loaded, ~9 GB at the 0.5B shape) and each
+path's best run is reported, because the machine is shared. The roofline is the weight bytes read
 per token over the memory bandwidth (``--bandwidth``, 36 GB/s measured on the development machine).
 
 Usage:
@@ -17,7 +18,7 @@ import gc
 import os
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 os.environ.setdefault("GLOG_v", "3")
 
@@ -54,8 +55,9 @@ def weight_bytes_per_token(cfg, bytes_per_weight: float, int8: bool = False, gro
     return elems * bytes_per_weight + scales + small
 
 
-def run_ours(cfg, path: str, prompt: np.ndarray, new_tokens: int, repeats: int,
-             int8_group: int = 128) -> Tuple[float, List[int]]:
+def setup_ours(cfg, path: str, prompt: np.ndarray, new_tokens: int,
+               int8_group: int = 128) -> Callable[[], Tuple[float, List[int]]]:
+    """Build our model for ``path``; returns a function that prefills, decodes and returns (tok/s, tokens)."""
     import mindspore as ms
     from mindspore import Tensor
 
@@ -69,8 +71,8 @@ def run_ours(cfg, path: str, prompt: np.ndarray, new_tokens: int, repeats: int,
         quantize_int8_weights(model, group_size=int8_group or None)
     model.set_train(False)
     t = prompt.shape[1]
-    best, tokens = 0.0, []
-    for _ in range(repeats):
+
+    def one_run() -> Tuple[float, List[int]]:
         cache = model.new_cache(batch_size=1, max_length=t + new_tokens + 1)
         logits = model.forward_step(prompt, None, None, cache, 0, logits_to_keep=1)
         tok = int(np.argmax(logits.asnumpy()[0, -1]))
@@ -82,17 +84,14 @@ def run_ours(cfg, path: str, prompt: np.ndarray, new_tokens: int, repeats: int,
             tok = int(np.argmax(logits.asnumpy()[0, -1]))
             step_times.append(time.perf_counter() - t0)
             out.append(tok)
-        # The first decode step compiles the graph: leave it out.
-        rate = (len(step_times) - 1) / sum(step_times[1:])
-        if rate > best:
-            best = rate
-        tokens = out
-    del model
-    gc.collect()
-    return best, tokens
+        # The first decode step of the first run compiles the graph: leave the first step out.
+        return (len(step_times) - 1) / sum(step_times[1:]), out
+
+    return one_run
 
 
-def run_torch(cfg, path: str, prompt: np.ndarray, new_tokens: int, repeats: int) -> Tuple[float, List[int]]:
+def setup_torch(cfg, path: str, prompt: np.ndarray, new_tokens: int) -> Callable[[], Tuple[float, List[int]]]:
+    """Build the transformers model for ``path``; returns a function like :func:`setup_ours`'s."""
     import torch
     import transformers
 
@@ -106,9 +105,9 @@ def run_torch(cfg, path: str, prompt: np.ndarray, new_tokens: int, repeats: int)
     dtype = torch.float32 if path.endswith("fp32") else torch.bfloat16
     model = transformers.Qwen2ForCausalLM(hf_cfg).to(dtype).eval()
     ids = torch.tensor(prompt, dtype=torch.long)
-    best, tokens = 0.0, []
-    with torch.inference_mode():
-        for _ in range(repeats):
+
+    def one_run() -> Tuple[float, List[int]]:
+        with torch.inference_mode():
             out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
             past = out.past_key_values
             tok = int(out.logits[0, -1].argmax())
@@ -120,12 +119,9 @@ def run_torch(cfg, path: str, prompt: np.ndarray, new_tokens: int, repeats: int)
                 tok = int(out.logits[0, -1].argmax())
                 step_times.append(time.perf_counter() - t0)
                 res.append(tok)
-            rate = (len(step_times) - 1) / sum(step_times[1:])
-            best = max(best, rate)
-            tokens = res
-    del model
-    gc.collect()
-    return best, tokens
+        return (len(step_times) - 1) / sum(step_times[1:]), res
+
+    return one_run
 
 
 def main(argv=None) -> int:
@@ -150,15 +146,24 @@ def main(argv=None) -> int:
     print(f"Qwen2-0.5B shape, {cfg.num_hidden_layers} layers, random weights; prompt {args.prompt}, "
           f"{args.tokens} decode tokens, best of {args.repeats}; {os.cpu_count()} CPU cores, "
           f"load average {load:.1f} at start (other processes share the cores: compare ratios)")
-    rates: Dict[str, float] = {}
-    toks: Dict[str, List[int]] = {}
+    runs = {}
     for path in paths:
         if path.startswith("torch"):
-            rates[path], toks[path] = run_torch(cfg, path, prompt, args.tokens, args.repeats)
+            runs[path] = setup_torch(cfg, path, prompt, args.tokens)
         else:
-            rates[path], toks[path] = run_ours(cfg, path, prompt, args.tokens, args.repeats, args.int8_group)
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        print(f"  {path:15s} {rates[path]:7.2f} tok/s   (load average {load:.1f})", flush=True)
+            runs[path] = setup_ours(cfg, path, prompt, args.tokens, args.int8_group)
+    rates: Dict[str, float] = {}
+    toks: Dict[str, List[int]] = {}
+    # Round-robin: every path runs once per round, so each path's best run comes from the same stretch of
+    # machine load (on a shared machine the load can change several-fold within minutes).
+    for r in range(args.repeats):
+        for path in paths:
+            rate, toks[path] = runs[path]()
+            rates[path] = max(rates.get(path, 0.0), rate)
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+            print(f"  round {r + 1}: {path:15s} {rate:7.2f} tok/s   (load average {load:.1f})", flush=True)
+    del runs
+    gc.collect()
 
     bpw = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0}
     print(f"\n{'path':15s} {'tok/s':>7s} {'GB/token':>9s} {'roofline':>9s} {'fraction':>9s} "
