@@ -353,9 +353,29 @@ def _fp16_config(folder: Path, name: str, parallel: dict, **training) -> Path:
     return path
 
 
+def _packed_config(folder: Path, name: str, parallel: dict, **training) -> Path:
+    """10 packed rows of 16 tokens, two segments each (position ids restart per segment)."""
+    rows = []
+    for i in range(10):
+        ids, labels, pos, seg = [], [], [], []
+        for s, n in enumerate((5 + i % 4, 11 - i % 4)):
+            toks = [1 + (i * 7 + s * 13 + j * 5) % 62 for j in range(n)]
+            ids += toks
+            labels += [-100] + toks[1:]
+            pos += list(range(n))
+            seg += [s + 1] * n
+        rows.append({"input_ids": ids, "labels": labels, "position_ids": pos, "segment_ids": seg})
+    path = _config(folder, name, parallel, **training)
+    (folder / "packed.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = yaml.safe_load(path.read_text())
+    data["data"]["train_file"] = "packed.jsonl"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 @pytest.fixture(scope="module")
 def msrun_pipeline_runs(tmp_path_factory, reference_run):
-    """One msrun job: PP=2 and ZeRO-1 (DP=2, optimizer_shard), each 4 steps then resumed to 6; PP=2 in fp16, 6 steps."""
+    """One msrun job: PP=2 and ZeRO-1 (DP=2, optimizer_shard), 4 steps then resumed to 6; PP=2 fp16 and packed: 6."""
     from qwen2ms.parallel.launch import run_msrun
 
     def launch(out):
@@ -365,6 +385,7 @@ def msrun_pipeline_runs(tmp_path_factory, reference_run):
                 gradient_accumulation_steps=2)
         _config(out, "zero_dp2", {"data_parallel": 2, "optimizer_shard": True}, per_device_train_batch_size=2)
         _fp16_config(out, "pp2_fp16", {"pipeline_stage": 2, "micro_batch_num": 2}, per_device_train_batch_size=4)
+        _packed_config(out, "pp2_packed", {"pipeline_stage": 2, "micro_batch_num": 2}, per_device_train_batch_size=4)
         run_msrun(WORKERS / "finetune_pp_zero.py", [str(out)], worker_num=2, log_dir=out / "logs",
                   timeout=900, cwd=str(out))
 
@@ -534,3 +555,12 @@ def test_msrun_pipeline_finetune_in_fp16_with_loss_scaling_equals_one_process(ms
         assert got[name].dtype == want[name].dtype
         np.testing.assert_allclose(got[name].asnumpy().astype(np.float32), want[name].asnumpy().astype(np.float32),
                                    atol=2e-3, err_msg=name)
+
+
+@pytest.mark.slow
+def test_msrun_pipeline_finetune_on_packed_rows_equals_one_process(msrun_pipeline_runs, tmp_path):
+    """The position and segment ids of packed rows reach every stage (and the last stage's loss)."""
+    out, _ = msrun_pipeline_runs
+    ref = tmp_path / "single_packed"
+    run_finetune(_packed_config(tmp_path, "single_packed", {}, per_device_train_batch_size=4))
+    _check_against_reference(out / "pp2_packed", ref, {"pipeline_stage": 2, "micro_batch_num": 2})

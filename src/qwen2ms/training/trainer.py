@@ -23,9 +23,9 @@ global batch, gradients go through the model's ``grad_sync`` and are clipped wit
 merged Hugging Face folder for :meth:`Trainer.save_model`). Pipeline stages (a
 :class:`~qwen2ms.parallel.pipeline.PipelineCausalLM`) train through its GPipe ``forward_backward``
 instead of the compiled forward/backward; the gradient sync, global-norm clipping, AdamW update and
-fp16 loss-scale update after it are still one compiled call. With ``optimizer_shard`` the AdamW state is sharded over
-data parallel (:class:`qwen2ms.parallel.optimizer.ZeroOptimizer`, inside the compiled step). See
-:func:`check_parallel_layout` for what is not driven by the Trainer.
+fp16 loss-scale update after it are still one compiled call. With ``optimizer_shard`` the AdamW
+state is sharded over data parallel (:class:`qwen2ms.parallel.optimizer.ZeroOptimizer`, inside the
+compiled step). See :func:`check_parallel_layout` for what is not driven by the Trainer.
 """
 from __future__ import annotations
 
