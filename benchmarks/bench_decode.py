@@ -2,9 +2,9 @@
 
 Paths (one script run, same machine state): the reference ops with fp32 weights, the CPU kernels with
 fp32, bf16 and int8 weight-only weights, and transformers+torch in fp32 and bf16. Each path prefills a
-prompt, then times the compiled decode step (``Qwen2ForCausalLM.forward_step``) token by token; the paths
-run round-robin for ``--repeats`` rounds (all models stay loaded, ~9 GB at the 0.5B shape) and each
-path's best run is reported, because the machine is shared. The roofline is the weight bytes read
+prompt, then times the compiled decode step (``Qwen2ForCausalLM.forward_step``) token by token; each path's
+best of ``--repeats`` runs is reported, because the machine is shared (``--interleave`` runs the paths
+round-robin instead, all models loaded at once: ~13 GB at the 0.5B shape). The roofline is the weight bytes read
 per token over the memory bandwidth (``--bandwidth``, 36 GB/s measured on the development machine).
 
 Usage:
@@ -132,6 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="runs per path; the best is reported")
     ap.add_argument("--layers", type=int, default=0, help="override the layer count (0: the real 24)")
     ap.add_argument("--bandwidth", type=float, default=36.0, help="memory read bandwidth in GB/s for the roofline")
+    ap.add_argument("--interleave", action="store_true",
+                    help="keep every path's model loaded and run the paths round-robin (~13 GB peak at the 0.5B shape)")
     ap.add_argument("--int8-group", type=int, default=128,
                     help="int8 scale group size along the inputs (0: one scale per output channel)")
     args = ap.parse_args(argv)
@@ -146,23 +148,35 @@ def main(argv=None) -> int:
     print(f"Qwen2-0.5B shape, {cfg.num_hidden_layers} layers, random weights; prompt {args.prompt}, "
           f"{args.tokens} decode tokens, best of {args.repeats}; {os.cpu_count()} CPU cores, "
           f"load average {load:.1f} at start (other processes share the cores: compare ratios)")
-    runs = {}
-    for path in paths:
+    def setup(path):
         if path.startswith("torch"):
-            runs[path] = setup_torch(cfg, path, prompt, args.tokens)
-        else:
-            runs[path] = setup_ours(cfg, path, prompt, args.tokens, args.int8_group)
+            return setup_torch(cfg, path, prompt, args.tokens)
+        return setup_ours(cfg, path, prompt, args.tokens, args.int8_group)
+
     rates: Dict[str, float] = {}
     toks: Dict[str, List[int]] = {}
-    # Round-robin: every path runs once per round, so each path's best run comes from the same stretch of
-    # machine load (on a shared machine the load can change several-fold within minutes).
-    for r in range(args.repeats):
+
+    def record(path, label, rate_tokens):
+        rate, toks[path] = rate_tokens
+        rates[path] = max(rates.get(path, 0.0), rate)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(f"  {label}{path:15s} {rate:7.2f} tok/s   (load average {load:.1f})", flush=True)
+
+    if args.interleave:
+        # Every path runs once per round, so each path's best run comes from the same stretch of machine
+        # load (on a shared machine the load can change several-fold within minutes).
+        runs = {path: setup(path) for path in paths}
+        for r in range(args.repeats):
+            for path in paths:
+                record(path, f"round {r + 1}: ", runs[path]())
+        del runs
+    else:
         for path in paths:
-            rate, toks[path] = runs[path]()
-            rates[path] = max(rates.get(path, 0.0), rate)
-            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-            print(f"  round {r + 1}: {path:15s} {rate:7.2f} tok/s   (load average {load:.1f})", flush=True)
-    del runs
+            run = setup(path)
+            for _ in range(args.repeats):
+                record(path, "", run())
+            del run
+            gc.collect()
     gc.collect()
 
     bpw = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0}
