@@ -380,6 +380,10 @@ def test_portable_build_without_avx_matches(tmp_path):
         _close(_np(y), _rounded(x, dt) @ _rounded(w, dt).T, dt)
         n = k.rms_norm(_t(x, dt), _t(w[0], dt), 1e-6)
         _close(_np(n), _rms_ref(_rounded(x, dt), _rounded(w[0], dt), 1e-6), dt)
+    qw = quantize_int8(rng.standard_normal((5, 64)), group_size=32)  # grouped int8 without SIMD
+    w_eff = (qw.q.reshape(5, 2, 32) * qw.scale[:, :, None].astype(np.float64)).reshape(5, 64)
+    xg = rng.standard_normal((3, 64))
+    _close(_np(k.linear_int8(_t(xg), Tensor(qw.q), Tensor(qw.scale))), xg @ w_eff.T, "float32")
     tiny = np.array([[6e-8, 1e-5, 70000.0, -3.0]])  # fp16 subnormal, normal, overflow to inf
     got = _np(k.swiglu(_t(tiny, "float16"), _t(np.ones((1, 4)), "float16")))
     want = _np(ops.silu(_t(tiny, "float16")))
