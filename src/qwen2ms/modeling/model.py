@@ -157,7 +157,7 @@ class Linear(nn.Cell):
         super().__init__()
         self.weight = init.param((out_features, in_features))
         self.bias = init.param((out_features,), "zeros") if bias else None
-        # float32 [out] once the weight is int8 (qwen2ms.ops.dispatch.quantize_int8_weights).
+        # float32 [out] (per channel) or [out, G] (per group) once the weight is int8 (quantize_int8_weights).
         self.weight_scale = None
         self.ops_impl = init.ops
 
