@@ -61,13 +61,15 @@ class ReferenceOps:
         """``x @ (weight * weight_scale).T + bias`` (scales ``[out]`` or per group ``[out, G]``); see
         :func:`qwen2ms.ops.reference.linear`."""
         if weight_scale is not None:
+            # Scales broadcast explicitly: see qwen2ms.ops.reference._full (implicit broadcasts kept every
+            # layer's dequantised [out, in] temporary alive in a compiled prefill).
+            n, k = weight.shape
             if weight_scale.ndim == 2:
-                n, k = weight.shape
                 g = weight_scale.shape[1]
-                grouped = weight.astype(x.dtype).reshape(n, g, k // g) * weight_scale.astype(x.dtype).expand_dims(-1)
-                weight = grouped.reshape(n, k)
+                scale = ops.broadcast_to(weight_scale.astype(x.dtype).expand_dims(-1), (n, g, k // g))
+                weight = (weight.astype(x.dtype).reshape(n, g, k // g) * scale).reshape(n, k)
             else:
-                weight = weight.astype(x.dtype) * weight_scale.reshape(-1, 1).astype(x.dtype)
+                weight = weight.astype(x.dtype) * ops.broadcast_to(weight_scale.reshape(-1, 1).astype(x.dtype), (n, k))
         return reference.linear(x, weight, bias)
 
     def embedding(self, input_ids: Tensor, weight: Tensor, dtype, weight_scale: Optional[Tensor] = None) -> Tensor:
@@ -202,7 +204,7 @@ class CpuOps(ReferenceOps):
 
         The kernel serves decoding (a few query tokens against the cache), where it replaces ~12 small
         ops. With more than ``_KERNEL_MAX_ROWS`` query tokens (prefill, training) attention is
-        compute-bound and MindSpore's batched matmuls and softmax are faster (measured ~5x at 512
+        compute-bound and MindSpore's batched matmuls and softmax are faster (measured ~4.5x at 512
         tokens), so those shapes use the reference. Static shapes decide, fixed when a graph is built.
         """
         if q.shape[2] > _KERNEL_MAX_ROWS:
