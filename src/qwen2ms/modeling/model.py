@@ -216,16 +216,25 @@ class Attention(nn.Cell):
         self.o_proj = Linear(init, self.num_heads * d, h, bias=False)
         self.ops_impl = init.ops
 
+    def _heads(self, y, b, t, heads):
+        """``[B, T, heads * D]`` -> ``[B, heads, T, D]`` (a reshape alone when ``T == 1``, as in decoding)."""
+        if t == 1:
+            return y.reshape(b, heads, 1, self.head_dim)
+        return y.reshape(b, t, heads, self.head_dim).transpose(0, 2, 1, 3)
+
     def construct(self, x, cos, sin, mask, cache=None, cache_position=0):
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)  # [B, Hq, T, D]
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q = self._heads(self.q_proj(x), b, t, self.num_heads)  # [B, Hq, T, D]
+        k = self._heads(self.k_proj(x), b, t, self.num_kv_heads)  # [B, Hkv, T, D]
+        v = self._heads(self.v_proj(x), b, t, self.num_kv_heads)
         q, k = self.ops_impl.apply_rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position, self.ops_impl)  # [B, Hkv, L, D]
         out = self.ops_impl.attention(q, k, v, mask, self.scale)  # [B, Hq, T, D]
-        out = out.transpose(0, 2, 1, 3).reshape(b, t, self.num_heads * self.head_dim)
+        if t == 1:  # one token: [B, Hq, 1, D] and [B, 1, Hq, D] share a memory order, no transpose op
+            out = out.reshape(b, t, self.num_heads * self.head_dim)
+        else:
+            out = out.transpose(0, 2, 1, 3).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
 
