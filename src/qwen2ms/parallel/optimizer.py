@@ -31,6 +31,14 @@ from .comm import AllGather, Group
 __all__ = ["ShardedOptimizer", "ZeroOptimizer", "make_optimizer", "shard_groups"]
 
 
+def _state_bytes(shards, optimizer) -> int:
+    """Bytes of ``shards`` plus the optimizer's own state (its parameters other than the shards)."""
+    ids = {id(s) for s in shards}
+    own = sum(int(np.prod(s.shape)) * s.itemsize for s in shards)
+    state = sum(int(np.prod(p.shape)) * p.itemsize for p in optimizer.get_parameters()
+                if id(p) not in ids and p.shape)
+    return own + state
+
 class ShardedOptimizer:
     """Run an optimizer on this rank's slice of every parameter and all-gather the updates (ZeRO-1).
 
@@ -90,11 +98,7 @@ class ShardedOptimizer:
 
     def state_bytes(self) -> int:
         """Bytes of the slice copies and the optimizer's own state on this rank."""
-        ids = {id(s) for s in self.shards}
-        own = sum(int(np.prod(s.shape)) * s.itemsize for s in self.shards)
-        state = sum(int(np.prod(p.shape)) * p.itemsize for p in self.optimizer.get_parameters()
-                    if id(p) not in ids and p.shape)
-        return own + state
+        return _state_bytes(self.shards, self.optimizer)
 
 
 class ZeroOptimizer(nn.Cell):
@@ -182,11 +186,7 @@ class ZeroOptimizer(nn.Cell):
 
     def state_bytes(self) -> int:
         """Bytes of the slice copies and the wrapped optimizer's own state on this rank."""
-        ids = {id(s) for s in self.shards}
-        own = sum(int(np.prod(s.shape)) * s.itemsize for s in self.shards)
-        state = sum(int(np.prod(p.shape)) * p.itemsize for p in self.optimizer.get_parameters()
-                    if id(p) not in ids and p.shape)
-        return own + state
+        return _state_bytes(self.shards, self.optimizer)
 
 
 def shard_groups(pmodel) -> list:

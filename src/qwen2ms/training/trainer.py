@@ -178,14 +178,22 @@ class _TrainStep(nn.Cell):
     def scaled_loss(self, inputs, num_items, scale):
         return self.trainer.compute_loss(self.model, inputs, num_items) * scale
 
+    def reported_loss(self, loss, scale):
+        """The step loss as logged, from the differentiated (scaled) one."""
+        return loss / scale if self.use_scale else loss
+
+    def final_grads(self, grads):
+        """The optimizer step's gradients and their global norm (after accumulation, before clipping)."""
+        return grads, global_grad_norm(grads)
+
     def construct(self, inputs, num_items, lr, first, last):
         scale = self.loss_scale.scale
         if not self.use_scale:
             scale = ops.ones((), ms.float32)
         loss, grads = self.grad_fn(inputs, num_items, scale)
         grads = tuple(g.astype(ms.float32) for g in grads)
+        loss = self.reported_loss(loss, scale)
         if self.use_scale:
-            loss = loss / scale
             inv = 1.0 / scale
             grads = tuple(g * inv for g in grads)
         if not first:
@@ -195,7 +203,7 @@ class _TrainStep(nn.Cell):
             for a, g in zip(self.acc, grads):
                 ops.assign(a, g)
             return loss, zero, ops.isfinite(loss)
-        norm = global_grad_norm(grads)
+        grads, norm = self.final_grads(grads)
         finite = ops.logical_and(ops.isfinite(norm), ops.isfinite(loss))
         if self.max_grad_norm > 0:
             grads = clip_grads_by_norm(grads, norm, self.max_grad_norm)
@@ -227,33 +235,12 @@ class _ParallelTrainStep(_TrainStep):
     def scaled_loss(self, inputs, num_items, scale):
         return self.trainer.compute_loss(self.model, inputs, num_items) * (scale * self.dp)
 
-    def construct(self, inputs, num_items, lr, first, last):
-        scale = self.loss_scale.scale
-        if not self.use_scale:
-            scale = ops.ones((), ms.float32)
-        loss, grads = self.grad_fn(inputs, num_items, scale)
-        grads = tuple(g.astype(ms.float32) for g in grads)
-        loss = self.replica_sum(loss / (scale * self.dp))
-        if self.use_scale:
-            inv = 1.0 / scale
-            grads = tuple(g * inv for g in grads)
-        if not first:
-            grads = tuple(a + g for a, g in zip(self.acc, grads))
-        zero = ops.zeros((), ms.float32)
-        if not last:
-            for a, g in zip(self.acc, grads):
-                ops.assign(a, g)
-            return loss, zero, ops.isfinite(loss)
+    def reported_loss(self, loss, scale):
+        return self.replica_sum(loss / (scale * self.dp))
+
+    def final_grads(self, grads):
         grads = self.model.grad_sync(grads)
-        norm = self.model.grad_norm(grads)
-        finite = ops.logical_and(ops.isfinite(norm), ops.isfinite(loss))
-        if self.max_grad_norm > 0:
-            grads = clip_grads_by_norm(grads, norm, self.max_grad_norm)
-        if finite:
-            self.optimizer(grads, lr)
-        if self.use_scale:
-            self.loss_scale.adjust(finite)
-        return loss, norm, finite
+        return grads, self.model.grad_norm(grads)
 
 
 class _PipelineUpdate(nn.Cell):
