@@ -1,4 +1,5 @@
 """Backend selection (device target, argument, environment) and CPU-backend parity with the reference ops."""
+import contextlib
 import warnings
 
 import numpy as np
@@ -229,24 +230,35 @@ def test_quantize_int8_weights_in_place(cpu_ops):
         np.testing.assert_allclose(ms.jit(toy)(x).asnumpy(), after, rtol=1e-5, atol=1e-5)
 
 
+@contextlib.contextmanager
+def _kernel_calls(cpu_ops, name, record):
+    """Swap in kernels whose ``name`` op appends ``record(*args)`` to the yielded list, then restore."""
+    calls, real = [], cpu_ops.kernels
+    kernel = getattr(real, name)
+
+    class Spy:
+        def __getattr__(self, attr):
+            return getattr(real, attr)
+
+    def spied(*a):
+        calls.append(record(*a))
+        return kernel(*a)
+
+    spy = Spy()
+    setattr(spy, name, spied)
+    cpu_ops.kernels = spy
+    try:
+        yield calls
+    finally:
+        cpu_ops.kernels = real
+
+
 def test_cpu_linear_uses_the_kernel_only_for_few_rows():
     import mindspore as ms
     from mindspore import Tensor
 
     cpu_ops = get_ops("cpu")
-    calls = []
-    kernel = cpu_ops.kernels.linear
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(cpu_ops.kernels, name)
-
-        def linear(self, *a):
-            calls.append(a[0].shape)
-            return kernel(*a)
-
-    cpu_ops.kernels, real = Spy(), cpu_ops.kernels
-    try:
+    with _kernel_calls(cpu_ops, "linear", lambda x, *rest: x.shape) as calls:
         rng = np.random.default_rng(0)
         w32 = rng.standard_normal((40, 24)).astype(np.float32)
         w16 = Tensor(w32).astype(ms.bfloat16)
@@ -256,8 +268,6 @@ def test_cpu_linear_uses_the_kernel_only_for_few_rows():
             got = cpu_ops.linear(x, w).asnumpy()
             want = ref.linear(x, w).asnumpy()
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    finally:
-        cpu_ops.kernels = real
     assert calls == [(1, 3, 24), (1, 3, 24)]  # few rows take the kernel (bf16 and fp32 weights), 40 rows do not
 
 
@@ -265,19 +275,7 @@ def test_cpu_attention_uses_the_kernel_only_for_few_query_tokens():
     from mindspore import Tensor
 
     cpu_ops = get_ops("cpu")
-    calls = []
-    kernel = cpu_ops.kernels.attention
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(cpu_ops.kernels, name)
-
-        def attention(self, *a):
-            calls.append(a[0].shape[2])
-            return kernel(*a)
-
-    cpu_ops.kernels, real = Spy(), cpu_ops.kernels
-    try:
+    with _kernel_calls(cpu_ops, "attention", lambda q, *rest: q.shape[2]) as calls:
         rng = np.random.default_rng(1)
         ref = get_ops("reference")
         for t in (1, 16, 17, 40):
@@ -287,6 +285,4 @@ def test_cpu_attention_uses_the_kernel_only_for_few_query_tokens():
             mask = ref.attention_mask(Tensor(np.arange(3, s, dtype=np.int32)), s)
             np.testing.assert_allclose(cpu_ops.attention(q, k, v, mask, 0.3).asnumpy(),
                                        ref.attention(q, k, v, mask, 0.3).asnumpy(), rtol=1e-5, atol=1e-5)
-    finally:
-        cpu_ops.kernels = real
     assert calls == [1, 16]  # prefill-sized query blocks go to MindSpore's batched matmuls

@@ -877,10 +877,12 @@ class Trainer:
         """
         dl = self.get_eval_dataloader(eval_dataset)
         if self._pipeline:
-            return self._record_eval(*self._evaluate_pipeline(dl))
-        if self._eval_step is None:
-            self._eval_step = _EvalStep(self, self.model)
-            self._compiled_eval = ms.jit(self._eval_step.construct)
+            batch_loss = self._pipeline_eval_loss
+        else:
+            if self._eval_step is None:
+                self._eval_step = _EvalStep(self, self.model)
+                self._compiled_eval = ms.jit(self._eval_step.construct)
+            batch_loss = self._compiled_eval_loss
         self.model.set_train(False)
         total, tokens = 0.0, 0
         try:
@@ -888,31 +890,23 @@ class Trainer:
                 n = _count_targets(batch)
                 if n == 0:
                     continue
-                tensors = ms.mutable({k: Tensor(np.asarray(v, dtype=np.int32)) for k, v in batch.items()})
-                mean = float(self._compiled_eval(tensors, Tensor(float(n), ms.float32)).asnumpy())
-                total += mean * n
+                total += batch_loss(batch, n) * n
                 tokens += n
         finally:
             self.model.set_train(True)
         return self._record_eval(total, tokens)
 
-    def _evaluate_pipeline(self, dl: SFTDataLoader) -> Tuple[float, int]:
-        """Summed token loss and token count over the loader, through the pipeline (every replica: all batches)."""
-        self.model.set_train(False)
-        total, tokens = 0.0, 0
-        try:
-            for batch in dl.iter_epoch(0):
-                n = _count_targets(batch)
-                if n == 0:
-                    continue
-                batch = _pad_rows(batch, self.parallel_config.micro_batch_num)
-                loss, _ = self.model.evaluate(batch["input_ids"], batch["labels"], batch.get("attention_mask"),
-                                              batch.get("position_ids"), batch.get("segment_ids"))
-                total += float(loss.asnumpy()) * n
-                tokens += n
-        finally:
-            self.model.set_train(True)
-        return total, tokens
+    def _compiled_eval_loss(self, batch: Dict[str, np.ndarray], n: int) -> float:
+        """Mean token loss of one batch through the compiled forward."""
+        tensors = ms.mutable({k: Tensor(np.asarray(v, dtype=np.int32)) for k, v in batch.items()})
+        return float(self._compiled_eval(tensors, Tensor(float(n), ms.float32)).asnumpy())
+
+    def _pipeline_eval_loss(self, batch: Dict[str, np.ndarray], n: int) -> float:
+        """Mean token loss of one batch through the pipeline (every replica evaluates all batches)."""
+        batch = _pad_rows(batch, self.parallel_config.micro_batch_num)
+        loss, _ = self.model.evaluate(batch["input_ids"], batch["labels"], batch.get("attention_mask"),
+                                      batch.get("position_ids"), batch.get("segment_ids"))
+        return float(loss.asnumpy())
 
     def _record_eval(self, total: float, tokens: int) -> Dict[str, float]:
         metrics = {"eval_loss": total / max(tokens, 1), "eval_tokens": float(tokens)}
