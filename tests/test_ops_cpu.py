@@ -479,3 +479,96 @@ def test_compiled_gradients_with_every_linear_variant_in_one_graph(kernels):
     np.testing.assert_allclose(got[0].asnumpy(), want[0].asnumpy(), rtol=1e-4, atol=1e-4)
     _assert_grads([got[1][0].asnumpy(), *[g.asnumpy() for g in got[1][1]]],
                   [want[1][0].asnumpy(), *[g.asnumpy() for g in want[1][1]]])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fused projections: q/k/v in one call, gate/up + SwiGLU in one call.
+
+def _weights(wdt, shapes, group=None):
+    """Float weights as tensors of dtype wdt, or int8 codes plus scales (wdt "int8")."""
+    mats = [rng.standard_normal(s) * 0.2 for s in shapes]
+    if wdt != "int8":
+        return [_t(m, wdt) for m in mats], None
+    qs = [quantize_int8(m, group) for m in mats]
+    return [Tensor(q.q) for q in qs], [Tensor(q.scale) for q in qs]
+
+
+def _same(a, b):
+    np.testing.assert_array_equal(_np(a), _np(b))
+
+
+@pytest.mark.parametrize("wdt,group", [("float32", None), ("float16", None), ("bfloat16", None), ("int8", None),
+                                       ("int8", 32)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_qkv_equals_three_linear_calls_bit_for_bit(kernels, wdt, group, bias):
+    xdt = "float32" if wdt in ("float32", "int8") else wdt
+    ws, scales = _weights(wdt, [(96, 64), (32, 64), (32, 64)], group)
+    bs = [_t(rng.standard_normal(n), xdt) for n in (96, 32, 32)] if bias else None
+    for lead in ((1, 1), (2, 3), (13,)):  # decode, a small batch, odd row count
+        x = _t(rng.standard_normal(lead + (64,)), xdt)
+        got = kernels.linear_qkv(x, ws, bs, scales)
+        for i, y in enumerate(got):
+            b = bs[i] if bias else None
+            want = kernels.linear(x, ws[i], b) if scales is None else kernels.linear_int8(x, ws[i], scales[i], b)
+            assert y.shape == lead + (ws[i].shape[0],) and y.dtype == x.dtype
+            _same(y, want)
+
+
+@pytest.mark.parametrize("wdt,group", [("float32", None), ("bfloat16", None), ("float16", None), ("int8", 32)])
+def test_gate_up_swiglu_equals_separate_kernels_bit_for_bit(kernels, wdt, group):
+    xdt = "float32" if wdt in ("float32", "int8") else wdt
+    (wg, wu), scales = _weights(wdt, [(80, 64), (80, 64)], group)
+    for lead in ((1, 1), (3, 5)):
+        x = _t(rng.standard_normal(lead + (64,)) * 2, xdt)
+        got = kernels.gate_up_swiglu(x, wg, wu, scales)
+        if scales is None:
+            gate, up = kernels.linear(x, wg), kernels.linear(x, wu)
+        else:
+            gate, up = kernels.linear_int8(x, wg, scales[0]), kernels.linear_int8(x, wu, scales[1])
+        assert got.shape == lead + (80,)
+        _same(got, kernels.swiglu(gate, up))
+
+
+def test_fused_projections_reject_mismatched_weights(kernels):
+    x = _t(rng.standard_normal((1, 64)))
+    w, w16 = _t(rng.standard_normal((8, 64))), _t(rng.standard_normal((8, 64)), "bfloat16")
+    with pytest.raises(RuntimeError, match="LinearQkv"):  # one x layout per call: one weight dtype
+        kernels.linear_qkv(x, [w, w16, w])[0].asnumpy()
+    with pytest.raises(RuntimeError, match="GateUpSwiGLU"):  # gate and up must have the same rows
+        kernels.gate_up_swiglu(x, w, _t(rng.standard_normal((9, 64)))).asnumpy()
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+def test_fused_projection_gradients_in_a_compiled_graph(kernels, int8):
+    """value_and_grad through linear_qkv (with biases) and gate_up_swiglu equals the plain-ops composition."""
+    x = _t(rng.standard_normal((2, 3, 64)))
+    shapes = [(48, 64), (16, 64), (16, 64), (40, 64), (40, 64)]
+    mats = [rng.standard_normal(s) * 0.2 for s in shapes]
+    bs = [ms.Parameter(_t(rng.standard_normal(n)), name=f"b{i}") for i, n in enumerate((48, 16, 16))]
+    if int8:
+        qs = [quantize_int8(m, 32) for m in mats]
+        ws = [Tensor(q.q) for q in qs]
+        scales = [Tensor(q.scale) for q in qs]
+        dense = [Tensor((q.q.reshape(q.q.shape[0], 2, 32) * q.scale[:, :, None]).reshape(q.q.shape)) for q in qs]
+        params = bs
+    else:
+        ws = [ms.Parameter(_t(m), name=f"w{i}") for i, m in enumerate(mats)]
+        scales, dense = None, ws
+        params = ws + bs
+    proj = _t(rng.standard_normal((2, 3, 40)))
+
+    def ours(x):
+        q, k, v = kernels.linear_qkv(x, ws[:3], bs, None if scales is None else scales[:3])
+        h = kernels.gate_up_swiglu(x, ws[3], ws[4], None if scales is None else scales[3:])
+        return (q * q).sum() + k.sum() + (v * v).sum() * 0.5 + (h * proj).sum()
+
+    def ref(x):
+        q, k, v = (ops.matmul(x, dense[i].T) + bs[i] for i in range(3))
+        h = ops.silu(ops.matmul(x, dense[3].T)) * ops.matmul(x, dense[4].T)
+        return (q * q).sum() + k.sum() + (v * v).sum() * 0.5 + (h * proj).sum()
+
+    got = ms.jit(ms.value_and_grad(ours, 0, params))(x)
+    want = ms.value_and_grad(ref, 0, params)(x)
+    np.testing.assert_allclose(got[0].asnumpy(), want[0].asnumpy(), rtol=1e-4, atol=1e-3)
+    _assert_grads([got[1][0].asnumpy(), *[g.asnumpy() for g in got[1][1]]],
+                  [want[1][0].asnumpy(), *[g.asnumpy() for g in want[1][1]]], tol=1e-3)

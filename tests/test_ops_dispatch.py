@@ -286,3 +286,35 @@ def test_cpu_attention_uses_the_kernel_only_for_few_query_tokens():
             np.testing.assert_allclose(cpu_ops.attention(q, k, v, mask, 0.3).asnumpy(),
                                        ref.attention(q, k, v, mask, 0.3).asnumpy(), rtol=1e-5, atol=1e-5)
     assert calls == [1, 16]  # prefill-sized query blocks go to MindSpore's batched matmuls
+
+
+def test_cpu_fused_projections_take_one_kernel_call_only_when_every_part_fits():
+    """q/k/v and gate/up+SwiGLU: one kernel call for few rows and uniform weights, else the separate ops."""
+    from mindspore import Tensor
+
+    cpu_ops, ref = get_ops("cpu"), get_ops("reference")
+    rng = np.random.default_rng(2)
+
+    def w(n, dt=ms.float32):
+        return Tensor(rng.standard_normal((n, 24)).astype(np.float32)).astype(dt)
+
+    def b(n):
+        return Tensor(rng.standard_normal(n).astype(np.float32))
+
+    uniform = ((w(16), b(16), None), (w(8), b(8), None), (w(8), b(8), None))
+    mixed_dtype = ((w(16), None, None), (w(8, ms.bfloat16), None, None), (w(8), None, None))
+    mixed_bias = ((w(16), b(16), None), (w(8), None, None), (w(8), b(8), None))
+    with _kernel_calls(cpu_ops, "linear_qkv", lambda x, *rest: x.shape[1]) as calls:
+        for rows, projs in [(3, uniform), (17, uniform), (3, mixed_dtype), (3, mixed_bias)]:
+            x = Tensor(rng.standard_normal((1, rows, 24)).astype(np.float32))
+            for got, want in zip(cpu_ops.linear_qkv(x, *projs), ref.linear_qkv(x, *projs)):
+                np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-5, atol=1e-5)
+    assert calls == [3]
+
+    gate, up = (w(32), None, None), (w(32), None, None)
+    with _kernel_calls(cpu_ops, "gate_up_swiglu", lambda x, *rest: x.shape[1]) as calls:
+        for rows, act, g in [(2, "silu", gate), (20, "silu", gate), (2, "gelu", gate), (2, "silu", (w(32), b(32), None))]:
+            x = Tensor(rng.standard_normal((1, rows, 24)).astype(np.float32))
+            np.testing.assert_allclose(cpu_ops.gate_up_act(x, g, up, act).asnumpy(),
+                                       ref.gate_up_act(x, g, up, act).asnumpy(), rtol=1e-5, atol=1e-5)
+    assert calls == [2]

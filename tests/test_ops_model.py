@@ -177,3 +177,17 @@ def test_int8_qwen2_0_5b_shape_logit_error_bound():
     # Quantisation error, not a broken kernel: the typical error is a small fraction of the logit spread.
     assert np.abs(got - ref).mean() < 0.05 * ref.std()
 
+
+
+def test_wrapped_projections_leave_the_fused_path_and_keep_the_logits():
+    """q/k/v and gate/up run fused only while they are plain Linear cells; a LoRA wrapper (B = 0 at
+    first, so the same function) takes its layer back to separate projections with the same logits."""
+    from qwen2ms.training.lora import LoraConfig, apply_lora
+
+    ours, _ = pair()
+    layer = ours.model.layers[0]
+    assert layer.self_attn.fused_qkv and layer.mlp.fused_gate_up
+    before = logits(ours)
+    apply_lora(ours, LoraConfig(r=4, target_modules=["q_proj", "up_proj"]))
+    assert not layer.self_attn.fused_qkv and not layer.mlp.fused_gate_up
+    np.testing.assert_allclose(logits(ours), before, rtol=1e-6, atol=1e-6)

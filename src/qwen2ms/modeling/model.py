@@ -164,6 +164,17 @@ class Linear(nn.Cell):
     def construct(self, x: Tensor) -> Tensor:
         return self.ops_impl.linear(x, self.weight, self.bias, self.weight_scale)
 
+    @property
+    def parts(self) -> Tuple[Parameter, Optional[Parameter], Optional[Parameter]]:
+        """``(weight, bias, weight_scale)``: how the ops backend's fused projections take this layer."""
+        return self.weight, self.bias, self.weight_scale
+
+
+def _plain(*cells: nn.Cell) -> bool:
+    """True when every cell is exactly :class:`Linear` (not a LoRA or other wrapper), so its projection may be
+    fused with its siblings'. A property of the caller evaluates it when a graph is built."""
+    return all(type(c) is Linear for c in cells)
+
 
 class Embedding(nn.Cell):
     """Token embedding table ``weight`` ``[V, H]``."""
@@ -222,11 +233,20 @@ class Attention(nn.Cell):
             return y.reshape(b, heads, 1, self.head_dim)
         return y.reshape(b, t, heads, self.head_dim).transpose(0, 2, 1, 3)
 
+    @property
+    def fused_qkv(self) -> bool:
+        """Whether q/k/v go to the ops backend as one projection (all three are plain :class:`Linear`)."""
+        return _plain(self.q_proj, self.k_proj, self.v_proj)
+
     def construct(self, x, cos, sin, mask, cache=None, cache_position=0):
         b, t, _ = x.shape
-        q = self._heads(self.q_proj(x), b, t, self.num_heads)  # [B, Hq, T, D]
-        k = self._heads(self.k_proj(x), b, t, self.num_kv_heads)  # [B, Hkv, T, D]
-        v = self._heads(self.v_proj(x), b, t, self.num_kv_heads)
+        if self.fused_qkv:
+            q, k, v = self.ops_impl.linear_qkv(x, self.q_proj.parts, self.k_proj.parts, self.v_proj.parts)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self._heads(q, b, t, self.num_heads)  # [B, Hq, T, D]
+        k = self._heads(k, b, t, self.num_kv_heads)  # [B, Hkv, T, D]
+        v = self._heads(v, b, t, self.num_kv_heads)
         q, k = self.ops_impl.apply_rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position, self.ops_impl)  # [B, Hkv, L, D]
@@ -252,8 +272,17 @@ class MLP(nn.Cell):
         self.act = act
         self.ops_impl = init.ops
 
+    @property
+    def fused_gate_up(self) -> bool:
+        """Whether gate/up and the activation go to the ops backend as one op (both plain :class:`Linear`)."""
+        return _plain(self.gate_proj, self.up_proj)
+
     def construct(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.ops_impl.act_mul(self.gate_proj(x), self.up_proj(x), self.act))
+        if self.fused_gate_up:
+            h = self.ops_impl.gate_up_act(x, self.gate_proj.parts, self.up_proj.parts, self.act)
+        else:
+            h = self.ops_impl.act_mul(self.gate_proj(x), self.up_proj(x), self.act)
+        return self.down_proj(h)
 
 
 class Router(nn.Cell):

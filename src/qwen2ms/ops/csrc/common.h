@@ -170,4 +170,28 @@ inline __m256 exp8(__m256 x) {
 }
 #endif
 
+// y[i] = silu(g[i]) * u[i] for i in [b, e). fp32 inputs use the vectorised exp; otherwise silu(g) is
+// rounded to g's dtype before the product, as the reference's cast does.
+inline void swiglu_span(const void *g, DType gt, const void *u, DType ut, void *y, DType yt, int64_t b, int64_t e) {
+  if (gt == F32 && ut == F32 && yt == F32) {
+    const float *gf = static_cast<const float *>(g), *uf = static_cast<const float *>(u);
+    float *yf = static_cast<float *>(y);
+    int64_t i = b;
+#if QK_SIMD
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    for (; i + 8 <= e; i += 8) {
+      const __m256 a = _mm256_loadu_ps(gf + i);
+      const __m256 sig = _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, a)));
+      _mm256_storeu_ps(yf + i, _mm256_mul_ps(_mm256_div_ps(a, sig), _mm256_loadu_ps(uf + i)));
+    }
+#endif
+    for (; i < e; ++i) yf[i] = gf[i] / (1.0f + std::exp(-gf[i])) * uf[i];
+    return;
+  }
+  for (int64_t i = b; i < e; ++i) {
+    const float a = load(g, gt, i);
+    store(y, yt, i, round_to(gt, a / (1.0f + std::exp(-a))) * load(u, ut, i));
+  }
+}
+
 }  // namespace qk

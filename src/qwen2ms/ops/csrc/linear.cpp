@@ -12,9 +12,44 @@ using namespace qk;
 
 namespace {
 
-#if QK_SIMD
-// One step covers 16 weights as two 8-float vectors. (A 512-bit version measured within +-10% of this one
-// on an AVX-512 machine: decode is bound by memory, not by vector width.)
+#if QK_SIMD && defined(__AVX512F__) && defined(__AVX512BW__)
+// One step covers 32 weights as two 16-float vectors (built with AVX-512 when the CPU has it: widening
+// int8 to fp32 then takes half the shuffle instructions, which bound the int8 kernel).
+using VF = __m512;
+constexpr int VW = 16;
+inline VF vzero() { return _mm512_setzero_ps(); }
+inline VF vload(const float *p) { return _mm512_loadu_ps(p); }
+inline VF vfma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VF vset1(float v) { return _mm512_set1_ps(v); }
+inline float vsum(VF v) { return _mm512_reduce_add_ps(v); }
+template <int WT>
+inline void wload(const void *p, int64_t i, VF &w0, VF &w1);
+template <>
+inline void wload<F32>(const void *p, int64_t i, VF &w0, VF &w1) {
+  const float *f = static_cast<const float *>(p) + i;
+  w0 = _mm512_loadu_ps(f);
+  w1 = _mm512_loadu_ps(f + 16);
+}
+template <>
+inline void wload<BF16>(const void *p, int64_t i, VF &w0, VF &w1) {
+  __m512i v = _mm512_loadu_si512(static_cast<const uint16_t *>(p) + i);
+  w0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  w1 = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+template <>
+inline void wload<F16>(const void *p, int64_t i, VF &w0, VF &w1) {
+  const __m256i *h = reinterpret_cast<const __m256i *>(static_cast<const uint16_t *>(p) + i);
+  w0 = _mm512_cvtph_ps(_mm256_loadu_si256(h));
+  w1 = _mm512_cvtph_ps(_mm256_loadu_si256(h + 1));
+}
+template <>
+inline void wload<I8>(const void *p, int64_t i, VF &w0, VF &w1) {
+  const __m128i *b = reinterpret_cast<const __m128i *>(static_cast<const int8_t *>(p) + i);
+  w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b)));
+  w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b + 1)));
+}
+#elif QK_SIMD
+// One step covers 16 weights as two 8-float vectors.
 using VF = __m256;
 constexpr int VW = 8;
 inline VF vzero() { return _mm256_setzero_ps(); }
@@ -56,6 +91,8 @@ inline void wload<I8>(const void *p, int64_t i, VF &w0, VF &w1) {
   w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(b))));
   w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(b + 8))));
 }
+#endif
+#if QK_SIMD
 constexpr int KS = 2 * VW;  // weights per row per step
 #else
 constexpr int KS = 16;
@@ -210,23 +247,6 @@ inline void rows_all_m(const void *w, int64_t n, int64_t M, const XView &xs, con
   }
 }
 
-template <int WT>
-void linear_impl(const XView &xs, const void *w, int64_t M, int64_t N, const Epilogue &ep) {
-  const int64_t row_bytes = std::max<int64_t>(1, xs.K * wbytes<WT>());
-  const int64_t nblocks = (N + RB - 1) / RB;
-  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (row_bytes * RB));
-  parallel_for(nblocks, chunk, N * xs.K >= (1 << 14), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b * RB;
-      if (n + RB <= N) {
-        rows_all_m<WT, RB>(w, n, M, xs, ep);
-      } else {
-        for (int64_t r = n; r < N; ++r) rows_all_m<WT, 1>(w, r, M, xs, ep);
-      }
-    }
-  });
-}
-
 // The vector-loop layout of x (see XView); for non-bf16 weights it is x itself.
 const float *vector_layout(const float *x, int64_t M, int64_t K, int64_t Kv, DType wt, std::vector<float> &buf) {
   if (wt != BF16 || Kv == 0) return x;
@@ -241,62 +261,161 @@ const float *vector_layout(const float *x, int64_t M, int64_t K, int64_t Kv, DTy
   return buf.data();
 }
 
-// inputs: x [..., K], weight [N, K], (scale [N] or [N, G] fp32 when the weight is int8), (bias [N]);
-// output [..., N]. Group scales need K % (G * 16) == 0 (groups of whole vector steps). Returns nonzero on
-// bad inputs: 1 wrong count, 2 dtype, 3 shape.
-int linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  if (nparam < 3) return 1;
-  const int out = nparam - 1;
-  DType xt = dtype_of(dtypes[0]), wt = dtype_of(dtypes[1]), ot = dtype_of(dtypes[out]);
-  if (!is_float(xt) || !is_float(ot) || wt == UNSUPPORTED) return 2;
-  const bool quant = wt == I8;
-  const int n_extra = nparam - 3 - (quant ? 1 : 0);
-  if (n_extra != 0 && n_extra != 1) return 1;
-  if (quant && dtype_of(dtypes[2]) != F32) return 2;
-  if (ndims[1] != 2) return 3;
-  const int64_t N = shapes[1][0], K = shapes[1][1];
-  if (shapes[0][ndims[0] - 1] != K) return 3;
-  const int64_t M = K ? numel(ndims[0], shapes[0]) / K : 0;
-  int64_t groups = 1;
-  if (quant) {
-    if (ndims[2] == 2) {
-      if (shapes[2][0] != N || shapes[2][1] < 1) return 3;
-      groups = shapes[2][1];
-      if (groups > 1 && (K % groups != 0 || (K / groups) % 32 != 0)) return 3;
-    } else if (ndims[2] != 1 || shapes[2][0] != N) {
-      return 3;
+// One weight matrix of a call: rows [N, K] and the epilogue that writes its output.
+struct Proj {
+  const void *w;
+  int64_t N;
+  Epilogue ep;
+};
+
+// Every projection of one x in one parallel region: the blocks of RB weight rows of all projections are
+// handed out as one range, so q/k/v (or gate/up) cost one thread wake-up instead of one each.
+template <int WT>
+void project_impl(const XView &xs, int64_t M, const Proj *ps, int P) {
+  const int64_t row_bytes = std::max<int64_t>(1, xs.K * wbytes<WT>());
+  int64_t first[4] = {0, 0, 0, 0}, work = 0;  // first block of each projection
+  for (int p = 0; p < P; ++p) {
+    first[p + 1] = first[p] + (ps[p].N + RB - 1) / RB;
+    work += ps[p].N * xs.K;
+  }
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (row_bytes * RB));
+  parallel_for(first[P], chunk, work >= (1 << 14), [&](int64_t b0, int64_t b1) {
+    int p = 0;
+    for (int64_t b = b0; b < b1; ++b) {
+      while (b >= first[p + 1]) ++p;
+      const Proj &pr = ps[p];
+      const int64_t n = (b - first[p]) * RB;
+      if (n + RB <= pr.N) {
+        rows_all_m<WT, RB>(pr.w, n, M, xs, pr.ep);
+      } else {
+        for (int64_t r = n; r < pr.N; ++r) rows_all_m<WT, 1>(pr.w, r, M, xs, pr.ep);
+      }
+    }
+  });
+}
+
+// A parsed call: x (fp32, and its vector-loop layout) and up to three projections of one weight dtype.
+struct Call {
+  DType xt = UNSUPPORTED, wt = UNSUPPORTED;
+  int64_t M = 0, K = 0;
+  int P = 0;
+  Proj ps[3];
+  XView xs{};
+  std::vector<float> xbuf, vbuf;
+
+  void run() {
+    switch (wt) {
+      case F32: project_impl<F32>(xs, M, ps, P); break;
+      case F16: project_impl<F16>(xs, M, ps, P); break;
+      case BF16: project_impl<BF16>(xs, M, ps, P); break;
+      case I8: project_impl<I8>(xs, M, ps, P); break;
+      default: break;
     }
   }
-  Epilogue ep{quant ? static_cast<const float *>(params[2]) : nullptr, groups, nullptr, F32, params[out], ot, N};
-  if (n_extra == 1) {
-    const int bi = quant ? 3 : 2;
-    ep.bias = params[bi];
-    ep.bias_t = dtype_of(dtypes[bi]);
-    if (!is_float(ep.bias_t)) return 2;
+};
+
+// Inputs laid out as x [..., K], P weights [N_p, K] of one dtype, then (int8 weights) P fp32 scales
+// ([N_p] per channel or [N_p, G] per group, K / G a multiple of 32), then (with_bias) P biases [N_p].
+// Fills `c` except the outputs (ep.out / ep.out_t). Returns 0, or 1 wrong count, 2 dtype, 3 shape.
+int parse_call(int P, bool with_bias, int nin, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+               Call &c) {
+  c.P = P;
+  c.xt = dtype_of(dtypes[0]);
+  c.wt = dtype_of(dtypes[1]);
+  if (!is_float(c.xt) || c.wt == UNSUPPORTED) return 2;
+  const bool quant = c.wt == I8;
+  if (nin != 1 + P * (1 + (quant ? 1 : 0) + (with_bias ? 1 : 0))) return 1;
+  if (ndims[1] != 2) return 3;
+  const int64_t K = shapes[1][1];
+  if (ndims[0] < 1 || shapes[0][ndims[0] - 1] != K) return 3;
+  c.K = K;
+  c.M = K ? numel(ndims[0], shapes[0]) / K : 0;
+  for (int p = 0; p < P; ++p) {
+    const int wi = 1 + p;
+    if (dtype_of(dtypes[wi]) != c.wt) return 2;
+    if (ndims[wi] != 2 || shapes[wi][1] != K) return 3;
+    const int64_t N = shapes[wi][0];
+    Proj &pr = c.ps[p];
+    pr.w = params[wi];
+    pr.N = N;
+    pr.ep = Epilogue{nullptr, 1, nullptr, F32, nullptr, F32, N};
+    if (quant) {
+      const int si = 1 + P + p;
+      if (dtype_of(dtypes[si]) != F32) return 2;
+      if (ndims[si] == 2) {
+        if (shapes[si][0] != N || shapes[si][1] < 1) return 3;
+        pr.ep.groups = shapes[si][1];
+        if (pr.ep.groups > 1 && (K % pr.ep.groups != 0 || (K / pr.ep.groups) % 32 != 0)) return 3;
+      } else if (ndims[si] != 1 || shapes[si][0] != N) {
+        return 3;
+      }
+      pr.ep.scale = static_cast<const float *>(params[si]);
+    }
+    if (with_bias) {
+      const int bi = 1 + P * (quant ? 2 : 1) + p;
+      pr.ep.bias = params[bi];
+      pr.ep.bias_t = dtype_of(dtypes[bi]);
+      if (!is_float(pr.ep.bias_t)) return 2;
+      if (numel(ndims[bi], shapes[bi]) != N) return 3;
+    }
   }
-  std::vector<float> xbuf, vbuf;
-  const float *x = as_f32(params[0], xt, M * K, xbuf);
+  const float *x = as_f32(params[0], c.xt, c.M * K, c.xbuf);
 #if QK_SIMD
   const int64_t Kv = K - K % KS;
 #else
   const int64_t Kv = 0;
 #endif
-  const float *xv = vector_layout(x, M, K, Kv, wt, vbuf);
-  XView xs{x, xv, K, Kv, xv == x ? K : Kv};
-  switch (wt) {
-    case F32: linear_impl<F32>(xs, params[1], M, N, ep); break;
-    case F16: linear_impl<F16>(xs, params[1], M, N, ep); break;
-    case BF16: linear_impl<BF16>(xs, params[1], M, N, ep); break;
-    case I8: linear_impl<I8>(xs, params[1], M, N, ep); break;
-    default: return 2;
+  const float *xv = vector_layout(x, c.M, K, Kv, c.wt, c.vbuf);
+  c.xs = XView{x, xv, K, Kv, xv == x ? K : Kv};
+  return 0;
+}
+
+// y_p = x @ W_p^T (* scale_p) (+ bias_p) for P projections; outputs [..., N_p] follow the inputs.
+int project(int P, bool with_bias, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  const int nin = nparam - P;
+  if (nin < 1 + P) return 1;
+  Call c;
+  if (int rc = parse_call(P, with_bias, nin, params, ndims, shapes, dtypes, c)) return rc;
+  for (int p = 0; p < P; ++p) {
+    c.ps[p].ep.out = params[nin + p];
+    c.ps[p].ep.out_t = dtype_of(dtypes[nin + p]);
+    if (!is_float(c.ps[p].ep.out_t)) return 2;
   }
+  c.run();
+  return 0;
+}
+
+// silu(x @ Wg^T) * (x @ Wu^T): both projections in one region, each rounded to the output dtype as the
+// separate linear kernels would store it, then the SwiGLU kernel's arithmetic (swiglu_span).
+int gate_up_swiglu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  const int nin = nparam - 1;
+  Call c;
+  if (int rc = parse_call(2, false, nin, params, ndims, shapes, dtypes, c)) return rc;
+  const DType ot = dtype_of(dtypes[nin]);
+  if (!is_float(ot)) return 2;
+  if (c.ps[0].N != c.ps[1].N) return 3;
+  const int64_t n = c.M * c.ps[0].N, esize = ot == F32 ? 4 : 2;
+  std::vector<char> gate(static_cast<size_t>(n * esize)), up(static_cast<size_t>(n * esize));
+  c.ps[0].ep.out = gate.data();
+  c.ps[1].ep.out = up.data();
+  c.ps[0].ep.out_t = c.ps[1].ep.out_t = ot;
+  c.run();
+  swiglu_span(gate.data(), ot, up.data(), ot, params[nin], ot, 0, n);
   return 0;
 }
 }  // namespace
 
 // One exported name per input signature: MindSpore caches a Custom op's graph by its function name, so
 // variants with different input counts must not share one.
-QK_KERNEL(Linear) { return nparam == 3 ? linear(nparam, params, ndims, shapes, dtypes) : 1; }
-QK_KERNEL(LinearBias) { return nparam == 4 ? linear(nparam, params, ndims, shapes, dtypes) : 1; }
-QK_KERNEL(LinearInt8) { return nparam == 4 ? linear(nparam, params, ndims, shapes, dtypes) : 1; }
-QK_KERNEL(LinearInt8Bias) { return nparam == 5 ? linear(nparam, params, ndims, shapes, dtypes) : 1; }
+QK_KERNEL(Linear) { return nparam == 3 ? project(1, false, nparam, params, ndims, shapes, dtypes) : 1; }
+QK_KERNEL(LinearBias) { return nparam == 4 ? project(1, true, nparam, params, ndims, shapes, dtypes) : 1; }
+QK_KERNEL(LinearInt8) { return nparam == 4 ? project(1, false, nparam, params, ndims, shapes, dtypes) : 1; }
+QK_KERNEL(LinearInt8Bias) { return nparam == 5 ? project(1, true, nparam, params, ndims, shapes, dtypes) : 1; }
+// Three projections of one x (attention's q, k, v): x, 3 weights, (3 int8 scales), (3 biases); 3 outputs.
+QK_KERNEL(LinearQkv) { return nparam == 7 ? project(3, false, nparam, params, ndims, shapes, dtypes) : 1; }
+QK_KERNEL(LinearQkvBias) { return nparam == 10 ? project(3, true, nparam, params, ndims, shapes, dtypes) : 1; }
+QK_KERNEL(LinearQkvInt8) { return nparam == 10 ? project(3, false, nparam, params, ndims, shapes, dtypes) : 1; }
+QK_KERNEL(LinearQkvInt8Bias) { return nparam == 13 ? project(3, true, nparam, params, ndims, shapes, dtypes) : 1; }
+// The MLP's first half, silu(gate(x)) * up(x): x, gate and up weights, (their int8 scales); one output.
+QK_KERNEL(GateUpSwiGLU) { return nparam == 4 ? gate_up_swiglu(nparam, params, ndims, shapes, dtypes) : 1; }
+QK_KERNEL(GateUpSwiGLUInt8) { return nparam == 6 ? gate_up_swiglu(nparam, params, ndims, shapes, dtypes) : 1; }

@@ -11,30 +11,8 @@ QK_KERNEL(SwiGLU) {
   if (!is_float(gt) || !is_float(ut) || !is_float(yt)) return 2;
   const int64_t n = numel(ndims[0], shapes[0]);
   if (numel(ndims[1], shapes[1]) != n) return 3;
-  const void *g = params[0], *u = params[1];
-  void *y = params[2];
-  if (gt == F32 && ut == F32) {
-    const float *gf = static_cast<const float *>(g), *uf = static_cast<const float *>(u);
-    float *yf = static_cast<float *>(y);
-    parallel_for(n, 1 << 13, worth_threads(n), [&](int64_t b, int64_t e) {
-      int64_t i = b;
-#if QK_SIMD
-      const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
-      for (; i + 8 <= e; i += 8) {
-        const __m256 a = _mm256_loadu_ps(gf + i);
-        const __m256 sig = _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, a)));
-        _mm256_storeu_ps(yf + i, _mm256_mul_ps(_mm256_div_ps(a, sig), _mm256_loadu_ps(uf + i)));
-      }
-#endif
-      for (; i < e; ++i) yf[i] = gf[i] / (1.0f + std::exp(-gf[i])) * uf[i];
-    });
-    return 0;
-  }
   parallel_for(n, 1 << 13, worth_threads(n), [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      float a = load(g, gt, i);
-      store(y, yt, i, round_to(gt, a / (1.0f + std::exp(-a))) * load(u, ut, i));
-    }
+    swiglu_span(params[0], gt, params[1], ut, params[2], yt, b, e);
   });
   return 0;
 }
