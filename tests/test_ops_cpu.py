@@ -572,3 +572,34 @@ def test_fused_projection_gradients_in_a_compiled_graph(kernels, int8):
     np.testing.assert_allclose(got[0].asnumpy(), want[0].asnumpy(), rtol=1e-4, atol=1e-3)
     _assert_grads([got[1][0].asnumpy(), *[g.asnumpy() for g in got[1][1]]],
                   [want[1][0].asnumpy(), *[g.asnumpy() for g in want[1][1]]], tol=1e-3)
+
+
+def _huge_pages_supported():
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        major, minor = (int(v) for v in os.uname().release.split(".")[:2])
+    except (OSError, ValueError):
+        return False
+    return "[never]" not in mode and (major, minor) >= (6, 1)
+
+
+def _anon_huge_kb():
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_collapse_huge_pages_keeps_values_and_skips_small_tensors():
+    small = Tensor(np.arange(16, dtype=np.float32))
+    assert cpu.collapse_huge_pages([small]) == 0
+    big = ms.Parameter(Tensor(rng.standard_normal((3 << 20) // 4 * 3).astype(np.float32)), name="big")  # 9 MiB
+    before = big.asnumpy().copy()
+    huge_kb = _anon_huge_kb()
+    done = cpu.collapse_huge_pages([big])
+    np.testing.assert_array_equal(big.asnumpy(), before)
+    if not _huge_pages_supported():
+        assert done == 0
+        return
+    assert done >= 6 << 20 and done % (2 << 20) == 0  # the whole 2 MiB pages inside 9 MiB
+    assert _anon_huge_kb() - huge_kb >= done // 1024

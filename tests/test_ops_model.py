@@ -191,3 +191,13 @@ def test_wrapped_projections_leave_the_fused_path_and_keep_the_logits():
     apply_lora(ours, LoraConfig(r=4, target_modules=["q_proj", "up_proj"]))
     assert not layer.self_attn.fused_qkv and not layer.mlp.fused_gate_up
     np.testing.assert_allclose(logits(ours), before, rtol=1e-6, atol=1e-6)
+
+
+def test_first_compiled_step_moves_the_weights_to_huge_pages_once(monkeypatch):
+    from qwen2ms.ops import cpu
+
+    seen = []
+    monkeypatch.setattr(cpu, "collapse_huge_pages", lambda tensors: seen.append(len(list(tensors))) or 0)
+    ours, _ = pair()
+    _greedy(ours, new=1)  # compiles a prefill and a decode step
+    assert seen == [len(list(ours.get_parameters()))]

@@ -676,6 +676,12 @@ class Qwen2ForCausalLM(nn.Cell):
         key = (id(self), int(logits_to_keep), mask is None, pos is None)
         step = steps.get(key)
         if step is None:
+            if not getattr(self, "_weights_on_huge_pages", False) and ms.get_context("device_target") == "CPU":
+                # Every decode step streams all weights: 2 MiB pages spare the TLB and the prefetchers.
+                from ..ops.cpu import collapse_huge_pages
+
+                collapse_huge_pages(self.get_parameters())
+                self._weights_on_huge_pages = True
             step = ms.jit(_CachedStep(self, cache, int(logits_to_keep)))
             steps[key] = step
         return step(ids, mask, pos, cache_position)

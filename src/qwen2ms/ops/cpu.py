@@ -30,6 +30,7 @@ __all__ = [
     "CpuKernels",
     "QuantizedWeight",
     "build_kernels",
+    "collapse_huge_pages",
     "compiler_flags",
     "dequantize_int8",
     "find_compiler",
@@ -670,6 +671,55 @@ class CpuKernels:
         if bias is None:
             return self._linear_q(x, q, scale)
         return self._linear_q_bias(x, q, scale, bias)
+
+
+#: Linux madvise advice that makes the kernel back a range by 2 MiB pages now (Linux 6.1+).
+_MADV_COLLAPSE = 25
+_HUGE_PAGE = 2 << 20
+
+
+def collapse_huge_pages(tensors, min_bytes: int = 4 << 20) -> int:
+    """Ask Linux to back the memory of large tensors by 2 MiB transparent huge pages, in place.
+
+    Decoding streams every weight once per token. With 4 KiB pages the hardware prefetchers stop at each
+    page boundary and the TLB misses every 4 KiB; on the development machine the 136 MB int8 lm_head took
+    8.6 ms per token on 4 KiB pages and 7.8 ms on huge pages. MindSpore allocates tensors without
+    huge-page advice, so this collapses the existing pages (``MADV_COLLAPSE``); values do not change.
+    Where that is unavailable (not Linux, a kernel before 6.1, THP disabled) nothing happens.
+
+    Args:
+        tensors: MindSpore tensors/Parameters (CPU memory).
+        min_bytes: smaller tensors are left alone (they hold less than a few huge pages).
+
+    Returns:
+        Bytes now backed by huge pages (0 when the system does not support it).
+
+    Example:
+        >>> collapse_huge_pages([ms.Tensor(np.zeros(16, np.float32))])
+        0
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):
+        return 0
+    done = 0
+    for t in tensors:
+        nbytes = int(t.nbytes)
+        if nbytes < min_bytes:
+            continue
+        addr = int(t.data_ptr())
+        start = (addr + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)  # whole huge pages inside the tensor
+        end = (addr + nbytes) & ~(_HUGE_PAGE - 1)
+        if end <= start:
+            continue
+        # Failures (unsupported kernel, or a range Linux will not collapse) leave that tensor as it was.
+        if madvise(start, end - start, _MADV_COLLAPSE) == 0:
+            done += end - start
+    return done
 
 
 _shared: Dict[str, CpuKernels] = {}
