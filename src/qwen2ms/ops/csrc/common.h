@@ -188,7 +188,19 @@ inline void swiglu_span(const void *g, DType gt, const void *u, DType ut, void *
     for (; i < e; ++i) yf[i] = gf[i] / (1.0f + std::exp(-gf[i])) * uf[i];
     return;
   }
-  for (int64_t i = b; i < e; ++i) {
+  int64_t i = b;
+#if QK_SIMD
+  // Eight at a time through the vectorised exp (a decode step's 4864 scalar exps took tens of us).
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  alignas(32) float v[8];
+  for (; i + 8 <= e; i += 8) {
+    for (int j = 0; j < 8; ++j) v[j] = load(g, gt, i + j);
+    const __m256 a = _mm256_load_ps(v);
+    _mm256_store_ps(v, _mm256_div_ps(a, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, a)))));
+    for (int j = 0; j < 8; ++j) store(y, yt, i + j, round_to(gt, v[j]) * load(u, ut, i + j));
+  }
+#endif
+  for (; i < e; ++i) {
     const float a = load(g, gt, i);
     store(y, yt, i, round_to(gt, a / (1.0f + std::exp(-a))) * load(u, ut, i));
   }
