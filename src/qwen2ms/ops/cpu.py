@@ -7,8 +7,9 @@ temporary file and renames it into place, so concurrent processes never load a h
 Each kernel has a bprop where training uses it.
 
 Threads: the kernels share one small pool (``csrc/pool.h``) with ``$QWEN2MS_KERNEL_THREADS`` threads
-(default: the CPUs this process may run on); idle workers spin ``$QWEN2MS_KERNEL_SPIN_US`` microseconds
-(default 50) and then sleep, so they do not starve MindSpore's runtime threads between kernels.
+(default: the CPUs this process may run on). An idle worker spins up to ``$QWEN2MS_KERNEL_SPIN_US``
+microseconds (default 300) when its previous job followed within that time (decoding), else 50, and then
+sleeps, so it does not starve MindSpore's own threads between kernels.
 """
 from __future__ import annotations
 

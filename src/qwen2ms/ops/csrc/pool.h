@@ -3,13 +3,14 @@
 // Not OpenMP on purpose: libgomp's idle workers spin-wait after every parallel region (and its wait
 // policy can only be set through the process environment, which would also change torch's), and a
 // spinning worker starves MindSpore's own runtime threads on a 2-core machine: measured 1.8 s per
-// decode step with OpenMP against 0.16 s with passive waiting. Workers here spin for a few
-// microseconds (back-to-back kernels of one layer) and then sleep on a condition variable.
+// decode step with OpenMP against 0.16 s with passive waiting. Workers here spin for at most a few
+// hundred microseconds (back-to-back kernels while decoding) and then sleep on a condition variable.
 #pragma once
 
 #include <pthread.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -133,11 +134,16 @@ class Pool {
 
   void loop() {
     uint32_t seen = 0;
+    int64_t last_gap_us = 0;  // idle time before the previous job
     for (;;) {
       uint32_t gen = published_.load(std::memory_order_acquire);
-      // A short spin (spin_us_, default 50 us) catches the next kernel of the same layer without a
-      // futex wake-up; longer would burn a core that MindSpore's runtime or other processes need.
-      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
+      // Spinning catches the next kernel without a futex wake-up (tens of us on a VM). Jobs that came
+      // back to back (decoding: one kernel every 20-100 us) get the long spin; after a long gap
+      // (prefill and training, where MindSpore's matmuls run between our kernels) a spinning worker
+      // would only take a core from MindSpore's threads, so it spins briefly and sleeps.
+      const auto idle_since = std::chrono::steady_clock::now();
+      const int spin = last_gap_us <= spin_us_ ? spin_us_ : std::min(spin_us_, kShortSpinUs);
+      const auto until = idle_since + std::chrono::microseconds(spin);
       for (int i = 1; gen == seen; ++i) {
         QK_PAUSE();
         gen = published_.load(std::memory_order_acquire);
@@ -155,6 +161,8 @@ class Pool {
         job = job_;
       }
       seen = gen;
+      last_gap_us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() -
+                                                                          idle_since).count();
       work(job, gen);
     }
   }
@@ -168,7 +176,8 @@ class Pool {
   std::atomic<uint64_t> state_{0};
   std::atomic<int64_t> done_{0};
   std::atomic<int> sleepers_{0};
-  int spin_us_ = 50;
+  static constexpr int kShortSpinUs = 50;
+  int spin_us_ = 300;
 };
 
 // parallel_for, or a plain call when `worth` is false (too little work to pay for waking a thread).
