@@ -423,10 +423,14 @@ def _attn_case(b=2, hq=6, hkv=2, t=5, s=7, d=16, seed=0):
 
 
 @pytest.mark.parametrize("dt", list(DTYPES))
-def test_attention_matches_reference(kernels, dt):
+@pytest.mark.parametrize("case", [dict(), dict(t=37, s=41, d=24), dict(t=40, s=40, d=64, b=1)],
+                         ids=["few-queries", "blocked-odd-head-size", "blocked-causal"])
+def test_attention_matches_reference(kernels, dt, case):
+    """Few query tokens take the per-query loop, more than 16 the blocked prefill path (left padding, a
+    fully masked row, a head size that is not a multiple of 16)."""
     from qwen2ms.ops import reference
 
-    q, k, v, mask = _attn_case()
+    q, k, v, mask = _attn_case(**case)
     got = kernels.attention(_t(q, dt), _t(k, dt), _t(v, dt), mask, 0.25)
     assert got.shape == q.shape and got.dtype == DTYPES[dt]
     ref_dt = "float32" if dt == "bfloat16" else dt  # bf16 matmuls do not run on CPU

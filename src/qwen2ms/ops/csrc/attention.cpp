@@ -4,13 +4,166 @@
 // semantics are those of the reference: masked scores become -1e30 (so a fully masked row averages
 // every key uniformly instead of producing NaN), probabilities are rounded to the query dtype before
 // they weight the values.
+#include <algorithm>
+
 #include "common.h"
 
 using namespace qk;
 
 namespace {
 constexpr float kMaskValue = -1.0e30f;
+
+// Softmax of one row of scores in place (masked entries hold kMaskValue); returns 1 / sum.
+inline float softmax_row(float *p, int64_t S) {
+  float mx = kMaskValue;
+  int64_t s = 0;
+#if QK_SIMD
+  __m256 vm = _mm256_set1_ps(kMaskValue);
+  for (; s + 8 <= S; s += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(p + s));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vm);
+  for (int j = 0; j < 8; ++j) mx = lanes[j] > mx ? lanes[j] : mx;
+#endif
+  for (; s < S; ++s) mx = p[s] > mx ? p[s] : mx;
+  double sum = 0.0;
+  s = 0;
+#if QK_SIMD
+  // exp8 below its clamp would give ~1e-38 where std::exp underflows towards 0: those entries
+  // (masked slots among them) are set to exactly 0, as the reference's softmax gives them.
+  const __m256 vmx = _mm256_set1_ps(mx), floor = _mm256_set1_ps(-87.3f);
+  __m256 vsum = _mm256_setzero_ps();
+  for (; s + 8 <= S; s += 8) {
+    const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(p + s), vmx);
+    const __m256 e = _mm256_and_ps(exp8(x), _mm256_cmp_ps(x, floor, _CMP_GE_OQ));
+    _mm256_storeu_ps(p + s, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  _mm256_store_ps(lanes, vsum);
+  for (int j = 0; j < 8; ++j) sum += lanes[j];
+#endif
+  for (; s < S; ++s) {
+    p[s] = std::exp(p[s] - mx);
+    sum += p[s];
+  }
+  return static_cast<float>(1.0 / sum);
 }
+
+#if QK_SIMD
+// Many query tokens (prefill): blocks of QB query rows of one head against K stored transposed, so the
+// scores of 8 keys for QB rows come from broadcast-FMAs without horizontal sums, and each V row serves
+// all QB rows. Key blocks masked for every row of the block (the causal future) are skipped.
+constexpr int QB = 4;
+
+void attention_blocked(const void *qp, DType qt, const float *kf, const float *vf, const bool *mask, int64_t MB,
+                       float scale, void *out, DType ot, int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t S,
+                       int64_t D) {
+  const int64_t group = Hq / Hkv, Sp = (S + 7) / 8 * 8;
+  // K^T per (batch, kv head): [D, Sp], zero-padded to whole blocks of 8 keys.
+  std::vector<float> kt(static_cast<size_t>(B * Hkv * D * Sp), 0.f);
+  for (int64_t bh = 0; bh < B * Hkv; ++bh)
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t d = 0; d < D; ++d) kt[(bh * D + d) * Sp + s] = kf[(bh * S + s) * D + d];
+  const int64_t qblocks = (T + QB - 1) / QB, units = B * Hq * qblocks;
+  parallel_for(units, 1, true, [&](int64_t u0, int64_t u1) {
+    std::vector<float> q(static_cast<size_t>(QB * D)), p(static_cast<size_t>(QB * Sp)), acc(static_cast<size_t>(D));
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t tb = u % qblocks, h = (u / qblocks) % Hq, b = u / (qblocks * Hq);
+      const int64_t t0 = tb * QB, nq = std::min<int64_t>(QB, T - t0), kvh = h / group;
+      const float *ktb = kt.data() + (b * Hkv + kvh) * D * Sp, *vb = vf + (b * Hkv + kvh) * S * D;
+      const bool *mb = mask + (MB == 1 ? 0 : b) * T * S;
+      for (int i = 0; i < QB; ++i)
+        for (int64_t d = 0; d < D; ++d)
+          q[i * D + d] = i < nq ? load(qp, qt, ((b * Hq + h) * T + t0 + i) * D + d) : 0.f;
+      for (int64_t s0 = 0; s0 < Sp; s0 += 8) {
+        bool any = false;
+        for (int i = 0; i < nq && !any; ++i)
+          for (int64_t s = s0; s < std::min<int64_t>(s0 + 8, S); ++s) any |= mb[(t0 + i) * S + s];
+        if (!any) {
+          for (int i = 0; i < QB; ++i)
+            for (int j = 0; j < 8; ++j) p[i * Sp + s0 + j] = kMaskValue;
+          continue;
+        }
+        __m256 a[QB];
+        for (int i = 0; i < QB; ++i) a[i] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; ++d) {
+          const __m256 kv = _mm256_loadu_ps(ktb + d * Sp + s0);
+          for (int i = 0; i < QB; ++i) a[i] = _mm256_fmadd_ps(_mm256_set1_ps(q[i * D + d]), kv, a[i]);
+        }
+        for (int i = 0; i < QB; ++i) {
+          if (qt == F32 && i < nq && s0 + 8 <= S) {
+            uint64_t m8;
+            std::memcpy(&m8, mb + (t0 + i) * S + s0, 8);
+            if (m8 == 0x0101010101010101ull) {  // all eight keys visible: no rounding, no mask
+              _mm256_storeu_ps(p.data() + i * Sp + s0, _mm256_mul_ps(a[i], _mm256_set1_ps(scale)));
+              continue;
+            }
+          }
+          alignas(32) float v[8];
+          _mm256_store_ps(v, a[i]);
+          for (int j = 0; j < 8; ++j) {
+            const int64_t s = s0 + j;
+            // The reference multiplies in the query dtype before the fp32 softmax.
+            p[i * Sp + s] = (i < nq && s < S && mb[(t0 + i) * S + s]) ? round_to(qt, round_to(qt, v[j]) * scale)
+                                                                        : kMaskValue;
+          }
+        }
+      }
+      for (int i = 0; i < nq; ++i) {
+        float *pr = p.data() + i * Sp;
+        // Keys after the row's last visible one get probability 0: the softmax runs over the rest only
+        // (a fully masked row keeps the reference's uniform average over all S keys).
+        const bool *mrow = mb + (t0 + i) * S;
+        int64_t e = S;
+        while (e > 0 && !mrow[e - 1]) --e;
+        if (e == 0) e = S;
+        const float inv = softmax_row(pr, e);
+        int64_t s = 0;
+        if (qt == F32)
+          for (const __m256 vi = _mm256_set1_ps(inv); s + 8 <= e; s += 8)
+            _mm256_storeu_ps(pr + s, _mm256_mul_ps(_mm256_loadu_ps(pr + s), vi));
+        for (; s < e; ++s) pr[s] = round_to(qt, pr[s] * inv);
+        for (s = e; s < S; ++s) pr[s] = 0.f;
+      }
+      // Weighted values: 16 columns at a time for all QB rows in registers, each V load serving QB rows.
+      int64_t send = 0;  // keys past the last nonzero weight of the block add nothing
+      for (int i = 0; i < nq; ++i)
+        for (int64_t s = S; s > send; --s)
+          if (p[i * Sp + s - 1] != 0.f) {
+            send = s;
+            break;
+          }
+      for (int i = nq; i < QB; ++i)
+        for (int64_t s = 0; s < S; ++s) p[i * Sp + s] = 0.f;
+      int64_t d0 = 0;
+      for (; d0 + 16 <= D; d0 += 16) {
+        __m256 o[QB][2];
+        for (int i = 0; i < QB; ++i) o[i][0] = o[i][1] = _mm256_setzero_ps();
+        for (int64_t s = 0; s < send; ++s) {
+          const __m256 v0 = _mm256_loadu_ps(vb + s * D + d0), v1 = _mm256_loadu_ps(vb + s * D + d0 + 8);
+          for (int i = 0; i < QB; ++i) {
+            const __m256 w = _mm256_set1_ps(p[i * Sp + s]);
+            o[i][0] = _mm256_fmadd_ps(w, v0, o[i][0]);
+            o[i][1] = _mm256_fmadd_ps(w, v1, o[i][1]);
+          }
+        }
+        for (int i = 0; i < nq; ++i) {
+          alignas(32) float v[16];
+          _mm256_store_ps(v, o[i][0]);
+          _mm256_store_ps(v + 8, o[i][1]);
+          for (int j = 0; j < 16; ++j) store(out, ot, ((b * Hq + h) * T + t0 + i) * D + d0 + j, v[j]);
+        }
+      }
+      for (int i = 0; i < nq && d0 < D; ++i) {  // head sizes that are not a multiple of 16
+        for (int64_t d = d0; d < D; ++d) acc[d] = 0.f;
+        for (int64_t s = 0; s < send; ++s)
+          for (int64_t d = d0; d < D; ++d) acc[d] += p[i * Sp + s] * vb[s * D + d];
+        for (int64_t d = d0; d < D; ++d) store(out, ot, ((b * Hq + h) * T + t0 + i) * D + d, acc[d]);
+      }
+    }
+  });
+}
+#endif
+}  // namespace
 
 // inputs: q [B, Hq, T, D], k [B, Hkv, S, D], v [B, Hkv, S, D], mask bool [B or 1, 1, T, S], scale [1] fp32
 // output: [B, Hq, T, D] in the dtype of q. Query head h reads kv head h / (Hq / Hkv).
@@ -32,6 +185,12 @@ QK_KERNEL(Attention) {
   std::vector<float> kbuf, vbuf;
   const float *kf = as_f32(params[1], kt, B * Hkv * S * D, kbuf);
   const float *vf = as_f32(params[2], vt, B * Hkv * S * D, vbuf);
+#if QK_SIMD
+  if (T > 16) {
+    attention_blocked(params[0], qt, kf, vf, mask, MB, scale, params[5], ot, B, Hq, Hkv, T, S, D);
+    return 0;
+  }
+#endif
   parallel_for(rows, 4, worth_threads(rows * S * D), [&](int64_t r0, int64_t r1) {
     std::vector<float> q(static_cast<size_t>(D)), p(static_cast<size_t>(S)), acc(static_cast<size_t>(D));
     for (int64_t r = r0; r < r1; ++r) {
@@ -40,7 +199,6 @@ QK_KERNEL(Attention) {
       const float *kb = kf + (b * Hkv + kvh) * S * D, *vb = vf + (b * Hkv + kvh) * S * D;
       const bool *mrow = mask + ((MB == 1 ? 0 : b) * T + t) * S;
       for (int64_t d = 0; d < D; ++d) q[d] = load(params[0], qt, r * D + d);
-      float mx = kMaskValue;
       for (int64_t s = 0; s < S; ++s) {
         if (!mrow[s]) {  // masked slots (e.g. the cache's unwritten tail) cost no dot product
           p[s] = kMaskValue;
@@ -52,26 +210,8 @@ QK_KERNEL(Attention) {
         for (int64_t d = 0; d < D; ++d) dot += q[d] * kr[d];
         // The reference multiplies in the query dtype before the fp32 softmax.
         p[s] = round_to(qt, round_to(qt, dot) * scale);
-        mx = p[s] > mx ? p[s] : mx;
       }
-      double sum = 0.0;
-      int64_t s = 0;
-#if QK_SIMD
-      // exp8 below its clamp would give ~1e-38 where std::exp underflows towards 0: those entries
-      // (masked slots among them) are set to exactly 0, as the reference's softmax gives them.
-      const __m256 vmx = _mm256_set1_ps(mx), floor = _mm256_set1_ps(-87.3f);
-      for (; s + 8 <= S; s += 8) {
-        const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(p.data() + s), vmx);
-        const __m256 e = _mm256_and_ps(exp8(x), _mm256_cmp_ps(x, floor, _CMP_GE_OQ));
-        _mm256_storeu_ps(p.data() + s, e);
-        for (int j = 0; j < 8; ++j) sum += p[s + j];
-      }
-#endif
-      for (; s < S; ++s) {
-        p[s] = std::exp(p[s] - mx);
-        sum += p[s];
-      }
-      const float inv = static_cast<float>(1.0 / sum);
+      const float inv = softmax_row(p.data(), S);
       for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
       for (int64_t s = 0; s < S; ++s) {
         const float w = round_to(qt, p[s] * inv);
