@@ -366,8 +366,26 @@ def test_failing_compiler_reports_and_leaves_no_file(tmp_path):
 
 def test_compiler_flags_follow_cpu_features():
     assert {"-mavx2", "-mfma", "-mf16c"} <= set(cpu.compiler_flags({"avx2", "fma", "f16c", "sse2"}))
+    assert "-mavx512f" not in cpu.compiler_flags({"avx2", "fma", "f16c", "avx512f"})  # BW missing
+    assert {"-mavx512f", "-mavx512bw"} <= set(cpu.compiler_flags({"avx2", "fma", "f16c", "avx512f", "avx512bw"}))
     portable = cpu.compiler_flags({"sse2"})
     assert "-mavx2" not in portable and "-O3" in portable and "-pthread" in portable
+
+
+def test_avx2_build_linear_matches_where_the_cpu_also_has_avx512(tmp_path):
+    """The 256-bit linear path (what an AVX2-only CPU builds) checked on any AVX2 machine."""
+    if not {"avx2", "fma", "f16c"} <= cpu._cpu_flags():
+        pytest.skip("this CPU has no AVX2")
+    k = CpuKernels(build_kernels(cache_dir=tmp_path, flags=cpu.compiler_flags({"avx2", "fma", "f16c"})))
+    x, w = rng.standard_normal((3, 96)), rng.standard_normal((11, 96))
+    for dt in ("float32", "bfloat16", "float16"):
+        _close(_np(k.linear(_t(x, dt), _t(w, dt))), _rounded(x, dt) @ _rounded(w, dt).T, dt)
+    qw = quantize_int8(w, group_size=32)
+    w_eff = (qw.q.reshape(11, 3, 32) * qw.scale[:, :, None].astype(np.float64)).reshape(11, 96)
+    _close(_np(k.linear_int8(_t(x), Tensor(qw.q), Tensor(qw.scale))), x @ w_eff.T, "float32")
+    got = k.linear_qkv(_t(x), [_t(w), _t(w[:5]), _t(w[5:])])
+    for y, part in zip(got, (w, w[:5], w[5:])):
+        _close(_np(y), x @ part.T, "float32")
 
 
 def test_portable_build_without_avx_matches(tmp_path):
