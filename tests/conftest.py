@@ -68,3 +68,21 @@ def qwen2_tokenizer_dir(tmp_path_factory, qwen_bpe_dir):
     shutil.copy(qwen_bpe_dir / "merges.txt", out / "merges.txt")
     (out / "tokenizer_config.json").write_text(json.dumps(qwen2_tokenizer_config(), indent=2))
     return out
+
+
+#: Modules that run msrun jobs or train for a while, longest first. They are collected first so that under
+#: pytest-xdist (``--dist loadfile --no-loadscope-reorder``, see pyproject.toml) they start at once and the many
+#: short modules fill the other worker meanwhile, instead of a long module starting last.
+LONG_MODULES = ("test_parallel_finetune_msrun_pp.py", "test_parallel_msrun.py", "test_parallel_finetune_msrun_dp.py",
+                "test_parallel_finetune.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core, at most 4 (the real-shape tests hold a few GB each)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 4))

@@ -3,7 +3,7 @@ the CLI's own entry point.
 
 Runs ``<out_dir>/dp2.yaml`` for 4 steps, resumes it to 6 (``--resume``), then ``<out_dir>/tp2_sp.yaml``
 for 6 steps, then generates from ``<out_dir>/predict_tp2.yaml`` (each rank's stdout goes to
-``generate_rank<r>.txt``). tests/test_parallel_finetune.py compares the logs, checkpoints, saved
+``generate_rank<r>.txt``). tests/test_parallel_finetune_msrun_dp.py compares the logs, checkpoints, saved
 models and text with single-process runs. Usage: msrun --worker_num=2 ... this.py OUT_DIR PROMPT
 """
 import contextlib

@@ -4,7 +4,7 @@ Runs ``<out_dir>/pp2.yaml`` (pipeline_stage 2, GPipe micro-batches, gradient acc
 resumes it to 6 (``--resume``), then ``<out_dir>/zero_dp2.yaml`` (data_parallel 2 with optimizer_shard) the
 same way, then ``<out_dir>/pp2_fp16.yaml`` (pipeline stages in fp16 with dynamic loss scaling) and
 ``<out_dir>/pp2_packed.yaml`` (packed rows: position and segment ids) for 6 steps each.
-tests/test_parallel_finetune.py compares the logs, per-rank checkpoints and the merged models with
+tests/test_parallel_finetune_msrun_pp.py compares the logs, per-rank checkpoints and the merged models with
 a single-process run. Usage: msrun --worker_num=2 ... this.py OUT_DIR
 """
 import os
