@@ -70,6 +70,15 @@ def qwen2_tokenizer_dir(tmp_path_factory, qwen_bpe_dir):
     return out
 
 
+
+@pytest.fixture(scope="module")
+def finetune_reference(tmp_path_factory):
+    """The msrun fine-tuning tests' reference: one process training on the combined batches for 6 steps."""
+    from finetune_cases import run_reference
+
+    return run_reference(tmp_path_factory)
+
+
 #: Modules that run msrun jobs or train for a while, longest first. They are collected first so that under
 #: pytest-xdist (``--dist loadfile --no-loadscope-reorder``, see pyproject.toml) they start at once and the many
 #: short modules fill the other worker meanwhile, instead of a long module starting last.

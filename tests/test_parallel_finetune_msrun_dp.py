@@ -7,17 +7,11 @@ pytest.importorskip("mindspore")
 pytest.importorskip("yaml")
 
 from finetune_cases import (PROMPT, WORKERS, check_against_reference, launch_with_retry,  # noqa: E402
-                           run_reference, write_config, write_predict_config)
+                           write_config, write_predict_config)
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """One process training on the combined batches (4 samples per step) for 6 steps."""
-    return run_reference(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def msrun_runs(tmp_path_factory, reference_run):
+def msrun_runs(tmp_path_factory, finetune_reference):
     from qwen2ms.parallel.launch import run_msrun
 
     def launch(out):
@@ -27,7 +21,7 @@ def msrun_runs(tmp_path_factory, reference_run):
         run_msrun(WORKERS / "finetune_layouts.py", [str(out), PROMPT], worker_num=2, log_dir=out / "logs",
                   timeout=900, cwd=str(out))
 
-    return launch_with_retry(tmp_path_factory, "finetune_msrun", launch), reference_run
+    return launch_with_retry(tmp_path_factory, "finetune_msrun", launch), finetune_reference
 
 
 @pytest.mark.slow

@@ -8,19 +8,13 @@ pytest.importorskip("mindspore")
 pytest.importorskip("yaml")
 
 from finetune_cases import (WORKERS, check_against_reference, launch_with_retry, read_logs,  # noqa: E402
-                           run_reference, write_config, write_fp16_config, write_packed_config)
+                           write_config, write_fp16_config, write_packed_config)
 
 from qwen2ms.training.run_config import run_finetune  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """One process training on the combined batches (4 samples per step) for 6 steps."""
-    return run_reference(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def msrun_pipeline_runs(tmp_path_factory, reference_run):
+def msrun_pipeline_runs(tmp_path_factory, finetune_reference):
     """One msrun job: PP=2 and ZeRO-1 (DP=2, optimizer_shard), 4 steps then resumed to 6; PP=2 fp16 and packed: 6."""
     from qwen2ms.parallel.launch import run_msrun
 
@@ -36,7 +30,7 @@ def msrun_pipeline_runs(tmp_path_factory, reference_run):
         run_msrun(WORKERS / "finetune_pp_zero.py", [str(out)], worker_num=2, log_dir=out / "logs",
                   timeout=900, cwd=str(out))
 
-    return launch_with_retry(tmp_path_factory, "finetune_msrun_pp", launch), reference_run
+    return launch_with_retry(tmp_path_factory, "finetune_msrun_pp", launch), finetune_reference
 
 
 @pytest.mark.slow
