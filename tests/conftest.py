@@ -70,7 +70,6 @@ def qwen2_tokenizer_dir(tmp_path_factory, qwen_bpe_dir):
     return out
 
 
-
 @pytest.fixture(scope="module")
 def finetune_reference(tmp_path_factory):
     """The msrun fine-tuning tests' reference: one process training on the combined batches for 6 steps."""

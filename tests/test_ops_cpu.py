@@ -605,15 +605,17 @@ def _huge_pages_supported():
 
 
 def _huge_kb_of_mapping(addr):
-    """AnonHugePages (KiB) of the memory mapping that holds address ``addr``, from /proc/self/smaps."""
-    inside = False
+    """KiB on huge pages (anonymous, shmem or file-backed) of the memory mapping that holds address ``addr``."""
+    inside, total = False, 0
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
         if head:
+            if inside:
+                break
             inside = int(head.group(1), 16) <= addr < int(head.group(2), 16)
-        elif inside and line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
-    return 0
+        elif inside and line.split(":")[0] in ("AnonHugePages", "ShmemPmdMapped", "FilePmdMapped"):
+            total += int(line.split()[1])
+    return total
 
 
 def test_collapse_huge_pages_keeps_values_and_skips_small_tensors():
