@@ -40,6 +40,15 @@ _SILU = ("silu", "swish")
 #: projections likewise fall back to separate matmuls).
 _KERNEL_MAX_ROWS = 16
 
+
+def _rows(x: Tensor) -> int:
+    """Rows of ``x`` as a linear layer sees them (all but the last dimension), from its static shape."""
+    rows = 1
+    for n in x.shape[:-1]:  # a plain loop: this also runs while MindSpore parses a graph
+        rows *= n
+    return rows
+
+
 class ReferenceOps:
     """The reference implementations as one object; fused backends subclass it and override what they fuse.
 
@@ -186,10 +195,7 @@ class CpuOps(ReferenceOps):
         training go to the reference (int8 weights dequantised per call). The choice depends only on
         static shapes, fixed when a graph is built.
         """
-        rows = 1
-        for n in x.shape[:-1]:
-            rows *= n
-        if rows > _KERNEL_MAX_ROWS:
+        if _rows(x) > _KERNEL_MAX_ROWS:
             # ReferenceOps named, not super(): MindSpore's graph parser resolves super() from the
             # instance's class, which recurses forever in a subclass of CpuOps.
             return ReferenceOps.linear(self, x, weight, bias, weight_scale)
@@ -221,10 +227,7 @@ class CpuOps(ReferenceOps):
 
     @staticmethod
     def _fusable(x, projs) -> bool:
-        rows = 1
-        for n in x.shape[:-1]:
-            rows *= n
-        if rows > _KERNEL_MAX_ROWS:
+        if _rows(x) > _KERNEL_MAX_ROWS:
             return False
         first = projs[0]
         for p in projs:  # a plain loop: this also runs while MindSpore parses a graph
