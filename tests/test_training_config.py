@@ -30,6 +30,22 @@ def test_every_released_size_has_finetune_and_predict_configs(size):
     ParallelConfig.from_dict(pr.parallel).validate(Qwen2Config.from_preset(preset))
 
 
+def test_shipped_configs_load_without_warnings(monkeypatch):
+    """Our own examples hold no key that qwen2ms accepts only to ignore (each would warn on every run)."""
+    import warnings
+
+    from qwen2ms.parallel import ParallelConfig
+    from qwen2ms.parallel import config as pconf
+
+    monkeypatch.setattr(pconf, "_warned_noop", set())  # the warning is once per process
+    paths = sorted(CONFIGS.glob("*.yaml"))
+    assert len(paths) == 2 * len(SIZES) + 1
+    for path in paths:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ParallelConfig.from_dict(load_run_config(path).parallel)
+
+
 def test_upstream_layouts_where_the_readme_gives_them():
     from qwen2ms.parallel import ParallelConfig
 
