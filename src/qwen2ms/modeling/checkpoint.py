@@ -9,17 +9,22 @@ ignores a redundant ``lm_head.weight`` on load and never writes one.
 Memory: tensors are read straight from the file into their own buffer (plain ``readinto``, no
 memory map whose pages would count twice) and handed to the parameter without another copy, so
 loading peaks at about one copy of the weights (``benchmarks/bench_load.py`` measures it).
-Saving writes one tensor at a time into temp files that are renamed into place at the end.
+Saving writes one tensor at a time into a staging folder that is swapped in at the end.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
+import itertools
 import json
 import os
 import re
+import shutil
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import mindspore as ms
@@ -50,11 +55,15 @@ _ST_DTYPES: Dict[str, Tuple[Any, Any]] = {
     "F16": (np.dtype(np.float16), np.uint16), "BF16": (np.dtype(_BF16_NP), np.uint16),
     "I64": (np.dtype(np.int64), np.uint64), "I32": (np.dtype(np.int32), np.uint32),
     "I16": (np.dtype(np.int16), np.uint16), "I8": (np.dtype(np.int8), np.uint8),
-    "U8": (np.dtype(np.uint8), np.uint8), "BOOL": (np.dtype(np.bool_), np.uint8),
+    "U64": (np.dtype(np.uint64), np.uint64), "U32": (np.dtype(np.uint32), np.uint32),
+    "U16": (np.dtype(np.uint16), np.uint16), "U8": (np.dtype(np.uint8), np.uint8),
+    "BOOL": (np.dtype(np.bool_), np.uint8),
 }
 _FLOAT_ST = {"F64", "F32", "F16", "BF16"}
 _MS_TO_ST = {ms.float32: "F32", ms.float16: "F16", ms.bfloat16: "BF16"}
-_MAX_HEADER = 100 * 1024 * 1024
+# The safetensors library's own limit: a longer header is refused before it is read.
+_MAX_HEADER = 100_000_000
+_U64 = 1 << 64
 
 
 @dataclass(frozen=True)
@@ -65,8 +74,119 @@ class _TensorInfo:
     nbytes: int
 
 
+def _json_object(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            # safetensors keeps the last of two same-named tensors; either choice loads the wrong bytes
+            # for one of them, so a repeated name is refused.
+            raise ValueError(f"the name {key!r} appears twice")
+        key.encode("utf-8")  # a lone surrogate escape is not UTF-8 (UnicodeEncodeError is a ValueError)
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _u64(value: Any) -> bool:
+    return type(value) is int and 0 <= value < _U64
+
+
+def parse_safetensors_header(raw: bytes, file_size: int, path: Union[str, os.PathLike]
+                             ) -> Tuple[Dict[str, _TensorInfo], Dict[str, str]]:
+    """Validate a safetensors header (the JSON after the 8-byte length) as the safetensors library does.
+
+    Every tensor needs a known dtype, a shape of non-negative ints and ``data_offsets`` ``[begin, end]``
+    with ``end - begin == prod(shape) * itemsize``; sorted by offset, the tensors must tile the data
+    section exactly: contiguous from 0, no overlap (two tensors reading the same bytes), no gap, and
+    ending at the end of the file. ``__metadata__`` must map strings to strings. A name may appear only
+    once (the library would keep the last). Unknown fields of an entry are ignored, as the library does.
+
+    Args:
+        raw: the header bytes.
+        file_size: size of the whole file in bytes.
+        path: the file, for messages.
+
+    Returns:
+        ``(tensors, metadata)``: per name its dtype, shape and absolute byte range; the metadata dict.
+
+    Raises:
+        CheckpointError: naming the file and, where there is one, the tensor.
+    """
+    path = Path(path)
+    try:
+        text = raw.decode("utf-8")
+        # "-0" is a float to the library's parser (so never a valid size), NaN/Infinity are not JSON.
+        header = json.loads(text, object_pairs_hook=_json_object, parse_constant=_reject_constant,
+                            parse_int=lambda s: -0.0 if s == "-0" else int(s))
+    except (UnicodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path} has a corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header (a JSON {type(header).__name__}, "
+                              "not an object)")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: the safetensors __metadata__ must map strings to strings, "
+                              f"got {metadata!r:.200}")
+    for v in metadata.values():
+        try:
+            v.encode("utf-8")
+        except UnicodeError as e:
+            raise CheckpointError(f"{path}: __metadata__ holds a string that is not UTF-8 ({e})") from e
+    base = 8 + len(raw)
+    spans: List[Tuple[int, int, str]] = []
+    out: Dict[str, _TensorInfo] = {}
+    for name, entry in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(entry, dict) or not all(k in entry for k in ("dtype", "shape", "data_offsets")):
+            raise CheckpointError(f"{where} needs an object with 'dtype', 'shape' and 'data_offsets', "
+                                  f"got {entry!r:.200}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{where} has unsupported dtype {dtype!r}; qwen2ms reads "
+                                  f"{', '.join(sorted(_ST_DTYPES))}")
+        if not isinstance(shape, list) or not all(_u64(d) for d in shape):
+            raise CheckpointError(f"{where} has shape {shape!r:.200}; it must be a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_u64(o) for o in offsets):
+            raise CheckpointError(f"{where} has data_offsets {offsets!r:.200}; they must be two non-negative "
+                                  "integers [begin, end]")
+        begin, end = offsets
+        count = 1
+        for d in shape:
+            count *= d
+        nbytes = count * _ST_DTYPES[dtype][0].itemsize
+        if nbytes >= _U64:
+            raise CheckpointError(f"{where}: shape {shape} of {dtype} overflows a 64-bit byte count")
+        if end < begin or end - begin != nbytes:
+            raise CheckpointError(f"{where} has byte range [{begin}, {end}) but its shape {shape} and dtype "
+                                  f"{dtype} need {nbytes} bytes")
+        spans.append((begin, end, name))
+        out[name] = _TensorInfo(dtype, tuple(shape), base + begin, nbytes)
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            what = "overlaps the tensor before it" if begin < at else f"leaves a gap of {begin - at} bytes"
+            raise CheckpointError(f"{path}: tensor {name!r} at data bytes [{begin}, {end}) {what} (the tensors "
+                                  f"must tile the data section; expected it to start at {at}); the file is corrupt")
+        at = end
+    data = file_size - base
+    if at > data:
+        raise CheckpointError(f"{path} is truncated: its tensors end at byte {base + at} but the file has "
+                              f"{file_size} bytes")
+    if at < data:
+        raise CheckpointError(f"{path} has {data - at} bytes after its last tensor (the data section must end "
+                              "with the file); it is corrupt or was appended to")
+    return out, metadata
+
+
 def read_safetensors_header(path: Union[str, os.PathLike]) -> Tuple[Dict[str, _TensorInfo], Dict[str, str]]:
     """Parse and validate a safetensors header without reading tensor data.
+
+    Validation is :func:`parse_safetensors_header`'s (what the safetensors library checks).
 
     Returns:
         ``(tensors, metadata)``: per name its dtype, shape and byte range; the ``__metadata__`` dict.
@@ -82,37 +202,16 @@ def read_safetensors_header(path: Union[str, os.PathLike]) -> Tuple[Dict[str, _T
             if len(head) < 8:
                 raise CheckpointError(f"{path} is not a safetensors file: only {size} bytes (truncated?)")
             (hlen,) = struct.unpack("<Q", head)
-            if hlen > _MAX_HEADER or 8 + hlen > size:
+            if hlen > _MAX_HEADER:
+                raise CheckpointError(f"{path} is corrupt: header length {hlen} exceeds the safetensors limit of "
+                                      f"{_MAX_HEADER} bytes")
+            if 8 + hlen > size:
                 raise CheckpointError(f"{path} is corrupt or truncated: header length {hlen} does not fit the "
                                       f"{size}-byte file")
             raw = f.read(hlen)
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint file {path}: {e}") from e
-    try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path} has a corrupt safetensors header ({e})") from e
-    metadata = header.pop("__metadata__", None) or {}
-    base = 8 + hlen
-    out: Dict[str, _TensorInfo] = {}
-    for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: malformed header entry for {name!r} ({e})") from e
-        if dtype not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
-        expect = int(np.prod(shape, dtype=np.int64)) * _ST_DTYPES[dtype][0].itemsize
-        if end - begin != expect or begin < 0:
-            raise CheckpointError(f"{path}: tensor {name!r} byte range [{begin}, {end}) does not match its "
-                                  f"shape {list(shape)} and dtype {dtype}")
-        if base + end > size:
-            raise CheckpointError(f"{path} is truncated: tensor {name!r} ends at byte {base + end} but the file "
-                                  f"has {size} bytes")
-        out[name] = _TensorInfo(dtype, shape, base + begin, end - begin)
-    return out, metadata
+    return parse_safetensors_header(raw, size, path)
 
 
 def _read_tensor(f, info: _TensorInfo, path: Path) -> np.ndarray:
@@ -156,6 +255,8 @@ def _write_safetensors(path: Path, tensors: List[Tuple[str, Any]], metadata: Dic
 # ---------------------------------------------------------------------------------------------
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+# KV cache buffers that save_pretrained wrote after generate() before it exported only the weights.
+_STALE_CACHE = re.compile(r"(^|\.)kv_cache\d+\.(key|value)\.\d+$")
 
 
 @dataclass(frozen=True)
@@ -202,29 +303,90 @@ def _released_expert_keys(name: str, shape: Tuple[int, ...]) -> List[str]:
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-def _shard_files(folder: Path) -> List[Path]:
+def _allowed_roots(folder: Path) -> List[Path]:
+    root = folder.resolve()
+    roots = [root]
+    # A huggingface_hub snapshot holds symlinks into the repo's blob store (snapshots/<rev>/f -> ../../blobs/<hash>).
+    blobs = root.parent.parent / "blobs"
+    if root.parent.name == "snapshots" and blobs.is_dir():
+        roots.append(blobs.resolve())
+    return roots
+
+
+def checkpoint_file(folder: Union[str, os.PathLike], name: Any, source: str,
+                    must_exist: bool = True) -> Path:
+    """``folder / name`` for a weight file named by ``source`` (an index, or the folder listing), refused
+    when the name is not a relative path that stays inside ``folder`` once symlinks are resolved.
+
+    Files of a huggingface_hub snapshot may point into that repo's blob store.
+
+    Raises:
+        CheckpointError: a non-string or empty name, an absolute path, ``..`` leaving the folder, a symlink
+            out of it, or (with ``must_exist``) a file that does not exist.
+    """
+    folder = Path(folder)
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise CheckpointError(f"{source} names shard file {name!r}; a shard name must be a non-empty file name "
+                              f"inside {folder}")
+    path = folder / name
+    if Path(name).is_absolute():
+        raise CheckpointError(f"{source} names shard file {name!r}, an absolute path; shard names are relative "
+                              f"to the checkpoint folder {folder}. Fix the index.")
+    target = path.resolve()
+    if not any(target.is_relative_to(root) for root in _allowed_roots(folder)):
+        via = "a symlink that leads" if target != Path(os.path.abspath(path)) else "a path"
+        raise CheckpointError(f"{source} names shard file {name!r}, {via} outside the checkpoint folder "
+                              f"{folder} (to {target}); qwen2ms reads weights only from inside the folder. Copy "
+                              "the file into the folder or fix the index.")
+    if must_exist and not target.is_file():
+        raise CheckpointError(f"{source} names shard file {name!r}, which is not in {folder}. Download the "
+                              "missing shard or fix the index.")
+    return path
+
+
+def read_index(folder: Union[str, os.PathLike]) -> Tuple[Dict[str, str], List[Path]]:
+    """The ``weight_map`` of ``folder``'s ``model.safetensors.index.json`` and its shard files, checked.
+
+    Returns:
+        ``(weight_map, files)``: tensor name -> shard name, and the distinct shard paths (sorted).
+
+    Raises:
+        CheckpointError: invalid JSON, no ``weight_map`` object of string -> string, or a shard name that
+            :func:`checkpoint_file` refuses (outside the folder, missing); every missing shard is listed.
+    """
+    folder = Path(folder)
     index = folder / INDEX_NAME
-    if index.is_file():
-        try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-            weight_map = data["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({e}); it needs a "
-                                  "'weight_map' object of tensor name -> shard file") from e
-        names = sorted(set(weight_map.values()))
-        absent = [n for n in names if not (folder / n).is_file()]
-        if absent:
-            raise CheckpointError(f"{index} names shard file(s) that are not in {folder}: {absent}. "
-                                  "Download the missing shards or fix the index.")
-        return [folder / n for n in names]
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise TypeError("the index is not a JSON object")
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+        bad = [v for v in weight_map.values() if not isinstance(v, str)][:3]
+        if bad:
+            raise TypeError(f"weight_map values must be shard file names (strings), got {bad}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index} is not a valid safetensors index ({e}); it needs a "
+                              "'weight_map' object of tensor name -> shard file") from e
+    names = sorted(set(weight_map.values()))
+    files = [checkpoint_file(folder, name, str(index), must_exist=False) for name in names]
+    absent = [name for name, path in zip(names, files) if not path.is_file()]
+    if absent:
+        raise CheckpointError(f"{index} names shard file(s) that are not in {folder}: {absent}. "
+                              "Download the missing shards or fix the index.")
+    return weight_map, files
+
+
+def _shard_files(folder: Path) -> List[Path]:
+    if (folder / INDEX_NAME).is_file():
+        return read_index(folder)[1]
     single = folder / WEIGHTS_NAME
     if single.is_file():
-        return [single]
+        return [checkpoint_file(folder, WEIGHTS_NAME, f"the folder {folder}")]
     others = sorted(p.name for p in folder.glob("*.safetensors"))
     if others:
-        return [folder / n for n in others]
+        return [checkpoint_file(folder, n, f"the folder {folder}") for n in others]
     found = sorted(p.name for p in folder.iterdir())
     raise CheckpointError(f"no safetensors weights in {folder} (expected {WEIGHTS_NAME} or {INDEX_NAME}); "
                           f"found {found}. PyTorch .bin checkpoints are not read: convert them with "
@@ -258,7 +420,7 @@ def _attach_tokenizer(model: Qwen2ForCausalLM, folder: Path) -> None:
 
 
 def load_hf(path_or_repo_id: Union[str, os.PathLike], dtype: Any = None,
-            revision: Optional[str] = None) -> Qwen2ForCausalLM:
+            revision: Optional[str] = None, check_finite: bool = True) -> Qwen2ForCausalLM:
     """Build a :class:`Qwen2ForCausalLM` from an HF checkpoint folder or hub repo id.
 
     Args:
@@ -268,15 +430,20 @@ def load_hf(path_or_repo_id: Union[str, os.PathLike], dtype: Any = None,
             None keeps the checkpoint's own dtype (its most common float dtype), so a bf16
             checkpoint round-trips bit for bit.
         revision: hub branch, tag or commit.
+        check_finite: refuse a tensor holding NaN or +-Inf (also one that a narrowing ``dtype`` cast
+            overflows), naming the tensor and file. The check reads each tensor's exponent bits as it
+            is streamed in (about 2% of the load time). False loads such weights as they are.
 
     Returns:
         The model, with ``generation_config_dict`` (raw generation_config.json or None) and
         ``tokenizer`` (a ``Qwen2Tokenizer`` when the folder has tokenizer files, else None).
 
     Raises:
-        CheckpointError: missing/invalid config, no weights, a shard named by the index is absent,
-            a truncated or corrupt file, or keys that do not fit the model (all missing, unexpected
-            and shape-mismatched keys are listed in one message).
+        CheckpointError: missing/invalid config, no weights, a shard named by the index is absent or
+            lies outside the folder, a truncated or corrupt file (a safetensors header that the
+            safetensors library would refuse: overlapping or aliased tensors included), keys that do not
+            fit the model (all missing, unexpected and shape-mismatched keys are listed in one message),
+            or (``check_finite``) a NaN/Inf weight.
         qwen2ms.HubError: the id could not be resolved.
 
     Example:
@@ -313,12 +480,16 @@ def load_hf(path_or_repo_id: Union[str, os.PathLike], dtype: Any = None,
     covered: Dict[str, set] = {}
     seen_keys: Dict[str, Path] = {}
     reported: set = set()  # present but unusable keys: listed once, not again as missing
+    stale_cache: List[str] = []
     for path, header in headers:
         for key, info in header.items():
             if key in seen_keys:
                 unexpected.append(f"{key} (duplicated in {seen_keys[key].name} and {path.name})")
                 continue
             seen_keys[key] = path
+            if _STALE_CACHE.search(key) and key not in params:
+                stale_cache.append(key)
+                continue
             try:
                 target = sanitize(key, params, tied)
             except KeyError:
@@ -360,11 +531,58 @@ def load_hf(path_or_repo_id: Union[str, os.PathLike], dtype: Any = None,
                 shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
                 parts.append(f"  {title} ({len(items)}): " + ", ".join(shown))
         raise CheckpointError("\n".join(parts))
+    if stale_cache:
+        import warnings
 
-    _stream_into(model, params, plan, storage, show_progress=len(files) > 1)
+        warnings.warn(f"{folder} holds {len(stale_cache)} KV cache buffers ({stale_cache[0]}, ...) that an older "
+                      "qwen2ms save_pretrained wrote after generate(); they are not weights and were skipped. "
+                      "Save the model again to drop them (transformers reports them as unexpected keys).",
+                      stacklevel=3)
+
+    _stream_into(model, params, plan, storage, show_progress=len(files) > 1, check_finite=check_finite)
     model.generation_config_dict = generation
     _attach_tokenizer(model, folder)
     return model
+
+
+# Exponent bits of each float format: a value is NaN or +-Inf exactly when all of them are set.
+_EXPONENT_BITS = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80),
+                  "F32": (np.uint32, 0x7F800000), "F64": (np.uint64, 0x7FF0000000000000)}
+_FINITE_CHUNK = 1 << 20
+
+
+def first_nonfinite(arr: np.ndarray, st_dtype: str) -> Optional[int]:
+    """Flat index of the first NaN or +-Inf in ``arr``, a tensor of safetensors dtype ``st_dtype``; None if none.
+
+    Reads the exponent bits a million elements at a time (no float conversion of bfloat16 and no
+    full-size temporary), so it runs near memory speed. Non-float dtypes have no such values: None.
+    """
+    spec = _EXPONENT_BITS.get(st_dtype)
+    if spec is None or arr.size == 0:
+        return None
+    raw, mask = spec
+    flat = np.ascontiguousarray(arr).reshape(-1).view(raw)
+    buf = np.empty(min(flat.size, _FINITE_CHUNK), raw)
+    for start in range(0, flat.size, _FINITE_CHUNK):
+        part = flat[start:start + _FINITE_CHUNK]
+        bits = np.bitwise_and(part, raw(mask), out=buf[:part.size])
+        if bits.max() == mask:  # the masked bits never exceed the mask; equal means all exponent bits set
+            return start + int(np.argmax(bits == mask))
+    return None
+
+
+def _check_finite(arr: np.ndarray, st_dtype: str, key: str, path: Path, cast_from: Optional[str] = None) -> None:
+    index = first_nonfinite(arr, st_dtype)
+    if index is None:
+        return
+    value = float(arr.reshape(-1)[index])
+    where = f"tensor {key!r} in {path} ({value} at flat index {index} of shape {list(arr.shape)})"
+    if cast_from is not None:
+        raise CheckpointError(f"{where} overflows {st_dtype} when cast from the file's {cast_from}: load with "
+                              "dtype='float32' or 'bfloat16' (float32's range), or pass check_finite=False to "
+                              "keep the infinities")
+    raise CheckpointError(f"{where} is not finite: the checkpoint is corrupt (a failed save, a diverged "
+                          "training run or a bad conversion). Pass check_finite=False to load it anyway.")
 
 
 def _cast(arr: np.ndarray, st_dtype: str, storage: Any, target_np: np.dtype) -> np.ndarray:
@@ -376,7 +594,7 @@ def _cast(arr: np.ndarray, st_dtype: str, storage: Any, target_np: np.dtype) -> 
     return Tensor.from_numpy(np.ascontiguousarray(arr)).astype(storage).asnumpy()
 
 
-def _stream_into(model, params, plan, storage, show_progress: bool) -> None:
+def _stream_into(model, params, plan, storage, show_progress: bool, check_finite: bool = True) -> None:
     target_np = np.dtype(ms.dtype_to_nptype(storage))
     stacks: Dict[str, Tuple[np.ndarray, int]] = {}
     expected_pieces = {name: len(_released_expert_keys(name, tuple(p.shape)))
@@ -399,8 +617,12 @@ def _stream_into(model, params, plan, storage, show_progress: bool) -> None:
         with f:
             for key, info, target in entries:
                 arr = _read_tensor(f, info, path)
+                if check_finite:
+                    _check_finite(arr, info.dtype, key, path)
                 if arr.dtype != target_np:
                     arr = _cast(arr, info.dtype, storage, target_np)
+                    if check_finite and _ST_DTYPES[info.dtype][0].itemsize > target_np.itemsize:
+                        _check_finite(arr, _MS_TO_ST[storage], key, path, cast_from=info.dtype)
                 param = params[target.param]
                 if target.expert is None:
                     param.set_data(Tensor.from_numpy(arr))
@@ -448,11 +670,50 @@ def parse_shard_size(size: Union[int, str]) -> int:
     return value
 
 
+def model_weights(model: Qwen2ForCausalLM) -> List[Tuple[str, Any]]:
+    """``(name, Parameter)`` for every weight of ``model``'s architecture, in the model's order.
+
+    The list is derived from the config (the HF keys of :func:`qwen2ms.modeling.mindformers.hf_parameter_shapes`,
+    stacked experts as one parameter each), not from whatever parameters the object holds: the KV cache
+    that ``generate()`` keeps on the model, or any other state attached later, is never a weight.
+
+    Raises:
+        CheckpointError: the model lacks a parameter its config implies, or holds it with another shape.
+    """
+    from .mindformers import hf_parameter_shapes
+
+    params = {p.name: p for p in model.get_parameters()}
+    wanted: set = set()
+    problems = []
+    for key, shape in hf_parameter_shapes(model.config).items():
+        try:
+            target = sanitize(key, params, model.tied)
+        except KeyError:
+            problems.append(f"{key} (no such parameter)")
+            continue
+        if target is None:
+            continue
+        pshape = tuple(params[target.param].shape)
+        have = pshape if target.expert is None else _piece_shape(target, pshape)
+        if tuple(have) != tuple(shape) or (target.expert is not None and target.expert >= pshape[0]):
+            problems.append(f"{key}: model {list(pshape)}, config {list(shape)}")
+            continue
+        wanted.add(target.param)
+    if problems:
+        raise CheckpointError(f"the model does not hold the weights its config describes: {problems[:10]}"
+                              + (f" and {len(problems) - 10} more" if len(problems) > 10 else ""))
+    return [(name, p) for name, p in params.items() if name in wanted]
+
+
 def _export_entries(model: Qwen2ForCausalLM, dtype: Any) -> Iterator[Tuple[str, Tuple[str, Tuple[int, ...], Any]]]:
-    """HF keys in the released layout with (safetensors dtype, shape, lazy array getter)."""
-    for param in model.get_parameters():
-        name, shape = param.name, tuple(param.shape)
+    """HF keys in the released layout with (safetensors dtype, shape, lazy array getter), for the
+    architecture's weights only (:func:`model_weights`)."""
+    for name, param in model_weights(model):
+        shape = tuple(param.shape)
         out_dtype = dtype if dtype is not None else param.dtype
+        if param.dtype not in _MS_TO_ST or out_dtype not in _MS_TO_ST:
+            raise CheckpointError(f"parameter {name} is {param.dtype}; only float32/float16/bfloat16 weights can be "
+                                  "exported (an int8-quantized model: save it before quantize_int8_weights)")
         st = _MS_TO_ST[out_dtype]
 
         def whole(p=param, od=out_dtype):
@@ -477,33 +738,265 @@ def _export_entries(model: Qwen2ForCausalLM, dtype: Any) -> Iterator[Tuple[str, 
             yield name, (st, shape, whole)
 
 
+# ---------------------------------------------------------------------------------------------
+# Publishing a folder atomically
+# ---------------------------------------------------------------------------------------------
+_HF_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+#: Files a tokenizer folder may hold; a save that writes a tokenizer replaces all of them, so no file
+#: of an earlier tokenizer (a tokenizer.json that transformers would prefer, say) survives beside it.
+TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                             "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                             "chat_template.json"})
+# Temp file of one file write: hub.atomic_write_bytes, ms_checkpoint and the per-file saves of
+# earlier versions name it ".<file>.tmp-<pid>" with an optional suffix.
+_FILE_TEMP = re.compile(r"^\.(?P<base>.+?)\.tmp-(?P<pid>\d+)(?:\.[A-Za-z0-9.]+)?$")
+_active_stages: set = set()  # staging folders of saves running in this process
+_stage_ids = itertools.count()
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except (OverflowError, OSError):
+        return False
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _stage_pattern(dest: Path) -> "re.Pattern[str]":
+    return re.compile(rf"^\.{re.escape(dest.name)}\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-\d+)?$")
+
+
+def clean_stale_saves(dest: Union[str, os.PathLike]) -> List[Path]:
+    """Remove what killed saves into ``dest`` left behind: their staging folders (``.<dest>.tmp-<pid>-<n>``
+    next to ``dest`` or inside it) and per-file temp files inside ``dest``, when process ``pid`` is gone.
+
+    A save that died between the two renames of the non-Linux swap left ``dest`` missing and the previous
+    checkpoint in ``.<dest>.old-<pid>-<n>``: that folder is renamed back to ``dest``.
+
+    Returns:
+        The paths removed.
+    """
+    dest = Path(dest)
+    pattern = _stage_pattern(dest)
+    removed = []
+    for where in (dest.parent, dest):
+        if not where.is_dir():
+            continue
+        for entry in list(where.iterdir()):
+            m = pattern.match(entry.name)
+            if m:
+                pid = int(m.group("pid"))
+                if _pid_alive(pid) and (pid != os.getpid() or entry in _active_stages):
+                    continue
+                if m.group("kind") == "old" and where == dest.parent and not dest.exists() and entry.is_dir():
+                    os.rename(entry, dest)
+                    continue
+            elif where == dest:
+                t = _FILE_TEMP.match(entry.name)
+                if t is None or int(t.group("pid")) == os.getpid() or _pid_alive(int(t.group("pid"))):
+                    continue
+            else:
+                continue
+            _remove(entry)
+            removed.append(entry)
+    return removed
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported.
+
+    The standard library has no call for it; the system call is one line through ctypes.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, or another C library
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):  # e.g. a file system without it
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _carry_over(old: Path, stage: Path, owned: Callable[[str], bool]) -> None:
+    """Hard-link (copy where links fail) every entry of ``old`` that is not the save's own into ``stage``."""
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    for entry in old.iterdir():
+        t = _FILE_TEMP.match(entry.name)
+        if owned(entry.name) or (t is not None and owned(t.group("base"))) or (stage / entry.name).exists() \
+                or _stage_pattern(old).match(entry.name):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), stage / entry.name)
+        elif entry.is_dir():
+            shutil.copytree(entry, stage / entry.name, symlinks=True, copy_function=link_or_copy)
+        else:
+            link_or_copy(str(entry), str(stage / entry.name))
+
+
+def _swap_in(stage: Path, dest: Path) -> None:
+    if not dest.exists():
+        os.rename(stage, dest)
+    elif not _exchange(stage, dest):
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}-{next(_stage_ids)}"
+        os.rename(dest, old)
+        try:
+            os.rename(stage, dest)
+        except BaseException:
+            os.rename(old, dest)
+            raise
+        _remove(old)
+    # After an exchange ``stage`` holds the previous checkpoint; the caller removes it.
+    _fsync_dir(dest.parent)
+
+
+def _publish_in_place(stage: Path, dest: Path, owned: Callable[[str], bool]) -> None:
+    # dest is a mount point (or its parent is read-only): no sibling to swap with. Files move one by
+    # one, weights first and the index last, so a reader never sees an index naming absent shards.
+    names = sorted(os.listdir(stage), key=lambda n: (not _HF_WEIGHT_FILE.match(n), n == INDEX_NAME, n))
+    for name in names:
+        os.replace(stage / name, dest / name)
+    for entry in dest.iterdir():
+        if owned(entry.name) and entry.name not in names:
+            _remove(entry)
+    _fsync_dir(dest)
+
+
+def write_folder_atomically(dest: Union[str, os.PathLike], write: Callable[[Path], None],
+                            owned: Callable[[str], bool]) -> Path:
+    """Fill a staging folder with ``write(stage)`` and make it ``dest`` in one rename.
+
+    The staging folder ``.<dest>.tmp-<pid>-<n>`` sits next to ``dest``. A new ``dest`` is a plain
+    rename; an existing one is swapped with ``renameat2(RENAME_EXCHANGE)`` on Linux (elsewhere: two
+    renames, and :func:`clean_stale_saves` repairs a crash between them). Readers see the whole old
+    folder or the whole new one. Entries of an existing ``dest`` for which ``owned(name)`` is false
+    (files the user put there, other tools' output) are carried into the new folder as hard links.
+    When ``dest`` is a mount point, or its parent is not writable, the files are staged inside ``dest``
+    and renamed one by one (each file atomic, not the folder). Leftovers of killed saves are removed first.
+
+    Returns:
+        ``dest`` resolved (a symlinked ``dest`` is written through to its target).
+
+    Raises:
+        CheckpointError: ``dest`` exists and is not a folder.
+    """
+    dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise CheckpointError(f"{dest} exists and is not a folder; a checkpoint is a folder")
+    dest = dest.resolve()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_saves(dest)
+    name = f".{dest.name}.tmp-{os.getpid()}-{next(_stage_ids)}"
+    inside = os.path.ismount(dest)
+    if not inside:
+        try:
+            (dest.parent / name).mkdir()
+        except PermissionError:
+            inside = True
+    if inside:
+        dest.mkdir(exist_ok=True)
+        (dest / name).mkdir()
+    stage = (dest if inside else dest.parent) / name
+    _active_stages.add(stage)
+    try:
+        write(stage)
+        if inside:
+            _publish_in_place(stage, dest, owned)
+        else:
+            if dest.is_dir():
+                _carry_over(dest, stage, owned)
+            _fsync_dir(stage)
+            _swap_in(stage, dest)
+    finally:
+        _active_stages.discard(stage)
+        _remove(stage)
+    return dest
+
+
+def _checkpoint_file(name: str) -> bool:
+    return bool(_HF_WEIGHT_FILE.match(name)) or name in (INDEX_NAME, "config.json", "generation_config.json")
+
+
 def save_hf(model: Qwen2ForCausalLM, save_directory: Union[str, os.PathLike], max_shard_size: Union[int, str] = "5GB",
             dtype: Any = None) -> None:
     """Write ``model`` in the HF layout: config.json, generation_config.json, safetensors (+ index).
 
+    Only the weights of the architecture are written (:func:`model_weights`: never the KV cache that
+    ``generate()`` keeps on the model). Per-expert MoE keys are written (the released format), a tied
+    lm_head is not. Transformers loads the result with ``from_pretrained``.
+
+    The save is atomic (:func:`write_folder_atomically`): everything is written into a staging folder
+    ``.<name>.tmp-<pid>-<n>`` next to ``save_directory`` and swapped in at the end, so a crash leaves
+    the previous checkpoint whole and never a mix of old and new shards. Saving over an earlier save
+    replaces the checkpoint's own files (``model*.safetensors``, the index, config.json,
+    generation_config.json, and the tokenizer files when the model has a tokenizer); other files in
+    the folder are kept. Staging folders of killed saves whose process is gone are removed.
+
     Args:
         model: the model to export.
-        save_directory: target folder (created if needed). Earlier ``model*.safetensors`` files there
-            that the new checkpoint does not use are removed.
+        save_directory: target folder (created if needed).
         max_shard_size: largest shard ("5GB", "500MB", bytes); one file ``model.safetensors`` when all fits.
         dtype: cast the weights on the way out; None writes each parameter in its stored dtype.
 
-    Per-expert MoE keys are written (the released format), a tied lm_head is not. Every file is
-    written to a temp name and renamed, so an interrupted save never leaves a half-written file
-    under a real name. Transformers loads the result with ``from_pretrained``.
-
     Raises:
         ValueError: a bad ``max_shard_size`` or ``dtype``.
+        CheckpointError: the model holds trainable parameters outside the architecture (LoRA
+            adapters: merge them first) or int8-quantized weights; ``save_directory`` is a file.
 
     Example:
         >>> model.save_pretrained("out/qwen2-0.5b", max_shard_size="500MB")  # doctest: +SKIP
     """
     limit = parse_shard_size(max_shard_size)
     out_dtype = resolve_dtype(dtype) if dtype is not None else None
-    folder = Path(save_directory)
-    folder.mkdir(parents=True, exist_ok=True)
 
     entries = list(_export_entries(model, out_dtype))
+    exported = {id(p) for _, p in model_weights(model)}
+    dropped = [p.name for p in model.get_parameters() if id(p) not in exported and p.requires_grad]
+    if dropped:
+        raise CheckpointError(f"the model has trainable parameters that are not Qwen2 weights, which save_pretrained "
+                              f"would lose: {dropped[:6]}{' ...' if len(dropped) > 6 else ''}. LoRA adapters: "
+                              "merge them into the weights first (qwen2ms.merge_and_unload(model)) or save them "
+                              "alone (qwen2ms.save_adapter(model, folder)).")
     shards: List[List[Tuple[str, Any]]] = [[]]
     sizes = [0]
     for name, spec in entries:
@@ -515,37 +1008,26 @@ def save_hf(model: Qwen2ForCausalLM, save_directory: Union[str, os.PathLike], ma
         sizes[-1] += nbytes
     n = len(shards)
     names = [WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-
-    tmp_paths: List[Path] = []
-    try:
-        for shard_name, shard in zip(names, shards):
-            tmp = folder / f".{shard_name}.tmp-{os.getpid()}"
-            tmp_paths.append(tmp)
-            _write_safetensors(tmp, shard, {"format": "pt"})
-        for tmp, shard_name in zip(tmp_paths, names):
-            os.replace(tmp, folder / shard_name)
-    finally:
-        for tmp in tmp_paths:
-            if tmp.exists():
-                tmp.unlink()
-    if n > 1:
-        index = {"metadata": {"total_size": int(sum(sizes))},
-                 "weight_map": {name: shard_name for shard_name, shard in zip(names, shards) for name, _ in shard}}
-        atomic_write_text(folder / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
-    elif (folder / INDEX_NAME).exists():
-        (folder / INDEX_NAME).unlink()
-    for stale in folder.glob("model*.safetensors"):
-        if stale.name not in names:
-            stale.unlink()
-
     cfg = model.config.to_dict()
-    saved = dtype_name(out_dtype if out_dtype is not None else model.storage_dtype)
-    cfg["dtype"] = saved
+    cfg["dtype"] = dtype_name(out_dtype if out_dtype is not None else model.storage_dtype)
     cfg.pop("torch_dtype", None)
-    atomic_write_text(folder / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    if model.generation_config_dict is not None:
-        atomic_write_text(folder / "generation_config.json",
-                          json.dumps(model.generation_config_dict, indent=2, sort_keys=True) + "\n")
     tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(folder)
+    if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
+        tokenizer = None
+
+    def write(stage: Path) -> None:
+        for shard_name, shard in zip(names, shards):
+            _write_safetensors(stage / shard_name, shard, {"format": "pt"})
+        if n > 1:
+            index = {"metadata": {"total_size": int(sum(sizes))},
+                     "weight_map": {name: shard_name for shard_name, shard in zip(names, shards) for name, _ in shard}}
+            atomic_write_text(stage / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(stage / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        if model.generation_config_dict is not None:
+            atomic_write_text(stage / "generation_config.json",
+                              json.dumps(model.generation_config_dict, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(stage)
+
+    write_folder_atomically(save_directory, write,
+                            lambda name: _checkpoint_file(name) or (tokenizer is not None and name in TOKENIZER_FILES))

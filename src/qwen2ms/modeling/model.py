@@ -56,7 +56,7 @@ Note: wrapping the model in another Cell with ``auto_prefix=True`` renames its p
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import mindspore as ms
@@ -689,22 +689,36 @@ class Qwen2ForCausalLM(nn.Cell):
     # ------------------------------------------------------------------ I/O
     @classmethod
     def from_hf(cls, path_or_repo_id: Union[str, os.PathLike], dtype: Any = None,
-                revision: Optional[str] = None) -> "Qwen2ForCausalLM":
-        """Load an HF checkpoint folder or hub repo id; see :func:`qwen2ms.modeling.checkpoint.load_hf`."""
+                revision: Optional[str] = None, check_finite: bool = True) -> "Qwen2ForCausalLM":
+        """Load an HF checkpoint folder or hub repo id; see :func:`qwen2ms.modeling.checkpoint.load_hf`.
+
+        ``check_finite=True`` (default) refuses NaN/Inf weights with a CheckpointError naming the tensor
+        and file; pass False to load them anyway.
+        """
         from .checkpoint import load_hf
 
-        return load_hf(path_or_repo_id, dtype=dtype, revision=revision)
+        return load_hf(path_or_repo_id, dtype=dtype, revision=revision, check_finite=check_finite)
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], max_shard_size: Union[int, str] = "5GB",
                         dtype: Any = None) -> None:
-        """Write the HF layout; see :func:`qwen2ms.modeling.checkpoint.save_hf`."""
+        """Write the weights (never the KV cache) in the HF layout, atomically; see
+        :func:`qwen2ms.modeling.checkpoint.save_hf`."""
         from .checkpoint import save_hf
 
         save_hf(self, save_directory, max_shard_size=max_shard_size, dtype=dtype)
 
+    def named_weights(self) -> List[Tuple[str, Parameter]]:
+        """``(name, Parameter)`` of every weight of the architecture (HF names, stacked experts as one
+        tensor each), as the config describes it: what :meth:`save_pretrained` exports. The KV cache that
+        :meth:`generate` keeps on the model is state, not a weight, and is never listed.
+        See :func:`qwen2ms.modeling.checkpoint.model_weights`."""
+        from .checkpoint import model_weights
+
+        return model_weights(self)
+
     def num_parameters(self) -> int:
-        """Number of parameter elements (a tied lm_head counted once, like HF)."""
-        return sum(int(np.prod(p.shape)) for p in self.get_parameters())
+        """Number of weight elements (a tied lm_head counted once, like HF; no KV cache)."""
+        return sum(int(np.prod(p.shape)) for _, p in self.named_weights())
 
     def save_checkpoint(self, path: Union[str, os.PathLike], naming: str = "hf", format: Optional[str] = None,
                         fuse_qkv: bool = False) -> "os.PathLike":
