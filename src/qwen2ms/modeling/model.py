@@ -699,6 +699,18 @@ class Qwen2ForCausalLM(nn.Cell):
 
         return load_hf(path_or_repo_id, dtype=dtype, revision=revision, check_finite=check_finite)
 
+    @classmethod
+    def from_gguf(cls, path: Union[str, os.PathLike], dtype: Any = None, dequantize: bool = False,
+                  **kwargs: Any) -> "Qwen2ForCausalLM":
+        """Load a GGUF file (llama.cpp's format) with its tokenizer; see :func:`qwen2ms.checkpoint.gguf.load_gguf`.
+
+        Example:
+            >>> model = Qwen2ForCausalLM.from_gguf("qwen2-0_5b-instruct-q8_0.gguf")  # doctest: +SKIP
+        """
+        from ..checkpoint.gguf import load_gguf  # lazy: modeling never imports checkpoint at import time
+
+        return load_gguf(path, dtype=dtype, dequantize=dequantize, **kwargs)
+
     def save_pretrained(self, save_directory: Union[str, os.PathLike], max_shard_size: Union[int, str] = "5GB",
                         dtype: Any = None) -> None:
         """Write the weights (never the KV cache) in the HF layout, atomically; see
