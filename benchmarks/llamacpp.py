@@ -31,7 +31,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 SDIST_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{SDIST_VERSION}"
@@ -137,23 +137,34 @@ def convert_script() -> Path:
     return source_dir() / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
 
 
-def convert_hf_to_gguf(hf_dir: os.PathLike, out_path: os.PathLike, outtype: str = "f32") -> Path:
-    """Write ``out_path`` from the transformers checkpoint folder ``hf_dir`` with llama.cpp's own converter.
+def convert_hf_to_gguf(jobs: Sequence[Tuple[os.PathLike, os.PathLike, str]]) -> List[Path]:
+    """Write GGUFs from transformers checkpoint folders with llama.cpp's own ``convert_hf_to_gguf.py``.
 
     Args:
-        outtype: ``f32``, ``f16``, ``bf16`` or ``q8_0`` (the converter's ``--outtype``).
+        jobs: ``(hf_dir, out_path, outtype)`` triples; outtype is the converter's ``--outtype`` (``f32``,
+            ``f16``, ``bf16``, ``q8_0``). All run in one child process (torch and transformers load once).
+
+    Returns:
+        The written paths.
 
     Raises:
-        RuntimeError: the converter failed (its stderr tail is in the message).
+        RuntimeError: the converter failed (its output tail is in the message).
     """
-    out_path = Path(out_path)
-    cmd = [sys.executable, str(convert_script()), str(hf_dir), "--outfile", str(out_path), "--outtype", outtype]
+    script = convert_script()
+    calls = [[str(hf), "--outfile", str(out), "--outtype", outtype] for hf, out, outtype in jobs]
+    # The converter is a script with main() reading sys.argv; one interpreter runs it once per job.
+    driver = ("import json, sys; sys.path.insert(0, sys.argv[1]); sys.argv = [sys.argv[1]];"
+              "import convert_hf_to_gguf as c\n"
+              "for argv in json.loads(sys.stdin.read()):\n"
+              "    sys.argv = ['convert_hf_to_gguf.py'] + argv; c.main()\n")
     env = dict(os.environ)
     env.pop("NO_LOCAL_GGUF", None)  # the converter uses its own gguf-py, the version it was written against
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    if proc.returncode != 0 or not out_path.is_file():
-        raise RuntimeError(f"convert_hf_to_gguf.py {outtype} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return out_path
+    proc = subprocess.run([sys.executable, "-c", driver, str(script.parent)], input=json.dumps(calls),
+                          capture_output=True, text=True, env=env, timeout=1800)
+    outs = [Path(out) for _, out, _ in jobs]
+    if proc.returncode != 0 or not all(p.is_file() for p in outs):
+        raise RuntimeError(f"convert_hf_to_gguf.py failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    return outs
 
 
 # ---------------------------------------------------------------------------------------------
