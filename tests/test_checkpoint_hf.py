@@ -1,6 +1,9 @@
 """HF safetensors checkpoints: load, save, round trips with transformers, and every documented error."""
+import ast
 import json
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -283,3 +286,59 @@ def test_load_casts_equal_torch_bit_for_bit():
     assert np.array_equal(half.view(np.uint16), x.half().numpy().view(np.uint16))
     rounded = ckpt._cast(x.numpy(), "F32", ms.bfloat16, bf16_np)
     assert np.array_equal(rounded.view(np.uint16), b.view(torch.int16).numpy().view(np.uint16))
+
+
+# ------------------------------------------------------------------ the README quickstart, run as written
+def readme_quickstart():
+    """The README's first python block, its checkpoint path literals and its save_pretrained target."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```python\n(.*?)```", text, re.S)
+    assert block, "README.md has no ```python block"
+    tree = ast.parse(block.group(1))
+    loads, saves = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args \
+                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            if node.func.attr in ("from_hf", "from_pretrained"):
+                loads.add(node.args[0].value)
+            elif node.func.attr == "save_pretrained":
+                saves.add(node.args[0].value)
+    assert loads and len(saves) == 1, f"the quickstart should load with from_hf and save once: {ast.unparse(tree)}"
+    return tree, loads, saves.pop()
+
+
+@pytest.mark.slow
+def test_readme_quickstart_output_loads_in_qwen2ms_and_transformers(tmp_path, qwen2_tokenizer_dir, capsys):
+    """The quickstart in one process (generate and chat, then save) writes a folder both libraries load
+    without unexpected or missing keys (it used to save generate()'s KV cache as weights)."""
+    cfg = transformers.Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   tie_word_embeddings=True)
+    torch.manual_seed(0)
+    src, out = tmp_path / "ckpt", tmp_path / "out"
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(src)
+    # A short default reply keeps the test fast: chat() then reuses generate()'s cache and compiled step.
+    gen = json.loads((src / "generation_config.json").read_text())
+    (src / "generation_config.json").write_text(json.dumps(dict(gen, max_new_tokens=16)))
+    for f in qwen2_tokenizer_dir.iterdir():
+        shutil.copy(f, src / f.name)
+    tree, loads, save_to = readme_quickstart()
+
+    class Paths(ast.NodeTransformer):
+        def visit_Constant(self, node):
+            if node.value in loads:
+                return ast.copy_location(ast.Constant(str(src)), node)
+            if node.value == save_to:
+                return ast.copy_location(ast.Constant(str(out)), node)
+            return node
+
+    code = compile(ast.fix_missing_locations(Paths().visit(tree)), "README.md (quickstart)", "exec")
+    exec(code, {"__name__": "readme_quickstart"})
+    printed = capsys.readouterr().out
+    assert printed.count("\n") >= 2, printed  # the generate and chat replies
+    ours = Qwen2ForCausalLM.from_hf(out)
+    theirs, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                                     output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    ids = np.random.default_rng(0).integers(0, 151936, (1, 6))
+    assert_close(ours(ids).logits, hf_logits(theirs.eval(), ids).logits.numpy(), 1e-4)

@@ -162,16 +162,21 @@ def parse_safetensors_header(raw: bytes, file_size: int, path: Union[str, os.Pat
         if nbytes >= _U64:
             raise CheckpointError(f"{where}: shape {shape} of {dtype} overflows a 64-bit byte count")
         if end < begin or end - begin != nbytes:
-            raise CheckpointError(f"{where} has byte range [{begin}, {end}) but its shape {shape} and dtype "
-                                  f"{dtype} need {nbytes} bytes")
+            raise CheckpointError(f"{path} has a corrupt safetensors header: tensor {name!r} offsets [{begin}, {end}) "
+                                  f"do not fit shape {shape} of {dtype} ({nbytes} bytes)")
         spans.append((begin, end, name))
         out[name] = _TensorInfo(dtype, tuple(shape), base + begin, nbytes)
+    spans.sort()
+    # Overlaps first: two tensors reading the same bytes is the silent-corruption case worth naming.
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{path}: tensors {n0!r} (data bytes [{b0}, {e0})) and {n1!r} ([{b1}, {e1})) "
+                                  "overlap; each tensor must have bytes of its own. The file is corrupt.")
     at = 0
-    for begin, end, name in sorted(spans):
+    for begin, end, name in spans:
         if begin != at:
-            what = "overlaps the tensor before it" if begin < at else f"leaves a gap of {begin - at} bytes"
-            raise CheckpointError(f"{path}: tensor {name!r} at data bytes [{begin}, {end}) {what} (the tensors "
-                                  f"must tile the data section; expected it to start at {at}); the file is corrupt")
+            raise CheckpointError(f"{path}: no tensor holds data bytes [{at}, {begin}) before tensor {name!r}; "
+                                  "the tensors must tile the data section without gaps. The file is corrupt.")
         at = end
     data = file_size - base
     if at > data:
@@ -373,7 +378,7 @@ def read_index(folder: Union[str, os.PathLike]) -> Tuple[Dict[str, str], List[Pa
     files = [checkpoint_file(folder, name, str(index), must_exist=False) for name in names]
     absent = [name for name, path in zip(names, files) if not path.is_file()]
     if absent:
-        raise CheckpointError(f"{index} names shard file(s) that are not in {folder}: {absent}. "
+        raise CheckpointError(f"{index} names shard file(s) that are not in the folder {folder}: {absent}. "
                               "Download the missing shards or fix the index.")
     return weight_map, files
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 
 from ..config import ConfigError, Qwen2Config
 from ..hub import atomic_write_bytes, atomic_write_text, resolve_pretrained
+from .checkpoint import CheckpointError, checkpoint_file, read_index, write_folder_atomically
 from .mindformers import (
     HF,
     MINDFORMERS,
@@ -38,7 +38,7 @@ from .ms_checkpoint import (
     MSCheckpointReader,
     MSCheckpointWriter,
     SafetensorsWriter,
-    cast_array,
+    read_checked,
     resolve_dtype,
     verify_hf_shapes,
 )
@@ -118,14 +118,15 @@ class _HFFolder:
         single = folder / "model.safetensors"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise ConvertError(f"{str(index)!r} is not a valid safetensors index (needs 'weight_map'): {e}") from e
-            files = sorted(set(weight_map.values()))
-            absent = [f for f in files if not (folder / f).is_file()]
-            if absent:
-                raise ConvertError(f"{str(index)!r} names shard files that are not in the folder: {absent}")
+                weight_map, paths = read_index(folder)
+            except CheckpointError as e:
+                raise ConvertError(str(e)) from e
+            files = [str(p.relative_to(folder)) for p in paths]
         elif single.is_file():
+            try:
+                checkpoint_file(folder, "model.safetensors", f"the folder {folder}")
+            except CheckpointError as e:
+                raise ConvertError(str(e)) from e
             files, weight_map = ["model.safetensors"], None
         else:
             raise ConvertError(f"{str(folder)!r} has no model.safetensors or model.safetensors.index.json; "
@@ -157,6 +158,9 @@ class _HFFolder:
 
     def get(self, key: str) -> np.ndarray:
         return self._where[key].get(key)
+
+    def path(self, key: str) -> Path:
+        return self._where[key].path
 
     def nbytes(self, key: str) -> int:
         return self._where[key].nbytes(key)
@@ -232,6 +236,7 @@ def convert(
     expert_layout: Optional[str] = None,
     revision: Optional[str] = None,
     verbose: bool = True,
+    check_finite: bool = True,
 ) -> ConvertSummary:
     """Convert between an HF checkpoint folder and a MindSpore checkpoint, streaming tensor by tensor.
 
@@ -254,13 +259,16 @@ def convert(
             ``"in_out"`` (the upstream's GroupedMatmul layout); detected when reading.
         revision: hub revision when ``src`` is a repo id.
         verbose: show a progress bar and print the summary line.
+        check_finite: refuse a source tensor holding NaN or +-Inf (or one that the ``dtype`` cast
+            overflows), naming it; False converts such weights as they are.
 
     Returns:
         A :class:`ConvertSummary`.
 
     Raises:
-        ConvertError: bad arguments, missing config.json or weights, keys/shapes that do not
-            match the config (all listed in one message).
+        ConvertError: bad arguments, missing config.json or weights, an index naming shards outside
+            the folder, keys/shapes that do not match the config (all listed in one message).
+        MSCheckpointError: also a corrupt safetensors header or (``check_finite``) a NaN/Inf weight.
         MSCheckpointError, CheckpointNamingError, HubError: unreadable or foreign inputs.
 
     Example:
@@ -276,10 +284,10 @@ def convert(
     np_dtype = resolve_dtype(dtype)
     if to == "ms":
         summary = _hf_to_ms(src, Path(dst), naming or HF, np_dtype, fuse_qkv, config, format, expert_layout or "out_in",
-                            revision, verbose)
+                            revision, verbose, check_finite)
     else:
         summary = _ms_to_hf(Path(src), Path(dst), naming, np_dtype, config, parse_size(max_shard_size),
-                            expert_layout, verbose)
+                            expert_layout, verbose, check_finite)
     if verbose:
         print(summary.line())
     return summary
@@ -294,7 +302,8 @@ def _ms_destination(dst: Path, format: Optional[str]) -> Path:
 
 
 def _hf_to_ms(src: Any, dst: Path, naming: str, np_dtype: Any, fuse_qkv: bool, config: Any,
-              format: Optional[str], expert_layout: str, revision: Optional[str], verbose: bool) -> ConvertSummary:
+              format: Optional[str], expert_layout: str, revision: Optional[str], verbose: bool,
+              check_finite: bool = True) -> ConvertSummary:
     folder = resolve_pretrained(src, allow_patterns=["*.json", "*.safetensors"], revision=revision)
     cfg, raw, gen = _read_config(config, folder, "HF checkpoint")
     with _HFFolder(folder) as source:
@@ -310,7 +319,8 @@ def _hf_to_ms(src: Any, dst: Path, naming: str, np_dtype: Any, fuse_qkv: bool, c
         with MSCheckpointWriter(out, format) as writer, \
                 _progress(sum(source.nbytes(k) for k in keys), "convert", verbose) as bar:
             for unit in conversion_groups(keys, fuse_qkv and naming == MINDFORMERS):
-                group = {k: cast_array(source.get(k), np_dtype) for k in unit}
+                group = {k: read_checked(source.get(k), k, source.path(k), np_dtype, check_finite)
+                         for k in unit}
                 if naming == MINDFORMERS:
                     group = to_mindformers(group, cfg, fuse_qkv=fuse_qkv, expert_layout=expert_layout)
                 for name, value in group.items():
@@ -371,7 +381,9 @@ class _ShardedHFWriter:
 
 
 def _ms_to_hf(src: Path, dst: Path, naming: Optional[str], np_dtype: Any, config: Any, max_bytes: int,
-              expert_layout: Optional[str], verbose: bool) -> ConvertSummary:
+              expert_layout: Optional[str], verbose: bool, check_finite: bool = True) -> ConvertSummary:
+    if dst.exists() and not dst.is_dir():
+        raise ConvertError(f"{str(dst)!r} exists and is not a folder; the HF layout needs a folder")
     if src.is_dir():
         found = sorted(p for p in src.iterdir() if p.suffix in (".ckpt", ".safetensors"))
         if len(found) != 1:
@@ -396,62 +408,57 @@ def _ms_to_hf(src: Path, dst: Path, naming: Optional[str], np_dtype: Any, config
         tied_head = cfg.tie_word_embeddings and "lm_head.weight" in hf_shapes
         skipped = len(training) + int(tied_head)
 
-        stage = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-        if stage.exists():
-            shutil.rmtree(stage)
-        stage.mkdir(parents=True)
-        writer = _ShardedHFWriter(stage, max_bytes)
         digests: Dict[str, str] = {}
         dtypes: set = set()
+        written: List[str] = []
+        counts: Dict[str, int] = {}
+
+        def write(stage: Path) -> None:
+            writer = _ShardedHFWriter(stage, max_bytes)
+            try:
+                with _progress(sum(reader.nbytes(k) for k in keys), "convert", verbose) as bar:
+                    for key in sorted(keys, key=model_order_key):
+                        value = read_checked(reader.get(key), key, src, np_dtype, check_finite)
+                        group = from_mindformers({key: value}, cfg, expert_layout=layout) \
+                            if found_naming == MINDFORMERS else {key: value}
+                        for name, part in group.items():
+                            if tied_head and name in ("lm_head.weight", "model.embed_tokens.weight"):
+                                digests[name] = _digest(part)
+                                if name == "lm_head.weight":
+                                    continue
+                            writer.add(name, np.ascontiguousarray(part))
+                            dtypes.add(part.dtype.name)
+                        bar.update(reader.nbytes(key))
+                        del value, group
+                if tied_head and digests["lm_head.weight"] != digests["model.embed_tokens.weight"]:
+                    raise ConvertError(
+                        f"{str(src)!r} has an lm_head.weight that differs from the embeddings, but the config ties "
+                        "them (tie_word_embeddings=true); set it to false in config.json to keep the separate head")
+                files = writer.finish() + _write_configs(stage, cfg, raw, gen)
+            except BaseException:
+                writer.abort()
+                raise
+            written.extend(f.name for f in files)
+            counts.update(tensors=len(writer.weight_map), nbytes=writer.nbytes)
+
+        # One staging folder swapped in whole (qwen2ms.modeling.checkpoint.write_folder_atomically): a crash
+        # never leaves old and new shards side by side; stale HF weight files are not carried over, since
+        # transformers would otherwise prefer an old model.safetensors over a new index.
         try:
-            with _progress(sum(reader.nbytes(k) for k in keys), "convert", verbose) as bar:
-                for key in sorted(keys, key=model_order_key):
-                    value = cast_array(reader.get(key), np_dtype)
-                    group = from_mindformers({key: value}, cfg, expert_layout=layout) \
-                        if found_naming == MINDFORMERS else {key: value}
-                    for name, part in group.items():
-                        if tied_head and name in ("lm_head.weight", "model.embed_tokens.weight"):
-                            digests[name] = _digest(part)
-                            if name == "lm_head.weight":
-                                continue
-                        writer.add(name, np.ascontiguousarray(part))
-                        dtypes.add(part.dtype.name)
-                    bar.update(reader.nbytes(key))
-                    del value, group
-            if tied_head and digests["lm_head.weight"] != digests["model.embed_tokens.weight"]:
-                raise ConvertError(
-                    f"{str(src)!r} has an lm_head.weight that differs from the embeddings, but the config ties "
-                    "them (tie_word_embeddings=true); set it to false in config.json to keep the separate head")
-            files = writer.finish()
-            files += _write_configs(stage, cfg, raw, gen)
-            published = _publish(stage, dst, [f.name for f in files])
-        except BaseException:
-            writer.abort()
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
-    return ConvertSummary("ms -> hf", found_naming, len(writer.weight_map), writer.nbytes, tuple(sorted(dtypes)),
-                          published, skipped)
+            out = write_folder_atomically(dst, write, _hf_owned)
+        except CheckpointError as e:
+            raise ConvertError(str(e)) from e
+    return ConvertSummary("ms -> hf", found_naming, counts["tensors"], counts["nbytes"], tuple(sorted(dtypes)),
+                          [out / name for name in written], skipped)
+
+
+def _hf_owned(name: str) -> bool:
+    """Files of an HF checkpoint that a conversion into the folder replaces (other files are kept)."""
+    return bool(_HF_WEIGHT_FILE.match(name)) or name in ("model.safetensors.index.json", "config.json",
+                                                          "generation_config.json")
 
 
 def _digest(array: np.ndarray) -> str:
     import hashlib
 
     return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data).hexdigest()
-
-
-def _publish(stage: Path, dst: Path, names: List[str]) -> List[Path]:
-    """Move the staged files into ``dst``; stale HF weight files there are removed first, since
-    transformers would otherwise prefer an old ``model.safetensors`` over a new index."""
-    if dst.exists() and not dst.is_dir():
-        raise ConvertError(f"{str(dst)!r} exists and is not a folder; the HF layout needs a folder")
-    dst.mkdir(parents=True, exist_ok=True)
-    for old in dst.iterdir():
-        if (_HF_WEIGHT_FILE.match(old.name) or old.name == "model.safetensors.index.json") and old.name not in names:
-            old.unlink()
-    out = []
-    for name in names:
-        os.replace(stage / name, dst / name)
-        out.append(dst / name)
-    shutil.rmtree(stage, ignore_errors=True)
-    return out
-

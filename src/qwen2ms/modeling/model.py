@@ -746,7 +746,7 @@ class Qwen2ForCausalLM(nn.Cell):
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, os.PathLike], config: Any = None,
-                        dtype: Any = None) -> "Qwen2ForCausalLM":
+                        dtype: Any = None, check_finite: bool = True) -> "Qwen2ForCausalLM":
         """Load a MindSpore checkpoint (HF or MindFormers names, detected); config defaults to the
         config.json next to it. See :func:`qwen2ms.modeling.ms_checkpoint.load_ms_model`.
 
@@ -755,7 +755,7 @@ class Qwen2ForCausalLM(nn.Cell):
         """
         from .ms_checkpoint import load_ms_model
 
-        return load_ms_model(path, config, dtype=dtype)
+        return load_ms_model(path, config, dtype=dtype, check_finite=check_finite)
 
     # ------------------------------------------------------------------ generation (thin wrappers)
     def generate(self, input_ids: Any, attention_mask: Optional[ArrayLike] = None, generation_config: Any = None,

@@ -43,6 +43,7 @@ __all__ = [
     "SafetensorsWriter",
     "resolve_dtype",
     "cast_array",
+    "read_checked",
     "sniff_format",
     "verify_hf_shapes",
 ]
@@ -126,6 +127,28 @@ def cast_array(array: np.ndarray, dtype: Optional[np.dtype]) -> np.ndarray:
         # numpy has no direct bf16 <-> f16 cast; bf16 -> f32 is exact, so one rounding happens.
         return array.astype(np.float32).astype(dtype)
     return array.astype(dtype)
+
+
+def read_checked(array: np.ndarray, key: str, path: PathLike, dtype: Optional[np.dtype],
+                 check_finite: bool = True) -> np.ndarray:
+    """``cast_array(array, dtype)`` for tensor ``key`` read from ``path``, refusing NaN/Inf first (and an
+    overflow of a narrowing cast) when ``check_finite``.
+
+    Raises:
+        MSCheckpointError: naming the tensor and file, and ``check_finite=False`` as the way to load anyway.
+    """
+    from .checkpoint import CheckpointError, _check_finite
+
+    source = _ST_NAMES.get(array.dtype.name, "")
+    try:
+        if check_finite:
+            _check_finite(array, source, key, Path(path))
+        out = cast_array(array, dtype)
+        if check_finite and out.dtype.itemsize < array.dtype.itemsize:
+            _check_finite(out, _ST_NAMES.get(out.dtype.name, ""), key, Path(path), cast_from=source)
+    except CheckpointError as e:
+        raise MSCheckpointError(str(e)) from e
+    return out
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -259,33 +282,18 @@ class MSCheckpointReader:
             raise
 
     def _index_safetensors(self) -> None:
-        f = self._file
-        assert f is not None
-        size = self.path.stat().st_size
-        (n,) = struct.unpack("<Q", f.read(8))
+        # One validator for every safetensors file qwen2ms reads: the checks of the safetensors library
+        # (tensors tile the data section with no overlap or gap, known dtypes, sizes that match shapes).
+        from .checkpoint import CheckpointError, read_safetensors_header
+
         try:
-            header = json.loads(f.read(n))
-            if not isinstance(header, dict):
-                raise ValueError("the header is not a JSON object")
-            self.metadata = dict(header.pop("__metadata__", None) or {})
-            start = 8 + n
-            for key, info in header.items():
-                dt = _ST_TYPES.get(info["dtype"])
-                if dt is None:
-                    raise MSCheckpointError(f"{str(self.path)!r}: tensor {key!r} has unsupported dtype {info['dtype']}")
-                shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(x) for x in info["data_offsets"])
-                if end - begin != int(np.prod(shape, dtype=np.int64)) * _np_dtype(dt).itemsize or begin < 0:
-                    raise ValueError(f"tensor {key!r}: offsets {begin}..{end} do not fit shape {shape} of {dt}")
-                if start + end > size:
-                    raise MSCheckpointError(f"{str(self.path)!r} is truncated: tensor {key!r} ends at byte "
-                                            f"{start + end}, the file has {size}")
-                entry = self._entries[key] = _Entry(shape, dt)
-                entry.segments.append((start + begin, end - begin))
-        except (ValueError, KeyError, TypeError) as e:
-            if isinstance(e, MSCheckpointError):
-                raise
-            raise MSCheckpointError(f"{str(self.path)!r} has a corrupt safetensors header: {e}") from e
+            tensors, metadata = read_safetensors_header(self.path)
+        except CheckpointError as e:
+            raise MSCheckpointError(str(e)) from e
+        self.metadata = dict(metadata)
+        for key, info in tensors.items():
+            entry = self._entries[key] = _Entry(info.shape, _ST_TYPES[info.dtype])
+            entry.segments.append((info.start, info.nbytes))
 
     # -- ckpt index: walk the protobuf wire format, seeking over tensor bytes
     def _corrupt(self, why: str) -> MSCheckpointError:
@@ -807,6 +815,7 @@ def load_ms_checkpoint(
     dtype: Any = None,
     naming: Optional[str] = None,
     expert_layout: Optional[str] = None,
+    check_finite: bool = True,
 ) -> Dict[str, np.ndarray]:
     """Read a MindSpore checkpoint (HF or MindFormers naming) into an HF-named state dict.
 
@@ -819,13 +828,15 @@ def load_ms_checkpoint(
         dtype: cast weights to this dtype (``None`` keeps the stored dtype, e.g. bf16 stays bf16).
         naming: ``"hf"`` or ``"mindformers"``; ``None`` detects it from the keys.
         expert_layout: stacked-expert layout of a MindFormers checkpoint (``None`` detects it).
+        check_finite: refuse a tensor holding NaN or +-Inf (or overflowing the ``dtype`` cast);
+            False reads such weights as they are.
 
     Returns:
         HF key -> numpy array, in the released layout (one key per expert).
 
     Raises:
-        MSCheckpointError: missing/corrupt file, or keys/shapes that do not fit ``config``
-            (all listed in one message).
+        MSCheckpointError: missing/corrupt file, keys/shapes that do not fit ``config``
+            (all listed in one message), or (``check_finite``) a NaN/Inf weight.
         CheckpointNamingError: keys in neither naming, or a naming that does not fit the keys.
 
     Example:
@@ -844,7 +855,7 @@ def load_ms_checkpoint(
         if found == MINDFORMERS and layout is None:
             layout = detect_expert_layout({k: reader.shape(k) for k in keys}, config)
         for key in keys:
-            value = cast_array(reader.get(key), np_dtype)
+            value = read_checked(reader.get(key), key, path, np_dtype, check_finite)
             if found == MINDFORMERS:
                 out.update(from_mindformers({key: value}, config, expert_layout=layout))
             else:
@@ -877,6 +888,7 @@ def load_ms_model(
     dtype: Any = None,
     naming: Optional[str] = None,
     expert_layout: Optional[str] = None,
+    check_finite: bool = True,
 ) -> Any:
     """Build a ``Qwen2ForCausalLM`` from a MindSpore checkpoint, streaming tensors into its parameters.
 
@@ -888,13 +900,15 @@ def load_ms_model(
             so a bf16 checkpoint loads bit for bit.
         naming: ``"hf"``/``"mindformers"``; ``None`` detects it.
         expert_layout: stacked-expert layout of a MindFormers checkpoint (``None`` detects it).
+        check_finite: refuse a tensor holding NaN or +-Inf (or overflowing the ``dtype`` cast), naming
+            it; False loads such weights as they are.
 
     Returns:
         The model.
 
     Raises:
-        MSCheckpointError: missing file or config, or keys/shapes that do not fit the config (all
-            listed in one message).
+        MSCheckpointError: missing file or config, keys/shapes that do not fit the config (all
+            listed in one message), or (``check_finite``) a NaN/Inf weight.
         CheckpointNamingError: keys in neither naming.
 
     Example:
@@ -932,7 +946,7 @@ def load_ms_model(
         stacks: Dict[str, np.ndarray] = {}
         filled: set = set()
         for key in sorted(keys, key=model_order_key):
-            value = cast_array(reader.get(key), np_dtype)
+            value = read_checked(reader.get(key), key, path, np_dtype, check_finite)
             pieces = from_mindformers({key: value}, config, expert_layout=layout) if found == MINDFORMERS \
                 else {key: value}
             for name, arr in pieces.items():
