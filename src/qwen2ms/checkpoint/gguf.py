@@ -146,13 +146,9 @@ def _read_header(path: Path) -> _Header:
         size = os.fstat(f.fileno()).st_size
         if f.read(4) != _MAGIC:
             raise CheckpointError(f"{path} is not a GGUF file: it does not start with the magic bytes 'GGUF'")
+        # Slices of the map are bytes copies, so no view outlives it (closing a map with views raises).
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            cur = _Cursor(memoryview(mm), path)
-            try:
-                header = _parse(cur, path, size, gguf)
-            finally:
-                cur.buf.release()
-    return header
+            return _parse(_Cursor(mm, path), path, size, gguf)
 
 
 def _parse(cur: _Cursor, path: Path, size: int, gguf: Any) -> _Header:
@@ -202,10 +198,12 @@ def _parse(cur: _Cursor, path: Path, size: int, gguf: Any) -> _Header:
         except (ValueError, KeyError):
             tensors[name] = _TensorInfo(name, f"type id {type_id}", shape, data_start + offset, 0)
             continue
-        n = int(np.prod(shape, dtype=np.int64)) if all(d < 1 << 40 for d in shape) else -1
-        if n < 0 or shape[-1] % block:
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(shape)}, which {qtype.name} (blocks of "
-                                  f"{block} values along a row) cannot hold")
+        if shape[-1] % block:
+            raise CheckpointError(f"{path}: tensor {name!r} has rows of {shape[-1]} values, not a whole number of "
+                                  f"{qtype.name} blocks of {block}")
+        n = 1
+        for d in shape:  # Python ints: a corrupt dimension cannot overflow, it fails the size check below
+            n *= d
         tensors[name] = _TensorInfo(name, qtype.name, shape, data_start + offset, n // block * type_size)
     spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
     end_prev, prev = data_start, None
@@ -293,6 +291,9 @@ def _config(header: _Header) -> Qwen2Config:
                                   f"embedding_length / head_count = {hidden // heads} wide")
     rope_scaling = None
     kind = _meta(header, p + "rope.scaling.type", "str")
+    if kind not in (None, "none", "linear", "yarn"):
+        raise CheckpointError(f"{path}: GGUF rope scaling type {kind!r} is not supported; qwen2ms reads "
+                              "'none', 'linear' and 'yarn'")
     if kind not in (None, "none"):
         factor = _meta(header, p + "rope.scaling.factor", "float", True)
         if kind == "linear":
@@ -300,9 +301,6 @@ def _config(header: _Header) -> Qwen2Config:
         elif kind == "yarn":
             orig = _meta(header, p + "rope.scaling.original_context_length", "int", True)
             rope_scaling = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": orig}
-        else:
-            raise CheckpointError(f"{path}: GGUF rope scaling type {kind!r} is not supported; qwen2ms reads "
-                                  "'none', 'linear' and 'yarn'")
     infos = header.tensors
     if layers * 9 > len(infos):  # every layer has at least 9 tensors; refuse before building a huge tensor map
         raise CheckpointError(f"{path}: {p}block_count is {layers}, but the file holds only {len(infos)} tensors "
