@@ -16,7 +16,7 @@ libraries and tools, or those files directly); ``$QWEN2MS_LLAMACPP_SDIST`` a loc
 
 Usage:
     python benchmarks/llamacpp.py build          # build (or find) llama.cpp, print where and how long it took
-    python benchmarks/llamacpp.py logits MODEL.gguf 1,2,3 OUT.npy   # llama.cpp's logits for every position
+    python benchmarks/llamacpp.py logits MODEL.gguf 1,2,3 OUT.npy 1 2   # logits per position (f32 KV cache, 2 threads)
 """
 from __future__ import annotations
 
@@ -41,7 +41,11 @@ TARGETS = ("llama", "llama-bench", "llama-quantize")
 
 
 class LlamaCppUnavailable(RuntimeError):
-    """llama.cpp cannot be obtained or built here; the message says why (tests skip with it)."""
+    """llama.cpp cannot be obtained here (no sdist, no compiler or cmake); the message says why (tests skip)."""
+
+
+class LlamaCppBuildError(RuntimeError):
+    """The toolchain is there but configuring or compiling llama.cpp failed (tests fail with the log tail)."""
 
 
 def cache_root() -> Path:
@@ -189,6 +193,13 @@ def _bin_dir_of(folder: Path) -> Optional[Path]:
     return None
 
 
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def build_dir(build: bool = True, jobs: int = 2) -> Path:
     """The folder holding ``libllama.so``, ``llama-bench`` and ``llama-quantize``, building llama.cpp if needed.
 
@@ -197,7 +208,8 @@ def build_dir(build: bool = True, jobs: int = 2) -> Path:
         jobs: parallel compile jobs.
 
     Raises:
-        LlamaCppUnavailable: ``$QWEN2MS_LLAMACPP_DIR`` holds no libllama, no toolchain, or the build failed.
+        LlamaCppUnavailable: ``$QWEN2MS_LLAMACPP_DIR`` holds no libllama, no sdist, or no toolchain.
+        LlamaCppBuildError: the build failed.
     """
     env = os.environ.get(ENV_DIR)
     if env:
@@ -226,14 +238,16 @@ def build_dir(build: bool = True, jobs: int = 2) -> Path:
         nice = ["nice", "-n", "19"] if shutil.which("nice") else []
         compile_ = [*nice, "cmake", "--build", str(tmp), "--config", "Release", "-j", str(jobs),
                     "--target", *TARGETS]
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), _children_cpu()
         for cmd in (configure, compile_):
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise LlamaCppUnavailable(f"building llama.cpp failed at `{' '.join(cmd)}`:\n"
-                                          f"{(proc.stdout + proc.stderr)[-3000:]}")
+                raise LlamaCppBuildError(f"building llama.cpp failed at `{' '.join(cmd)}`:\n"
+                                         f"{(proc.stdout + proc.stderr)[-3000:]}")
         seconds = time.perf_counter() - start
-        info = {"seconds": round(seconds, 1), "jobs": jobs, "configure": configure, "build": compile_,
+        # CPU seconds do not depend on what else runs on the machine; the wall time does (nice 19).
+        info = {"seconds": round(seconds, 1), "cpu_seconds": round(_children_cpu() - cpu0, 1),
+                "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "jobs": jobs, "configure": configure, "build": compile_,
                 "cpu": cpu_description(), "sdist": SDIST_NAME}
         (tmp / "BUILD_INFO.json").write_text(json.dumps(info, indent=2) + "\n")
         try:
@@ -253,41 +267,85 @@ def build_info() -> Dict[str, object]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Running llama.cpp: logits through the llama-cpp-python bindings, in a child process
+# Running llama.cpp: logits and tokens through the llama-cpp-python bindings, in a child process
 # ---------------------------------------------------------------------------------------------
-def logits(model: os.PathLike, tokens: Sequence[int], threads: int = 2) -> "np.ndarray":  # noqa: F821
+def _child(command: str, args: List[str], threads: int) -> str:
+    """Run ``python llamacpp.py COMMAND ARGS`` against the cached build; returns its stdout.
+
+    A child process keeps llama.cpp's OpenMP runtime apart from MindSpore's, and the ``llama_cpp`` bindings of
+    the same sdist load the cached build through ``LLAMA_CPP_LIB_PATH`` (so llama-cpp-python is not installed
+    and llama.cpp is not compiled a second time).
+    """
+    env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(build_dir()), OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), command, *args, str(threads)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama.cpp {command} failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def logits(model: os.PathLike, tokens: Sequence[int], threads: int = 2, f32_cache: bool = True):
     """llama.cpp's float32 logits ``[len(tokens), n_vocab]`` for one sequence, every position.
 
-    Runs in a child process (llama.cpp's OpenMP runtime and MindSpore's stay apart) through the
-    ``llama_cpp`` bindings of the same sdist, loaded against the cached build via ``LLAMA_CPP_LIB_PATH``
-    (so llama-cpp-python is not installed and llama.cpp is not compiled a second time).
+    Args:
+        f32_cache: keep the KV cache in float32 (llama.cpp's default is float16, which adds its own rounding).
     """
     import numpy as np
 
-    lib = build_dir()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "logits.npy"
-        env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(lib), OMP_NUM_THREADS=str(threads))
-        cmd = [sys.executable, str(Path(__file__).resolve()), "logits", str(model),
-               ",".join(str(int(t)) for t in tokens), str(out), str(threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-        if proc.returncode != 0:
-            raise RuntimeError(f"llama.cpp logits failed ({proc.returncode}): {proc.stderr[-3000:]}")
+        _child("logits", [str(model), ",".join(str(int(t)) for t in tokens), str(out), str(int(f32_cache))],
+               threads)
         return np.load(out)
 
 
-def _logits_main(model: str, tokens: List[int], out: str, threads: int) -> None:
-    import numpy as np
+def tokenize(model: os.PathLike, texts: Sequence[str], threads: int = 1) -> List[List[int]]:
+    """llama.cpp's token ids for each text (no BOS; special tokens such as ``<|im_end|>`` parsed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "texts.json"
+        src.write_text(json.dumps(list(texts)))
+        return json.loads(_child("tokenize", [str(model), str(src)], threads))
 
+
+def quantize(src: os.PathLike, dst: os.PathLike, kind: str, threads: int = 2) -> Path:
+    """``llama-quantize SRC DST KIND`` (e.g. ``Q4_0``, ``Q4_K_M``, ``Q6_K``) with the cached build.
+
+    Raises:
+        RuntimeError: llama-quantize failed (its output tail is in the message).
+    """
+    tool = build_dir() / "llama-quantize"
+    proc = subprocess.run([str(tool), str(src), str(dst), kind, str(threads)], capture_output=True, text=True,
+                          timeout=900)
+    if proc.returncode != 0 or not Path(dst).is_file():
+        raise RuntimeError(f"llama-quantize {kind} failed ({proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}")
+    return Path(dst)
+
+
+def _bindings():
     sys.path.insert(0, str(source_dir()))
     from llama_cpp import Llama
 
-    llm = Llama(model_path=model, n_ctx=max(32, len(tokens)), n_batch=max(32, len(tokens)), logits_all=True,
-                n_threads=threads, n_threads_batch=threads, verbose=False)
+    return Llama
+
+
+def _logits_main(model: str, tokens: List[int], out: str, f32_cache: bool, threads: int) -> None:
+    import numpy as np
+
+    Llama = _bindings()
+    kv = {"type_k": 0, "type_v": 0} if f32_cache else {}  # GGML_TYPE_F32
+    llm = Llama(model_path=model, n_ctx=max(32, len(tokens)), n_batch=max(32, len(tokens)),
+                n_ubatch=max(32, len(tokens)), logits_all=True, n_threads=threads, n_threads_batch=threads,
+                verbose=False, **kv)
     llm.eval(tokens)
-    scores = np.array(llm.scores[: len(tokens)], dtype=np.float32)
-    np.save(out + ".tmp.npy", scores)
+    np.save(out + ".tmp.npy", np.array(llm.scores[: len(tokens)], dtype=np.float32))
     os.replace(out + ".tmp.npy", out)
+
+
+def _tokenize_main(model: str, texts_path: str) -> None:
+    Llama = _bindings()
+    llm = Llama(model_path=model, vocab_only=True, verbose=False)
+    texts = json.loads(Path(texts_path).read_text())
+    print(json.dumps([llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in texts]))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -297,8 +355,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"llama.cpp: {where}")
         print(json.dumps(build_info(), indent=2))
         return 0
-    if args[:1] == ["logits"] and len(args) in (4, 5):
-        _logits_main(args[1], [int(t) for t in args[2].split(",")], args[3], int(args[4]) if len(args) == 5 else 2)
+    if args[:1] == ["logits"] and len(args) == 6:
+        _logits_main(args[1], [int(t) for t in args[2].split(",")], args[3], args[4] == "1", int(args[5]))
+        return 0
+    if args[:1] == ["tokenize"] and len(args) == 4:
+        _tokenize_main(args[1], args[2])
         return 0
     print(__doc__.split("Usage:")[1], file=sys.stderr)
     return 2
