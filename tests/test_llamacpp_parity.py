@@ -1,4 +1,4 @@
-"""GGUF logits of qwen2ms equal llama.cpp's own on the same file (F32, Q8_0, llama-quantize's Q4_0/Q4_K_M/Q6_K).
+"""GGUF logits of qwen2ms equal llama.cpp's own on the same file (F32, Q8_0 and every llama-quantize type read).
 
 llama.cpp is built once from the llama-cpp-python sdist into a cache (benchmarks/llamacpp.py; set
 QWEN2MS_LLAMACPP_DIR to use a prebuilt one, QWEN2MS_SKIP_LLAMACPP=1 to skip). Without cmake or a C/C++
@@ -32,6 +32,9 @@ import llamacpp  # noqa: E402
 pytestmark = pytest.mark.slow
 
 F32_TOL, QUANT_TOL = 1e-4, 3e-2
+#: llama-quantize file types -> the block type they must contain (the mixes also hold others, e.g. Q6_K)
+LLAMA_QUANTIZE = {"Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q2_K": "Q2_K", "Q3_K_M": "Q3_K",
+                  "Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K"}
 TEXT = "<|im_start|>user\nWhat is the capital of France? 你好<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -48,7 +51,7 @@ def lib():
 @pytest.fixture(scope="module")
 def ggufs(lib, tmp_path_factory, qwen2_tokenizer_dir):
     """A random Qwen2 of hidden size 256 (K-quant rows need multiples of 256), tied embeddings, real tokenizer;
-    F32 and Q8_0 by llama.cpp's converter, Q4_0 / Q4_K_M / Q6_K by llama-quantize from the F32 file."""
+    F32 and Q8_0 by llama.cpp's converter, the other types by llama-quantize from the F32 file."""
     root = tmp_path_factory.mktemp("parity")
     cfg = transformers.Qwen2Config(vocab_size=151936, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -64,7 +67,7 @@ def ggufs(lib, tmp_path_factory, qwen2_tokenizer_dir):
     transformers.AutoTokenizer.from_pretrained(str(qwen2_tokenizer_dir)).save_pretrained(src)
     files = dict(zip(("F32", "Q8_0"), llamacpp.convert_hf_to_gguf(
         [(src, root / "f32.gguf", "f32"), (src, root / "q8_0.gguf", "q8_0")])))
-    for kind in ("Q4_0", "Q4_K_M", "Q6_K"):
+    for kind in LLAMA_QUANTIZE:
         files[kind] = llamacpp.quantize(files["F32"], root / f"{kind.lower()}.gguf", kind)
     return files
 
@@ -105,10 +108,10 @@ def test_q8_0_logits_equal_llamacpp(ggufs, tokens):
     _compare(ggufs["Q8_0"], tokens, QUANT_TOL)
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_K_M", "Q6_K"])
+@pytest.mark.parametrize("kind", list(LLAMA_QUANTIZE))
 def test_llama_quantize_logits_equal_llamacpp(ggufs, tokens, kind):
     from qwen2ms.checkpoint.gguf import _read_header
 
     types = {t.type for t in _read_header(Path(ggufs[kind])).tensors.values()}
-    assert {"Q4_0": "Q4_0", "Q4_K_M": "Q4_K", "Q6_K": "Q6_K"}[kind] in types, types
+    assert LLAMA_QUANTIZE[kind] in types, types
     _compare(ggufs[kind], tokens, QUANT_TOL)

@@ -7,7 +7,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import mindspore as ms
@@ -23,7 +23,6 @@ __all__ = ["GGUF_TENSOR_TYPES", "load_gguf", "convert_gguf", "gguf_config", "ggu
 #: Tensor types read (every other GGML type is refused with a CheckpointError naming the tensor).
 GGUF_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                      "Q6_K")
-_FLOAT_TYPES = ("F32", "F16", "BF16")
 _ARCHITECTURES = ("qwen2", "qwen2moe")
 _MAGIC = b"GGUF"
 _BF16_NP = np.dtype(ms.dtype_to_nptype(ms.bfloat16))
