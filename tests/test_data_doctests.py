@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-MODULES = ["convert", "sft", "packing", "collate", "pipeline", "jsonl", "mindrecord"]
+MODULES = ["convert", "sft", "packing", "collate", "pipeline", "jsonl", "mindrecord", "validate"]
 
 
 @pytest.mark.parametrize("name", MODULES)

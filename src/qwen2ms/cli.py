@@ -311,6 +311,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _finetune_summary(trainer, out) -> str:
+    if getattr(out, "already_finished", False):
+        return (f"finetune: nothing to train: the run was already at step {out.global_step} of max_steps="
+                f"{trainer.state.max_steps} (raise --max-steps to train further); model saved to "
+                f"{trainer.args.output_dir}/final")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     picked = losses[:: max(1, len(losses) // 8)]
     if losses and picked[-1] is not losses[-1]:

@@ -22,15 +22,20 @@ from .sft import (
     tokenize_conversation,
     tokenize_dataset,
 )
+from .validate import DatasetStats, SampleError, UntrainedDatasetError, check_samples
 
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "IGNORE_INDEX",
     "ConversionReport",
+    "DatasetStats",
     "DataCollatorForSFT",
     "DataFormatError",
     "PreprocessReport",
+    "SampleError",
     "TemplateMismatchError",
+    "UntrainedDatasetError",
+    "check_samples",
     "convert_file",
     "convert_records",
     "fit_to_length",

@@ -45,7 +45,7 @@ class TrainingArguments:
         seed: seeds parameter-free randomness: data shuffling, dropout and MindSpore's global RNG.
         precision: ``"fp32"``; ``"fp16"`` (fp32 master weights, fp16 compute, dynamic loss scaling that
             skips overflowing steps); ``"bf16"`` only on devices that compute in bf16 (not CPU).
-        resume_from_checkpoint: a checkpoint folder, or ``True`` for the newest in ``output_dir``.
+        resume_from_checkpoint: a checkpoint folder, or ``True`` (or ``"latest"``) for the newest in ``output_dir``.
         lora_r: LoRA rank; ``0`` trains all weights.
         lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_r``).
         lora_dropout: dropout on the LoRA input path.
@@ -99,22 +99,38 @@ class TrainingArguments:
     def __post_init__(self) -> None:
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
-        else:
+        elif isinstance(self.lora_target_modules, tuple):
             self.lora_target_modules = list(self.lora_target_modules)
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first field whose value cannot be used."""
+        """Check every field's type (strictly: no ``"10"`` for an int, no ``1.5`` steps, no ``"no"`` for a
+        bool; an int is fine where a float is expected), then its value.
+
+        Raises:
+            TypeError: a field of the wrong type, naming it, the value and the expected type.
+            ValueError: a field whose value cannot be used, naming it and what would be right.
+        """
+        from .typecheck import field_types, matches, type_problem
+
+        types = field_types(type(self))
+        types["output_dir"] = Union[str, os.PathLike]
+        types["resume_from_checkpoint"] = Optional[Union[str, bool, os.PathLike]]
+        for name in _FIELD_NAMES:
+            problem = type_problem(getattr(self, name), types[name])
+            if problem:
+                error = ValueError if matches(getattr(self, name), types[name]) else TypeError  # NaN is a float
+                raise error(f"TrainingArguments.{name}: {problem}")
 
         def bad(name: str, want: str) -> ValueError:
             return ValueError(f"TrainingArguments.{name}={getattr(self, name)!r} is invalid: {want}")
 
-        if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
+        if not os.fspath(self.output_dir):
             raise bad("output_dir", "give a folder path for checkpoints and logs")
         self.output_dir = os.fspath(self.output_dir)
         for name in ("learning_rate", "weight_decay", "adam_epsilon", "warmup_ratio", "lora_dropout"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            if v < 0:
                 raise bad(name, "must be a finite number >= 0")
         for name in ("adam_beta1", "adam_beta2"):
             v = getattr(self, name)
@@ -153,9 +169,8 @@ class TrainingArguments:
             raise bad("lora_target_modules", "name at least one linear layer (for example ['q_proj', 'v_proj'])")
         if self.lora_r and self.lora_alpha <= 0:
             raise bad("lora_alpha", "must be > 0")
-        r = self.resume_from_checkpoint
-        if r is not None and not isinstance(r, (bool, str, os.PathLike)):
-            raise bad("resume_from_checkpoint", "give a checkpoint folder, True for the newest, or None")
+        if self.resume_from_checkpoint == "":
+            raise bad("resume_from_checkpoint", "give a checkpoint folder, True (or 'latest') for the newest, or None")
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
         """Warm-up length for a run of ``num_training_steps`` optimizer steps.
@@ -200,3 +215,6 @@ class TrainingArguments:
             raise ValueError(f"unknown TrainingArguments field(s) {unknown}; did you mean {hints}? "
                              f"Valid fields: {sorted(names)}")
         return cls(**data)
+
+
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainingArguments))

@@ -18,7 +18,7 @@ A fine-tuning config::
       only_last_turn: false
       max_samples: null
       pad_to_multiple_of: 8             # dynamic padding granularity (fewer shapes -> fewer compiles)
-    training: {output_dir: runs/x, learning_rate: 1e-5, ...}   # TrainingArguments fields
+    training: {output_dir: runs/x, learning_rate: 1.0e-5, ...}   # TrainingArguments fields (YAML reads 1e-5 as a string)
     parallel: {data_parallel: 1, model_parallel: 1, pipeline_stage: 1, ...}   # qwen2ms.parallel.ParallelConfig
 
 Relative input paths are resolved against the YAML file's folder; ``training.output_dir`` against
@@ -32,15 +32,24 @@ import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 __all__ = ["RunConfig", "RunConfigError", "load_run_config", "build_model", "build_datasets", "run_finetune",
            "cli_msrun_command", "build_generation_model"]
 
 _SECTIONS = ("model", "data", "training", "parallel", "generation")
-_MODEL_KEYS = ("pretrained", "preset", "config", "dtype", "seed", "revision")
-_DATA_KEYS = ("train_file", "eval_file", "tokenizer", "seq_length", "packing", "overflow", "only_last_turn",
-              "max_samples", "pad_to_multiple_of", "system_prompt", "eval_fraction")
+# The types of the model and data keys, checked as strictly as the dataclass sections' fields.
+_MODEL_TYPES: Dict[str, Any] = {"pretrained": Optional[str], "preset": Optional[str],
+                                "config": Optional[Dict[str, Any]], "dtype": Optional[str], "seed": int,
+                                "revision": Optional[str]}
+_DATA_TYPES: Dict[str, Any] = {"train_file": Optional[str], "eval_file": Optional[str], "tokenizer": Optional[str],
+                               "seq_length": int, "packing": bool, "overflow": Literal["truncate", "drop"],
+                               "only_last_turn": bool, "max_samples": Optional[int], "pad_to_multiple_of": int,
+                               "system_prompt": Optional[str], "eval_fraction": Optional[float]}
+_MODEL_KEYS = tuple(_MODEL_TYPES)
+_DATA_KEYS = tuple(_DATA_TYPES)
 # Input paths are relative to the YAML file; training.output_dir, like HF's, to the working directory.
 _PATH_KEYS = {"model": ("pretrained",), "data": ("train_file", "eval_file", "tokenizer")}
 BUILTIN_TOKENIZER = "builtin"
@@ -53,8 +62,48 @@ class RunConfigError(ValueError):
 def _check_keys(where: str, data: Dict[str, Any], allowed: Sequence[str]) -> None:
     unknown = [k for k in data if k not in allowed]
     if unknown:
-        hints = {k: difflib.get_close_matches(k, allowed, n=1) for k in unknown}
+        hints = {k: difflib.get_close_matches(str(k), allowed, n=1) for k in unknown}
         raise RunConfigError(f"{where}: unknown key(s) {unknown} (closest: {hints}); allowed: {list(allowed)}")
+
+
+def _check_types(where: str, section: str, data: Dict[str, Any], types: Dict[str, Any]) -> None:
+    """Every key of ``data`` that ``types`` knows must have that type (the message names the dotted key)."""
+    from .typecheck import type_problem
+
+    for key, value in data.items():
+        if key in types:
+            problem = type_problem(value, types[key])
+            if problem:
+                raise RunConfigError(f"{where}: {section}.{key}: {problem}")
+
+
+def _check_values(where: str, model: Dict[str, Any], data: Dict[str, Any]) -> None:
+    """Ranges of the model and data keys (their types are already checked)."""
+    def bad(key: str, want: str) -> RunConfigError:
+        section, name = key.split(".")
+        value = (model if section == "model" else data)[name]
+        return RunConfigError(f"{where}: {key}: {value!r} is invalid: {want}")
+
+    if data.get("seq_length") is not None and data["seq_length"] < 2:
+        raise bad("data.seq_length", "must be at least 2 (a prompt token and a trained token)")
+    if data.get("pad_to_multiple_of") is not None and data["pad_to_multiple_of"] < 1:
+        raise bad("data.pad_to_multiple_of", "must be an integer >= 1")
+    if data.get("max_samples") is not None and data["max_samples"] < 1:
+        raise bad("data.max_samples", "must be an integer >= 1, or null for every sample")
+    if data.get("eval_fraction") is not None and not 0.0 <= data["eval_fraction"] < 1.0:
+        raise bad("data.eval_fraction", "must be in [0, 1): the share of train_file held out for evaluation")
+    for key in ("train_file", "eval_file", "tokenizer"):
+        if data.get(key) == "":
+            raise bad(f"data.{key}", "give a file path, or leave the key out")
+    if model.get("seed") is not None and model["seed"] < 0:
+        raise bad("model.seed", "must be an integer >= 0")
+    if model.get("dtype") is not None:
+        from ..modeling.model import resolve_dtype
+
+        try:
+            resolve_dtype(model["dtype"])
+        except ValueError:
+            raise bad("model.dtype", "use float32, float16 or bfloat16") from None
 
 
 @dataclass
@@ -79,9 +128,32 @@ class RunConfig:
         Raises:
             RunConfigError: the first problem, naming the section and key.
         """
+        from ..config import Qwen2Config
+        from .arguments import TrainingArguments
+        from .typecheck import field_types
+
         where = self.path or "run config"
         _check_keys(f"{where} [model]", self.model, _MODEL_KEYS)
         _check_keys(f"{where} [data]", self.data, _DATA_KEYS)
+        _check_types(where, "model", self.model, _MODEL_TYPES)
+        _check_types(where, "data", self.data, _DATA_TYPES)
+        if isinstance(self.model.get("config"), dict):
+            _check_types(where, "model.config", self.model["config"], field_types(Qwen2Config))
+        _check_values(where, self.model, self.data)
+        train_types = field_types(TrainingArguments)
+        _check_keys(f"{where} [training]", self.training, tuple(train_types))
+        train_types["resume_from_checkpoint"] = Optional[Union[str, bool]]
+        _check_types(where, "training", self.training, train_types)
+        if self.parallel:
+            from ..parallel import ParallelConfig
+
+            _check_types(where, "parallel", self.parallel, field_types(ParallelConfig))
+        if self.generation:
+            from ..generation import GenerationConfig
+
+            gen_types = field_types(GenerationConfig)
+            gen_types.pop("extra", None)
+            _check_types(where, "generation", self.generation, gen_types)
         sources = [k for k in ("pretrained", "preset") if self.model.get(k)]
         if len(sources) > 1:
             raise RunConfigError(f"{where} [model]: give either 'pretrained' or 'preset', not both")
@@ -91,8 +163,6 @@ class RunConfig:
         if self.model.get("config") is not None and not isinstance(self.model["config"], dict):
             raise RunConfigError(f"{where} [model] config: must be a mapping of Qwen2Config fields")
         if self.training:
-            from .arguments import TrainingArguments
-
             try:
                 TrainingArguments.from_dict(self.training)
             except (TypeError, ValueError) as e:
@@ -154,9 +224,10 @@ def load_run_config(path: Union[str, os.PathLike]) -> RunConfig:
     _check_keys(str(p), data, _SECTIONS)
     sections: Dict[str, Dict[str, Any]] = {}
     for name in _SECTIONS:
-        sec = data.get(name) or {}
+        sec = data.get(name)
+        sec = {} if sec is None else sec
         if not isinstance(sec, dict):
-            raise RunConfigError(f"{p} [{name}]: must be a mapping, got {type(sec).__name__}")
+            raise RunConfigError(f"{p} [{name}]: must be a mapping of keys, got {type(sec).__name__} {sec!r}")
         sec = copy.deepcopy(sec)
         for key in _PATH_KEYS.get(name, ()):
             value = sec.get(key)
@@ -212,10 +283,17 @@ def _read_samples(path: str, run: RunConfig, model: Any) -> List[Dict[str, Any]]
     from ..data import iter_mindrecord, load_records, load_samples_jsonl, pack_samples, tokenize_dataset
 
     d = run.data
+    where = f"{run.path or 'run config'} [data]"
     if not os.path.exists(path):
-        raise RunConfigError(f"{run.path} [data]: file {path!r} does not exist")
+        raise RunConfigError(f"{where}: file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise RunConfigError(f"{where}: {path!r} is a folder; give a data file (JSON/JSONL records, tokenised JSONL "
+                             f"or .mindrecord)")
+    seq_length = int(d.get("seq_length", 4096))
+    report = None
     if ".mindrecord" in os.path.basename(path):
-        rows = [{k: v.tolist() for k, v in row.items()} for row in iter_mindrecord(path)]
+        # Arrays, not lists: a ninth of the memory, and the Trainer's sample check runs vectorised on them.
+        rows = [{k: np.array(v) for k, v in row.items()} for row in iter_mindrecord(path)]
     else:
         with open(path, encoding="utf-8-sig") as f:
             head = f.read(4096).lstrip()
@@ -227,17 +305,21 @@ def _read_samples(path: str, run: RunConfig, model: Any) -> List[Dict[str, Any]]
             kwargs = {}
             if "system_prompt" in d:
                 kwargs["system_prompt"] = d["system_prompt"]
-            rows, _ = tokenize_dataset(records, tok, seq_length=int(d.get("seq_length", 4096)),
-                                       overflow=d.get("overflow", "truncate"),
-                                       only_last_turn=bool(d.get("only_last_turn", False)), **kwargs)
-            if d.get("packing"):
+            rows, report = tokenize_dataset(records, tok, seq_length=seq_length, overflow=d.get("overflow", "truncate"),
+                                            only_last_turn=bool(d.get("only_last_turn", False)), **kwargs)
+            if d.get("packing") and rows:
                 pad = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else 151643
-                rows = [{k: v.tolist() for k, v in r.items()}
-                        for r in pack_samples(rows, int(d.get("seq_length", 4096)), pad)]
+                rows = [{k: v.tolist() for k, v in r.items()} for r in pack_samples(rows, seq_length, pad)]
     if d.get("max_samples"):
         rows = rows[: int(d["max_samples"])]
     if not rows:
-        raise RunConfigError(f"{run.path} [data]: {path!r} gave no usable samples")
+        why = ""
+        if report is not None:
+            why = f" (seq_length={seq_length}, overflow={d.get('overflow', 'truncate')!r}):\n{report.summary()}"
+            if report.dropped:
+                why += "\nSamples are dropped when they are longer than seq_length (overflow: drop) or when "
+                why += "truncation leaves no reply token: raise data.seq_length."
+        raise RunConfigError(f"{where}: {path!r} gave no usable samples{why}")
     return rows
 
 
@@ -251,6 +333,9 @@ def build_datasets(run: RunConfig, model: Any) -> Tuple[List[Dict[str, Any]], Op
     frac = float(d.get("eval_fraction") or 0.0)
     if evals is None and frac > 0:
         n_eval = max(1, int(len(train) * frac))
+        if n_eval >= len(train):
+            raise RunConfigError(f"{run.path or 'run config'} [data]: eval_fraction={frac} of {len(train)} sample(s) "
+                                 f"leaves no training sample; add samples, or give an eval_file instead")
         train, evals = train[n_eval:], train[:n_eval]
     return train, evals
 

@@ -29,9 +29,11 @@ compiled step). See :func:`check_parallel_layout` for what is not driven by the 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -48,6 +50,7 @@ from .checkpointing import (
     assign_parameters,
     capture_rng_state,
     latest_checkpoint,
+    list_checkpoints,
     load_tensors,
     publish_checkpoint_dir,
     remove_stale_temporaries,
@@ -80,13 +83,19 @@ class TrainOutput:
 
     Attributes:
         global_step: optimizer steps done in total (including before a resume).
-        training_loss: mean step loss over the steps of this call.
-        metrics: ``train_runtime``, ``train_tokens_per_second``, ``train_steps`` and the last ``eval_loss``.
+        training_loss: mean step loss over the steps of this call (NaN when none ran).
+        metrics: ``train_runtime`` (seconds, compilation included), ``train_steps`` and
+            ``train_tokens`` (optimizer steps and trained tokens of this call, not counting those
+            before a resume), ``train_tokens_per_second`` (``train_tokens / train_runtime``; 0.0
+            when no step ran) and the last ``eval_loss``.
+        already_finished: the run had reached ``max_steps`` before this call (a resume of a
+            finished run), so no step ran.
     """
 
     global_step: int
     training_loss: float
     metrics: Dict[str, float] = field(default_factory=dict)
+    already_finished: bool = False
 
 
 class SFTDataLoader:
@@ -349,6 +358,29 @@ def _count_targets(batch: Dict[str, np.ndarray]) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def _check_batch(batch: Dict[str, np.ndarray], vocab_size: Optional[int], where: str) -> None:
+    """Refuse a collated batch with ids the model cannot embed or predict, before it reaches the compiled step.
+
+    The sample-level check (:func:`qwen2ms.data.check_samples`) already covers datasets of token
+    samples; this one (two reductions per column) also covers custom collators and samples that
+    change after the check.
+    """
+    from ..data import SampleError
+
+    for key in ("input_ids", "labels"):
+        arr = np.asarray(batch[key])
+        if arr.dtype.kind not in "iu":
+            raise SampleError(f"{where}: {key!r} has dtype {arr.dtype}; token ids must be integers")
+        bad = arr < 0 if key == "input_ids" else (arr < 0) & (arr != IGNORE_INDEX)
+        if vocab_size is not None:
+            bad = bad | (arr >= vocab_size)
+        if bad.any():
+            row, col = (int(i[0]) for i in np.nonzero(bad))
+            what = "ids must be in" if key == "input_ids" else "labels must be -100 or in"
+            raise SampleError(f"{where}, row {row}: {key}[{col}] = {int(arr[row, col])} is outside the vocabulary "
+                              f"(vocab_size={vocab_size}): {what} [0, {vocab_size - 1 if vocab_size else 'vocab_size'}]")
+
+
 def _count_input_tokens(batch: Dict[str, np.ndarray]) -> int:
     """Real (non-padding) input tokens of a batch, for tokens/s."""
     if "attention_mask" in batch:
@@ -356,6 +388,20 @@ def _count_input_tokens(batch: Dict[str, np.ndarray]) -> int:
     if "segment_ids" in batch:
         return int((np.asarray(batch["segment_ids"]) > 0).sum())
     return int(np.asarray(batch["input_ids"]).size)
+
+
+def _make_output_dir(path: str) -> None:
+    """Create the run folder, or say why it cannot be one."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"TrainingArguments.output_dir={path!r} is a file, not a folder; choose a folder path for "
+                         f"checkpoints and logs")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"TrainingArguments.output_dir={path!r} cannot be created: {e.strerror or e}; choose a "
+                         f"folder you can write to") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"TrainingArguments.output_dir={path!r} is not writable; choose a folder you can write to")
 
 
 def _pad_rows(batch: Dict[str, np.ndarray], multiple: int) -> Dict[str, np.ndarray]:
@@ -416,6 +462,7 @@ class Trainer:
                  optimizers: Tuple[Optional[nn.Cell], Optional[LRSchedule]] = (None, None)) -> None:
         if not isinstance(args, TrainingArguments):
             raise TypeError(f"args must be a TrainingArguments, got {type(args).__name__}")
+        args.validate()  # fields may have been changed after construction
         self.model = model
         self.args = args
         self.train_dataset = train_dataset
@@ -458,6 +505,8 @@ class Trainer:
         self._micro_position = (True, True)
         self._pipeline_update: Optional[_PipelineUpdate] = None
         self._pipeline_grads: Optional[Tuple[Tensor, ...]] = None
+        self._checked: Dict[str, Tuple[Any, int, Any]] = {}
+        self._state_data: Optional[Dict[str, Any]] = None
 
     # ------------------------------------------------------------------ set-up helpers
     def is_world_process_zero(self) -> bool:
@@ -483,6 +532,45 @@ class Trainer:
 
     def _trainable(self) -> List[Parameter]:
         return [p for p in self.model.trainable_params()]
+
+    def _vocab_size(self) -> Optional[int]:
+        v = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        return int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else None
+
+    def check_dataset(self, dataset: Sequence[Dict[str, Any]], name: str = "train_dataset") -> Optional[Any]:
+        """Check a dataset of token samples once before it is used (:func:`qwen2ms.data.check_samples`).
+
+        Every sample is read once, vectorised (about 0.1 s per 1,000 samples of 1,024 tokens held as
+        lists, 0.03 s as arrays), so no bad id reaches the compiled step and a dataset in which
+        no token is trained is refused instead of "training" at loss 0.0. The result is remembered
+        for the same dataset object and length, so :meth:`evaluate` does not re-read it. Datasets
+        whose samples are not token mappings (a custom ``data_collator`` that tokenises) are left to
+        the per-batch check of the training loop.
+
+        Args:
+            dataset: the samples.
+            name: how messages call it (``"train_dataset"``, ``"eval_dataset"``).
+
+        Returns:
+            The :class:`qwen2ms.data.DatasetStats`, or None when the samples are not token mappings.
+
+        Raises:
+            qwen2ms.data.SampleError: a sample with an id outside the vocabulary, a label that is
+                neither -100 nor a token id, non-integer ids or unequal column lengths.
+            qwen2ms.data.UntrainedDatasetError: no token of the dataset is trained.
+        """
+        from ..data import DataCollatorForSFT, check_samples
+
+        seen = self._checked.get(name)
+        if seen is not None and seen[0] is dataset and seen[1] == len(dataset):
+            return seen[2]
+        first = dataset[0] if len(dataset) else None
+        tokens = isinstance(first, dict) and "input_ids" in first and "labels" in first
+        if not tokens and len(dataset) and not isinstance(self.data_collator, DataCollatorForSFT):
+            return None
+        stats = check_samples(dataset, self._vocab_size(), name)
+        self._checked[name] = (dataset, len(dataset), stats)
+        return stats
 
     def _check_param_dtypes(self) -> None:
         params = self._trainable()
@@ -742,16 +830,22 @@ class Trainer:
         if n_micro == 0:
             raise ValueError(f"the train_dataset has {len(self.train_dataset)} samples: not one micro-batch of "
                              f"{args.per_device_train_batch_size} with dataloader_drop_last=True")
+        # Before any compile: a bad id or an all-masked dataset is a data error, found in seconds.
+        self.check_dataset(self.train_dataset, "train_dataset")
+        if self.eval_dataset is not None:
+            self.check_dataset(self.eval_dataset, "eval_dataset")
+        vocab = self._vocab_size()
         ga = args.gradient_accumulation_steps
         steps_per_epoch = max(1, -(-n_micro // ga))
         max_steps = args.max_steps if args.max_steps > 0 else int(math.ceil(args.num_train_epochs * steps_per_epoch))
         self.state = TrainerState(max_steps=max_steps, num_update_steps_per_epoch=steps_per_epoch)
+        _make_output_dir(args.output_dir)
+        remove_stale_temporaries(args.output_dir)
+        resume = resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint
+        if isinstance(resume, str) and resume == "latest":
+            resume = True
         self._build(max_steps)
         self.model.set_train(True)
-        os.makedirs(args.output_dir, exist_ok=True)
-        remove_stale_temporaries(args.output_dir)
-
-        resume = resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint
         if resume:
             path = latest_checkpoint(args.output_dir) if resume is True else Path(resume)
             if path is None:
@@ -759,9 +853,17 @@ class Trainer:
             self._load_checkpoint(Path(path))
             self.state.max_steps = max_steps
 
+        already_finished = self.state.global_step >= max_steps
+        if already_finished:
+            self.log({"message": f"nothing to train: the run is at step {self.state.global_step}, which already "
+                                 f"reaches max_steps={max_steps}; raise max_steps to train further"})
+            warnings.warn(f"the run in {args.output_dir!r} is at step {self.state.global_step}, which already reaches "
+                          f"max_steps={max_steps}: no step was trained. Raise max_steps to train further.",
+                          stacklevel=2)
         self.callback_handler.fire("on_train_begin", args, self.state, trainer=self)
         start_time = time.perf_counter()
         start_step = self.state.global_step
+        start_tokens = self.state.trained_tokens
         losses: List[float] = []
         window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
         skipped_in_row = 0
@@ -780,6 +882,9 @@ class Trainer:
                     self.state.step_in_epoch = 0
                     it = dl.iter_epoch(self.state.epoch, 0)
                     continue
+                for i, batch in enumerate(group):
+                    _check_batch(batch, vocab, f"train_dataset epoch {self.state.epoch} micro-batch "
+                                               f"{self.state.step_in_epoch + i}")
                 num_items = sum(_count_targets(b) for b in group)
                 lr_used = self.lr_scheduler.get_last_lr()
                 step_loss = 0.0
@@ -845,11 +950,15 @@ class Trainer:
         finally:
             self.callback_handler.fire("on_train_end", args, self.state, trainer=self)
         runtime = time.perf_counter() - start_time
-        metrics = {"train_runtime": runtime, "train_steps": float(self.state.global_step - start_step),
-                   "train_tokens_per_second": self.state.trained_tokens / max(runtime, 1e-9)}
+        steps = self.state.global_step - start_step
+        # Only this call's tokens over this call's time: a resumed run's earlier tokens took no time here.
+        tokens = self.state.trained_tokens - start_tokens
+        metrics = {"train_runtime": runtime, "train_steps": float(steps), "train_tokens": float(tokens),
+                   "train_tokens_per_second": tokens / runtime if steps > 0 and runtime > 0 else 0.0}
         if self.state.last_eval_loss is not None:
             metrics["eval_loss"] = self.state.last_eval_loss
-        return TrainOutput(self.state.global_step, float(np.mean(losses)) if losses else float("nan"), metrics)
+        return TrainOutput(self.state.global_step, float(np.mean(losses)) if losses else float("nan"), metrics,
+                           already_finished=already_finished)
 
     def _last_good_text(self) -> str:
         last = latest_checkpoint(self.args.output_dir)
@@ -876,6 +985,7 @@ class Trainer:
             ``{"eval_loss", "eval_tokens"}``; also logged and passed to ``on_evaluate``.
         """
         dl = self.get_eval_dataloader(eval_dataset)
+        self.check_dataset(dl.dataset, "eval_dataset")
         if self._pipeline:
             batch_loss = self._pipeline_eval_loss
         else:
@@ -886,14 +996,20 @@ class Trainer:
         self.model.set_train(False)
         total, tokens = 0.0, 0
         try:
-            for batch in dl.iter_epoch(0):
+            for b, batch in enumerate(dl.iter_epoch(0)):
                 n = _count_targets(batch)
                 if n == 0:
                     continue
+                _check_batch(batch, self._vocab_size(), f"eval_dataset micro-batch {b} (samples from {b * dl.batch_size})")
                 total += batch_loss(batch, n) * n
                 tokens += n
         finally:
             self.model.set_train(True)
+        if tokens == 0:
+            from ..data import UntrainedDatasetError
+
+            raise UntrainedDatasetError(f"eval_dataset ({len(dl.dataset)} samples) has no evaluated token: every label "
+                                        f"after the first of each sample is -100, so eval_loss would be 0.0")
         return self._record_eval(total, tokens)
 
     def _compiled_eval_loss(self, batch: Dict[str, np.ndarray], n: int) -> float:
@@ -1063,8 +1179,6 @@ class Trainer:
         return out
 
     def _load_parallel_checkpoint(self, path: Path) -> None:
-        import json
-
         rank = self.model.groups.rank
         rank_dir = path / f"rank_{rank}"
         saved = path / "parallel_config.json"
@@ -1076,13 +1190,12 @@ class Trainer:
         ckpts = sorted(rank_dir.glob("*.ckpt"))
         if len(ckpts) != 1:
             raise CheckpointError(f"{str(rank_dir)!r} should hold one .ckpt model shard, found {[c.name for c in ckpts]}")
-        self._copy_params(ms.load_checkpoint(str(ckpts[0])), path)
-        self._load_optimizer_state(rank_dir / "optimizer.safetensors", path)
+        self._require_files(rank_dir, ["optimizer.safetensors"])
+        opt_pairs = self._optimizer_pairs(rank_dir / "optimizer.safetensors", path)
+        assign_parameters(self._param_pairs(ms.load_checkpoint(str(ckpts[0])), path) + opt_pairs)
         self._load_state_files(path)
 
     def _patch_state_file(self, path: Path) -> None:
-        import json
-
         from ..hub import atomic_write_text
 
         f = path / "trainer_state.json"
@@ -1091,27 +1204,65 @@ class Trainer:
         data["state"]["best_checkpoint"] = self.state.best_checkpoint
         atomic_write_text(f, json.dumps(data, indent=2, sort_keys=True, default=str))
 
+    def _other_checkpoints_text(self, path: Path) -> str:
+        others = [str(p) for _, p in list_checkpoints(self.args.output_dir) if p.resolve() != path.resolve()]
+        if not others:
+            return "No other checkpoint is in the output folder."
+        return f"Resume from another checkpoint instead, e.g. {others[-1]!r}, or delete this folder."
+
+    def _read_state_file(self, path: Path) -> Dict[str, Any]:
+        """``trainer_state.json`` of a checkpoint, parsed and checked before any weight is touched."""
+        f = path / "trainer_state.json"
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise CheckpointError(f"{str(f)!r} cannot be read ({e}): the checkpoint is truncated or corrupt. "
+                                  f"{self._other_checkpoints_text(path)}") from None
+        state = data.get("state") if isinstance(data, dict) else None
+        ok = (isinstance(state, dict) and isinstance(state.get("global_step"), int)
+              and isinstance(data.get("scheduler"), dict))
+        if not ok:
+            raise CheckpointError(f"{str(f)!r} lacks the trainer state (a 'state' with 'global_step' and a "
+                                  f"'scheduler'): it was not written by this Trainer or is damaged. "
+                                  f"{self._other_checkpoints_text(path)}")
+        return data
+
+    def _require_files(self, path: Path, names: Sequence[str]) -> None:
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: {missing} missing, so training cannot "
+                                  f"continue exactly where it stopped. {self._other_checkpoints_text(path)}")
+
     def _load_checkpoint(self, path: Path) -> None:
         if not path.is_dir() or not (path / "trainer_state.json").is_file():
             raise CheckpointError(f"{str(path)!r} is not a checkpoint folder (it needs trainer_state.json); "
                                   f"pass a checkpoint-<step> folder from {self.args.output_dir!r} or True")
+        self._state_data = self._read_state_file(path)
         if self.parallel_config is not None:
             return self._load_parallel_checkpoint(path)
         from .lora import load_adapter_weights, lora_modules
 
-        if lora_modules(self.model):
+        lora = bool(lora_modules(self.model))
+        hf = not lora and (path / "config.json").is_file() and hasattr(type(self.model), "from_hf")
+        self._require_files(path, ["optimizer.safetensors"] + ([] if lora or hf else ["model.safetensors"]))
+        # Everything is read and checked before the first parameter changes: a damaged checkpoint
+        # leaves the model as it was.
+        opt_pairs = self._optimizer_pairs(path / "optimizer.safetensors", path)
+        if lora:
             load_adapter_weights(self.model, path)
-        elif (path / "config.json").is_file() and hasattr(type(self.model), "from_hf"):
-            storage = self._trainable()[0].dtype
-            loaded = type(self.model).from_hf(str(path), dtype=storage)
-            self._copy_params(dict((n, p) for n, p in loaded.parameters_and_names()), path)
+            assign_parameters(opt_pairs)
         else:
-            arrays = load_tensors(path / "model.safetensors")
-            self._copy_params(arrays, path)
-        self._load_optimizer_state(path / "optimizer.safetensors", path)
+            if hf:
+                storage = self._trainable()[0].dtype
+                loaded = type(self.model).from_hf(str(path), dtype=storage)
+                source: Dict[str, Any] = dict((n, p) for n, p in loaded.parameters_and_names())
+            else:
+                source = load_tensors(path / "model.safetensors")
+            assign_parameters(self._param_pairs(source, path) + opt_pairs)
         self._load_state_files(path)
 
-    def _load_optimizer_state(self, file: Path, path: Path) -> None:
+    def _optimizer_pairs(self, file: Path, path: Path) -> List[Tuple[Parameter, Any]]:
+        """(state tensor, saved value) pairs of the optimizer and loss scale, checked against this run's."""
         opt = load_tensors(file)
         targets: Dict[str, Parameter] = dict(self.optimizer.state_tensors()) if hasattr(
             self.optimizer, "state_tensors") else {}
@@ -1130,17 +1281,17 @@ class Trainer:
             if tuple(arr.shape) != tuple(p.shape):
                 raise CheckpointError(f"optimizer tensor {k!r} has shape {arr.shape} in {path}, expected {p.shape}")
             pairs.append((p, arr))
-        assign_parameters(pairs)
+        return pairs
 
     def _load_state_files(self, path: Path) -> None:
-        import json
-
-        data = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        data = self._state_data or self._read_state_file(path)
+        self._state_data = None
         self.state = TrainerState.from_dict(data["state"])
         self.lr_scheduler.load_state_dict(data["scheduler"])
         restore_rng_state(data.get("rng", {}))
 
-    def _copy_params(self, source: Dict[str, Any], path: Path) -> None:
+    def _param_pairs(self, source: Dict[str, Any], path: Path) -> List[Tuple[Parameter, Any]]:
+        """(trainable parameter, saved value) pairs (plus fp32 masters), checked for names and shapes."""
         params = self._trainable()
         missing = [p.name for p in params if p.name not in source]
         if missing:
@@ -1160,4 +1311,4 @@ class Trainer:
             pairs.append((p, value))
             if p.name in masters:
                 pairs.append((masters[p.name], value))
-        assign_parameters(pairs)
+        return pairs
