@@ -120,6 +120,17 @@ def test_lora_adapters_are_not_silently_dropped(tmp_path):
     transformers_load(tmp_path / "lora")
 
 
+def test_int8_quantized_model_is_refused_clearly(tmp_path):
+    from qwen2ms.ops.dispatch import quantize_int8_weights
+
+    _, src = make_hf(tmp_path)
+    model = Qwen2ForCausalLM.from_hf(src)
+    quantize_int8_weights(model, group_size=None)
+    with pytest.raises(CheckpointError, match="is Int8.*before quantize_int8_weights"):
+        model.save_pretrained(tmp_path / "int8")
+    assert not (tmp_path / "int8").exists()
+
+
 # ------------------------------------------------------------------ 3. atomic saves
 def _sharded(tmp_path, name="out"):
     hf, src = make_hf(tmp_path)
@@ -243,7 +254,7 @@ def test_saving_over_a_folder_keeps_user_files_and_replaces_checkpoint_files(tmp
                      "tokenizer_config.json", "vocab.json"]
 
 
-def test_save_into_a_mount_point_or_through_a_symlink(tmp_path, monkeypatch):
+def test_save_into_a_mount_point_the_working_directory_or_through_a_symlink(tmp_path, monkeypatch):
     _, model, out = _sharded(tmp_path)
     (out / "keep.txt").write_text("k")
     real = os.path.ismount
@@ -252,10 +263,16 @@ def test_save_into_a_mount_point_or_through_a_symlink(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "keep.txt",
                                                      "model.safetensors"]
     monkeypatch.setattr(ckpt.os.path, "ismount", real)
+    monkeypatch.chdir(out)
+    model.save_pretrained(".", max_shard_size="60KB")  # swapping the working directory would orphan it
+    assert Path.cwd() == out.resolve() and Path(os.getcwd()).is_dir() and (out / ckpt.INDEX_NAME).is_file()
+    assert not (out / "model.safetensors").exists() and (out / "keep.txt").is_file()
+    monkeypatch.chdir(tmp_path)
     link = tmp_path / "link"
     link.symlink_to(out)
-    model.save_pretrained(link, max_shard_size="60KB")
-    assert link.is_symlink() and (out / ckpt.INDEX_NAME).is_file() and (out / "keep.txt").is_file()
+    model.save_pretrained(link)
+    assert link.is_symlink() and (out / "model.safetensors").is_file() and (out / "keep.txt").is_file()
+    assert not (out / ckpt.INDEX_NAME).exists()
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match="not a folder"):
         model.save_pretrained(tmp_path / "file")

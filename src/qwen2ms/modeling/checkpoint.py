@@ -437,7 +437,8 @@ def load_hf(path_or_repo_id: Union[str, os.PathLike], dtype: Any = None,
         revision: hub branch, tag or commit.
         check_finite: refuse a tensor holding NaN or +-Inf (also one that a narrowing ``dtype`` cast
             overflows), naming the tensor and file. The check reads each tensor's exponent bits as it
-            is streamed in (about 2% of the load time). False loads such weights as they are.
+            is streamed in (about 0.3 s per GB of weights on a 2-core CPU, some 15% of a load from the
+            page cache). False loads such weights as they are.
 
     Returns:
         The model, with ``generation_config_dict`` (raw generation_config.json or None) and
@@ -916,8 +917,9 @@ def write_folder_atomically(dest: Union[str, os.PathLike], write: Callable[[Path
     renames, and :func:`clean_stale_saves` repairs a crash between them). Readers see the whole old
     folder or the whole new one. Entries of an existing ``dest`` for which ``owned(name)`` is false
     (files the user put there, other tools' output) are carried into the new folder as hard links.
-    When ``dest`` is a mount point, or its parent is not writable, the files are staged inside ``dest``
-    and renamed one by one (each file atomic, not the folder). Leftovers of killed saves are removed first.
+    When ``dest`` is a mount point, holds the current working directory, or its parent is not writable,
+    the files are staged inside ``dest`` and renamed one by one (each file atomic, not the folder).
+    Leftovers of killed saves are removed first.
 
     Returns:
         ``dest`` resolved (a symlinked ``dest`` is written through to its target).
@@ -932,7 +934,8 @@ def write_folder_atomically(dest: Union[str, os.PathLike], write: Callable[[Path
     dest.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_saves(dest)
     name = f".{dest.name}.tmp-{os.getpid()}-{next(_stage_ids)}"
-    inside = os.path.ismount(dest)
+    # Swapping the folder this process works in would leave its working directory deleted.
+    inside = os.path.ismount(dest) or Path.cwd().resolve().is_relative_to(dest)
     if not inside:
         try:
             (dest.parent / name).mkdir()
