@@ -1,10 +1,12 @@
 """The `qwen2ms` command line: the demo (the README's main job) and argument errors."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from qwen2ms.cli import build_parser, demo_tokenizer, main
+from qwen2ms.cli import build_parser, main
+from qwen2ms.demo import demo_model, demo_tokenizer
 
 
 def test_demo_formats_the_prompt_with_the_real_vocabulary(capsys):
@@ -27,13 +29,61 @@ def test_demo_with_a_tokenizer_folder(qwen2_tokenizer_dir, capsys):
     assert str(qwen2_tokenizer_dir) in capsys.readouterr().out
 
 
-def test_demo_fine_tunes_then_chats(tmp_path, capsys):
-    assert main(["demo", "--steps", "6", "--output-dir", str(tmp_path / "run"), "--max-new-tokens", "3"]) == 0
-    out = capsys.readouterr().out
+def test_demo_fine_tunes_then_chats(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["demo", "--steps", "6", "--max-new-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
     assert "finetune: 6 steps, loss" in out and "[3/3] chat reply" in out
     losses = [float(x) for x in out.split("loss ")[1].split(";")[0].split(" -> ")]
     assert losses[-1] < losses[0]  # the loss falls
-    assert (tmp_path / "run" / "final" / "config.json").is_file()
+    assert "train" in captured.err and "6/6" in captured.err  # a progress bar, as `finetune` shows
+    run = tmp_path / "cache" / "qwen2ms" / "demo"
+    assert str(run) in out  # says where it writes
+    assert list(work.iterdir()) == []  # nothing lands in the working folder (it used to write runs/)
+    assert (run / "final" / "config.json").is_file()
+    assert (run / "final" / "vocab.json").is_file()  # `qwen2ms chat DIR` needs the tokenizer
+    # a rerun starts from scratch in the same cache folder
+    assert main(["demo", "--steps", "2", "--max-new-tokens", "1", "--no-progress"]) == 0
+    assert "finetune: 2 steps" in capsys.readouterr().out
+    assert len((run / "log.jsonl").read_text().splitlines()) < 4
+
+
+@pytest.mark.slow
+def test_demo_model_says_what_it_learned(tmp_path, capsys):
+    from qwen2ms.demo import DEMO_PROMPT, DEMO_RECORDS
+
+    assert DEMO_PROMPT == DEMO_RECORDS[0]["instruction"]
+    assert main(["demo", "--output-dir", str(tmp_path / "run"), "--no-progress"]) == 0
+    reply = capsys.readouterr().out.split("new tokens):\n", 1)[1]
+    assert reply.strip() == DEMO_RECORDS[0]["output"] == "The capital of France is Paris."
+
+
+def test_demo_records_come_from_the_bundled_sample_and_the_readme_says_what_to_expect():
+    import json
+    from pathlib import Path
+
+    from qwen2ms.demo import DEMO_RECORDS
+
+    root = Path(__file__).resolve().parent.parent
+    sample = json.loads((root / "examples" / "data" / "alpaca_sample.json").read_text(encoding="utf-8"))
+    for record in DEMO_RECORDS:
+        assert record in sample
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    setup = readme.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    assert DEMO_RECORDS[0]["output"] in setup and "finetune_qwen2_demo_tiny.yaml" in setup
+
+
+def test_default_demo_folder_is_in_the_user_cache(monkeypatch, tmp_path):
+    from qwen2ms.demo import default_demo_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_demo_dir() == tmp_path / "qwen2ms" / "demo"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_demo_dir() == Path.home() / ".cache" / "qwen2ms" / "demo"
 
 
 def test_unknown_subcommand_is_an_argparse_error():
@@ -66,7 +116,7 @@ def test_fit_history_drops_oldest_turns_first_and_keeps_the_system_prompt():
 
 
 def test_chat_loop_clear_exit_and_history(capsys):
-    from qwen2ms.cli import chat_loop, demo_model
+    from qwen2ms.cli import chat_loop
 
     model = demo_model()
     lines = iter(["Hello there", "/clear", "你好", "", "/exit", "never read"])
@@ -84,24 +134,22 @@ def test_chat_loop_clear_exit_and_history(capsys):
 def test_generate_command_streams_the_demo_model(capsys):
     assert main(["generate", "--prompt", "Plan a trip", "--max-new-tokens", "4", "--greedy"]) == 0
     out = capsys.readouterr().out
-    model = __import__("qwen2ms.cli", fromlist=["demo_model"]).demo_model()
+    model = demo_model()
     assert out.rstrip("\n") == model.generate("Plan a trip", max_new_tokens=4, do_sample=False)
 
 
-def test_generate_command_names_a_missing_model(tmp_path):
-    from qwen2ms import HubError
-
-    with pytest.raises(HubError, match="no_such_model"):
-        main(["generate", str(tmp_path / "no_such_model"), "--prompt", "x"])
+def test_generate_command_names_a_missing_model(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "no_such_model"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qwen2ms generate: error: ") and "no_such_model" in err and err.count("\n") == 1
 
 
 def test_run_config_builtin_tokenizer_is_qwen2():
     from pathlib import Path
 
-    from qwen2ms.cli import DEMO_RUN_CONFIG
     from qwen2ms.training.run_config import _load_tokenizer, load_run_config
 
-    run = load_run_config(Path(DEMO_RUN_CONFIG))
+    run = load_run_config(Path(__file__).parent.parent / "examples" / "configs" / "finetune_qwen2_demo_tiny.yaml")
     assert run.data["tokenizer"] == "builtin"
     tok = _load_tokenizer(run, model=None)
     assert len(tok) == 151646 and tok.chat_template == demo_tokenizer().chat_template

@@ -55,12 +55,15 @@ def test_layouts_the_trainer_does_not_drive_are_refused_before_launch(tmp_path, 
     ({"pipeline_stage": 2, "micro_batch_num": 2}, "pipeline_stage=2: generation runs tensor-parallel layouts"),
     ({"model_parallel": 2, "use_seq_parallel": True}, "use_seq_parallel=true: generation"),
 ])
-def test_generate_with_a_layout_outside_msrun_is_refused(tmp_path, monkeypatch, parallel, words):
+def test_generate_with_a_layout_outside_msrun_is_refused(tmp_path, monkeypatch, capsys, parallel, words):
+    import re
+
     from qwen2ms.cli import main
 
     monkeypatch.delenv("MS_ROLE", raising=False)
-    with pytest.raises(RunConfigError, match=words):
-        main(["generate", "--config", str(write_predict_config(tmp_path, "p", parallel)), "--prompt", "hi"])
+    # the CLI reports the RunConfigError as "qwen2ms generate: error: ..." with exit code 2
+    assert main(["generate", "--config", str(write_predict_config(tmp_path, "p", parallel)), "--prompt", "hi"]) == 2
+    assert re.search(words, capsys.readouterr().err)
 
 
 def test_trainer_layout_check_accepts_pipeline_and_zero_and_refuses_lora():

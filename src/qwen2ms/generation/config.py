@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -42,7 +43,8 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (NaN slips through every ``<``/``>`` check, and inf turns logits into NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -152,13 +154,13 @@ class GenerationConfig:
         if not isinstance(self.do_sample, bool):
             raise err(f"do_sample must be True or False, got {self.do_sample!r}")
         if not _is_number(self.temperature) or self.temperature < 0:
-            raise err(f"temperature must be a number >= 0 (0 means greedy), got {self.temperature!r}")
+            raise err(f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise err(f"top_k must be an integer >= 0 (0 disables top-k), got {self.top_k!r}")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise err(f"top_p must be in (0, 1] (1 disables nucleus sampling), got {self.top_p!r}")
         if not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0:
-            raise err(f"repetition_penalty must be > 0 (1.0 disables it), got {self.repetition_penalty!r}")
+            raise err(f"repetition_penalty must be a finite number > 0 (1.0 disables it), got {self.repetition_penalty!r}")
         if not _is_int(self.num_return_sequences) or self.num_return_sequences < 1:
             raise err(f"num_return_sequences must be an integer >= 1, got {self.num_return_sequences!r}")
         if self.num_return_sequences > 1 and self.is_greedy:
@@ -183,12 +185,19 @@ class GenerationConfig:
         if prompt_len is not None:
             if prompt_len < 1:
                 raise err("the prompt is empty: give at least one token (Qwen2 has no BOS token to start from)")
-            if max_position_embeddings is not None and prompt_len + self.max_new_tokens > max_position_embeddings:
+            limit = max_position_embeddings
+            if limit is not None and prompt_len >= limit:
+                room = limit - self.max_new_tokens
+                fix = (f"shorten the prompt to at most {room} tokens to get max_new_tokens={self.max_new_tokens} new "
+                       "ones" if room >= 1 else f"shorten the prompt and lower max_new_tokens so that together they "
+                       f"stay within {limit} tokens")
+                raise err(f"the prompt is {prompt_len} tokens, but the model's context (max_position_embeddings) is "
+                          f"{limit} tokens for prompt and reply together: {fix}")
+            if limit is not None and prompt_len + self.max_new_tokens > limit:
                 raise err(
                     f"prompt length {prompt_len} + max_new_tokens {self.max_new_tokens} = "
                     f"{prompt_len + self.max_new_tokens} exceeds the model's max_position_embeddings "
-                    f"{max_position_embeddings}; lower max_new_tokens to at most "
-                    f"{max(max_position_embeddings - prompt_len, 0)} or shorten the prompt"
+                    f"{limit}; lower max_new_tokens to at most {limit - prompt_len} or shorten the prompt"
                 )
 
     # ------------------------------------------------------------------ copies
