@@ -98,6 +98,7 @@ def partly_masked():
     return samples(2, masked=True) + samples(2, seed=1)
 
 
+@pytest.mark.slow  # shares finished_run: one compile and save (~8-13 s here)
 def test_a_batch_without_trained_tokens_is_fine_when_the_dataset_has_some(finished_run):
     stats = check_samples(partly_masked(), VOCAB, "train_dataset")
     assert (stats.samples, stats.untrained_samples, stats.trained_tokens) == (4, 2, 10)
@@ -320,6 +321,12 @@ def test_run_config_accepts_ints_for_floats_and_nulls_where_optional(tmp_path):
     assert run.training_arguments().learning_rate == 1
 
 
+def test_run_config_overrides_are_checked_like_the_file(tmp_path):
+    path = _write(tmp_path, _base())
+    with pytest.raises(RunConfigError, match=r"run.yaml \[training\]: TrainingArguments.max_steps: '3' \(a string\)"):
+        load_run_config(path).training_arguments(max_steps="3")
+
+
 _BOOL_FIELDS = ("shuffle", "dataloader_drop_last", "disable_tqdm")
 _INT_FIELDS = ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
                "save_steps", "seed", "warmup_steps", "lora_r")
@@ -433,21 +440,23 @@ def _copy_run(finished_run, tmp_path):
     return dst
 
 
+@pytest.mark.slow  # shares finished_run: one compile and save (~8-13 s here)
 def test_resuming_a_finished_run_reports_zero_steps_not_a_huge_rate(finished_run, tmp_path):
     from qwen2ms.cli import _finetune_summary
 
     run = _copy_run(finished_run, tmp_path)
     trainer = Trainer(tiny_model(seed=1), args_for(run, max_steps=2, save_steps=2), train_dataset=partly_masked())
-    with pytest.warns(UserWarning, match="already reaches max_steps=2"):
-        out = trainer.train(resume_from_checkpoint="latest")
+    out = trainer.train(resume_from_checkpoint="latest")
     assert out.already_finished and out.global_step == 2
     assert out.metrics["train_steps"] == 0 and out.metrics["train_tokens"] == 0
     assert out.metrics["train_tokens_per_second"] == 0.0
-    assert any("nothing to train" in h.get("message", "") for h in trainer.state.log_history)
+    assert any("nothing to train: the run is at step 2, which already reaches max_steps=2" in h.get("message", "")
+               for h in trainer.state.log_history)
     line = _finetune_summary(trainer, out)
     assert "nothing to train" in line and "step 2 of max_steps=2" in line and "tokens/s" not in line
 
 
+@pytest.mark.slow  # shares finished_run: one compile and save (~8-13 s here)
 @pytest.mark.parametrize("damage,words", [
     (lambda ck: (ck / "trainer_state.json").write_text('{"state": {"global_st'), "trainer_state.json' cannot be read"),
     (lambda ck: (ck / "trainer_state.json").write_text('{"state": {}}'), "lacks the trainer state"),

@@ -145,6 +145,8 @@ class ProgressCallback(TrainerCallback):
             self.bar.update(state.global_step - self.bar.n)
 
     def on_log(self, args: Any, state: TrainerState, logs: Dict[str, Any], **kwargs: Any) -> None:
+        if self.bar is not None and "message" in logs:
+            self.bar.write(str(logs["message"]))
         if self.bar is not None and "loss" in logs:
             self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0.0):.2e}")
 

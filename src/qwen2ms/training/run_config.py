@@ -190,7 +190,10 @@ class RunConfig:
         data.update({k: v for k, v in overrides.items() if v is not None})
         if "output_dir" not in data:
             raise RunConfigError(f"{self.path or 'run config'} [training]: set output_dir")
-        return TrainingArguments.from_dict(data)
+        try:
+            return TrainingArguments.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise RunConfigError(f"{self.path or 'run config'} [training]: {e}") from e
 
 
 def load_run_config(path: Union[str, os.PathLike]) -> RunConfig:

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -854,13 +853,10 @@ class Trainer:
             self.state.max_steps = max_steps
 
         already_finished = self.state.global_step >= max_steps
+        self.callback_handler.fire("on_train_begin", args, self.state, trainer=self)
         if already_finished:
             self.log({"message": f"nothing to train: the run is at step {self.state.global_step}, which already "
                                  f"reaches max_steps={max_steps}; raise max_steps to train further"})
-            warnings.warn(f"the run in {args.output_dir!r} is at step {self.state.global_step}, which already reaches "
-                          f"max_steps={max_steps}: no step was trained. Raise max_steps to train further.",
-                          stacklevel=2)
-        self.callback_handler.fire("on_train_begin", args, self.state, trainer=self)
         start_time = time.perf_counter()
         start_step = self.state.global_step
         start_tokens = self.state.trained_tokens
