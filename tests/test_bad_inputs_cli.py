@@ -1,4 +1,4 @@
-"""Hostile command lines: every user mistake is one `qwen2ms CMD: error: ...` line and exit code 2, never a traceback."""
+"""Hostile command lines: a user mistake is one `qwen2ms CMD: error: ...` line and exit code 2, never a traceback."""
 import json
 import math
 import os
@@ -232,9 +232,64 @@ def test_generation_config_floats_are_finite_and_in_range(field, value):
 def test_nan_temperature_is_refused_by_the_library():
     from qwen2ms.generation import GenerationConfig, GenerationConfigError
 
-    for value in (float("nan"), float("inf")):
+    for value in (float("nan"), float("inf"), 1e39):
         with pytest.raises(GenerationConfigError, match="finite"):
             GenerationConfig(do_sample=True, temperature=value)
+    with pytest.raises(GenerationConfigError, match="finite"):
+        GenerationConfig(repetition_penalty=1e308)  # inf once cast to the float32 scores
+
+
+def test_a_tiny_temperature_samples_the_best_token_instead_of_failing():
+    import numpy as np
+
+    from qwen2ms.generation.processors import Temperature
+    from qwen2ms.generation.sampling import make_rng, sample
+
+    scores = np.array([[1.0, -3.0, 2.0, -np.inf], [-5.0, -7.0, -6.0, -9.0]], np.float32)
+    scaled = Temperature(1e-40)(None, scores)  # 2 / 1e-40 overflows float32
+    assert sample(scaled, make_rng(0)).tolist() == [2, 0]
+    assert Temperature(0.5)(None, scores)[0].tolist() == [2.0, -6.0, 4.0, -np.inf]
+
+
+def test_text_that_is_not_utf8(capsys):
+    bad = b"caf\xe9 au lait".decode("utf-8", "surrogateescape")  # how Python hands over a Latin-1 argument
+    assert main(["generate", "--prompt", bad, "--max-new-tokens", "1"]) == 2
+    line = one_error_line(capsys.readouterr().err, "generate")
+    assert "--prompt is not valid UTF-8" in line and "0xe9 at byte 3" in line
+    from qwen2ms.cli import chat_loop
+    from qwen2ms.demo import demo_tokenizer
+
+    class Model:
+        tokenizer = demo_tokenizer()
+
+        def chat(self, messages, **gen):
+            return "ok"
+
+    lines = iter([bad, "fine"])
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    notes = []
+    history = chat_loop(Model(), None, {"max_new_tokens": 2}, 256, read=read, write=notes.append)
+    assert notes and "not valid UTF-8" in notes[0]
+    assert history == [{"role": "user", "content": "fine"}, {"role": "assistant", "content": "ok"}]
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    for flag, argv in (("--output", ["preprocess", "--input", str(SAMPLE), "--tokenizer", "builtin", "--output"]),
+                       ("--output-path", ["alpaca-convert", "--data-path", str(SAMPLE), "--output-path"])):
+        assert main(argv + [str(folder)]) == 2
+        assert f"{flag} {str(folder)!r} is a folder" in one_error_line(capsys.readouterr().err, argv[0])
+        assert main(argv + [str(tmp_path / "missing" / "out.jsonl")]) == 2
+        assert "does not exist" in one_error_line(capsys.readouterr().err, argv[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder"]  # nothing half-written (a .db index was)
+    assert list(folder.iterdir()) == []
 
 
 def test_checkpoint_without_tokenizer_names_the_flag(tmp_path, capsys):
@@ -346,3 +401,27 @@ def test_convert_refuses_a_folder_holding_other_files(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "q.ckpt"), str(busy), "--to", "hf", "--quiet"]) == 2
     assert "notes.txt" in one_error_line(capsys.readouterr().err, "convert")
     assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_real_ctrl_c_at_the_chat_prompt_and_a_closed_pipe():
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "GLOG_v"}
+    code = "import sys; from qwen2ms.cli import main; sys.exit(main())"
+    p = subprocess.Popen([sys.executable, "-c", code, "chat", "--max-new-tokens", "4"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    os.set_blocking(p.stdout.fileno(), False)
+    out, start = b"", time.time()
+    while b"user> " not in out and time.time() - start < 240:
+        time.sleep(0.2)
+        out += p.stdout.read() or b""
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and err == b""
+    # `qwen2ms generate ... | head -c 1`: the reader goes away, the command ends quietly
+    r = subprocess.run(f"{sys.executable} -c '{code}' generate --prompt Hi --max-new-tokens 300 --greedy | head -c 1; "
+                       "exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 141 and "Traceback" not in r.stderr and "Error" not in r.stderr

