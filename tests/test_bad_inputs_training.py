@@ -106,6 +106,20 @@ def test_a_batch_without_trained_tokens_is_fine_when_the_dataset_has_some(finish
     assert out.global_step == 2 and [h["loss"] for h in logged][0] == 0.0 and logged[1]["loss"] > 1.0
 
 
+def test_an_eval_dataset_without_len_is_named(tmp_path):
+    trainer = Trainer(tiny_model(), args_for(tmp_path), train_dataset=samples(2), eval_dataset=iter(samples(2)))
+    with pytest.raises(TypeError, match="the eval_dataset must support len\\(\\) and indexing"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("seq_length", [1, 0, -5, 2.5, "64", True])
+def test_preprocessing_refuses_a_bad_seq_length_even_without_records(seq_length):
+    from qwen2ms.data import tokenize_dataset
+
+    with pytest.raises(ValueError, match=f"seq_length must be an integer >= 2 .*got {seq_length!r}"):
+        tokenize_dataset([], tokenizer=None, seq_length=seq_length)
+
+
 def test_empty_dataset_is_an_error():
     with pytest.raises(UntrainedDatasetError, match="empty"):
         check_samples([], VOCAB, "train_dataset")

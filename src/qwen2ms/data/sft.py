@@ -249,6 +249,10 @@ def tokenize_dataset(
     Example:
         >>> samples, report = tokenize_dataset(load_records("data.jsonl"), tok, 4096)  # doctest: +SKIP
     """
+    if not isinstance(seq_length, int) or isinstance(seq_length, bool) or seq_length < 2:
+        raise ValueError(f"seq_length must be an integer >= 2 (a prompt token and a trained token), got {seq_length!r}")
+    if overflow not in ("truncate", "drop"):
+        raise ValueError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
     report = report if report is not None else PreprocessReport()
     samples: List[Sample] = []
     items: Iterable[Any] = records

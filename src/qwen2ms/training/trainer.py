@@ -560,6 +560,9 @@ class Trainer:
         """
         from ..data import DataCollatorForSFT, check_samples
 
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise TypeError(f"the {name} must support len() and indexing (a list of samples), got "
+                            f"{type(dataset).__name__}")
         seen = self._checked.get(name)
         if seen is not None and seen[0] is dataset and seen[1] == len(dataset):
             return seen[2]
