@@ -204,3 +204,89 @@ def test_character_memos_stay_bounded_with_random_code_points(tok, fast, monkeyp
         for t in (text, cjk):
             assert tok.encode(t) == _ref(fast, t)
     assert len(tok._bpe._chars) <= 500 and len(tok._bpe._safe3) <= 500
+
+
+# ---- ids without a token ------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [151646, 151935, 10**9])
+def test_decode_of_an_id_past_the_vocabulary_raises(tok, bad):
+    with pytest.raises(TokenizerError, match=rf"token id {bad} is past the vocabulary: this tokenizer has 151646 tokens"):
+        tok.decode([9707, bad])
+    with pytest.raises(TokenizerError, match=rf"token id {bad} is past"):
+        tok.batch_decode([[9707], [bad]])
+    with pytest.raises(TokenizerError, match=rf"token id {bad} is past"):
+        tok.convert_ids_to_tokens(bad)
+    with pytest.raises(TokenizerError, match=rf"token id {bad} is past"):
+        tok.convert_ids_to_tokens([1, bad])
+    detok = IncrementalDetokenizer(tok)
+    assert detok.push(9707) == "Hello"
+    with pytest.raises(TokenizerError, match=rf"token id {bad} is past"):
+        detok.push(bad)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (-1, "token id -1 is negative"),
+    (-151646, "token id -151646 is negative"),
+    (True, "bool True"),
+    (2.0, r"got 2\.0 \(float\)"),
+    ("7", "int"),
+    (None, "int"),
+])
+def test_non_ids_are_refused_everywhere(tok, bad, match):
+    import numpy as np
+
+    with pytest.raises(TokenizerError, match=match):
+        tok.decode([9707, bad])
+    with pytest.raises(TokenizerError, match=match):
+        IncrementalDetokenizer(tok).push(bad)
+    with pytest.raises(TokenizerError, match=match):
+        tok.convert_ids_to_tokens([bad])
+    if isinstance(bad, (bool, int, float)):
+        with pytest.raises(TokenizerError, match=match):
+            tok.decode(np.array([bad]))  # numpy keeps the dtype: bool and float arrays are refused too
+
+
+def test_numpy_and_plain_ids_still_decode(tok):
+    import numpy as np
+
+    ids = tok.encode("Hello world<|im_end|>")
+    assert tok.decode(np.array(ids, dtype=np.int32)) == tok.decode(ids) == "Hello world<|im_end|>"
+    assert tok.decode(np.int64(9707)) == "Hello" and tok.decode([]) == ""
+    assert tok.convert_ids_to_tokens(np.int64(151645)) == "<|im_end|>"
+
+
+def _gapped_tokenizer():
+    from qwen2ms.tokenization import AddedToken
+
+    byte_char = bytes_to_unicode()
+    vocab = {byte_char[b]: b for b in range(256)}
+    added = [AddedToken("<x>", 300)]
+    return Qwen2Tokenizer(vocab, [], added_tokens=added, eos_token="<x>", pad_token="<x>", unk_token="<x>")
+
+
+def test_ids_in_a_gap_of_the_vocabulary_raise():
+    gapped = _gapped_tokenizer()
+    assert gapped.decode([104, 105, 300]) == "hi<x>"
+    for call in (gapped.decode, gapped.convert_ids_to_tokens, IncrementalDetokenizer(gapped).push):
+        with pytest.raises(TokenizerError, match=r"token id 256 has no token.*ids are 0\.\.300"):
+            call(256 if call is not gapped.decode else [104, 256])
+    with pytest.raises(TokenizerError, match="token id 301 is past the vocabulary"):
+        gapped.decode([301], skip_special_tokens=True)
+
+
+# ---- unpaired surrogates ------------------------------------------------------------------------
+@pytest.mark.parametrize("text", [
+    "a\ud800b",
+    "<|im_end|>a\ud800",
+    "<|im_start|>user\nhi<|im_end|>\n" * 3 + "x\udc00",
+    "😀😀😀 \ud83d",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢" + "\udfff",
+    "e\u0301" * 5 + "\ud800",  # NFC shortens the text before the surrogate
+    "<|endoftext|>" + "ﬁ" * 3 + "<|im_end|>" + "\ud800" + "\udc00",
+    "\ud800",
+])
+def test_surrogate_error_names_the_index_in_the_callers_text(tok, text):
+    at = next(i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF)
+    with pytest.raises(TokenizerError, match=rf"unpaired surrogate '\\u{ord(text[at]):x}' at index {at} \(of {len(text)}"):
+        tok.encode(text)
+    with pytest.raises(TokenizerError, match=rf"at index {at} "):
+        tok([text, "ok"])

@@ -40,10 +40,13 @@ class IncrementalDetokenizer:
         """Add one token id and return the text it completes (possibly "").
 
         Args:
-            token_id: a non-negative token id.
+            token_id: a token id of the tokenizer.
 
         Returns:
             The newly completed text.
+
+        Raises:
+            TokenizerError: an id without a token (see :meth:`Qwen2Tokenizer.decode`).
         """
         data = self._tokenizer.id_bytes(token_id, skip_special_tokens=self._skip)
         text = self._decoder.decode(data, final=False)

@@ -24,6 +24,8 @@ QWEN2_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 _SPECIAL_ATTRS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
+_SURROGATE = regex.compile("[\ud800-\udfff]")
+
 
 @dataclass(frozen=True)
 class AddedToken:
@@ -66,6 +68,11 @@ class BatchEncoding(dict):
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
+
+
+def _is_bool(value: Any) -> bool:
+    # bool (and numpy.bool_) pass operator.index, but a mask passed as ids is a mistake
+    return isinstance(value, bool) or type(value).__name__ == "bool_"
 
 
 def _read_json(path: Path) -> Any:
@@ -196,14 +203,15 @@ class Qwen2Tokenizer:
 
     def _build_tables(self) -> None:
         n = max([max(self._bpe.id_to_token)] + list(self._added)) + 1
-        table: List[bytes] = [b""] * n
+        # None marks an id without a token (a gap in the vocabulary): joining it fails, and decode says why
+        table: List[Optional[bytes]] = [None] * n
         for i, t in self._bpe.id_to_token.items():
             table[i] = self._bpe.token_bytes(t)
         for i, t in self._added.items():
             table[i] = self._bpe.token_bytes(t.content)
         self._id_bytes = table
         special_ids = set(self.all_special_ids)
-        self._id_bytes_skip = [b"" if i in special_ids else b for i, b in enumerate(table)]
+        self._id_bytes_skip = [b"" if i in special_ids and b is not None else b for i, b in enumerate(table)]
         self._raw_split = self._added_pattern([t for t in self._added.values() if not t.normalized])
         self._norm_split = self._added_pattern([t for t in self._added.values() if t.normalized])
 
@@ -480,9 +488,13 @@ class Qwen2Tokenizer:
                 out += self._encode_normalized(text[pos:] if pos else text)
             return out
         except UnicodeEncodeError as e:
+            # e.start indexes whatever part was being encoded (a piece, the text after a special
+            # token, its NFC form), so find the surrogate in the caller's own string
+            found = _SURROGATE.search(text)
+            at = found.start() if found is not None else e.start
             raise TokenizerError(
-                f"text holds an unpaired surrogate {text[e.start:e.end]!r} at index {e.start}, which has no UTF-8 "
-                "encoding; pass valid Unicode text."
+                f"text holds an unpaired surrogate {text[at]!r} at index {at} (of {len(text)} characters), which has "
+                "no UTF-8 encoding; pass valid Unicode text (e.g. decode bytes with errors='replace')."
             ) from e
 
     def _encode_normalized(self, text: str) -> List[int]:
@@ -603,8 +615,7 @@ class Qwen2Tokenizer:
         return enc
 
     # ---- decoding -------------------------------------------------------------------------------
-    @staticmethod
-    def _as_ids(ids: Any) -> List[int]:
+    def _as_ids(self, ids: Any) -> List[int]:
         if hasattr(ids, "asnumpy"):
             ids = ids.asnumpy()
         if hasattr(ids, "tolist") and not isinstance(ids, list):
@@ -613,36 +624,62 @@ class Qwen2Tokenizer:
             ids = [ids]
         if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
             raise TokenizerError(f"token ids must be an int or a list of ints; got {type(ids).__name__}.")
-        try:
-            out = [operator.index(i) for i in ids]
-        except TypeError:
-            bad = next(i for i in ids if not hasattr(i, "__index__"))
-            raise TokenizerError(f"token ids must be ints; got {bad!r} ({type(bad).__name__}).") from None
+        out = list(ids)
+        if not set(map(type, out)) <= {int}:  # numpy scalars, bools, floats, ...
+            bad = next((i for i in out if _is_bool(i)), None)
+            if bad is not None:
+                raise TokenizerError(f"token ids must be ints; got the bool {bad!r} (a mask, not ids?).")
+            try:
+                out = [operator.index(i) for i in out]
+            except TypeError:
+                bad = next(i for i in out if not hasattr(i, "__index__"))
+                raise TokenizerError(f"token ids must be ints; got {bad!r} ({type(bad).__name__}).") from None
         if out and min(out) < 0:
-            raise TokenizerError(f"token ids must be non-negative; got {min(out)}.")
+            self._unknown_id(min(out))
         return out
 
+    def _unknown_id(self, token_id: int) -> None:
+        n = len(self._id_bytes)
+        if token_id < 0:
+            raise TokenizerError(f"token id {token_id} is negative; this tokenizer's ids are 0..{n - 1}.")
+        if token_id < n:
+            raise TokenizerError(
+                f"token id {token_id} has no token (vocab.json and the added tokens skip it); this tokenizer's "
+                f"ids are 0..{n - 1}."
+            )
+        raise TokenizerError(
+            f"token id {token_id} is past the vocabulary: this tokenizer has {len(self)} tokens, ids 0..{n - 1}. "
+            f"Ids from {n} up (such as the rows a model pads its embedding to) have no text; decode ids this "
+            "tokenizer produced, or mask the others (generate() does when given the tokenizer)."
+        )
+
     def id_bytes(self, token_id: int, skip_special_tokens: bool = False) -> bytes:
-        """The bytes one id stands for (b"" for ids past the vocabulary, e.g. embedding padding rows).
+        """The bytes one id stands for.
 
         Args:
-            token_id: a non-negative id.
+            token_id: a token id of this tokenizer.
             skip_special_tokens: return b"" for special tokens.
 
         Returns:
             The token's bytes.
+
+        Raises:
+            TokenizerError: not an int, or an id without a token (negative, past the vocabulary, or a gap).
         """
+        if _is_bool(token_id):
+            raise TokenizerError(f"token id must be an int; got the bool {token_id!r}.")
         try:
             i = operator.index(token_id)
         except TypeError:
             raise TokenizerError(f"token id must be an int; got {token_id!r} ({type(token_id).__name__}).") from None
-        if i < 0:
-            raise TokenizerError(f"token ids must be non-negative; got {i}.")
         table = self._id_bytes_skip if skip_special_tokens else self._id_bytes
-        return table[i] if i < len(table) else b""
+        data = table[i] if 0 <= i < len(table) else None
+        if data is None:
+            self._unknown_id(i)
+        return data
 
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
-        """Text of token ids; invalid UTF-8 becomes U+FFFD, ids without a token decode to "".
+        """Text of token ids; invalid UTF-8 becomes U+FFFD.
 
         Args:
             ids: an int, a list of ints, or a 1-D numpy array / MindSpore Tensor.
@@ -652,7 +689,8 @@ class Qwen2Tokenizer:
             The text.
 
         Raises:
-            TokenizerError: a negative or non-integer id.
+            TokenizerError: a non-integer id, or an id without a token (negative, at or above
+                ``len(tokenizer)``, or a gap in the vocabulary); the message names the id.
 
         Example:
             >>> tok.decode([9707, 1879])  # doctest: +SKIP
@@ -660,10 +698,11 @@ class Qwen2Tokenizer:
         """
         ids = self._as_ids(ids)
         table = self._id_bytes_skip if skip_special_tokens else self._id_bytes
-        n = len(table)
-        if ids and max(ids) >= n:
-            ids = [i for i in ids if i < n]
-        return b"".join(map(table.__getitem__, ids)).decode("utf-8", "replace")
+        try:
+            return b"".join(map(table.__getitem__, ids)).decode("utf-8", "replace")
+        except (IndexError, TypeError):  # past the table, or None for a gap
+            self._unknown_id(next(i for i in ids if i >= len(table) or table[i] is None))
+            raise
 
     def batch_decode(self, sequences: Iterable[Any], skip_special_tokens: bool = False) -> List[str]:
         """:meth:`decode` for each sequence (a list of lists, or a 2-D array/Tensor)."""
@@ -671,8 +710,11 @@ class Qwen2Tokenizer:
             sequences = sequences.asnumpy()
         return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in sequences]
 
-    def convert_ids_to_tokens(self, ids: Union[int, Sequence[int]]) -> Union[Optional[str], List[Optional[str]]]:
-        """Token string(s) of id(s); None for ids without a token.
+    def convert_ids_to_tokens(self, ids: Union[int, Sequence[int]]) -> Union[str, List[str]]:
+        """Token string(s) of id(s).
+
+        Raises:
+            TokenizerError: a non-integer id or an id without a token (see :meth:`decode`).
 
         Example:
             >>> tok.convert_ids_to_tokens([21927, 151645])  # doctest: +SKIP
@@ -682,7 +724,10 @@ class Qwen2Tokenizer:
         out = []
         for i in self._as_ids(ids):
             added = self._added.get(i)
-            out.append(added.content if added is not None else self._bpe.id_to_token.get(i))
+            token = added.content if added is not None else self._bpe.id_to_token.get(i)
+            if token is None:
+                self._unknown_id(i)
+            out.append(token)
         return out[0] if single else out
 
     def convert_tokens_to_ids(self, tokens: Union[str, Sequence[str]]) -> Union[int, List[int]]:
