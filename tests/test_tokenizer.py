@@ -73,7 +73,8 @@ def test_sizes_and_special_tokens(tok):
     assert tok.convert_tokens_to_ids(["<|im_start|>", "ĠHello"]) == [151644, 21927]
     assert tok.convert_ids_to_tokens([21927, 151645]) == ["ĠHello", "<|im_end|>"]
     assert tok.convert_ids_to_tokens(9707) == "Hello"
-    assert tok.convert_ids_to_tokens(151700) is None
+    with pytest.raises(TokenizerError, match="token id 151700 is past the vocabulary"):
+        tok.convert_ids_to_tokens(151700)
     assert tok.tokenize(" Hello world") == ["ĠHello", "Ġworld"]
     assert tok.get_vocab()["<|im_end|>"] == 151645
 
