@@ -476,6 +476,7 @@ def test_resuming_a_finished_run_reports_zero_steps_not_a_huge_rate(finished_run
     (lambda ck: (ck / "trainer_state.json").write_text('{"state": {}}'), "lacks the trainer state"),
     (lambda ck: os.remove(ck / "optimizer.safetensors"), "is incomplete: ['optimizer.safetensors'] missing"),
     (lambda ck: (ck / "optimizer.safetensors").write_bytes(b"\x00" * 10), "optimizer.safetensors"),
+    (lambda ck: os.remove(ck / "model.safetensors"), "is incomplete: ['model.safetensors'] missing"),
 ])
 def test_resume_from_a_damaged_checkpoint_names_the_file_and_keeps_the_weights(finished_run, tmp_path, damage, words):
     run = _copy_run(finished_run, tmp_path)

@@ -1243,7 +1243,10 @@ class Trainer:
 
         lora = bool(lora_modules(self.model))
         hf = not lora and (path / "config.json").is_file() and hasattr(type(self.model), "from_hf")
-        self._require_files(path, ["optimizer.safetensors"] + ([] if lora or hf else ["model.safetensors"]))
+        weights = [] if lora else ["model.safetensors"]
+        if hf and (path / "model.safetensors.index.json").is_file():
+            weights = []  # sharded weights: from_hf checks every shard the index names
+        self._require_files(path, ["optimizer.safetensors"] + weights)
         # Everything is read and checked before the first parameter changes: a damaged checkpoint
         # leaves the model as it was.
         opt_pairs = self._optimizer_pairs(path / "optimizer.safetensors", path)
