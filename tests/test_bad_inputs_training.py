@@ -289,7 +289,6 @@ def _base():
     ("training", "max_steps", "10", "training.max_steps: '10' (a string) is not an integer; write it without quotes"),
     ("training", "max_steps", 1.5, "training.max_steps: 1.5 (a number) is not an integer"),
     ("training", "logging_steps", [1, 2], "training.logging_steps: [1, 2] (a list) is not an integer"),
-    ("training", "learning_rate", "1e-5", "YAML reads 1e-5 as a string: write it with a dot, 1.0e-5"),
     ("training", "learning_rate", float("nan"), "training.learning_rate: nan is not a finite number"),
     ("training", "precision", None, "training.precision: None (null) is not a string"),
     ("training", "lora_target_modules", [1], "training.lora_target_modules: [1] (a list) is not a list of strings"),
@@ -314,6 +313,22 @@ def test_run_config_values_are_type_checked_strictly(tmp_path, section, key, val
     with pytest.raises(RunConfigError) as e:
         load_run_config(path)
     assert str(path) in str(e.value) and words in str(e.value)
+
+
+def test_run_config_reads_exponent_floats_as_numbers_and_refuses_quoted_ones(tmp_path):
+    # PyYAML (YAML 1.1) reads a plain 1e-5 as a string; run configs read it as YAML 1.2 and every recipe does.
+    cfg = _base()
+    cfg["training"]["learning_rate"] = "@LR@"
+    text = yaml.safe_dump(cfg)
+    for plain, expected in (("1e-5", 1e-5), ("3E-4", 3e-4), ("2.5e+3", 2500.0), ("1_0e-1", 1.0)):
+        path = tmp_path / "plain.yaml"
+        path.write_text(text.replace("'@LR@'", plain))
+        assert load_run_config(path).training["learning_rate"] == expected
+    path = tmp_path / "quoted.yaml"
+    path.write_text(text.replace("'@LR@'", "'1e-5'"))
+    with pytest.raises(RunConfigError, match="training.learning_rate: '1e-5' \\(a string\\) is not a number; "
+                                             "write it without quotes"):
+        load_run_config(path)
 
 
 def test_run_config_nested_model_config_and_sections_are_checked(tmp_path):

@@ -18,7 +18,7 @@ A fine-tuning config::
       only_last_turn: false
       max_samples: null
       pad_to_multiple_of: 8             # dynamic padding granularity (fewer shapes -> fewer compiles)
-    training: {output_dir: runs/x, learning_rate: 1.0e-5, ...}   # TrainingArguments fields (YAML reads 1e-5 as a string)
+    training: {output_dir: runs/x, learning_rate: 1e-5, ...}   # TrainingArguments fields
     parallel: {data_parallel: 1, model_parallel: 1, pipeline_stage: 1, ...}   # qwen2ms.parallel.ParallelConfig
 
 Relative input paths are resolved against the YAML file's folder; ``training.output_dir`` against
@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
@@ -196,6 +197,24 @@ class RunConfig:
             raise RunConfigError(f"{self.path or 'run config'} [training]: {e}") from e
 
 
+def _yaml_loader():
+    """PyYAML's safe loader, reading ``1e-5`` and ``3E4`` as numbers (YAML 1.2) instead of strings (YAML 1.1).
+
+    PyYAML follows YAML 1.1, whose floats need a dot and a signed exponent, so ``learning_rate: 1e-5``
+    would arrive as the string "1e-5" and be refused by the strict type check; every other YAML tool
+    (and every training recipe) reads it as a float. Quoted values stay strings.
+    """
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return Loader
+
+
 def load_run_config(path: Union[str, os.PathLike]) -> RunConfig:
     """Read and validate a YAML run config.
 
@@ -219,7 +238,7 @@ def load_run_config(path: Union[str, os.PathLike]) -> RunConfig:
     if not p.is_file():
         raise RunConfigError(f"run config {os.fspath(path)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_yaml_loader()) or {}
     except yaml.YAMLError as e:
         raise RunConfigError(f"{p}: not valid YAML: {e}") from e
     if not isinstance(data, dict):

@@ -111,7 +111,7 @@ def type_problem(value: Any, tp: Any) -> Optional[str]:
 
     Floats must be finite; ints are accepted where floats are expected, never the reverse
     (``1.5`` steps), and no string stands in for a number or a boolean (YAML reads ``"no"``
-    quoted as a string and ``1e-5`` without a dot as a string).
+    quoted as a string).
 
     Args:
         value: the value given.
@@ -141,11 +141,7 @@ def type_problem(value: Any, tp: Any) -> Optional[str]:
         except ValueError:
             numeric = False
         if numeric and (int in wants or float in wants):
-            if float in wants and "e" in value.lower() and "." not in value:
-                mantissa, exponent = value.lower().split("e", 1)
-                text += f"; YAML reads {value} as a string: write it with a dot, {mantissa}.0e{exponent}"
-            else:
-                text += "; write it without quotes"
+            text += "; write it without quotes"
         elif bool in wants and value.lower() in ("yes", "no", "on", "off", "true", "false", "y", "n", "1", "0"):
             text += "; write true or false without quotes"
     return text
