@@ -17,6 +17,13 @@ def test_file_and_missing_path_errors(tmp_path):
         resolve_pretrained(tmp_path / "no" / "such" / "dir")
 
 
+def test_empty_location_is_not_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a folder that exists: "" used to resolve to it
+    for text in ("", "  "):
+        with pytest.raises(HubError, match="empty"):
+            resolve_pretrained(text)
+
+
 def test_offline_hub_id_says_how_to_pass_a_local_folder(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HubError) as e:

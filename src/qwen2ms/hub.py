@@ -42,6 +42,10 @@ def resolve_pretrained(
         >>> resolve_pretrained("/models/Qwen2-0.5B-Instruct")  # doctest: +SKIP
     """
     text = os.fspath(path_or_repo_id)
+    if not text.strip():
+        # Path("") is the working folder: an empty argument must not silently load whatever is there
+        raise HubError("the model/tokenizer location is empty; pass a folder or a hub repo id such as "
+                       "'Qwen/Qwen2-0.5B-Instruct'")
     local = Path(text).expanduser()
     if local.is_dir():
         return local
