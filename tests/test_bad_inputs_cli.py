@@ -187,6 +187,11 @@ def test_dtype_applies_to_the_demo_model_too():
     assert str(model.model.embed_tokens.weight.dtype) == "Float16"
 
 
+def test_demo_dtype_is_not_silently_ignored(capsys):
+    assert main(["demo", "--dtype", "bf16"]) == 2  # the fine-tune trains in float32
+    assert "--steps 0" in one_error_line(capsys.readouterr().err, "demo")
+
+
 def _dtype_arg(text):
     return build_parser().parse_args(["generate", "--prompt", "x", "--dtype", text]).dtype
 

@@ -107,8 +107,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     prompt = DEMO_PROMPT if args.prompt is None else args.prompt
     _check_text(prompt, "--prompt")
-    tok = demo_tokenizer(args.tokenizer)
     steps = DEMO_STEPS if args.steps is None else args.steps
+    if args.dtype is not None and args.model is None and steps > 0:
+        raise _CommandError("--dtype applies to --model or --steps 0; the demo fine-tune trains in float32")
+    tok = demo_tokenizer(args.tokenizer)
     messages = [{"role": "user", "content": prompt}]
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -487,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "'What is the capital of France?')")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the real Qwen2 BPE)")
     p.add_argument("--model", default=None, help="a checkpoint folder or hub id to chat with instead of the demo model")
-    p.add_argument("--dtype", type=_dtype, default=None, metavar="{float32,float16,bfloat16}", help="weight dtype")
+    p.add_argument("--dtype", type=_dtype, default=None, metavar="{float32,float16,bfloat16}",
+                   help="weight dtype of --model or of the untrained model (--steps 0)")
     p.add_argument("--steps", type=_int_at_least(0), default=None,
                    help="fine-tuning steps of the demo model (default 60; 0: skip, the model stays random)")
     p.add_argument("--output-dir", default=None,
