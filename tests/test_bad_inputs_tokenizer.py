@@ -290,3 +290,152 @@ def test_surrogate_error_names_the_index_in_the_callers_text(tok, text):
         tok.encode(text)
     with pytest.raises(TokenizerError, match=rf"at index {at} "):
         tok([text, "ok"])
+
+
+# ---- chat template rendering limits -------------------------------------------------------------
+CONV = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("template", [
+    "{{ 'x' * 10**9 }}",
+    "{{ 10**9 * 'x' }}",
+    "{{ ['x'] * 10**9 }}",
+    "{% set b = 'x' * 900000 %}{{ [b] * 1000 }}",
+    "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+    "{% set ns = namespace(l=[1]) %}{% for i in range(64) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|length }}",
+    "{% set ns = namespace(l=[]) %}{% for i in range(9999) %}{% set ns.l = ns.l + ['x' * 100000] %}{% endfor %}",
+    "{{ 'x'|center(10**9) }}",
+    "{{ 'x'.ljust(10**9) }}",
+    "{{ 'x'.zfill(10**9) }}",
+    "{{ ('\t' * 1000).expandtabs(10**6) }}",
+    "{{ '{:>1000000000}'.format(1) }}",
+    "{{ '{:>{w}}'.format(1, w=10**9) }}",
+    "{{ '%1000000000d' % 1 }}",
+    "{{ '%*d' % (10**9, 1) }}",
+    "{{ '%s'|format('x' * 999999 ~ 'yy') }}",
+    "{% set s = 'x' * 100000 %}{{ s.replace('', s) }}",
+    "{% set s = 'x' * 100000 %}{{ s.join(s.split('') if false else [s, s, s, s, s, s, s, s, s, s, s]) }}",
+    "{{ ('a' * 10000).translate(dict.fromkeys([97], 'b' * 10000)) }}",
+    "{{ [1]|batch(10**9, 'x')|list|length }}",
+    "{{ []|slice(10**8)|list|length }}",
+    "{{ ('\n' * 100000)|indent(10000, true, true) }}",
+    "{{ messages|tojson(indent=10**7) }}",
+    "{{ lipsum(10**9) }}",
+    "{{ dict.fromkeys(range(100000), 'x' * 100000) }}",
+    "{% filter upper %}{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}{% endfilter %}",
+    "{% set x %}{% for i in range(1000) %}{{ 'x' * 100000 }}{% endfor %}{% endset %}{{ x|length }}",
+    "{{ range(100000)|map('center', 100000)|list|length }}",
+    "{% for i in range(100000) %}{{ 'x' * 20 }}{% endfor %}",
+], ids=lambda t: t[:50])
+def test_templates_that_build_huge_strings_stop_at_max_output_chars(template):
+    from qwen2ms.tokenization import ChatTemplateLimitError, render_chat_template
+
+    t0 = time.process_time()
+    with pytest.raises(ChatTemplateLimitError, match=r"max_output_chars.*pass max_output_chars=N to apply_chat_template"):
+        render_chat_template(template, CONV)
+    assert time.process_time() - t0 < 5  # stopped before building the string, not after
+
+
+@pytest.mark.parametrize("template", [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+    "{% for m in messages * 100 %}{% for i in range(100000) if i < 0 %}{% endfor %}{% endfor %}",
+    "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}",
+    "{% for x in range(10) recursive %}{% if loop.depth < 9 %}{{ loop(range(10)) }}{% endif %}{% endfor %}",
+], ids=lambda t: t[:50])
+def test_runaway_loops_stop_at_max_iterations(tok, template):
+    with pytest.raises(TokenizerError, match=r"more than max_iterations=20000 .*pass max_iterations=N"):
+        tok.apply_chat_template(CONV, chat_template=template, tokenize=False, max_iterations=20_000)
+
+
+def test_slow_templates_stop_at_the_timeout(tok):
+    # each step is cheap and under every size limit; only the clock stops it
+    template = ("{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+                "{% for i in range(100000) %}{{ f(3) }}{% endfor %}")
+    t0 = time.perf_counter()
+    with pytest.raises(TokenizerError, match=r"longer than timeout=0\.3 s; pass timeout=SECONDS"):
+        tok.apply_chat_template(CONV, chat_template=template, tokenize=False, timeout=0.3, max_iterations=10**9)
+    assert time.perf_counter() - t0 < 10
+
+
+def test_limits_are_configurable(tok):
+    big = "{{ 'x' * 1500000 }}"
+    with pytest.raises(TokenizerError, match="max_output_chars=1000000"):
+        tok.apply_chat_template(CONV, chat_template=big, tokenize=False)
+    assert len(tok.apply_chat_template(CONV, chat_template=big, tokenize=False, max_output_chars=2_000_000)) == 1_500_000
+    loops = "{% for i in range(2000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}ok"
+    with pytest.raises(TokenizerError, match="max_iterations=1000000"):
+        tok.apply_chat_template(CONV, chat_template=loops, tokenize=False)
+    assert tok.apply_chat_template(CONV, chat_template=loops, tokenize=False, max_iterations=3_000_000) == "ok"
+    # a long real conversation is far from every default limit
+    long_conv = [{"role": "user" if k % 2 == 0 else "assistant", "content": "word " * 200} for k in range(900)]
+    assert len(tok.apply_chat_template(long_conv, tokenize=False)) > 900_000
+
+
+@pytest.mark.parametrize("name, value", [("max_output_chars", 0), ("max_iterations", -1), ("timeout", 0),
+                                         ("timeout", "10"), ("max_output_chars", 1.5), ("max_iterations", True)])
+def test_bad_limit_values(tok, name, value):
+    with pytest.raises(TokenizerError, match=rf"{name} must be a positive number"):
+        tok.apply_chat_template(CONV, tokenize=False, **{name: value})
+
+
+def test_real_templates_render_as_the_reference_on_a_long_conversation(qwen_bpe_dir, tok):
+    # the later-Qwen template (tools, thinking, namespaces) and Qwen2's, on ~0.5-1 MB prompts
+    from transformers import AutoTokenizer
+
+    ref = AutoTokenizer.from_pretrained(qwen_bpe_dir)
+    later = Qwen2Tokenizer.from_pretrained(qwen_bpe_dir)
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    rnd, conv = random.Random(0), [{"role": "system", "content": "You are helpful."}]
+    for i in range(1200):
+        conv.append({"role": "user", "content": "question " * rnd.randrange(1, 40)})
+        if i % 3 == 0:
+            conv.append({"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}}]})
+            conv.append({"role": "tool", "content": "{\"temp\": 21}"})
+        conv.append({"role": "assistant", "content": "<think>\nhmm\n</think>\n\n" + "answer " * rnd.randrange(1, 40)})
+    got = later.apply_chat_template(conv, tools=tools, add_generation_prompt=True, tokenize=False)
+    assert got == ref.apply_chat_template(conv, tools=tools, add_generation_prompt=True, tokenize=False)
+    qwen2 = tok.apply_chat_template(conv[:1500], add_generation_prompt=True, tokenize=False)
+    assert qwen2 == ref.apply_chat_template(conv[:1500], chat_template=tok.chat_template, add_generation_prompt=True,
+                                           tokenize=False)
+    t0 = time.process_time()
+    later.apply_chat_template(conv, tools=tools, add_generation_prompt=True, tokenize=False)
+    assert time.process_time() - t0 < 5  # about 0.2 s measured
+
+
+@pytest.mark.parametrize("template, match", [
+    ("{{ 1 + 'a' }}", "TypeError"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ("{{ range(10**9)|list }}", "Range too big"),
+    ("{{ 10**5000 }}", "ValueError"),
+    ("{{ 2**(10**9) }}", "integer past 65536 bits"),
+    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "recursed too deeply"),
+    ("{{ messages[5] }}", ""),
+    ("{% for m in 5 %}{% endfor %}", "TypeError"),
+], ids=lambda t: str(t)[:40])
+def test_template_runtime_errors_are_tokenizer_errors(tok, template, match):
+    # a template is user code: what it raises must not surface as a raw Python traceback
+    try:
+        tok.apply_chat_template(CONV, chat_template=template, tokenize=False)
+    except TokenizerError as e:
+        assert match in str(e) and "chat template" in str(e)
+    else:
+        assert template == "{{ messages[5] }}"  # an undefined item prints as "", as in the reference
+
+
+def test_chat_template_inputs_that_contain_themselves(tok):
+    loop = {"a": 1}
+    loop["self"] = loop
+    with pytest.raises(TokenizerError, match="nested more than 200 levels deep"):
+        tok.apply_chat_template(CONV, tokenize=False, tools=[loop])
+    deep = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(TokenizerError, match=r"documents.*nested more than 200"):
+        tok.apply_chat_template(CONV, tokenize=False, documents=[{"d": deep}])
+    with pytest.raises(TokenizerError, match="tools must be a list"):
+        tok.apply_chat_template(CONV, tokenize=False, tools={"type": "function"})

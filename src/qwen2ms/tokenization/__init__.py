@@ -1,7 +1,7 @@
 """Qwen2 tokenisation: byte-level BPE, the Qwen2Tokenizer, sandboxed chat templates and streaming detokenisation."""
 from .bpe import ByteLevelBPE, TokenizerError
 from .builtin import builtin_bpe_dir, builtin_tokenizer
-from .chat_template import QWEN2_CHAT_TEMPLATE, render_chat_template
+from .chat_template import QWEN2_CHAT_TEMPLATE, ChatTemplateLimitError, render_chat_template
 from .streaming import IncrementalDetokenizer
 from .tokenizer import AddedToken, BatchEncoding, Qwen2Tokenizer
 
@@ -10,6 +10,7 @@ __all__ = [
     "builtin_bpe_dir",
     "Qwen2Tokenizer",
     "TokenizerError",
+    "ChatTemplateLimitError",
     "IncrementalDetokenizer",
     "BatchEncoding",
     "AddedToken",

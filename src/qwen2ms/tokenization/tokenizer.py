@@ -13,7 +13,13 @@ import regex
 
 from ..hub import atomic_write_text, resolve_pretrained
 from .bpe import PRETOKENIZE_PATTERN, ByteLevelBPE, TokenizerError, parse_merges
-from .chat_template import QWEN2_CHAT_TEMPLATE, render_chat_template
+from .chat_template import (
+    DEFAULT_MAX_ITERATIONS,
+    DEFAULT_MAX_OUTPUT_CHARS,
+    DEFAULT_TIMEOUT,
+    QWEN2_CHAT_TEMPLATE,
+    render_chat_template,
+)
 
 __all__ = ["Qwen2Tokenizer", "BatchEncoding", "AddedToken", "TOKENIZER_FILES"]
 
@@ -753,6 +759,9 @@ class Qwen2Tokenizer:
         tools: Optional[Sequence[Mapping[str, Any]]] = None,
         documents: Optional[Sequence[Mapping[str, Any]]] = None,
         chat_template: Optional[str] = None,
+        max_output_chars: int = DEFAULT_MAX_OUTPUT_CHARS,
+        max_iterations: int = DEFAULT_MAX_ITERATIONS,
+        timeout: float = DEFAULT_TIMEOUT,
         **kwargs: Any,
     ) -> Union[str, List[int]]:
         """Render a conversation with the chat template (sandboxed Jinja) and optionally tokenize it.
@@ -764,13 +773,17 @@ class Qwen2Tokenizer:
             tools: tool JSON schemas for templates that use them.
             documents: documents for templates that use them.
             chat_template: a template to use instead of :attr:`chat_template`.
+            max_output_chars: the largest prompt (and string or list built while rendering) allowed.
+            max_iterations: the most template loop iterations plus macro calls allowed.
+            timeout: the most seconds rendering may take.
             **kwargs: extra template variables.
 
         Returns:
             The prompt text, or its ids when ``tokenize`` is True.
 
         Raises:
-            TokenizerError: malformed messages, or a template that fails or breaks the sandbox.
+            TokenizerError: malformed messages, or a template that fails, breaks the sandbox or
+                goes past a rendering limit (then a ``ChatTemplateLimitError`` naming the limit).
 
         Example:
             >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)  # doctest: +SKIP
@@ -778,7 +791,8 @@ class Qwen2Tokenizer:
         """
         template = self.chat_template if chat_template is None else chat_template
         text = render_chat_template(template, messages, add_generation_prompt=add_generation_prompt,
-                                    tools=tools, documents=documents, **kwargs)
+                                    tools=tools, documents=documents, max_output_chars=max_output_chars,
+                                    max_iterations=max_iterations, timeout=timeout, **kwargs)
         return self.encode(text) if tokenize else text
 
     def __repr__(self) -> str:
