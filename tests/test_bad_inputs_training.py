@@ -331,6 +331,18 @@ def test_run_config_reads_exponent_floats_as_numbers_and_refuses_quoted_ones(tmp
         load_run_config(path)
 
 
+def test_non_utf8_run_config_and_model_config_name_the_file(tmp_path):
+    from qwen2ms import ConfigError, Qwen2Config
+
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("training: {output_dir: caf\xe9}\n".encode("latin-1"))
+    with pytest.raises(RunConfigError, match="latin1.yaml: not UTF-8 text \\(byte 26\\); save the run config as UTF-8"):
+        load_run_config(path)
+    (tmp_path / "config.json").write_bytes(b'{"model_type": "qwen2", "x": "\xff"}')
+    with pytest.raises(ConfigError, match="config.json' is not UTF-8 text"):
+        Qwen2Config.from_json(tmp_path)
+
+
 def test_run_config_nested_model_config_and_sections_are_checked(tmp_path):
     cfg = _base()
     cfg["model"]["config"]["hidden_size"] = "32"

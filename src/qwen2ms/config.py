@@ -267,6 +267,8 @@ class Qwen2Config:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{str(path)!r} is not valid JSON: {e}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{str(path)!r} is not UTF-8 text (byte {e.start}); an HF config.json is UTF-8 JSON") from e
         return cls.from_dict(data)
 
     def to_dict(self) -> Dict[str, Any]:

@@ -99,10 +99,10 @@ def _check_values(where: str, model: Dict[str, Any], data: Dict[str, Any]) -> No
     if model.get("seed") is not None and model["seed"] < 0:
         raise bad("model.seed", "must be an integer >= 0")
     if model.get("dtype") is not None:
-        from ..modeling.model import resolve_dtype
+        from ..dtypes import dtype_name
 
         try:
-            resolve_dtype(model["dtype"])
+            dtype_name(model["dtype"])
         except ValueError:
             raise bad("model.dtype", "use float32, float16 or bfloat16") from None
 
@@ -241,6 +241,8 @@ def load_run_config(path: Union[str, os.PathLike]) -> RunConfig:
         data = yaml.load(p.read_text(encoding="utf-8"), Loader=_yaml_loader()) or {}
     except yaml.YAMLError as e:
         raise RunConfigError(f"{p}: not valid YAML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise RunConfigError(f"{p}: not UTF-8 text (byte {e.start}); save the run config as UTF-8") from e
     if not isinstance(data, dict):
         raise RunConfigError(f"{p}: the top level must be a mapping with sections {list(_SECTIONS)}")
     _check_keys(str(p), data, _SECTIONS)
