@@ -68,14 +68,15 @@ def build_checkpoint(folder: Path, preset: str) -> int:
     import numpy as np
 
     from qwen2ms import Qwen2Config
+    from qwen2ms.dtypes import numpy_dtype
     from qwen2ms.modeling.mindformers import hf_parameter_shapes
-    from qwen2ms.modeling.ms_checkpoint import SafetensorsWriter, resolve_dtype
+    from qwen2ms.modeling.ms_checkpoint import SafetensorsWriter
 
     weights = folder / "model.safetensors"
     if not weights.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         config = Qwen2Config.from_preset(preset)
-        bf16 = resolve_dtype("bf16")
+        bf16 = numpy_dtype("bf16")
         rng = np.random.default_rng(0)
         with SafetensorsWriter(weights, {"format": "pt"}) as w:
             for key, shape in hf_parameter_shapes(config).items():

@@ -62,7 +62,7 @@ def setup_ours(cfg, path: str, prompt: np.ndarray, new_tokens: int,
     from mindspore import Tensor
 
     from qwen2ms.modeling.model import Qwen2ForCausalLM
-    from qwen2ms.ops.dispatch import quantize_int8_weights
+    from qwen2ms.modeling.quantize import quantize_int8_weights
 
     backend, wdt = path.split("-")
     dtype = {"fp32": "float32", "bf16": "bfloat16", "int8": "bfloat16"}[wdt]

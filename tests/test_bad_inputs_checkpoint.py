@@ -121,7 +121,7 @@ def test_lora_adapters_are_not_silently_dropped(tmp_path):
 
 
 def test_int8_quantized_model_is_refused_clearly(tmp_path):
-    from qwen2ms.ops.dispatch import quantize_int8_weights
+    from qwen2ms.modeling.quantize import quantize_int8_weights
 
     _, src = make_hf(tmp_path)
     model = Qwen2ForCausalLM.from_hf(src)

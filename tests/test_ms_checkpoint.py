@@ -8,6 +8,7 @@ import mindspore as ms
 from mindspore.common import np_dtype
 
 from qwen2ms.config import Qwen2Config
+from qwen2ms.dtypes import numpy_dtype
 from qwen2ms.modeling.mindformers import CheckpointNamingError, hf_parameter_shapes, to_mindformers
 from qwen2ms.modeling.ms_checkpoint import (
     MSCheckpointError,
@@ -16,7 +17,6 @@ from qwen2ms.modeling.ms_checkpoint import (
     SafetensorsWriter,
     cast_array,
     load_ms_checkpoint,
-    resolve_dtype,
     save_ms_checkpoint,
     sniff_format,
 )
@@ -216,15 +216,15 @@ def test_bad_files_give_clear_errors(tmp_path):
         save_ms_checkpoint([1, 2], tmp_path / "x.ckpt")
 
 
-def test_dtype_helpers():
-    assert resolve_dtype(None) is None
-    assert resolve_dtype("FP32") == np.float32 and resolve_dtype(ms.float16) == np.float16
-    assert resolve_dtype(ms.bfloat16) == BF16 and resolve_dtype(np.float32) == np.float32
+def test_dtype_helpers(tmp_path):
+    assert numpy_dtype(None) is None
+    assert numpy_dtype("FP32") == np.float32 and numpy_dtype(ms.float16) == np.float16
+    assert numpy_dtype(ms.bfloat16) == BF16 and numpy_dtype(np.float32) == np.float32
     with pytest.raises(MSCheckpointError, match="unknown dtype 'fp8'"):
-        resolve_dtype("fp8")
+        save_ms_checkpoint({"lm_head.weight": np.zeros((2, 2), np.float32)}, tmp_path / "x.ckpt", dtype="fp8")
     x = np.array([1.0, 1.00390625, 3.14159], np.float32)
     assert cast_array(x, None) is x
-    assert cast_array(x, resolve_dtype("bf16")).tobytes() == x.astype(BF16).tobytes()
+    assert cast_array(x, numpy_dtype("bf16")).tobytes() == x.astype(BF16).tobytes()
     assert cast_array(x.astype(BF16), np.dtype(np.float16)).dtype == np.float16
     ints = np.arange(3)
     assert cast_array(ints, np.dtype(np.float16)) is ints

@@ -7,8 +7,8 @@ from mindspore import Tensor  # noqa: E402
 
 from qwen2ms import Qwen2Config  # noqa: E402
 from qwen2ms.modeling import Qwen2ForCausalLM  # noqa: E402
+from qwen2ms.modeling.quantize import quantize_int8_weights  # noqa: E402
 from qwen2ms.ops import dispatch  # noqa: E402
-from qwen2ms.ops.dispatch import quantize_int8_weights  # noqa: E402
 
 # Stated bounds (max |logit difference|, logits of magnitude ~1-3 on these tiny random models):
 FP32_TOL = 1e-4  # same fp32 weights, kernels vs reference
@@ -201,3 +201,36 @@ def test_first_compiled_step_moves_the_weights_to_huge_pages_once(monkeypatch):
     ours, _ = pair()
     _greedy(ours, new=1)  # compiles a prefill and a decode step
     assert seen == [len(list(ours.get_parameters()))]
+
+
+class _ToyLinear(ms.nn.Cell):
+    """A linear cell shaped like the model's: ``weight``, ``bias``, ``weight_scale`` and an ops backend."""
+
+    def __init__(self, impl, rng, n=45, k=33):
+        super().__init__()
+        w = Tensor(rng.standard_normal((n, k)).astype(np.float32) * 0.1).astype(ms.bfloat16)
+        self.weight = ms.Parameter(w, name="toy.weight")
+        self.bias = None
+        self.weight_scale = None
+        self.ops_impl = impl
+
+    def construct(self, x):
+        return self.ops_impl.linear(x, self.weight, self.bias, self.weight_scale)
+
+
+def test_quantize_int8_weights_in_place():
+    rng = np.random.default_rng(7)
+    for impl in (dispatch.get_ops("cpu"), dispatch.get_ops("reference")):
+        toy = _ToyLinear(impl, rng)
+        x = Tensor(rng.standard_normal((1, 3, 33)).astype(np.float32))
+        before = toy(x).asnumpy()
+        w = toy.weight.astype(ms.float32).asnumpy()
+        assert quantize_int8_weights(toy) == 1
+        assert toy.weight.dtype == ms.int8 and toy.weight.name == "toy.weight" and not toy.weight.requires_grad
+        assert toy.weight_scale.name == "toy.weight_scale" and toy.weight_scale.shape == (45,)
+        after = toy(x).asnumpy()
+        # int8 error: half a quantisation step per weight, summed over K=33 inputs.
+        bound = (np.abs(x.asnumpy()) @ (np.abs(w).max(1) / 127 / 2)[None, :].repeat(33, 0)).max()
+        assert np.abs(after - before).max() <= bound
+        assert quantize_int8_weights(toy) == 0  # already quantised: untouched
+        np.testing.assert_allclose(ms.jit(toy)(x).asnumpy(), after, rtol=1e-5, atol=1e-5)

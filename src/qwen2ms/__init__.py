@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     ".config": ("PRESETS", "ConfigError", "Qwen2Config"),
     ".hub": ("HubError",),
-    ".modeling": ("CausalLMOutput", "CheckpointError", "KVCache", "Qwen2ForCausalLM", "Qwen2Model"),
+    ".modeling": ("CausalLMOutput", "CheckpointError", "KVCache", "Qwen2ForCausalLM", "Qwen2Model",
+                  "quantize_int8_weights"),
     ".tokenization": ("IncrementalDetokenizer", "Qwen2Tokenizer", "TokenizerError"),
     ".generation": ("GenerationConfig", "GenerationConfigError", "TextStreamer"),
     ".data": ("ConversionReport", "DataCollatorForSFT", "DataFormatError", "PreprocessReport", "TemplateMismatchError",
@@ -19,8 +20,8 @@ _EXPORTS = {
     ".demo": ("demo_model", "demo_tokenizer"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBPACKAGES = ("cli", "config", "data", "demo", "generation", "hub", "modeling", "ops", "parallel", "tokenization",
-                "training")
+_SUBPACKAGES = ("checkpoint", "cli", "config", "data", "demo", "dtypes", "generation", "hub", "modeling", "ops",
+                "parallel", "tokenization", "training")
 
 
 def __getattr__(name: str):
@@ -43,7 +44,7 @@ def __dir__():
 if TYPE_CHECKING:  # static analysers read the names from here
     from .config import PRESETS, ConfigError, Qwen2Config
     from .hub import HubError
-    from .modeling import CausalLMOutput, CheckpointError, KVCache, Qwen2ForCausalLM, Qwen2Model
+    from .modeling import CausalLMOutput, CheckpointError, KVCache, Qwen2ForCausalLM, Qwen2Model, quantize_int8_weights
     from .tokenization import IncrementalDetokenizer, Qwen2Tokenizer, TokenizerError
     from .generation import GenerationConfig, GenerationConfigError, TextStreamer
     from .data import (
@@ -99,6 +100,7 @@ __all__ = [
     "CausalLMOutput",
     "KVCache",
     "CheckpointError",
+    "quantize_int8_weights",
     "Qwen2Tokenizer",
     "TokenizerError",
     "IncrementalDetokenizer",

@@ -23,6 +23,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from ..config import Qwen2Config
+from ..dtypes import resolve_dtype
 from ..ops.dispatch import ReferenceOps
 
 __all__ = ["KVCache"]
@@ -56,8 +57,6 @@ class KVCache(nn.Cell):
         for name, value in (("batch_size", batch_size), ("max_length", max_length)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"KVCache {name} must be a positive integer, got {value!r}")
-        from .model import resolve_dtype
-
         self.dtype = resolve_dtype(dtype) if dtype is not None else ms.float32
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)

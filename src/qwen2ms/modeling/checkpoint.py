@@ -31,8 +31,9 @@ import mindspore as ms
 from mindspore import Tensor
 
 from ..config import ConfigError, Qwen2Config
+from ..dtypes import dtype_name, resolve_dtype
 from ..hub import atomic_write_text, resolve_pretrained
-from .model import Qwen2ForCausalLM, dtype_name, resolve_dtype
+from .model import Qwen2ForCausalLM
 
 __all__ = ["CheckpointError", "load_hf", "save_hf", "sanitize", "parse_shard_size", "read_safetensors_header"]
 

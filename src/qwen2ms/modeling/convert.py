@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from ..config import ConfigError, Qwen2Config
+from ..dtypes import numpy_dtype
 from ..hub import atomic_write_bytes, atomic_write_text, resolve_pretrained
 from .checkpoint import CheckpointError, checkpoint_file, read_index, write_folder_atomically
 from .mindformers import (
@@ -39,7 +40,6 @@ from .ms_checkpoint import (
     MSCheckpointWriter,
     SafetensorsWriter,
     read_checked,
-    resolve_dtype,
     verify_hf_shapes,
 )
 
@@ -281,7 +281,10 @@ def convert(
         raise ConvertError(f"naming must be 'hf' or 'mindformers', got {naming!r}")
     if fuse_qkv and (to != "ms" or naming != MINDFORMERS):
         raise ConvertError("fuse_qkv applies only to to='ms' with naming='mindformers'")
-    np_dtype = resolve_dtype(dtype)
+    try:
+        np_dtype = numpy_dtype(dtype)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
     if to == "ms":
         summary = _hf_to_ms(src, Path(dst), naming or HF, np_dtype, fuse_qkv, config, format, expert_layout or "out_in",
                             revision, verbose, check_finite)

@@ -1,6 +1,6 @@
 """Qwen2 and Qwen2-MoE as MindSpore Cells whose parameter names are exactly the Hugging Face keys.
 
-Reads top to bottom: dtype helpers, the output tuple, building blocks (Linear, Embedding, RMSNorm),
+Reads top to bottom: the compute dtype, the output tuple, building blocks (Linear, Embedding, RMSNorm),
 attention, the dense MLP, the MoE block, the decoder layer, :class:`Qwen2Model` and
 :class:`Qwen2ForCausalLM`. All arithmetic goes through the model's ops backend (``self.ops_impl``,
 chosen once by :func:`qwen2ms.ops.dispatch.get_ops`: reference, CPU kernels or Ascend fused ops).
@@ -63,39 +63,15 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
-from ..ops.dispatch import ReferenceOps, get_ops
 from ..config import Qwen2Config
+from ..dtypes import resolve_dtype
+from ..ops.dispatch import ReferenceOps, get_ops
 from .cache import KVCache
 from .rope import dynamic_inv_freq, rope_spec
 
-__all__ = ["Qwen2Model", "Qwen2ForCausalLM", "CausalLMOutput", "resolve_dtype", "compute_dtype_for"]
+__all__ = ["Qwen2Model", "Qwen2ForCausalLM", "CausalLMOutput", "compute_dtype_for"]
 
 ArrayLike = Union[np.ndarray, Tensor]
-
-_DTYPE_NAMES = {
-    "float32": ms.float32, "fp32": ms.float32, "float": ms.float32,
-    "float16": ms.float16, "fp16": ms.float16, "half": ms.float16,
-    "bfloat16": ms.bfloat16, "bf16": ms.bfloat16,
-}
-
-
-def resolve_dtype(dtype: Any) -> Any:
-    """A MindSpore float dtype from a name ("float32", "float16", "bfloat16", "bf16", ...) or dtype.
-
-    Raises:
-        ValueError: anything else.
-    """
-    if isinstance(dtype, str) and dtype.lower() in _DTYPE_NAMES:
-        return _DTYPE_NAMES[dtype.lower()]
-    if dtype in (ms.float32, ms.float16, ms.bfloat16):
-        return dtype
-    raise ValueError(f"dtype {dtype!r} is not supported; use 'float32', 'float16' or 'bfloat16' "
-                     "(or the MindSpore dtype)")
-
-
-def dtype_name(dtype: Any) -> str:
-    """``"float32"``, ``"float16"`` or ``"bfloat16"`` for a MindSpore float dtype."""
-    return {ms.float32: "float32", ms.float16: "float16", ms.bfloat16: "bfloat16"}[dtype]
 
 
 def compute_dtype_for(storage_dtype: Any) -> Any:

@@ -17,6 +17,7 @@ from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Mapping, Optio
 
 import numpy as np
 
+from ..dtypes import numpy_dtype
 from .mindformers import (
     HF,
     MINDFORMERS,
@@ -41,7 +42,6 @@ __all__ = [
     "MSCheckpointReader",
     "MSCheckpointWriter",
     "SafetensorsWriter",
-    "resolve_dtype",
     "cast_array",
     "read_checked",
     "sniff_format",
@@ -65,56 +65,14 @@ def _mindspore():
     return mindspore
 
 
-def _bf16() -> Any:
-    _mindspore()
-    from mindspore.common import np_dtype
-
-    return np_dtype.bfloat16
-
-
 # ---------------------------------------------------------------------------------------------
 # dtypes
-_DTYPE_NAMES = {
-    "float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32",
-    "float16": "float16", "fp16": "float16", "f16": "float16", "half": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-}
-
-
-def resolve_dtype(dtype: Any) -> Optional[np.dtype]:
-    """The numpy dtype for a user's dtype spelling (``None`` keeps each tensor's own dtype).
-
-    Args:
-        dtype: ``None``, a name (``"float32"``/``"fp32"``, ``"float16"``/``"fp16"``,
-            ``"bfloat16"``/``"bf16"``), a MindSpore dtype, or a numpy dtype.
-
-    Returns:
-        A numpy dtype (bfloat16 is MindSpore's numpy extension type), or ``None``.
-
-    Raises:
-        MSCheckpointError: any other value.
-
-    Example:
-        >>> resolve_dtype("bf16").name
-        'bfloat16'
-    """
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        name = _DTYPE_NAMES.get(dtype.strip().lower())
-        if name is None:
-            raise MSCheckpointError(f"unknown dtype {dtype!r}; use float32 (fp32), float16 (fp16) or bfloat16 (bf16)")
-        return np.dtype(_bf16()) if name == "bfloat16" else np.dtype(name)
-    ms = _mindspore()
-    if isinstance(dtype, ms.dtype.Type):
-        return resolve_dtype(str(dtype).lower())
+def _weight_dtype(dtype: Any) -> Optional[np.dtype]:
+    """:func:`qwen2ms.dtypes.numpy_dtype` (``None`` keeps each tensor's own dtype), refusing with MSCheckpointError."""
     try:
-        np_dt = np.dtype(dtype)
-    except TypeError as e:
-        raise MSCheckpointError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16") from e
-    if np_dt.name not in ("float32", "float16", "bfloat16"):
-        raise MSCheckpointError(f"dtype {np_dt.name!r} is not a weight dtype; use float32, float16 or bfloat16")
-    return np_dt
+        return numpy_dtype(dtype)
+    except ValueError as e:
+        raise MSCheckpointError(str(e)) from None
 
 
 def cast_array(array: np.ndarray, dtype: Optional[np.dtype]) -> np.ndarray:
@@ -161,7 +119,7 @@ def _to_numpy(value: Any) -> np.ndarray:
 
         t = value.detach().cpu()
         if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(_bf16())
+            return t.view(torch.int16).numpy().view(numpy_dtype("bfloat16"))
         return t.numpy()
     raise MSCheckpointError(f"cannot turn a {type(value).__name__} into an array; pass numpy or MindSpore tensors")
 
@@ -220,7 +178,7 @@ _ST_NAMES = {v: k for k, v in _ST_TYPES.items()}
 
 
 def _np_dtype(name: str) -> np.dtype:
-    return np.dtype(_bf16()) if name == "bfloat16" else np.dtype(name)
+    return numpy_dtype(name) if name == "bfloat16" else np.dtype(name)
 
 
 def _read_varint(f: BinaryIO) -> Optional[int]:
@@ -795,7 +753,7 @@ def save_ms_checkpoint(
         raise MSCheckpointError("fuse_qkv only applies to naming='mindformers'")
     path = Path(path)
     fmt = _format_for(path, format)
-    np_dtype = resolve_dtype(dtype)
+    np_dtype = _weight_dtype(dtype)
     getters, model_config = _lazy_hf_tensors(model_or_state_dict)
     config = config if config is not None else model_config
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -844,7 +802,7 @@ def load_ms_checkpoint(
     """
     if naming is not None and naming not in NAMINGS:
         raise MSCheckpointError(f"naming must be None, 'hf' or 'mindformers', got {naming!r}")
-    np_dtype = resolve_dtype(dtype)
+    np_dtype = _weight_dtype(dtype)
     out: Dict[str, np.ndarray] = {}
     with MSCheckpointReader(path) as reader:
         keys, _training = split_training_state(reader.keys())
@@ -935,10 +893,10 @@ def load_ms_model(
                              source=repr(str(path)))
         else:
             verify_hf_shapes(shapes, config, source=repr(str(path)))
-        np_dtype = resolve_dtype(dtype)
+        np_dtype = _weight_dtype(dtype)
         if np_dtype is None:
             floats = [reader.dtype(k).name for k in keys if reader.dtype(k).name in ("float32", "float16", "bfloat16")]
-            np_dtype = resolve_dtype(max(set(floats), key=floats.count) if floats else "float32")
+            np_dtype = _weight_dtype(max(set(floats), key=floats.count) if floats else "float32")
         storage = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[np_dtype.name]
 
         model = Qwen2ForCausalLM(config, dtype=storage, init_weights=False)

@@ -40,11 +40,10 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from . import reference
-from .dispatch import ReferenceOps
+from .dispatch import SILU_NAMES, ReferenceOps
 
 __all__ = ["AscendOps"]
 
-_SILU = ("silu", "swish")
 _FUSED_ATTN_DTYPES = (ms.float16, ms.bfloat16)
 
 
@@ -84,7 +83,7 @@ class AscendOps(ReferenceOps):
 
     def act_mul(self, gate, up, act="silu"):
         """Fused SwiGLU for silu/swish (other activations: the reference)."""
-        if act in _SILU:
+        if act in SILU_NAMES:
             return self.p.swiglu(ops.cat((gate, up), -1), -1)
         return reference.act_mul(gate, up, act)
 
@@ -108,7 +107,7 @@ class AscendOps(ReferenceOps):
 
     def moe_experts(self, x, gate_up, down, top_index, top_weights, act="silu"):
         """Permute tokens by expert, two grouped matmuls around SwiGLU, unpermute with the router weights."""
-        if act not in _SILU:
+        if act not in SILU_NAMES:
             return reference.moe_experts(x, gate_up, down, top_index, top_weights, act)
         e = gate_up.shape[0]
         idx = top_index.astype(ms.int32)

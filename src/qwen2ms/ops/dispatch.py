@@ -3,9 +3,9 @@
 Three backends share one method set (the signatures of :mod:`qwen2ms.ops.reference`):
 
 * ``"reference"``: plain ``mindspore.ops`` (:class:`ReferenceOps`), runs on every device.
-* ``"cpu"``: our C++ kernels through ``ops.Custom`` (:class:`CpuOps`) for RMSNorm(+residual), RoPE, SwiGLU,
-  attention, embedding lookup and linear layers over fp32/fp16/bf16/int8 weights; everything else is the
-  reference.
+* ``"cpu"``: our C++ kernels through ``ops.Custom`` (:class:`qwen2ms.ops.cpu.CpuOps`) for RMSNorm(+residual),
+  RoPE, SwiGLU, attention, embedding lookup and linear layers over fp32/fp16/bf16/int8 weights; everything else
+  is the reference.
 * ``"ascend"``: MindSpore's fused Ascend primitives (:class:`qwen2ms.ops.ascend.AscendOps`).
 
 The choice is made up front, never by trying an op and falling back after it fails (on CPU a failed
@@ -29,24 +29,12 @@ from mindspore import Tensor, ops
 
 from . import reference
 
-__all__ = ["BACKENDS", "ENV_VAR", "ReferenceOps", "CpuOps", "resolve_backend", "get_ops", "quantize_int8_weights"]
+__all__ = ["BACKENDS", "ENV_VAR", "ReferenceOps", "resolve_backend", "get_ops"]
 
 BACKENDS = ("reference", "cpu", "ascend")
 ENV_VAR = "QWEN2MS_OPS_BACKEND"
-_SILU = ("silu", "swish")
-
-
-#: Above this many rows a linear layer is compute-bound: CpuOps hands it to MindSpore's matmul (the fused
-#: projections likewise fall back to separate matmuls).
-_KERNEL_MAX_ROWS = 16
-
-
-def _rows(x: Tensor) -> int:
-    """Rows of ``x`` as a linear layer sees them (all but the last dimension), from its static shape."""
-    rows = 1
-    for n in x.shape[:-1]:  # a plain loop: this also runs while MindSpore parses a graph
-        rows *= n
-    return rows
+#: Activation names the fused SwiGLU kernels serve (the CPU and Ascend backends).
+SILU_NAMES = ("silu", "swish")
 
 
 class ReferenceOps:
@@ -162,119 +150,6 @@ class ReferenceOps:
         return f"<qwen2ms ops backend {self.name!r}>"
 
 
-class CpuOps(ReferenceOps):
-    """CPU backend: fused C++ kernels for norms, RoPE, SwiGLU, attention, embedding and linear layers.
-
-    Linear layers read fp32/fp16/bf16 weights directly (no cast of the weight per call) and int8
-    weights with per-channel or per-group scales, accumulating in fp32; this halves (bf16) or quarters (int8) the
-    bytes read per decoded token compared with fp32 weights. Masks, MoE routing and the loss are the
-    reference implementations.
-
-    Args:
-        kernels: a :class:`qwen2ms.ops.cpu.CpuKernels` (default: the process-wide one, compiled on first use).
-
-    Example:
-        >>> cpu_ops = CpuOps()
-        >>> y = cpu_ops.act_mul(Tensor(np.ones((1, 4), np.float32)), Tensor(np.ones((1, 4), np.float32)))
-    """
-
-    name = "cpu"
-
-    def __init__(self, kernels=None) -> None:
-        from .cpu import shared_kernels
-
-        self.kernels = kernels if kernels is not None else shared_kernels()
-
-    def linear(self, x, weight, bias=None, weight_scale=None):
-        """Kernel linear for up to 16 rows; int8 ``weight`` needs ``weight_scale`` (``[out]`` or ``[out, G]``).
-
-        Decoding (few rows) is memory-bound and the kernel streams each weight once in its stored dtype:
-        in a compiled 24-layer 0.5B-shape graph of fp32 GEMVs it ran 1.0-1.2x MindSpore's matmul at one
-        row and 1.3-1.5x at 2-8 rows (bf16/int8 weights: no matmul reads them directly). Above
-        16 rows the work is compute-bound and MindSpore's matmul is several times faster, so prefill and
-        training go to the reference (int8 weights dequantised per call). The choice depends only on
-        static shapes, fixed when a graph is built.
-        """
-        if _rows(x) > _KERNEL_MAX_ROWS:
-            # ReferenceOps named, not super(): MindSpore's graph parser resolves super() from the
-            # instance's class, which recurses forever in a subclass of CpuOps.
-            return ReferenceOps.linear(self, x, weight, bias, weight_scale)
-        if weight_scale is not None:
-            return self.kernels.linear_int8(x, weight, weight_scale, bias)
-        return self.kernels.linear(x, weight, bias)
-
-    def linear_qkv(self, x, q, k, v):
-        """q/k/v in one kernel call when the kernel linear would serve each of them (up to 16 rows), the
-        three weights share a dtype and all or none have biases and int8 scales; else three :meth:`linear`.
-
-        One call instead of three saves two runtime launches and two thread wake-ups per layer in decoding;
-        the values equal the separate calls bit for bit.
-        """
-        projs = (q, k, v)
-        if not self._fusable(x, projs):
-            return ReferenceOps.linear_qkv(self, x, q, k, v)
-        biases = None if q[1] is None else [p[1] for p in projs]
-        scales = None if q[2] is None else [p[2] for p in projs]
-        return self.kernels.linear_qkv(x, [p[0] for p in projs], biases, scales)
-
-    def gate_up_act(self, x, gate, up, act="silu"):
-        """``silu(gate(x)) * up(x)`` in one kernel call under :meth:`linear_qkv`'s conditions (without
-        biases); else the separate ops. Equal to the separate kernels bit for bit."""
-        if act not in _SILU or gate[1] is not None or not self._fusable(x, (gate, up)):
-            return ReferenceOps.gate_up_act(self, x, gate, up, act)
-        scales = None if gate[2] is None else (gate[2], up[2])
-        return self.kernels.gate_up_swiglu(x, gate[0], up[0], scales)
-
-    @staticmethod
-    def _fusable(x, projs) -> bool:
-        if _rows(x) > _KERNEL_MAX_ROWS:
-            return False
-        first = projs[0]
-        for p in projs:  # a plain loop: this also runs while MindSpore parses a graph
-            if p[0].dtype != first[0].dtype or (p[1] is None) != (first[1] is None) or (
-                    (p[2] is None) != (first[2] is None)):
-                return False
-        return True
-
-    def embedding(self, input_ids, weight, dtype, weight_scale=None):
-        """Kernel lookup reading only the requested rows (also for bf16/int8 tables)."""
-        return self.kernels.embedding(input_ids, weight, dtype, weight_scale)
-
-    def rms_norm(self, x, weight, eps):
-        """Fused kernel RMSNorm (same rounding as the reference)."""
-        return self.kernels.rms_norm(x, weight, eps)
-
-    def add_rms_norm(self, x, residual, weight, eps):
-        """Fused residual add + RMSNorm: ``(rms_norm(x + residual), x + residual)``."""
-        return self.kernels.add_rms_norm(x, residual, weight, eps)
-
-    def apply_rope(self, q, k, cos, sin):
-        """Fused RoPE on q and k (``[B, H, T, D]``) in one kernel."""
-        return self.kernels.apply_rope(q, k, cos, sin, "BNSD")
-
-    def act_mul(self, gate, up, act="silu"):
-        """Fused SwiGLU for silu/swish; other activations use the reference."""
-        if act in _SILU:
-            return self.kernels.swiglu(gate, up)
-        return reference.act_mul(gate, up, act)
-
-    def attention(self, q, k, v, mask, scale):
-        """One-kernel GQA attention (scores, mask, fp32 softmax, values) with the reference's semantics.
-
-        Decoding (up to 16 query tokens) runs a loop per query that skips masked cache slots and replaces
-        ~12 small ops. More query tokens (prefill, training) run a blocked path: four query rows per pass
-        against K stored transposed, causal-future key blocks skipped. At 512 tokens with the 0.5B shape's
-        heads it took ~8.5 ms per layer against 15-19 ms for the reference's batched matmuls, select and
-        softmax in a compiled graph.
-        """
-        return self.kernels.attention(q, k, v, mask, scale)
-
-    def cache_update(self, k_cache, v_cache, key, value, start):
-        """In-place kernel write of the new rows only (the reference copies the whole cache per token)."""
-        token = self.kernels.kv_cache_write(k_cache, v_cache, key, value, start)
-        return ops.depend(k_cache, token), ops.depend(v_cache, token)
-
-
 def _device_target() -> str:
     return str(ms.get_context("device_target"))
 
@@ -329,7 +204,7 @@ def get_ops(backend: Optional[str] = None, device_target: Optional[str] = None) 
         device_target: see :func:`resolve_backend`.
 
     Returns:
-        :class:`ReferenceOps`, :class:`CpuOps` or :class:`qwen2ms.ops.ascend.AscendOps`.
+        :class:`ReferenceOps`, :class:`qwen2ms.ops.cpu.CpuOps` or :class:`qwen2ms.ops.ascend.AscendOps`.
 
     Raises:
         ValueError: unknown backend, or "ascend" requested while the device target is not Ascend.
@@ -343,6 +218,8 @@ def get_ops(backend: Optional[str] = None, device_target: Optional[str] = None) 
     if name == "reference":
         return ReferenceOps()
     if name == "cpu":
+        from .cpu import CpuOps
+
         return CpuOps()
     target = device_target or _device_target()
     if target.lower() != "ascend":
@@ -351,56 +228,3 @@ def get_ops(backend: Optional[str] = None, device_target: Optional[str] = None) 
     from .ascend import AscendOps
 
     return AscendOps()
-
-
-#: Default int8 group size: on the random 0.5B shape, groups of 128 inputs cut the logit error against the bf16
-#: model from 0.17 to 0.14 (max) and 0.145 to 0.11 (median per step) for ~2% more bytes read per token.
-INT8_GROUP_SIZE = 128
-
-
-def quantize_int8_weights(model, skip: Tuple[str, ...] = (), group_size: Optional[int] = INT8_GROUP_SIZE) -> int:
-    """Replace each 2-D weight that accepts a ``weight_scale`` (the model's linear layers and embedding)
-    by int8 codes plus float32 scales, in place, for inference.
-
-    The cells keep their parameter names (``...q_proj.weight``); the scales are added as
-    ``...q_proj.weight_scale``. A tied lm_head shares the embedding's codes and scales. Quantised weights
-    are frozen (``requires_grad=False``). Both the CPU kernels and the reference ops run them.
-
-    Args:
-        model: a ``mindspore.nn.Cell`` whose linear/embedding cells have ``weight`` and ``weight_scale``
-            attributes (``weight_scale`` None until quantised), such as ``Qwen2ForCausalLM``.
-        skip: cell names (as in ``model.cells_and_names()``) to leave untouched.
-        group_size: one scale per ``group_size`` inputs (a multiple of 32; default 128) for every linear
-            weight whose input size it divides; None for one scale per output channel everywhere. Embedding
-            tables (and a tied lm_head, which shares them) and the other weights keep per-row scales.
-
-    Returns:
-        The number of weights quantised.
-
-    Raises:
-        ValueError: ``group_size`` is not a positive multiple of 32.
-
-    Example:
-        >>> n = quantize_int8_weights(model)   # doctest: +SKIP
-    """
-    from mindspore import Parameter
-
-    from ..modeling.model import Embedding
-    from .cpu import INT8_GROUP_MULTIPLE, quantize_int8
-
-    if group_size is not None and (group_size <= 0 or group_size % INT8_GROUP_MULTIPLE):
-        raise ValueError(f"group_size must be a positive multiple of {INT8_GROUP_MULTIPLE} or None, got {group_size}")
-    count = 0
-    for cell_name, cell in model.cells_and_names():
-        if cell_name in skip or not hasattr(cell, "weight_scale") or getattr(cell, "weight_scale") is not None:
-            continue
-        weight = getattr(cell, "weight", None)
-        if not isinstance(weight, Parameter) or weight.ndim != 2:
-            continue
-        grouped = group_size is not None and not isinstance(cell, Embedding) and weight.shape[1] % group_size == 0
-        qw = quantize_int8(weight, group_size if grouped else None)
-        name = weight.name
-        cell.weight = Parameter(Tensor(qw.q), name=name, requires_grad=False)
-        cell.weight_scale = Parameter(Tensor(qw.scale), name=name + "_scale", requires_grad=False)
-        count += 1
-    return count

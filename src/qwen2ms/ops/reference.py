@@ -1,8 +1,10 @@
 """Reference implementations of the model's compute ops in plain ``mindspore.ops`` (run everywhere, incl. CPU).
 
-Every function here works in PyNative, under ``ms.jit`` and in graph mode. Fused backends
-(issue "ops layer") provide functions with the same signatures; the model only calls them through
-:mod:`qwen2ms.ops`.
+Every function here works in PyNative, under ``ms.jit`` and in graph mode. The model never calls them
+directly: it calls its backend object (``self.ops_impl``, from :func:`qwen2ms.ops.dispatch.get_ops`), whose
+:class:`~qwen2ms.ops.dispatch.ReferenceOps` methods delegate here and whose fused backends
+(:class:`~qwen2ms.ops.cpu.CpuOps`, :class:`~qwen2ms.ops.ascend.AscendOps`) override them with the same
+signatures.
 
 Dtype policy: weights may be stored in float32, float16 or bfloat16. Activations are computed in
 the dtype of the input ``x`` (the model's compute dtype); a weight stored in another dtype is cast

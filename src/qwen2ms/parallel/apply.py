@@ -497,7 +497,7 @@ class ParallelCausalLM(nn.Cell):
             ValueError: with sequence parallel (a decode step has one token, which cannot be split).
         """
         from ..modeling.cache import KVCache
-        from ..modeling.model import resolve_dtype
+        from ..dtypes import resolve_dtype
 
         if self.seq:
             raise ValueError("use_seq_parallel splits the sequence, which a one-token decode step cannot be; "
