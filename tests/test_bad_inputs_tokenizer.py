@@ -439,3 +439,147 @@ def test_chat_template_inputs_that_contain_themselves(tok):
         tok.apply_chat_template(CONV, tokenize=False, documents=[{"d": deep}])
     with pytest.raises(TokenizerError, match="tools must be a list"):
         tok.apply_chat_template(CONV, tokenize=False, tools={"type": "function"})
+
+
+# ---- odd but valid text -------------------------------------------------------------------------
+@pytest.mark.parametrize("text", [
+    "", "\x00", "a\x00b\x00\x00", "<|im_end|>" * 10_000, "<|im_start|>x" * 20_000, "\x00<|endoftext|>\x00",
+    "\ufeff", "\u200b" * 100, "\r\n" * 5000, "\t" * 3000 + "x",
+])
+def test_empty_nul_and_special_token_runs_match_the_reference(tok, fast, text):
+    assert tok.encode(text) == _ref(fast, text)
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_empty_batches(tok):
+    assert tok([]) == {"input_ids": [], "attention_mask": []}
+    enc = tok([], padding=True, return_tensors="np")
+    assert enc["input_ids"].shape == (0, 0) and enc["attention_mask"].shape == (0, 0)
+    assert tok([""], return_tensors="np")["input_ids"].shape == (1, 0)
+    assert tok.decode([]) == "" and tok.batch_decode([]) == []
+    assert tok.apply_chat_template([], tokenize=False) == ""
+
+
+# ---- malformed tokenizer files ------------------------------------------------------------------
+def _tok_folder(tmp_path, qwen_bpe_dir, **files):
+    # real vocab.json / merges.txt (linked, they are large) unless a test replaces them
+    for name in ("vocab.json", "merges.txt"):
+        if name not in files:
+            (tmp_path / name).symlink_to(qwen_bpe_dir / name)
+    for name, content in files.items():
+        if content is None:
+            continue
+        if isinstance(content, bytes):
+            (tmp_path / name).write_bytes(content)
+        else:
+            (tmp_path / name).write_text(content if isinstance(content, str) else json.dumps(content), encoding="utf-8")
+    return tmp_path
+
+
+def _vocab(qwen_bpe_dir, **extra):
+    vocab = json.loads((qwen_bpe_dir / "vocab.json").read_text(encoding="utf-8"))
+    vocab.update(extra)
+    return vocab
+
+
+def _merges(qwen_bpe_dir, keep=None, extra=""):
+    lines = (qwen_bpe_dir / "merges.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    return "".join(lines[:keep]) + extra
+
+
+_BAD_FILES = {
+    "vocab truncated": (lambda d: {"vocab.json": (d / "vocab.json").read_text(encoding="utf-8")[:5000]},
+                        r"vocab\.json is not valid JSON"),
+    "vocab not UTF-8": (lambda d: {"vocab.json": b"\xff\xfe{}"}, r"vocab\.json is not UTF-8"),
+    "vocab a list": (lambda d: {"vocab.json": [1, 2]}, r"vocab\.json must hold a non-empty JSON object"),
+    "vocab str id": (lambda d: {"vocab.json": _vocab(d, zzq="7")}, r"vocab\.json: token 'zzq' has id '7'"),
+    "vocab shared id": (lambda d: {"vocab.json": _vocab(d, zzq=5)}, r"vocab\.json maps two tokens to id 5 \('&' and 'zzq'\)"),
+    "vocab huge id": (lambda d: {"vocab.json": _vocab(d, zzq=10**9)}, r"vocab\.json ids must lie in \[0, 1048575\]"),
+    "vocab surrogate": (lambda d: {"vocab.json": _vocab(d, **{"\ud800": 151700})}, r"token '\\ud800' \(id 151700\) is empty or holds an unpaired surrogate"),
+    "vocab empty token": (lambda d: {"vocab.json": _vocab(d, **{"": 151700})}, r"token '' \(id 151700\) is empty"),
+    "merges not UTF-8": (lambda d: {"merges.txt": b"#version: 0.2\n\xff a\n"}, r"merges\.txt is not UTF-8"),
+    "merges empty": (lambda d: {"merges.txt": ""}, r"151387 of vocab\.json's 151643 tokens .* made by none of the 0 merges: merges\.txt is truncated"),
+    "merges cut at a line": (lambda d: {"merges.txt": _merges(d, keep=100_000)}, r"made by none of the 99999 merges: merges\.txt is truncated"),
+    "merges unknown token": (lambda d: {"merges.txt": _merges(d, extra="zzzzq yyyyq\n")}, r"merge 151387 \('zzzzq' 'yyyyq'.*not in the vocabulary"),
+    "merges three parts": (lambda d: {"merges.txt": "#version: 0.2\nĠ t x\n"}, r"merges\.txt: line 2 is malformed"),
+    "config a list": (lambda d: {"tokenizer_config.json": []}, r"tokenizer_config\.json must hold a JSON object"),
+    "config truncated": (lambda d: {"tokenizer_config.json": '{"eos_token": '}, r"tokenizer_config\.json is not valid JSON"),
+    "chat_template an int": (lambda d: {"tokenizer_config.json": {"chat_template": 5}}, r"tokenizer_config\.json: chat_template must be a Jinja string"),
+    "chat_template.jinja not UTF-8": (lambda d: {"chat_template.jinja": b"\xff{{ x }}"}, r"chat_template\.jinja is not UTF-8"),
+    "eos an int": (lambda d: {"tokenizer_config.json": {"eos_token": 5}}, r"eos_token must be a token string"),
+    "model_max_length a str": (lambda d: {"tokenizer_config.json": {"model_max_length": "big"}}, r"model_max_length must be a positive int; got 'big'"),
+    "model_max_length negative": (lambda d: {"tokenizer_config.json": {"model_max_length": -1}}, r"model_max_length must be a positive int; got -1"),
+    "added ids collide": (lambda d: {"tokenizer_config.json": {"added_tokens_decoder": {
+        "151643": {"content": "<|endoftext|>"}, "151644": {"content": "<|endoftext|>"}}}},
+        r"added token '<\|endoftext\|>' is given two ids, 151643 and 151644"),
+    "added id negative": (lambda d: {"tokenizer_config.json": {"added_tokens_decoder": {"-5": {"content": "<a>"}}}},
+                          r"added_tokens_decoder key '-5' must be an id in \[0, 1048575\]"),
+    "added id huge": (lambda d: {"tokenizer_config.json": {"added_tokens_decoder": {"99999999999": {"content": "<a>"}}}},
+                      r"added_tokens_decoder key '99999999999' must be an id"),
+    "added empty content": (lambda d: {"tokenizer_config.json": {"added_tokens_decoder": {"151643": {"content": ""}}}},
+                            r"added token '' \(id 151643\) must be a non-empty str"),
+    "added flag a str": (lambda d: {"tokenizer_config.json": {"added_tokens_decoder": {"151643": {"content": "<|endoftext|>", "special": "no"}}}},
+                         r"added token '<\|endoftext\|>' \(id 151643\) has special='no'; it must be true or false"),
+    "tokenizer.json a list": (lambda d: {"tokenizer.json": []}, r"tokenizer\.json must hold a JSON object"),
+    "tokenizer.json added_tokens an int": (lambda d: {"tokenizer.json": {"added_tokens": 5}}, r"tokenizer\.json added_tokens must be a list"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_FILES))
+def test_malformed_tokenizer_files_name_the_file_and_field(tmp_path, qwen_bpe_dir, case):
+    files, match = _BAD_FILES[case]
+    folder = _tok_folder(tmp_path, qwen_bpe_dir, **files(qwen_bpe_dir))
+    with pytest.raises(TokenizerError, match=match):
+        Qwen2Tokenizer.from_pretrained(folder)
+
+
+_BAD_TOKENIZER_JSON = {
+    "normalizer a str": ({"normalizer": "NFC"}, r"normalizer must be an object like"),
+    "merges a str": ({"model": {"merges": "a b"}}, r"model\.merges must be a list"),
+    "merges cut": ({"model": {"merges": "cut"}}, r"made by none of the 1000 merges"),
+    "added_tokens an int": ({"added_tokens": 5}, r"added_tokens must be a list"),
+    "added token id huge": ({"added_tokens": [{"id": 10**12, "content": "<a>"}]}, r"'<a>' has id 1000000000000; ids must lie"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_TOKENIZER_JSON))
+def test_malformed_tokenizer_json_alone(tmp_path, qwen_bpe_dir, case):
+    change, match = _BAD_TOKENIZER_JSON[case]
+    spec = json.loads((qwen_bpe_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    for key, value in change.items():
+        if key == "model":
+            merges = value["merges"]
+            spec["model"]["merges"] = spec["model"]["merges"][:1000] if merges == "cut" else merges
+        else:
+            spec[key] = value
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    with pytest.raises(TokenizerError, match=match):
+        Qwen2Tokenizer.from_pretrained(tmp_path)
+
+
+def test_bad_constructor_arguments(qwen_bpe_dir):
+    from qwen2ms.tokenization import AddedToken
+    from qwen2ms.tokenization.bpe import parse_merges
+
+    vocab = _vocab(qwen_bpe_dir)
+    merges = parse_merges((qwen_bpe_dir / "merges.txt").read_text(encoding="utf-8").splitlines())
+    with pytest.raises(TokenizerError, match=r"merge 2 is \('a',\); each merge must be a pair"):
+        Qwen2Tokenizer(vocab, merges[:2] + [("a",)] + merges[2:])
+    with pytest.raises(TokenizerError, match="merges must be a list of"):
+        Qwen2Tokenizer(vocab, "Ġ t")
+    with pytest.raises(TokenizerError, match="added_tokens must hold AddedToken"):
+        Qwen2Tokenizer(vocab, merges, added_tokens=["<x>"])
+    with pytest.raises(TokenizerError, match=r"added token '<x>' has id -1"):
+        Qwen2Tokenizer(vocab, merges, added_tokens=[AddedToken("<x>", -1)])
+    with pytest.raises(TokenizerError, match="chat_template must be a str"):
+        Qwen2Tokenizer(vocab, merges, chat_template=["{{ x }}"])
+    with pytest.raises(TokenizerError, match="model_max_length must be a positive int"):
+        Qwen2Tokenizer(vocab, merges, model_max_length=0)
+
+
+def test_save_pretrained_into_a_file_path(tok, tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(TokenizerError, match=r"save_pretrained: .*/f is a file"):
+        tok.save_pretrained(tmp_path / "f")
+    with pytest.raises(TokenizerError, match=r"save_pretrained: cannot create the folder .*/f/sub"):
+        tok.save_pretrained(tmp_path / "f" / "sub")

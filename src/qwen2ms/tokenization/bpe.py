@@ -151,10 +151,23 @@ class ByteLevelBPE:
 
     def __init__(self, vocab: Dict[str, int], merges: Sequence[Tuple[str, str]], cache_size: int = 1 << 18) -> None:
         self.vocab = vocab
+        if isinstance(merges, (str, bytes)):
+            raise TokenizerError("merges must be a list of (left, right) pairs, e.g. parse_merges(open('merges.txt')).")
         self.merges = list(merges)
+        if not all(type(m) in (tuple, list) and len(m) == 2 and type(m[0]) is str and type(m[1]) is str
+                   and m[0] and m[1] for m in self.merges):
+            rank = next(k for k, m in enumerate(self.merges) if not (
+                type(m) in (tuple, list) and len(m) == 2 and type(m[0]) is str and type(m[1]) is str and m[0] and m[1]))
+            raise TokenizerError(
+                f"merge {rank} is {self.merges[rank]!r}; each merge must be a pair of non-empty strings like ('Ġ', 't')."
+            )
         self.id_to_token: Dict[int, str] = {i: t for t, i in vocab.items()}
         if len(self.id_to_token) != len(vocab):
-            raise TokenizerError("vocab.json maps two tokens to the same id; each id must be used once.")
+            first: Dict[int, str] = {}
+            tok, idx = next((t, i) for t, i in vocab.items() if first.setdefault(i, t) != t)
+            raise TokenizerError(
+                f"vocab.json maps two tokens to id {idx} ({first[idx]!r} and {tok!r}); each id must be used once."
+            )
         if vocab and (min(self.id_to_token) < 0 or max(self.id_to_token) > _ID_MASK):
             raise TokenizerError(f"vocab.json ids must lie in [0, {_ID_MASK}]; got {min(self.id_to_token)}..{max(self.id_to_token)}.")
         byte_char = bytes_to_unicode()

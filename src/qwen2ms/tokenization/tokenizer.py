@@ -32,6 +32,9 @@ _SPECIAL_ATTRS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 _SURROGATE = regex.compile("[\ud800-\udfff]")
 
+# Ids index a dense table; a stray huge id in a config would otherwise allocate gigabytes.
+_MAX_ADDED_ID = (1 << 20) - 1
+
 
 @dataclass(frozen=True)
 class AddedToken:
@@ -89,6 +92,21 @@ def _read_json(path: Path) -> Any:
         raise TokenizerError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from e
     except UnicodeDecodeError as e:
         raise TokenizerError(f"{path} is not UTF-8 text ({e}).") from e
+    except OSError as e:
+        raise TokenizerError(f"{path} cannot be read ({e.strerror or e}).") from e
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{path} is not UTF-8 text ({e}).") from e
+    except OSError as e:
+        raise TokenizerError(f"{path} cannot be read ({e.strerror or e}).") from e
+
+
+def _has_surrogate(text: str) -> bool:
+    return not text.isascii() and _SURROGATE.search(text) is not None
 
 
 def _token_content(value: Any, field: str, source: str) -> Optional[str]:
@@ -106,7 +124,29 @@ def _check_vocab(vocab: Any, source: str) -> Dict[str, int]:
     for tok, idx in vocab.items():
         if type(idx) is not int or idx < 0:
             raise TokenizerError(f"{source}: token {tok!r} has id {idx!r}; ids must be non-negative integers.")
+    bad = next((tok for tok in vocab if not tok or _has_surrogate(tok)), None)
+    if bad is not None:
+        raise TokenizerError(
+            f"{source}: token {bad!r} (id {vocab[bad]}) is empty or holds an unpaired surrogate; "
+            "vocabulary tokens must be non-empty, valid Unicode."
+        )
     return vocab
+
+
+def _check_reachable(vocab: Dict[str, int], merges: Sequence[Tuple[str, str]], source: str) -> None:
+    # A merges.txt cut at a line boundary parses fine, but the tokens of its lost merges can never
+    # be produced: every encoding would silently differ. A few unreachable tokens are normal
+    # (GPT-2 keeps <|endoftext|> in vocab.json), a cut file leaves many.
+    made = set(map(operator.add, (m[0] for m in merges), (m[1] for m in merges)))
+    single = {t for t in vocab if len(t) == 1}
+    unreachable = [t for t in vocab if t not in made and t not in single]
+    if len(unreachable) > max(16, len(vocab) // 100):
+        example = sorted(unreachable, key=vocab.__getitem__)[0]
+        raise TokenizerError(
+            f"{len(unreachable)} of vocab.json's {len(vocab)} tokens (e.g. {example!r}, id {vocab[example]}) are made "
+            f"by none of the {len(merges)} merges: {source} is truncated or from another tokenizer. vocab.json and "
+            "merges.txt must come from the same tokenizer."
+        )
 
 
 class Qwen2Tokenizer:
@@ -154,12 +194,29 @@ class Qwen2Tokenizer:
         cache_size: int = 1 << 18,
     ) -> None:
         self._bpe = ByteLevelBPE(_check_vocab(vocab, "vocab"), merges, cache_size=cache_size)
+        _check_reachable(vocab, self._bpe.merges, "merges.txt")
         if added_tokens is None:
             start = len(vocab)
             added_tokens = [AddedToken(t, start + k) for k, t in enumerate(QWEN2_SPECIAL_TOKENS) if t not in vocab]
         self._added: Dict[int, AddedToken] = {}
         self._added_by_content: Dict[str, AddedToken] = {}
+        seen: Dict[str, int] = {}
         for tok in added_tokens:
+            if not isinstance(tok, AddedToken):
+                raise TokenizerError(f"added_tokens must hold AddedToken(content, id) entries; got {tok!r}.")
+            if not isinstance(tok.content, str) or not tok.content or _has_surrogate(tok.content):
+                raise TokenizerError(
+                    f"added token {tok.content!r} (id {tok.id}) must be a non-empty str of valid Unicode; an empty "
+                    "added token would match between every two characters."
+                )
+            if isinstance(tok.id, bool) or not isinstance(tok.id, int) or not 0 <= tok.id <= _MAX_ADDED_ID:
+                raise TokenizerError(f"added token {tok.content!r} has id {tok.id!r}; ids must be ints in "
+                                     f"[0, {_MAX_ADDED_ID}].")
+            if seen.setdefault(tok.content, tok.id) != tok.id:
+                raise TokenizerError(
+                    f"added token {tok.content!r} is given two ids, {seen[tok.content]} and {tok.id}; each added "
+                    "token needs exactly one id."
+                )
             clash = self._bpe.id_to_token.get(tok.id)
             if clash is not None and clash != tok.content:
                 raise TokenizerError(
@@ -178,7 +235,11 @@ class Qwen2Tokenizer:
             self._added[tok.id] = tok
             self._added_by_content[tok.content] = tok
         self.chat_template: str = chat_template if chat_template is not None else QWEN2_CHAT_TEMPLATE
-        self.model_max_length = int(model_max_length)
+        if not isinstance(self.chat_template, str):
+            raise TokenizerError(f"chat_template must be a str of Jinja source; got {type(chat_template).__name__}.")
+        if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) or model_max_length < 1:
+            raise TokenizerError(f"model_max_length must be a positive int; got {model_max_length!r}.")
+        self.model_max_length = model_max_length
         self.padding_side = padding_side
         self.truncation_side = truncation_side
         self._special: Dict[str, Optional[str]] = {}
@@ -269,10 +330,12 @@ class Qwen2Tokenizer:
         tj_added: List[Dict[str, Any]] = []
         if vocab_path.is_file() and merges_path.is_file():
             vocab = _check_vocab(_read_json(vocab_path), str(vocab_path))
-            with open(merges_path, "r", encoding="utf-8") as f:
-                merges = parse_merges(f, source=str(merges_path))
+            merges = parse_merges(_read_text(merges_path).splitlines(), source=str(merges_path))
             if tj_path.is_file():
-                tj_added = _read_json(tj_path).get("added_tokens") or []
+                tj = _read_json(tj_path)
+                if not isinstance(tj, dict):
+                    raise TokenizerError(f"{tj_path} must hold a JSON object (a tokenizers' tokenizer.json).")
+                tj_added = _tj_added(tj, tj_path)
         elif tj_path.is_file():
             vocab, merges, tj_added = _read_tokenizer_json(tj_path)
         else:
@@ -299,10 +362,16 @@ class Qwen2Tokenizer:
         for key in ("model_max_length", "padding_side", "truncation_side"):
             if config.get(key) is not None:
                 kwargs[key] = config[key]
-        if kwargs.get("model_max_length", 0) > 1 << 40:  # HF writes 1e30 for "no limit"
-            kwargs["model_max_length"] = 32768
+        limit = kwargs.get("model_max_length")
+        if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 1 << 40:
+            kwargs["model_max_length"] = 32768  # HF writes 1e30 for "no limit"
+        elif limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise TokenizerError(f"{config_path}: model_max_length must be a positive int; got {limit!r}.")
         kwargs.update(overrides)
-        return cls(vocab, merges, added_tokens=added, **kwargs)
+        try:
+            return cls(vocab, merges, added_tokens=added, **kwargs)
+        except TokenizerError as e:
+            raise TokenizerError(f"{folder}: {e}") from e  # the message names the file, this the folder
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> List[Path]:
         """Write vocab.json, merges.txt and tokenizer_config.json (each atomically).
@@ -320,7 +389,12 @@ class Qwen2Tokenizer:
             >>> tok.save_pretrained("out/tokenizer")  # doctest: +SKIP
         """
         out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise TokenizerError(f"save_pretrained: {out} is a file; pass a folder (it is created if missing).")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TokenizerError(f"save_pretrained: cannot create the folder {out} ({e.strerror or e}).") from e
         vocab = dict(sorted(self._bpe.vocab.items(), key=lambda kv: kv[1]))
         merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self._bpe.merges)
         config = {
@@ -346,7 +420,10 @@ class Qwen2Tokenizer:
             ("merges.txt", merges),
             ("tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2) + "\n"),
         ):
-            atomic_write_text(out / name, text)
+            try:
+                atomic_write_text(out / name, text)
+            except OSError as e:
+                raise TokenizerError(f"save_pretrained: cannot write {out / name} ({e.strerror or e}).") from e
             written.append(out / name)
         return written
 
@@ -611,8 +688,8 @@ class Qwen2Tokenizer:
                 )
             import numpy as np
 
-            arrays = {k: np.asarray(v, dtype=np.int64).reshape(len(rows), -1) if not single
-                      else np.asarray(v, dtype=np.int64).reshape(1, -1) for k, v in enc.items()}
+            width = len(rows[0]) if rows else 0
+            arrays = {k: np.asarray(v, dtype=np.int64).reshape(len(rows), width) for k, v in enc.items()}
             if return_tensors == "ms":
                 import mindspore  # imported here: plain tokenisation must not pay MindSpore's import cost
 
@@ -806,6 +883,8 @@ def _read_tokenizer_json(path: Path) -> Tuple[Dict[str, int], List[Tuple[str, st
     if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or "vocab" not in model:
         raise TokenizerError(f"{path} does not describe a BPE model (model.type 'BPE' with a vocab); not a Qwen2 tokenizer.")
     normalizer = data.get("normalizer")
+    if normalizer is not None and not isinstance(normalizer, dict):
+        raise TokenizerError(f"{path} normalizer must be an object like {{\"type\": \"NFC\"}}; got {normalizer!r}.")
     if normalizer is not None and normalizer.get("type") != "NFC":
         raise TokenizerError(f"{path} uses normalizer {normalizer.get('type')!r}; Qwen2 tokenizers use NFC.")
     patterns = regex.findall(r'"Regex":\s*("(?:[^"\\]|\\.)*")', json.dumps(data.get("pre_tokenizer")))
@@ -814,15 +893,24 @@ def _read_tokenizer_json(path: Path) -> Tuple[Dict[str, int], List[Tuple[str, st
             raise TokenizerError(f"{path} pre-tokenises with {json.loads(p)!r}, not Qwen2's pattern; not a Qwen2 tokenizer.")
     vocab = _check_vocab(model["vocab"], f"{path} model.vocab")
     merges: List[Tuple[str, str]] = []
-    for k, m in enumerate(model.get("merges") or []):
+    raw_merges = model.get("merges") or []
+    if not isinstance(raw_merges, list):
+        raise TokenizerError(f"{path} model.merges must be a list of 'a b' strings or ['a', 'b'] pairs.")
+    for k, m in enumerate(raw_merges):
         if isinstance(m, str):
             merges.extend(parse_merges([m], source=f"{path} model.merges[{k}]"))
         elif isinstance(m, list) and len(m) == 2 and all(isinstance(s, str) and s for s in m):
             merges.append((m[0], m[1]))
         else:
             raise TokenizerError(f"{path} model.merges[{k}] is {m!r}; each merge must be 'a b' or ['a', 'b'].")
+    return vocab, merges, _tj_added(data, path)
+
+
+def _tj_added(data: Dict[str, Any], path: Path) -> List[Dict[str, Any]]:
     added = data.get("added_tokens") or []
-    return vocab, merges, added
+    if not isinstance(added, list):
+        raise TokenizerError(f"{path} added_tokens must be a list of {{'id': int, 'content': str, ...}} entries.")
+    return added
 
 
 def _added_tokens(config: Dict[str, Any], tj_added: List[Dict[str, Any]], source: str) -> Optional[List[AddedToken]]:
@@ -830,6 +918,9 @@ def _added_tokens(config: Dict[str, Any], tj_added: List[Dict[str, Any]], source
     for t in tj_added:
         if not isinstance(t, dict) or type(t.get("id")) is not int or not isinstance(t.get("content"), str):
             raise TokenizerError(f"tokenizer.json added_tokens entry {t!r} needs an int 'id' and a str 'content'.")
+        if not 0 <= t["id"] <= _MAX_ADDED_ID:
+            raise TokenizerError(f"tokenizer.json added_tokens entry {t['content']!r} has id {t['id']}; ids must lie "
+                                 f"in [0, {_MAX_ADDED_ID}].")
         entries[t["id"]] = t
     decoder = config.get("added_tokens_decoder") or {}
     if not isinstance(decoder, dict):
@@ -839,6 +930,8 @@ def _added_tokens(config: Dict[str, Any], tj_added: List[Dict[str, Any]], source
             idx = int(key)
         except ValueError:
             raise TokenizerError(f"{source}: added_tokens_decoder key {key!r} is not an integer id.") from None
+        if not 0 <= idx <= _MAX_ADDED_ID:
+            raise TokenizerError(f"{source}: added_tokens_decoder key {key!r} must be an id in [0, {_MAX_ADDED_ID}].")
         if not isinstance(t, dict) or not isinstance(t.get("content"), str):
             raise TokenizerError(f"{source}: added_tokens_decoder[{key!r}] needs a str 'content'; got {t!r}.")
         entries[idx] = t
@@ -846,6 +939,11 @@ def _added_tokens(config: Dict[str, Any], tj_added: List[Dict[str, Any]], source
         return None
     out = []
     for idx, t in sorted(entries.items()):
+        for flag in ("special", "lstrip", "rstrip", "normalized", "single_word"):
+            if t.get(flag) is not None and not isinstance(t[flag], bool):
+                raise TokenizerError(
+                    f"{source}: added token {t['content']!r} (id {idx}) has {flag}={t[flag]!r}; it must be true or false."
+                )
         special = bool(t.get("special", True))
         out.append(AddedToken(
             content=t["content"], id=idx, special=special,
@@ -857,7 +955,7 @@ def _added_tokens(config: Dict[str, Any], tj_added: List[Dict[str, Any]], source
 
 def _chat_template(config: Dict[str, Any], jinja_path: Path, source: str) -> Optional[str]:
     if jinja_path.is_file():
-        return jinja_path.read_text(encoding="utf-8")
+        return _read_text(jinja_path)
     template = config.get("chat_template")
     if template is None or isinstance(template, str):
         return template
