@@ -209,3 +209,79 @@ def test_sharded_optimizer_single_member_equals_plain():
         np.testing.assert_allclose(a, b, atol=1e-7)
     with pytest.raises(ValueError, match="gradients for"):
         opt(grads[:2])
+
+
+def _quantize(model, group_size):
+    from qwen2ms.modeling.quantize import quantize_int8_weights
+
+    assert quantize_int8_weights(model, group_size=group_size) > 0
+    return model
+
+
+def _dequantised(model):
+    """``{weight name: float32 q * scale}`` of every int8 weight of a model."""
+    from qwen2ms.ops.cpu import dequantize_int8
+
+    return {cell.weight.name: dequantize_int8(cell.weight, cell.weight_scale).asnumpy()
+            for _, cell in model.cells_and_names() if getattr(cell, "weight_scale", None) is not None}
+
+
+@pytest.mark.parametrize("tied,group_size", [(False, None), (True, 32), (False, 32)])
+def test_int8_shards_dequantise_to_slices_of_the_whole_weights(tied, group_size):
+    """Each rank's int8 codes with their cut scales are its slice of the one-device int8 weights."""
+    from qwen2ms.modeling.model import Qwen2ForCausalLM
+    from qwen2ms.parallel.apply import shard_parameters
+
+    # hidden 64: q/k/v/o, gate/up and the head take groups of 32 inputs (o_proj is split by its inputs);
+    # down_proj's 48 inputs keep per-channel scales
+    cfg = Qwen2Config(**dict(DENSE, hidden_size=64, tie_word_embeddings=tied))
+    pc = ParallelConfig(model_parallel=2)
+    whole = _dequantised(_quantize(Qwen2ForCausalLM(cfg, seed=1), group_size))
+    assert len(whole) == 2 * 7 + (1 if tied else 2)
+    for rank in range(2):
+        m = _quantize(Qwen2ForCausalLM(cfg, seed=1), group_size)
+        shard_parameters(m, pc, rank)
+        got = _dequantised(m)
+        assert got.keys() == whole.keys()
+        for name, w in whole.items():
+            want = param_shard(w, match(PARAM_PLAN, name), cfg, rank, 2)
+            np.testing.assert_array_equal(got[name], want, err_msg=f"{name} rank {rank}")
+
+
+def test_int8_group_scales_split_inside_a_group_are_refused():
+    from qwen2ms.modeling.model import Qwen2ForCausalLM
+    from qwen2ms.parallel.apply import shard_parameters
+
+    # o_proj: two groups of 32 inputs; 4 ranks would keep 16 inputs each
+    m = _quantize(Qwen2ForCausalLM(Qwen2Config(**dict(DENSE, hidden_size=64))), 32)
+    before = {p.name: tuple(p.shape) for p in m.get_parameters()}
+    with pytest.raises(ParallelConfigError, match=r"o_proj\.weight_scale: .*groups of 32 inputs.*group_size=None"):
+        shard_parameters(m, ParallelConfig(model_parallel=4), 1)
+    assert {p.name: tuple(p.shape) for p in m.get_parameters()} == before  # nothing was cut
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_one_device_parallelize_of_int8_model_equals_model(tied):
+    """The parallel model's head reads the int8 codes with their scales (it once multiplied by the raw codes)."""
+    from qwen2ms.modeling.model import Qwen2ForCausalLM
+    from qwen2ms.parallel.apply import parallelize
+
+    cfg = Qwen2Config(**dict(DENSE, tie_word_embeddings=tied))
+    ids = np.random.default_rng(0).integers(0, 64, (2, 6))
+    ref = _quantize(Qwen2ForCausalLM(cfg, seed=2), None)(ids, labels=ids)
+    pm = parallelize(_quantize(Qwen2ForCausalLM(cfg, seed=2), None), ParallelConfig())
+    out = pm(ids, labels=ids)
+    np.testing.assert_allclose(out.logits.asnumpy(), ref.logits.asnumpy(), atol=1e-5)
+    assert float(out.loss.asnumpy()) == pytest.approx(float(ref.loss.asnumpy()), abs=1e-5)
+
+
+def test_parallel_model_refuses_whole_model_exports(tmp_path):
+    from qwen2ms.modeling.model import Qwen2ForCausalLM
+    from qwen2ms.parallel.apply import parallelize
+
+    pm = parallelize(Qwen2ForCausalLM(Qwen2Config(**DENSE)), ParallelConfig())
+    for call in (lambda: pm.save_pretrained(tmp_path / "hf"), lambda: pm.save_checkpoint(tmp_path / "m.ckpt"),
+                 pm.named_weights, pm.num_parameters):
+        with pytest.raises(TypeError, match="this rank's shards.*save_rank_checkpoint"):
+            call()
+    assert not any(tmp_path.iterdir())

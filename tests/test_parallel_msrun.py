@@ -6,7 +6,7 @@ Two msrun jobs:
   definition (world group and the sub-group compositions); TP, TP with replicated kv heads and tied
   embeddings, TP + sequence parallel, DP, DP + ZeRO-1, MoE TP, MoE EP + ZeRO-1, PP (GPipe, untied
   and tied) forward passes, synchronised gradients, gradient norms, one AdamW step and the loss after
-  it, ms.jit gradients, and TP greedy generation;
+  it, ms.jit gradients, and TP greedy generation with float and with int8 weights;
 * 4 processes (tests/parallel_workers/four_ranks.py): layouts whose groups are real sub-groups --
   DP x TP + SP + ZeRO-1, MoE DP x EP x TP, PP x TP (tied, replicated kv heads).
 
@@ -193,6 +193,21 @@ def test_tensor_parallel_generation_matches_single_process(ranks, name):
                     max_new_tokens=cases.NEW_TOKENS, do_sample=False)
     for r in range(2):
         np.testing.assert_array_equal(ranks[r][f"{name}/generate"], want)
+
+
+@pytest.mark.parametrize("name", cases.INT8_GENERATE)
+def test_tensor_parallel_int8_generation_matches_single_process(ranks, name):
+    """int8 weights under TP=2: the vocabulary-split head reads its codes with their scales, like the model."""
+    from qwen2ms.generation.generate import generate
+
+    ids, _ = cases.batch(name)
+    model = cases.int8_model(name)
+    logits = model(ids).logits.asnumpy()
+    want = generate(model, ids[:2, :cases.PROMPT], max_new_tokens=cases.NEW_TOKENS, do_sample=False)
+    for r in range(2):
+        np.testing.assert_allclose(ranks[r][f"int8/{name}/logits"], logits, atol=ATOL, rtol=1e-5,
+                                   err_msg=f"{name} int8 logits rank {r}")
+        np.testing.assert_array_equal(ranks[r][f"int8/{name}/generate"], want)
 
 
 def _zero_bytes(name):

@@ -24,6 +24,8 @@ CASES = {
 
 #: cases whose parallel model also generates (greedy, KV cache, compiled decode step)
 GENERATE = ("tp", "tp_tied_kvrep")
+#: cases that also generate with int8 weights (quantize_int8_weights before parallelize): an lm_head and a tied table
+INT8_GENERATE = ("tp", "tp_tied_kvrep")
 #: cases whose gradients are also taken inside ms.jit (through ParallelCausalLM.token_loss)
 JIT = ("tp_sp", "moe_ep")
 PROMPT, NEW_TOKENS = 5, 4
@@ -103,6 +105,16 @@ def reference(name):
 def _after(model, ids, labels):
     out = model(ids, labels=labels)
     return dict(loss_after=float(out.loss.asnumpy()), logits_after=out.logits.asnumpy())
+
+
+def int8_model(name):
+    """The case's model with int8 weights (default group size: per-channel scales at this width)."""
+    from qwen2ms.modeling.model import Qwen2ForCausalLM
+    from qwen2ms.modeling.quantize import quantize_int8_weights
+
+    model = Qwen2ForCausalLM(config(name), seed=SEED)
+    quantize_int8_weights(model)
+    return model
 
 
 def rank_batch(name, rank):

@@ -1,5 +1,5 @@
 """msrun worker (2 processes): every collective of qwen2ms.parallel.comm, then TP/SP/DP(+ZeRO-1)/EP/PP forward + one
-training step, and TP greedy generation.
+training step, and TP greedy generation (float and int8 weights).
 
 Writes ``<out_dir>/rank<r>.npz``; tests/test_parallel_msrun.py compares it with the definitions and
 with single-process runs. Usage: msrun --worker_num=2 --local_worker_num=2 ... this.py OUT_DIR
@@ -49,6 +49,8 @@ for name in cases.CASES:
     runners.run_layout(name, rank, out)
 for name in cases.PIPELINE_CASES:
     runners.run_pipeline(name, out)
+for name in cases.INT8_GENERATE:
+    runners.run_int8_generation(name, out)
 
 np.savez(os.path.join(sys.argv[1], f"rank{rank}.npz"), **out)
 print(f"rank {rank}: wrote {len(out)} arrays", flush=True)

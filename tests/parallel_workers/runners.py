@@ -58,6 +58,15 @@ def run_layout(name, rank, out):
                                            do_sample=False)
 
 
+def run_int8_generation(name, out):
+    """Logits and greedy generation of the int8 model after parallelize (codes and scales sharded together)."""
+    pm = parallelize(cases.int8_model(name), cases.layout(name))
+    ids, _ = cases.batch(name)
+    out[f"int8/{name}/logits"] = pm(ids).logits.asnumpy()
+    out[f"int8/{name}/generate"] = generate(pm, ids[:2, :cases.PROMPT], max_new_tokens=cases.NEW_TOKENS,
+                                            do_sample=False)
+
+
 def run_pipeline(name, out):
     """GPipe step over micro-batches (every stage sees the whole batch), AdamW step, evaluation after it."""
     cfg, pc = cases.config(name), cases.layout(name)

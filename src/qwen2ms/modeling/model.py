@@ -480,41 +480,52 @@ class Qwen2ForCausalLM(nn.Cell):
     def __init__(self, config: Qwen2Config, dtype: Any = None, init_weights: bool = True, seed: int = 0,
                  ops_backend: Optional[str] = None) -> None:
         super().__init__()
-        self.model = Qwen2Model(config, dtype=dtype, init_weights=init_weights, seed=seed, ops_backend=ops_backend)
-        self.ops_impl = self.model.ops_impl
+        model = Qwen2Model(config, dtype=dtype, init_weights=init_weights, seed=seed, ops_backend=ops_backend)
+        lm_head = None
+        if not config.tie_word_embeddings:
+            init = _Init(model.storage_dtype, config.initializer_range, seed + 1, empty=not init_weights,
+                         ops_impl=model.ops_impl)
+            lm_head = Linear(init, config.hidden_size, config.vocab_size)
+        self._hold(config, model, lm_head)
+        #: generation_config.json as read by from_hf (raw dict), for the generation module.
+        self.generation_config_dict: Optional[Dict[str, Any]] = None
+        #: the tokenizer found next to the weights by from_hf, if any.
+        self.tokenizer = None
+
+    def _hold(self, config: Qwen2Config, model: "Qwen2Model", lm_head: Optional[Linear]) -> None:
+        """Take ``model`` and ``lm_head`` (None when tied) as children, and the settings the head and loss read.
+
+        :class:`qwen2ms.parallel.ParallelCausalLM` calls it too, with the sharded children of a built model.
+        """
+        self.model = model
+        if lm_head is not None:
+            self.lm_head = lm_head
+        self.ops_impl = model.ops_impl
         self.config = config
-        self.storage_dtype = self.model.storage_dtype
-        self.compute_dtype = self.model.compute_dtype
+        self.storage_dtype = model.storage_dtype
+        self.compute_dtype = model.compute_dtype
         self.tied = bool(config.tie_word_embeddings)
-        if not self.tied:
-            init = _Init(self.storage_dtype, config.initializer_range, seed + 1, empty=not init_weights,
-                         ops_impl=self.ops_impl)
-            self.lm_head = Linear(init, config.hidden_size, config.vocab_size)
         self.is_moe = config.is_moe
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.router_aux_loss_coef = float(config.router_aux_loss_coef)
         self.default_router_logits = bool(config.output_router_logits)
-        #: generation_config.json as read by from_hf (raw dict), for the generation module.
-        self.generation_config_dict: Optional[Dict[str, Any]] = None
-        #: the tokenizer found next to the weights by from_hf, if any.
-        self.tokenizer = None
 
     # ------------------------------------------------------------------ compute
     def construct(self, input_ids, attention_mask=None, position_ids=None, labels=None, segment_ids=None,
                   cache=None, cache_position=None, output_router_logits=None, logits_to_keep=0):
         hidden, router_logits = self.model(input_ids, attention_mask, position_ids, segment_ids,
                                            cache, cache_position)
+        hidden = self._head_input(hidden)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
-        head = self.model.embed_tokens if self.tied else self.lm_head
-        logits = self.ops_impl.linear(hidden, head.weight, None, head.weight_scale).astype(ms.float32)  # [B, T, V]
+        logits = self.head_logits(hidden)  # [B, T, V]
 
         loss = None
         if labels is not None:
-            v = logits.shape[-1]
-            total, count = self.ops_impl.cross_entropy(logits[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1))
+            total, count = self.loss_from_logits(logits, labels)
             loss = total / ops.maximum(count, ops.ones_like(count))
+        logits = self._full_logits(logits)
 
         want_router = self.default_router_logits if output_router_logits is None else output_router_logits
         aux_loss = None
@@ -529,6 +540,53 @@ class Qwen2ForCausalLM(nn.Cell):
         # A plain tuple: MindSpore 2.10 builds NamedTuples inside compiled graphs through its Python
         # fallback, which silently zeroes the gradients flowing through them. __call__ names the fields.
         return logits, loss, aux_loss, (router_logits if (want_router and self.is_moe) else None)
+
+    def token_loss(self, input_ids, labels, attention_mask=None, position_ids=None, segment_ids=None):
+        """``(loss_sum, count, aux_loss)`` as plain tensors: what a compiled train step differentiates.
+
+        ``loss_sum`` is the summed token cross-entropy of the shifted labels (-100 ignored), ``count`` the
+        number of counted tokens, ``aux_loss`` the MoE load-balancing loss (zero for dense models or
+        without ``output_router_logits``). Unlike ``__call__`` it builds no named tuple, which MindSpore
+        2.10 cannot differentiate through inside ``ms.jit``, and leaves the division to the caller (a
+        trainer divides by the tokens of a whole accumulated step).
+
+        Example:
+            >>> total, count, aux = model.token_loss(Tensor(ids), Tensor(ids))  # doctest: +SKIP
+        """
+        hidden, router_logits = self.model(input_ids, attention_mask, position_ids, segment_ids, None, None)
+        total, count = self.loss_from_logits(self.head_logits(self._head_input(hidden)), labels)
+        aux = ops.zeros((), ms.float32)
+        if self.is_moe and self.default_router_logits:
+            aux = self.ops_impl.load_balancing_loss(router_logits, self.num_experts, self.top_k, attention_mask)
+        return total, count, aux
+
+    def head_logits(self, hidden):
+        """float32 logits ``[B, T, V]`` of final hidden states ``[B, T, H]``: the lm_head (the embedding table
+        when tied) through the ops backend, int8 ``weight_scale`` included."""
+        weight, weight_scale = self._head_parts()
+        return self.ops_impl.linear(hidden, weight, None, weight_scale).astype(ms.float32)
+
+    def loss_from_logits(self, logits, labels):
+        """``(loss_sum, count)``: summed cross-entropy of ``logits`` ``[B, T, V]`` against the labels shifted by
+        one (``labels[:, 1:]``, -100 ignored), and the number of counted tokens (float32 scalars)."""
+        v = logits.shape[-1]
+        return self._cross_entropy(logits[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1))
+
+    # Pieces a tensor-parallel model (qwen2ms.parallel.ParallelCausalLM) replaces: its head is split by vocabulary.
+    def _head_parts(self):
+        """``(weight, weight_scale)`` of the head."""
+        head = self.model.embed_tokens if self.tied else self.lm_head
+        return head.weight, head.weight_scale
+
+    def _head_input(self, hidden):
+        return hidden
+
+    def _cross_entropy(self, logits, labels):
+        """``(loss_sum, count)`` of ``[N, V]`` logits against ``[N]`` labels."""
+        return self.ops_impl.cross_entropy(logits, labels)
+
+    def _full_logits(self, logits):
+        return logits
 
     def __call__(self, input_ids: ArrayLike, attention_mask: Optional[ArrayLike] = None,
                  position_ids: Optional[ArrayLike] = None, labels: Optional[ArrayLike] = None,
@@ -759,10 +817,7 @@ class Qwen2ForCausalLM(nn.Cell):
 
 
 class _CachedStep(nn.Cell):
-    """The compiled unit of :meth:`Qwen2ForCausalLM.forward_step`: the model plus one cache.
-
-    Also used by :class:`qwen2ms.parallel.ParallelCausalLM`, whose ``construct`` has the same signature.
-    """
+    """The compiled unit of :meth:`Qwen2ForCausalLM.forward_step`: the model plus one cache."""
 
     def __init__(self, lm: nn.Cell, cache: KVCache, logits_to_keep: int) -> None:
         # auto_prefix=False keeps the model's parameter names (the HF keys) unchanged.

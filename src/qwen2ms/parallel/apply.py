@@ -9,9 +9,9 @@ The model's code is not changed (DESIGN rule 4). After the single-device
    holds the original module and adds the communication around it (Megatron-style: copy in /
    all-reduce out; with sequence parallel all-gather in / reduce-scatter out along the sequence),
    and sets the attention's head counts to the local ones;
-3. wraps the model in :class:`ParallelCausalLM`, which runs the decoder stack and computes the
-   vocabulary-parallel lm_head and cross-entropy (the full logits are never formed on one device
-   unless asked for), and carries :class:`GradientSync` for the training step (data-parallel mean,
+3. returns the model as a :class:`ParallelCausalLM`: the same model code, with the vocabulary-parallel
+   lm_head and cross-entropy (the full logits are never formed on one device unless asked for), which
+   carries :class:`GradientSync` for the training step (data-parallel mean,
    sums of sequence-parallel norm gradients, replicated kv heads and expert replicas) and
    :class:`GradNorm` (the global gradient norm for clipping);
 4. with ``pipeline_stage > 1``, keeps only this rank's stage (:mod:`qwen2ms.parallel.pipeline`) and
@@ -39,12 +39,11 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from .. import ops as qops
-from ..modeling.model import CausalLMOutput, _CachedStep
+from ..modeling.model import Qwen2ForCausalLM
 from .comm import (AllGather, AllReduce, CopyToGroup, GatherFromGroup, GatherToGroup, Group, ReduceFromGroup,
                    ReduceScatterToGroup, ScatterToGroup, is_initialized, new_group, single_group)
 from .config import ParallelConfig, ParallelConfigError
-from .plans import MODULE_PLAN, PARAM_PLAN, local_kv_heads, match, param_shard
+from .plans import MODULE_PLAN, PARAM_PLAN, local_kv_heads, match, param_shard, scale_shard
 
 __all__ = ["parallelize", "shard_parameters", "ParallelCausalLM", "GradientSync", "GradNorm", "ParallelGroups",
            "vocab_parallel_cross_entropy"]
@@ -88,7 +87,9 @@ def shard_parameters(model: nn.Cell, parallel_config: ParallelConfig, rank: int)
     """Slice the parameters of a single-device model in place to the shards of global ``rank``.
 
     Needs no communication: use it to measure per-rank memory or to cut a loaded model for one rank.
-    Parameters outside this rank's pipeline stage are left untouched (see :func:`parallelize`).
+    Parameters outside this rank's pipeline stage are left untouched (see :func:`parallelize`). The
+    ``weight_scale`` of an int8 weight (:func:`qwen2ms.modeling.quantize.quantize_int8_weights`) is cut
+    to go with its weight (:func:`~qwen2ms.parallel.plans.scale_shard`).
 
     Args:
         model: a :class:`~qwen2ms.modeling.model.Qwen2ForCausalLM` (parameter names = HF keys).
@@ -97,6 +98,9 @@ def shard_parameters(model: nn.Cell, parallel_config: ParallelConfig, rank: int)
 
     Returns:
         ``{name: new shape}`` for every parameter that was sliced.
+
+    Raises:
+        ParallelConfigError: int8 group scales that the layout would split inside a group (nothing is cut).
 
     Example:
         >>> shapes = shard_parameters(model, ParallelConfig(model_parallel=2), rank=1)
@@ -108,13 +112,29 @@ def shard_parameters(model: nn.Cell, parallel_config: ParallelConfig, rank: int)
     _, dp_rank, mp_rank = pc.rank_coords(rank)
     ep_rank = dp_rank % pc.expert_parallel
     changed: Dict[str, Tuple[int, ...]] = {}
-    for name, param in model.parameters_and_names():
+    params = list(model.parameters_and_names())
+    # The scales of int8 weights (quantize_int8_weights) follow their weight's rows or input groups; they
+    # are small, so all are cut before any parameter changes: a layout they do not fit leaves the model whole.
+    shapes = {name: tuple(param.shape) for name, param in params}
+    scale_parts = {}
+    for name, param in params:
+        split = match(PARAM_PLAN, name[:-len("_scale")]) if name.endswith(".weight_scale") else None
+        if split is not None:
+            try:
+                scale_parts[name] = scale_shard(param.asnumpy(), shapes[name[:-len("_scale")]], split, cfg, mp_rank,
+                                                pc.model_parallel, pc.vocab_emb_dp)
+            except ValueError as e:
+                raise ParallelConfigError(f"{name}: {e}") from None
+    for name, param in params:
         split = match(PARAM_PLAN, name)
-        if split is None:
+        if split is None and name not in scale_parts:
             continue
         full = param.asnumpy()
-        part = param_shard(full, split, cfg, mp_rank, pc.model_parallel, ep_rank, pc.expert_parallel,
-                           pc.vocab_emb_dp)
+        if name in scale_parts:
+            part = scale_parts[name]
+        else:
+            part = param_shard(full, split, cfg, mp_rank, pc.model_parallel, ep_rank, pc.expert_parallel,
+                               pc.vocab_emb_dp)
         if part.shape != full.shape:
             param.set_data(Tensor(part, dtype=param.dtype))
             changed[name] = tuple(part.shape)
@@ -345,14 +365,17 @@ class GradNorm(nn.Cell):
 # ---------------------------------------------------------------------------------------------
 # The wrapped model
 # ---------------------------------------------------------------------------------------------
-class ParallelCausalLM(nn.Cell):
+class ParallelCausalLM(Qwen2ForCausalLM):
     """A :class:`~qwen2ms.modeling.model.Qwen2ForCausalLM` after :func:`parallelize`.
 
-    Called like the model (same arguments, same :class:`CausalLMOutput`); the loss is computed with
-    the vocabulary-parallel cross-entropy. Parameter names are unchanged (HF keys).
+    The model itself, on this rank's shards: it holds the built model's (sharded, wrapped) children and
+    runs the model's own ``construct``, ``token_loss`` and generation steps. It replaces only the pieces
+    a vocabulary-split head needs: the head's input enters the tensor-parallel group, the head weight is
+    this rank's rows, the cross-entropy is vocabulary parallel (the full logits are never formed on one
+    device unless asked for) and the logits are gathered for output. Called like the model (same
+    arguments, same :class:`~qwen2ms.modeling.model.CausalLMOutput`); parameter names are unchanged (HF keys).
 
     Attributes:
-        lm: the wrapped model (its modules are now region Cells).
         parallel_config: the layout.
         groups: this rank's :class:`ParallelGroups`.
         grad_sync: the :class:`GradientSync` for ``trainable_params()``.
@@ -360,22 +383,25 @@ class ParallelCausalLM(nn.Cell):
         gather_logits: whether ``logits`` are gathered to the full vocabulary (else this rank's slice).
     """
 
-    def __init__(self, lm: nn.Cell, parallel_config: ParallelConfig, groups: ParallelGroups,
+    def __init__(self, lm: Qwen2ForCausalLM, parallel_config: ParallelConfig, groups: ParallelGroups,
                  gather_logits: bool = True) -> None:
-        super().__init__(auto_prefix=False)
-        self.lm = lm
-        self.config = lm.config
+        # Qwen2ForCausalLM's __init__ would build a new model; this one adopts lm's children instead.
+        # auto_prefix=False: they keep their names (the HF keys).
+        nn.Cell.__init__(self, auto_prefix=False)
+        self._hold(lm.config, lm.model, None if lm.tied else lm.lm_head)
+        # What generation reads from a model, passed through.
+        self.generation_config_dict = lm.generation_config_dict
+        self.tokenizer = lm.tokenizer
         self.parallel_config = parallel_config
         self.groups = groups
         self.gather_logits = gather_logits
-        self.tied = lm.tied
         pc = parallel_config
         tp = groups.tp
         self.seq = pc.use_seq_parallel and tp.size > 1
         self.vocab_split = not pc.vocab_emb_dp and tp.size > 1
         # Region and pipeline wrappers keep the table as `.inner`; count the hops to it once.
         self.embed_depth = 0
-        cell = lm.model.embed_tokens
+        cell = self.model.embed_tokens
         while not hasattr(cell, "weight") and hasattr(cell, "inner"):
             cell, self.embed_depth = cell.inner, self.embed_depth + 1
         v = self.config.vocab_size
@@ -390,95 +416,43 @@ class ParallelCausalLM(nn.Cell):
             self.head_enter = GatherFromGroup(tp, 1)
         else:
             self.head_enter = _Identity()
-        self.is_moe = lm.is_moe
         self.grad_sync = GradientSync([])
         self.grad_norm = GradNorm([], single_group(groups.rank))
-        # What generation reads from a model, passed through.
-        self.generation_config_dict = lm.generation_config_dict
-        self.tokenizer = lm.tokenizer
-        self.compute_dtype = lm.compute_dtype
 
-    def _head_weight(self):
-        if self.tied:
-            cell = self.lm.model.embed_tokens
-            for _ in range(self.embed_depth):
-                cell = cell.inner
-            return cell.weight
-        return self.lm.lm_head.weight
+    # ------------------------------------------------------------------ the vocabulary-parallel head
+    def _head_parts(self):
+        if not self.tied:
+            return self.lm_head.weight, self.lm_head.weight_scale
+        cell = self.model.embed_tokens
+        for _ in range(self.embed_depth):
+            cell = cell.inner
+        return cell.weight, cell.weight_scale
 
-    def token_loss(self, input_ids, labels, attention_mask=None, position_ids=None, segment_ids=None):
-        """``(loss_sum, count, aux_loss)`` as plain tensors, for a compiled train step.
+    def _head_input(self, hidden):
+        return self.head_enter(hidden)  # [B, T, H] on every rank
 
-        ``loss_sum`` is the summed token cross-entropy of the shifted labels (vocabulary-parallel when
-        the head is split), ``count`` the number of counted tokens, ``aux_loss`` the MoE
-        load-balancing loss (zero for dense models or without ``output_router_logits``). Unlike the
-        :class:`CausalLMOutput` of ``__call__`` it builds no named tuple, which MindSpore 2.10 cannot
-        differentiate through inside ``ms.jit``.
-        """
-        lm = self.lm
-        hidden, router_logits = lm.model(input_ids, attention_mask, position_ids, segment_ids, None, None)
-        hidden = self.head_enter(hidden)
-        logits = qops.linear(hidden, self._head_weight()).astype(ms.float32)
-        v = logits.shape[-1]
-        flat = logits[:, :-1].reshape(-1, v)
-        tgt = labels[:, 1:].reshape(-1)
+    def _cross_entropy(self, logits, labels):
         if self.vocab_split:
-            total, count = vocab_parallel_cross_entropy(flat, tgt, self.vocab_start, self.ce_sum, self.ce_max)
-        else:
-            total, count = qops.cross_entropy(flat, tgt)
-        aux = ops.zeros((), ms.float32)
-        if self.is_moe and lm.default_router_logits:
-            aux = qops.load_balancing_loss(router_logits, lm.num_experts, lm.top_k, attention_mask)
-        return total, count, aux
+            return vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.ce_sum, self.ce_max)
+        # The parent class named, not super(): MindSpore's graph parser resolves super() from the instance's class.
+        return Qwen2ForCausalLM._cross_entropy(self, logits, labels)
 
-    def construct(self, input_ids, attention_mask=None, position_ids=None, labels=None, segment_ids=None,
-                  cache=None, cache_position=None, output_router_logits=None, logits_to_keep=0):
-        lm = self.lm
-        hidden, router_logits = lm.model(input_ids, attention_mask, position_ids, segment_ids, cache,
-                                         cache_position)
-        hidden = self.head_enter(hidden)  # [B, T, H] on every rank
-        if logits_to_keep > 0:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = qops.linear(hidden, self._head_weight()).astype(ms.float32)  # [B, T, V or V/n]
-
-        loss = None
-        if labels is not None:
-            v = logits.shape[-1]
-            flat = logits[:, :-1].reshape(-1, v)
-            tgt = labels[:, 1:].reshape(-1)
-            if self.vocab_split:
-                total, count = vocab_parallel_cross_entropy(flat, tgt, self.vocab_start, self.ce_sum, self.ce_max)
-            else:
-                total, count = qops.cross_entropy(flat, tgt)
-            loss = total / ops.maximum(count, ops.ones_like(count))
+    def _full_logits(self, logits):
         if self.vocab_split and self.gather_logits:
-            logits = self.logits_gather(logits)
+            return self.logits_gather(logits)
+        return logits
 
-        want_router = lm.default_router_logits if output_router_logits is None else output_router_logits
-        aux_loss = None
-        if want_router and self.is_moe:
-            token_mask = attention_mask
-            if attention_mask is not None and cache is not None:
-                start = 0 if cache_position is None else cache_position
-                token_mask = ops.gather(attention_mask, ops.arange(input_ids.shape[1], dtype=ms.int32) + start, 1)
-            aux_loss = qops.load_balancing_loss(router_logits, lm.num_experts, lm.top_k, token_mask)
-            if loss is not None:
-                loss = loss + lm.router_aux_loss_coef * aux_loss
-        # A plain tuple, as the model's own construct returns (NamedTuples built inside compiled graphs
-        # lose their gradients in MindSpore 2.10); __call__ names the fields.
-        return logits, loss, aux_loss, (router_logits if (want_router and self.is_moe) else None)
-
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, labels=None, segment_ids=None,
-                 cache=None, cache_position=None, output_router_logits=None, logits_to_keep: int = 0):
-        """Run on NumPy arrays or MindSpore tensors, with the model's argument checks."""
+    def _prepare(self, input_ids, attention_mask, position_ids, labels, segment_ids, cache, cache_position,
+                 logits_to_keep):
+        # The model's argument checks, plus what this rank's shards need.
         if cache is not None:
             self._check_cache(cache)
-        args = self.lm._prepare(input_ids, attention_mask, position_ids, labels, segment_ids, cache,
-                                cache_position, logits_to_keep)
+        args = Qwen2ForCausalLM._prepare(self, input_ids, attention_mask, position_ids, labels, segment_ids, cache,
+                                         cache_position, logits_to_keep)
         if self.seq and args[0].shape[1] % self.groups.tp.size:
             raise ValueError(f"use_seq_parallel needs the sequence length ({args[0].shape[1]}) to divide by "
                              f"model_parallel={self.groups.tp.size}; pad the batch to a multiple")
-        return CausalLMOutput(*super().__call__(*args, output_router_logits, int(logits_to_keep)))
+        return args
 
     # ------------------------------------------------------------------ generation
     def local_config(self):
@@ -493,6 +467,8 @@ class ParallelCausalLM(nn.Cell):
     def new_cache(self, batch_size: int, max_length: int, dtype: Any = None):
         """A :class:`~qwen2ms.modeling.cache.KVCache` for this rank's heads (see ``Qwen2ForCausalLM.new_cache``).
 
+        Every rank of the tensor-parallel group then calls ``forward_step`` (or generates) with the same inputs.
+
         Raises:
             ValueError: with sequence parallel (a decode step has one token, which cannot be split).
         """
@@ -502,7 +478,7 @@ class ParallelCausalLM(nn.Cell):
         if self.seq:
             raise ValueError("use_seq_parallel splits the sequence, which a one-token decode step cannot be; "
                              "parallelize with use_seq_parallel=False for generation")
-        full = self.lm.new_cache(1, max_length, dtype)  # the model's own checks (length, dtype on CPU)
+        full = Qwen2ForCausalLM.new_cache(self, 1, max_length, dtype)  # the model's own checks (length, dtype on CPU)
         dt = full.dtype if dtype is None else resolve_dtype(dtype)
         del full
         return KVCache(self.local_config(), batch_size, max_length, dt)
@@ -514,23 +490,23 @@ class ParallelCausalLM(nn.Cell):
             raise ValueError(f"this cache holds {got} kv heads per layer but this rank computes {want}; "
                              f"make it with the parallel model's new_cache()")
 
-    def forward_step(self, input_ids, attention_mask, position_ids, cache, cache_position, logits_to_keep: int = 0):
-        """One compiled cached forward on this rank, as ``Qwen2ForCausalLM.forward_step`` (full-vocabulary logits).
+    # ------------------------------------------------------------------ what a shard cannot do
+    def _not_whole(self, what: str):
+        raise TypeError(f"{what} needs the whole model, but a parallelized model holds this rank's shards; save them "
+                        f"with qwen2ms.parallel.save_rank_checkpoint and merge them with "
+                        f"qwen2ms.parallel.merge_checkpoints (Trainer.save_model does both)")
 
-        Every rank of the tensor-parallel group calls it with the same inputs.
-        """
-        self._check_cache(cache)
-        ids, mask, pos, _, _, cache, cache_position = self.lm._prepare(
-            input_ids, attention_mask, position_ids, None, None, cache, cache_position, logits_to_keep)
-        steps = cache.__dict__.setdefault("_compiled_steps", {})
-        key = (id(self), int(logits_to_keep), mask is None, pos is None)
-        step = steps.get(key)
-        if step is None:
-            step = ms.jit(_CachedStep(self, cache, int(logits_to_keep)))
-            steps[key] = step
-        return step(ids, mask, pos, cache_position)
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
+        """Refused (TypeError): a shard is not the model; see :func:`qwen2ms.parallel.save_rank_checkpoint`."""
+        self._not_whole("save_pretrained()")
 
+    def save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        """Refused (TypeError): a shard is not the model; see :func:`qwen2ms.parallel.save_rank_checkpoint`."""
+        self._not_whole("save_checkpoint()")
 
+    def named_weights(self) -> List[Tuple[str, Any]]:
+        """Refused (TypeError): this rank holds shards, not the architecture's weights."""
+        self._not_whole("named_weights()")
 
 
 def parallelize(model: nn.Cell, parallel_config: ParallelConfig, *, gather_logits: bool = True) -> nn.Cell:

@@ -123,8 +123,8 @@ class PipelineCausalLM(nn.Cell):
     """One pipeline stage of a parallelized Qwen2ForCausalLM and the GPipe schedule that connects the stages.
 
     Built by :func:`~qwen2ms.parallel.apply.parallelize`; ``head`` is the
-    :class:`~qwen2ms.parallel.apply.ParallelCausalLM` around the pruned model (it computes the
-    last stage's logits and loss).
+    :class:`~qwen2ms.parallel.apply.ParallelCausalLM` of the pruned model (it computes the last
+    stage's logits and loss).
 
     Attributes:
         stage: this rank's stage index.
@@ -156,7 +156,7 @@ class PipelineCausalLM(nn.Cell):
         return batch, seq, self.config.hidden_size
 
     def _stage_input(self) -> _StageInput:
-        return self.head.lm.model.embed_tokens
+        return self.head.model.embed_tokens
 
     def _split(self, input_ids, *others):
         """``input_ids`` and each of ``others`` (None passes through) as ``micro_batch_num`` NumPy row chunks."""
@@ -174,7 +174,7 @@ class PipelineCausalLM(nn.Cell):
         return (split(ids),) + tuple(split(a) for a in others)
 
     def _stage_out(self, ids, mask, pos=None, seg=None):
-        hidden, _ = self.head.lm.model(ids, mask, pos, seg)
+        hidden, _ = self.head.model(ids, mask, pos, seg)
         return hidden
 
     # --------------------------------------------------------------------- schedules
@@ -209,7 +209,7 @@ class PipelineCausalLM(nn.Cell):
             raise ValueError("forward_backward needs labels")
         weights = micro_batch_weights(lab_mb, num_items)
         params = self.trainable_params()
-        dtype = self.head.lm.compute_dtype
+        dtype = self.head.compute_dtype
         received: List[Tensor] = []
         # forward: send each micro-batch's activations on
         for i, ids in enumerate(ids_mb):
@@ -261,7 +261,7 @@ class PipelineCausalLM(nn.Cell):
         """
         ids_mb, lab_mb, mask_mb, pos_mb, seg_mb = self._split(input_ids, labels, attention_mask, position_ids,
                                                               segment_ids)
-        dtype = self.head.lm.compute_dtype
+        dtype = self.head.compute_dtype
         logits, loss_sum, total = [], ops.zeros((), ms.float32), 0.0
         for i, ids in enumerate(ids_mb):
             if not self.is_first:

@@ -16,7 +16,8 @@ Two tables, both keyed by ``fnmatch`` patterns over the Hugging Face paths of
   gradients are summed over the tensor-parallel group under sequence parallel.
 
 :func:`match` finds the entry for a path; :func:`param_shard` applies a :class:`ParamSplit` to a
-NumPy array (the same slicing writes checkpoint shards in :mod:`qwen2ms.parallel.strategy`).
+NumPy array (the same slicing writes checkpoint shards in :mod:`qwen2ms.parallel.strategy`), and
+:func:`scale_shard` cuts an int8 weight's ``weight_scale`` to go with its weight's shard.
 
 Example:
     >>> match(PARAM_PLAN, "model.layers.3.self_attn.o_proj.weight").dim
@@ -32,8 +33,8 @@ import numpy as np
 
 from ..config import Qwen2Config
 
-__all__ = ["ParamSplit", "ModuleStyle", "PARAM_PLAN", "MODULE_PLAN", "match", "param_shard", "shard_ranges",
-           "local_kv_heads"]
+__all__ = ["ParamSplit", "ModuleStyle", "PARAM_PLAN", "MODULE_PLAN", "match", "param_shard", "scale_shard",
+           "shard_ranges", "local_kv_heads"]
 
 
 @dataclass(frozen=True)
@@ -185,3 +186,46 @@ def param_shard(array: np.ndarray, split: Optional[ParamSplit], config: Qwen2Con
         idx = np.concatenate([np.arange(a, b) for a, b in ranges])
         out = np.take(out, idx, axis=split.dim)
     return np.ascontiguousarray(out)
+
+
+def scale_shard(scale: np.ndarray, weight_shape: Tuple[int, ...], split: Optional[ParamSplit], config: Qwen2Config,
+                mp_rank: int, mp: int, vocab_emb_dp: bool = False) -> np.ndarray:
+    """The slice of an int8 weight's ``weight_scale`` that goes with the weight's :func:`param_shard`.
+
+    Scales are per output row ``[out]`` or per row and group of inputs ``[out, G]``: a row split takes the
+    same rows; an input split keeps per-row scales whole (they scale each rank's partial sums alike) and
+    takes the groups of the kept inputs.
+
+    Args:
+        scale: the full scale array.
+        weight_shape: the full shape of the weight it scales (``[out, in]``).
+        split: the weight's :data:`PARAM_PLAN` entry (None: replicated).
+        config, mp_rank, mp, vocab_emb_dp: as for :func:`param_shard`.
+
+    Returns:
+        A contiguous array (the input itself when nothing is split).
+
+    Raises:
+        ValueError: the kept inputs do not start and end on group boundaries.
+
+    Example:
+        >>> cfg = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+        ...                   num_attention_heads=4, num_key_value_heads=2)
+        >>> scale_shard(np.ones((64, 2)), (64, 64), ParamSplit(1), cfg, mp_rank=1, mp=2).shape
+        (64, 1)
+    """
+    if split is None or split.dim is None or mp == 1 or (split.kind == "vocab" and vocab_emb_dp):
+        return scale
+    if split.dim == 0:
+        return param_shard(scale, ParamSplit(0, split.kind), config, mp_rank, mp)
+    if scale.ndim == 1:
+        return scale
+    size = weight_shape[split.dim]
+    group = size // scale.shape[1]
+    ranges = shard_ranges(split, size, mp_rank, mp, config)
+    if any(a % group or b % group for a, b in ranges):
+        raise ValueError(f"int8 scales of groups of {group} inputs cannot follow a split of {size} inputs into "
+                         f"{mp} parts ({ranges[0][1] - ranges[0][0]} each): quantize with a group_size that divides "
+                         f"{size // mp}, or group_size=None (one scale per output channel)")
+    idx = np.concatenate([np.arange(a // group, b // group) for a, b in ranges])
+    return np.ascontiguousarray(np.take(scale, idx, axis=1))

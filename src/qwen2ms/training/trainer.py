@@ -41,7 +41,6 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from .. import ops as qops
 from .arguments import TrainingArguments
 from .callbacks import CallbackHandler, JsonlLoggerCallback, ProgressCallback, TrainerCallback, TrainerState
 from .checkpointing import (
@@ -340,17 +339,6 @@ class _EvalStep(nn.Cell):
         return self.trainer.compute_loss(self.model, inputs, num_items)
 
 
-def _causal_lm_forward(model, input_ids, attention_mask, position_ids, segment_ids):
-    """Logits ``[B, T, V]`` and the MoE aux loss (or None), differentiable inside compiled code.
-
-    ``Qwen2ForCausalLM.construct`` returns a plain tuple ``(logits, loss, aux_loss, router_logits)``
-    (its ``__call__`` wraps it in a NamedTuple, which MindSpore builds through its Python fallback
-    inside graphs, cutting gradients), so the compiled step calls ``construct`` directly.
-    """
-    out = model.construct(input_ids, attention_mask, position_ids, None, segment_ids, None, None, None, 0)
-    return out[0], out[2]
-
-
 def _count_targets(batch: Dict[str, np.ndarray]) -> int:
     """Tokens that contribute to the loss: shifted labels that are not -100."""
     labels = np.asarray(batch["labels"])
@@ -426,8 +414,8 @@ class Trainer:
     """Supervised fine-tuning of a qwen2ms model (full or LoRA) with a compiled train step.
 
     Args:
-        model: a :class:`qwen2ms.Qwen2ForCausalLM` (or any Cell with the same forward signature
-            returning an object with ``.logits``). With ``args.lora_r > 0`` LoRA adapters are
+        model: a :class:`qwen2ms.Qwen2ForCausalLM`, also as returned by :func:`qwen2ms.parallel.parallelize`
+            (:meth:`compute_loss` calls its ``token_loss``). With ``args.lora_r > 0`` LoRA adapters are
             injected into it (base weights frozen) unless it already has them.
         args: the :class:`TrainingArguments`.
         train_dataset: a sequence of tokenised samples (``input_ids``, ``labels`` with -100 on
@@ -654,10 +642,11 @@ class Trainer:
         one batch of ``N*b``. For MoE models with ``output_router_logits`` the weighted aux loss is
         added in proportion to this micro-batch's share of the tokens.
 
-        A parallelized model (one with ``token_loss``) computes the cross-entropy with it (vocabulary
-        parallel when the head is split); ``num_items_in_batch`` then counts the whole global batch,
-        so this is this rank's share of the job's loss. Under data parallel the MoE aux loss is each
-        replica's own, weighted by its share of the tokens.
+        The summed cross-entropy comes from the model's ``token_loss`` (vocabulary parallel when
+        :func:`qwen2ms.parallel.parallelize` split the head). For a parallelized model
+        ``num_items_in_batch`` counts the whole global batch, so this is this rank's share of the job's
+        loss; under data parallel the MoE aux loss is each replica's own, weighted by its share of the
+        tokens.
 
         Args:
             model: the model Cell.
@@ -677,20 +666,11 @@ class Trainer:
             position_ids = inputs["position_ids"]
         if "segment_ids" in inputs:
             segment_ids = inputs["segment_ids"]
-        if hasattr(model, "token_loss"):
-            total, count, aux = model.token_loss(inputs["input_ids"], inputs["labels"], attention_mask, position_ids,
-                                                 segment_ids)
-            loss = total / num_items_in_batch
-            if model.is_moe:
-                loss = loss + model.lm.router_aux_loss_coef * aux * (count / num_items_in_batch)
-            return loss
-        logits, aux_loss = _causal_lm_forward(model, inputs["input_ids"], attention_mask, position_ids, segment_ids)
-        labels = inputs["labels"]
-        v = logits.shape[-1]
-        total, count = qops.cross_entropy(logits[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1))
+        total, count, aux = model.token_loss(inputs["input_ids"], inputs["labels"], attention_mask, position_ids,
+                                             segment_ids)
         loss = total / num_items_in_batch
-        if aux_loss is not None:
-            loss = loss + model.router_aux_loss_coef * aux_loss * (count / num_items_in_batch)
+        if model.is_moe:
+            loss = loss + model.router_aux_loss_coef * aux * (count / num_items_in_batch)
         return loss
 
     def training_step(self, model: nn.Cell, inputs: Dict[str, np.ndarray], num_items_in_batch: int) -> float:
@@ -1167,7 +1147,7 @@ class Trainer:
         save_rank_checkpoint(self.model, out)
         self._barrier()
         if self.is_world_process_zero():
-            lm = self.model.head.lm if self._pipeline else self.model.lm
+            lm = self.model.head if self._pipeline else self.model
             merge = merge_stage_checkpoints if self._pipeline else merge_checkpoints
             with tempfile.TemporaryDirectory(dir=out) as tmp:
                 merged = merge(out, Path(tmp) / "merged.ckpt", self.model.config, self.parallel_config)
