@@ -285,3 +285,35 @@ def test_parallel_model_refuses_whole_model_exports(tmp_path):
         with pytest.raises(TypeError, match="this rank's shards.*save_rank_checkpoint"):
             call()
     assert not any(tmp_path.iterdir())
+
+
+def test_parallel_modules_import_each_other_without_a_cycle():
+    """Within qwen2ms.parallel, imports (lazy ones too) form no cycle: pipeline.py once imported apply.py's helpers
+    back while apply.py imported pipeline.py."""
+    import ast
+    from pathlib import Path
+
+    import qwen2ms.parallel
+
+    folder = Path(qwen2ms.parallel.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        nodes = ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        graph[path.stem] = {n.module.split(".")[0] for n in nodes
+                            if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module}
+    graph.pop("__init__")  # the package's lazy name table points at every module by design
+    done, stack = set(), []
+
+    def visit(mod):
+        assert mod not in stack, f"import cycle: {' -> '.join(stack[stack.index(mod):] + [mod])}"
+        if mod in done or mod not in graph:
+            return
+        stack.append(mod)
+        for dep in graph[mod]:
+            visit(dep)
+        stack.pop()
+        done.add(mod)
+
+    for mod in graph:
+        visit(mod)
+    assert "regions" in graph["pipeline"] and "apply" not in graph["pipeline"]

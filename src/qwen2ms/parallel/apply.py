@@ -5,15 +5,15 @@ The model's code is not changed (DESIGN rule 4). After the single-device
 
 1. slices every parameter listed in :data:`~qwen2ms.parallel.plans.PARAM_PLAN` to this rank's shard
    (``Parameter.set_data``; names stay the Hugging Face keys);
-2. replaces each module listed in :data:`~qwen2ms.parallel.plans.MODULE_PLAN` by a region Cell that
-   holds the original module and adds the communication around it (Megatron-style: copy in /
-   all-reduce out; with sequence parallel all-gather in / reduce-scatter out along the sequence),
-   and sets the attention's head counts to the local ones;
+2. replaces each module listed in :data:`~qwen2ms.parallel.plans.MODULE_PLAN` by a region Cell
+   (:mod:`qwen2ms.parallel.regions`) that holds the original module and adds the communication
+   around it (Megatron-style: copy in / all-reduce out; with sequence parallel all-gather in /
+   reduce-scatter out along the sequence), and sets the attention's head counts to the local ones;
 3. returns the model as a :class:`ParallelCausalLM`: the same model code, with the vocabulary-parallel
    lm_head and cross-entropy (the full logits are never formed on one device unless asked for), which
-   carries :class:`GradientSync` for the training step (data-parallel mean,
-   sums of sequence-parallel norm gradients, replicated kv heads and expert replicas) and
-   :class:`GradNorm` (the global gradient norm for clipping);
+   carries :class:`GradientSync` for the training step (data-parallel mean, sums of sequence-parallel
+   norm gradients, replicated kv heads and expert replicas) and :class:`GradNorm` (the global
+   gradient norm for clipping);
 4. with ``pipeline_stage > 1``, keeps only this rank's stage (:mod:`qwen2ms.parallel.pipeline`) and
    returns a :class:`~qwen2ms.parallel.pipeline.PipelineCausalLM`.
 
@@ -40,10 +40,13 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..modeling.model import Qwen2ForCausalLM
-from .comm import (AllGather, AllReduce, CopyToGroup, GatherFromGroup, GatherToGroup, Group, ReduceFromGroup,
-                   ReduceScatterToGroup, ScatterToGroup, is_initialized, new_group, single_group)
+from .comm import (AllReduce, CopyToGroup, GatherFromGroup, GatherToGroup, Group, ReduceFromGroup,
+                   ReduceScatterToGroup, is_initialized, new_group, single_group)
 from .config import ParallelConfig, ParallelConfigError
+from .pipeline import PipelineCausalLM, prune_to_stage
 from .plans import MODULE_PLAN, PARAM_PLAN, local_kv_heads, match, param_shard, scale_shard
+from .regions import (AttentionRegion, ExpertsRegion, Identity, MLPRegion, SeqScatterEmbedding, VocabParallelEmbedding,
+                      replace_child)
 
 __all__ = ["parallelize", "shard_parameters", "ParallelCausalLM", "GradientSync", "GradNorm", "ParallelGroups",
            "vocab_parallel_cross_entropy"]
@@ -142,123 +145,8 @@ def shard_parameters(model: nn.Cell, parallel_config: ParallelConfig, rank: int)
 
 
 # ---------------------------------------------------------------------------------------------
-# Regions
+# The vocabulary-parallel loss
 # ---------------------------------------------------------------------------------------------
-class _Identity(nn.Cell):
-    def construct(self, x):
-        return x
-
-
-def _enter_exit(groups: ParallelGroups, seq: bool) -> Tuple[nn.Cell, nn.Cell]:
-    g = groups.tp
-    if g.size == 1:
-        return _Identity(), _Identity()
-    if seq:
-        return GatherToGroup(g, 1), ReduceScatterToGroup(g, 1)
-    return CopyToGroup(g), ReduceFromGroup(g)
-
-
-class AttentionRegion(nn.Cell):
-    """A tensor-parallel attention: local heads inside, communication at the edges."""
-
-    def __init__(self, inner: nn.Cell, enter: nn.Cell, exit_: nn.Cell) -> None:
-        super().__init__(auto_prefix=False)
-        self.inner, self.enter, self.exit = inner, enter, exit_
-
-    def construct(self, x, cos, sin, mask, cache=None, cache_position=0):
-        return self.exit(self.inner(self.enter(x), cos, sin, mask, cache, cache_position))
-
-
-class MLPRegion(nn.Cell):
-    """A tensor-parallel SwiGLU MLP: column-split gate/up, row-split down."""
-
-    def __init__(self, inner: nn.Cell, enter: nn.Cell, exit_: nn.Cell) -> None:
-        super().__init__(auto_prefix=False)
-        self.inner, self.enter, self.exit = inner, enter, exit_
-
-    def construct(self, x):
-        return self.exit(self.inner(self.enter(x)))
-
-
-class ExpertsRegion(nn.Cell):
-    """Routed experts split by expert parallel (token all-gather in, reduce-scatter out) and tensor parallel.
-
-    Expert parallel uses the all-gather dispatch: every member of the expert group sees all the
-    group's tokens, computes the contribution of the experts it holds (tokens routed elsewhere get
-    weight 0), and a reduce-scatter sums the contributions and returns each member its own tokens.
-    The result equals all-to-all dispatch to the owning experts.
-    """
-
-    def __init__(self, inner: nn.Cell, groups: ParallelGroups, num_experts: int) -> None:
-        super().__init__(auto_prefix=False)
-        self.inner = inner
-        ep = groups.ep
-        self.use_ep = ep.size > 1
-        self.local = num_experts // ep.size
-        self.first = ep.rank * self.local
-        if self.use_ep:
-            self.gather_x = GatherToGroup(ep, 0)
-            self.gather_w = GatherToGroup(ep, 0)
-            self.gather_i = AllGather(ep, 0)
-            self.scatter_out = ReduceScatterToGroup(ep, 0)
-        tp = groups.tp
-        self.use_tp = tp.size > 1
-        if self.use_tp:
-            self.copy_x = CopyToGroup(tp)
-            self.copy_w = CopyToGroup(tp)
-            self.reduce = ReduceFromGroup(tp)
-
-    def construct(self, x, top_index, top_weights):
-        if self.use_ep:
-            x = self.gather_x(x)  # [N * ep, H]
-            top_weights = self.gather_w(top_weights)
-            top_index = self.gather_i(top_index)
-            local = top_index - self.first
-            mine = ops.logical_and(local >= 0, local < self.local)
-            top_index = ops.where(mine, local, ops.zeros_like(local))
-            top_weights = top_weights * mine.astype(top_weights.dtype)
-        if self.use_tp:
-            x = self.copy_x(x)
-            top_weights = self.copy_w(top_weights)
-        out = self.inner(x, top_index, top_weights)
-        if self.use_tp:
-            out = self.reduce(out)
-        if self.use_ep:
-            out = self.scatter_out(out)
-        return out
-
-
-class VocabParallelEmbedding(nn.Cell):
-    """Embedding whose rows are split by vocabulary: look up local ids, zero the rest, sum over the group."""
-
-    def __init__(self, inner: nn.Cell, groups: ParallelGroups, vocab_size: int, seq: bool) -> None:
-        super().__init__(auto_prefix=False)
-        self.inner = inner
-        n = groups.tp.size
-        self.per = vocab_size // n
-        self.start = groups.tp.rank * self.per
-        self.exit = ReduceScatterToGroup(groups.tp, 1) if seq else ReduceFromGroup(groups.tp)
-
-    def construct(self, input_ids):
-        local = input_ids - self.start
-        mine = ops.logical_and(local >= 0, local < self.per)
-        emb = self.inner(ops.where(mine, local, ops.zeros_like(local)))  # [B, T, H]
-        emb = emb * mine.expand_dims(-1).astype(emb.dtype)
-        return self.exit(emb)
-
-
-class _SeqScatterEmbedding(nn.Cell):
-    """A whole (replicated) embedding under sequence parallel: keep this rank's sequence chunk."""
-
-    def __init__(self, inner: nn.Cell, group: Group) -> None:
-        super().__init__(auto_prefix=False)
-        self.inner = inner
-        self.scatter = ScatterToGroup(group, 1)
-
-    def construct(self, input_ids):
-        return self.scatter(self.inner(input_ids))
-
-
 def vocab_parallel_cross_entropy(logits: Tensor, labels: Tensor, vocab_start: int, group_sum: nn.Cell,
                                  group_max: nn.Cell, ignore_index: int = -100) -> Tuple[Tensor, Tensor]:
     """Token cross-entropy over vocabulary-split logits, without gathering them.
@@ -415,7 +303,7 @@ class ParallelCausalLM(Qwen2ForCausalLM):
         elif self.seq:
             self.head_enter = GatherFromGroup(tp, 1)
         else:
-            self.head_enter = _Identity()
+            self.head_enter = Identity()
         self.grad_sync = GradientSync([])
         self.grad_norm = GradNorm([], single_group(groups.rank))
 
@@ -554,23 +442,28 @@ def parallelize(model: nn.Cell, parallel_config: ParallelConfig, *, gather_logit
         parent = _resolve(lm, parent_path)
         new = _wrap(style.style, cell, groups, cfg, pc, seq)
         if new is not None:
-            _replace_child(parent, attr, new)
+            replace_child(parent, attr, new)
     if pc.recompute:
         for layer in lm.model.layers:
             layer.recompute()
     stage_layers = None
     if pc.pipeline_stage > 1:
-        from .pipeline import prune_to_stage
-
         stage_layers = prune_to_stage(lm, pc, groups.pp_rank)
     pm = ParallelCausalLM(lm, pc, groups, gather_logits=gather_logits)
     pm.grad_sync = _build_grad_sync(pm, groups, cfg, pc, seq)
     pm.grad_norm = _build_grad_norm(pm, groups, cfg, pc)
     if stage_layers is None:
         return pm
-    from .pipeline import PipelineCausalLM
-
     return PipelineCausalLM(pm, pc, groups.pp_rank, stage_layers)
+
+
+def _enter_exit(groups: ParallelGroups, seq: bool) -> Tuple[nn.Cell, nn.Cell]:
+    g = groups.tp
+    if g.size == 1:
+        return Identity(), Identity()
+    if seq:
+        return GatherToGroup(g, 1), ReduceScatterToGroup(g, 1)
+    return CopyToGroup(g), ReduceFromGroup(g)
 
 
 def _wrap(style: str, cell: nn.Cell, groups: ParallelGroups, cfg, pc: ParallelConfig, seq: bool
@@ -591,14 +484,14 @@ def _wrap(style: str, cell: nn.Cell, groups: ParallelGroups, cfg, pc: ParallelCo
     if style == "experts":
         if tp.size == 1 and groups.ep.size == 1:
             return None
-        return ExpertsRegion(cell, groups, cfg.num_experts)
+        return ExpertsRegion(cell, groups.ep, tp, cfg.num_experts)
     if style == "vocab_embedding":
         if tp.size == 1:
             return None
         if not pc.vocab_emb_dp:
-            return VocabParallelEmbedding(cell, groups, cfg.vocab_size, seq)
+            return VocabParallelEmbedding(cell, tp, cfg.vocab_size, seq)
         if seq:
-            return _SeqScatterEmbedding(cell, tp)
+            return SeqScatterEmbedding(cell, tp)
         return None
     return None  # norms and the head are handled by GradientSync and ParallelCausalLM
 
@@ -608,17 +501,6 @@ def _resolve(root: nn.Cell, path: str) -> nn.Cell:
     for part in path.split(".") if path else []:
         cell = cell[int(part)] if isinstance(cell, nn.CellList) else getattr(cell, part)
     return cell
-
-
-def _replace_child(parent: nn.Cell, attr: str, new: nn.Cell) -> None:
-    """Swap a child Cell keeping every parameter's name (MindSpore would prefix the wrapper's attribute)."""
-    names = {id(p): p.name for p in new.get_parameters()}
-    if isinstance(parent, nn.CellList):
-        parent[int(attr)] = new
-    else:
-        setattr(parent, attr, new)
-    for p in new.get_parameters():
-        p.name = names[id(p)]
 
 
 def _build_grad_norm(pm: ParallelCausalLM, groups: ParallelGroups, cfg, pc: ParallelConfig) -> GradNorm:

@@ -33,6 +33,7 @@ from mindspore import Tensor, nn, ops
 
 from .comm import Group, broadcast, new_group, send_recv
 from .config import ParallelConfig, ParallelConfigError
+from .regions import Identity, replace_child
 
 __all__ = ["prune_to_stage", "PipelineCausalLM", "merge_stage_checkpoints", "micro_batch_weights"]
 
@@ -71,11 +72,6 @@ class _PassThrough(nn.Cell):
         return x, None
 
 
-class _Identity(nn.Cell):
-    def construct(self, x):
-        return x
-
-
 class _StageInput(nn.Cell):
     """Stands in for the embedding on later stages: returns the activation received from the previous stage.
 
@@ -98,8 +94,6 @@ def prune_to_stage(lm: nn.Cell, pc: ParallelConfig, stage: int) -> range:
     Returns:
         The decoder layer indices this stage runs.
     """
-    from .apply import _replace_child
-
     cfg = lm.config
     if cfg.is_moe and cfg.output_router_logits:
         raise ParallelConfigError("the MoE load-balancing loss pools router statistics over all layers; it is not "
@@ -111,11 +105,11 @@ def prune_to_stage(lm: nn.Cell, pc: ParallelConfig, stage: int) -> range:
             lm.model.layers[i] = _PassThrough()
     if stage > 0:
         keep = lm.model.embed_tokens if (last and lm.tied) else None
-        _replace_child(lm.model, "embed_tokens", _StageInput(keep))
+        replace_child(lm.model, "embed_tokens", _StageInput(keep))
     if not last:
-        lm.model.norm = _Identity()
+        lm.model.norm = Identity()
         if not lm.tied:
-            lm.lm_head = _Identity()
+            lm.lm_head = Identity()
     return layers
 
 

@@ -42,6 +42,7 @@ from typing import Dict, List, Optional
 
 from ..config import Qwen2Config
 from .config import ParallelConfig, ParallelConfigError
+from .plans import local_kv_heads
 
 __all__ = ["DTYPE_BYTES", "MemoryEstimate", "MemoryPlan", "stage_parameter_counts", "estimate_memory",
            "plan_memory", "format_plan", "GIB"]
@@ -60,11 +61,6 @@ def _bytes_of(name: str, what: str) -> int:
     if key not in DTYPE_BYTES:
         raise ValueError(f"{what} {name!r} is not known; use one of {sorted(DTYPE_BYTES)}")
     return DTYPE_BYTES[key]
-
-
-def _local_kv_heads(cfg: Qwen2Config, mp: int) -> int:
-    # mp divides the kv heads: split; otherwise (kv divides mp) each device keeps one replicated head.
-    return max(cfg.num_key_value_heads // mp, 1)
 
 
 def stage_parameter_counts(cfg: Qwen2Config, layout: ParallelConfig) -> List[Dict[str, int]]:
@@ -88,7 +84,7 @@ def stage_parameter_counts(cfg: Qwen2Config, layout: ParallelConfig) -> List[Dic
     layout.validate(cfg)
     h, mp, ep = cfg.hidden_size, layout.model_parallel, layout.expert_parallel
     d = cfg.head_dim
-    kvl = _local_kv_heads(cfg, mp)
+    kvl = local_kv_heads(cfg, mp)
     bias = 1 if cfg.qkv_bias else 0
     attn = (h * h + bias * h) // mp + 2 * (h * kvl * d + bias * kvl * d) + h * h // mp
     norms = 2 * h
@@ -121,7 +117,7 @@ def _layer_activation_elems(cfg: Qwen2Config, layout: ParallelConfig, layer: int
     """Activation elements per token kept by one decoder layer for its backward pass."""
     h, mp = cfg.hidden_size, layout.model_parallel
     s = mp if layout.use_seq_parallel else 1
-    d, kvl = cfg.head_dim, _local_kv_heads(cfg, mp)
+    d, kvl = cfg.head_dim, local_kv_heads(cfg, mp)
     elems = 4 * h / s + h / mp + 2 * kvl * d + h / mp
     if not flash_attention:
         elems += cfg.num_attention_heads / mp * seq_length
