@@ -492,18 +492,40 @@ def _to_storage(arr: np.ndarray, storage: Any) -> np.ndarray:
     return Tensor.from_numpy(np.ascontiguousarray(arr)).astype(storage).asnumpy()
 
 
-def _decode(raw: np.ndarray, info: _TensorInfo) -> np.ndarray:
-    """The tensor's values as a float array of its numpy shape (float32 for quantised types)."""
-    if info.type == "F32":
-        return raw.view(np.float32).reshape(info.shape)
-    if info.type == "F16":
-        return raw.view(np.float16).reshape(info.shape)
-    if info.type == "BF16":
-        return raw.view(_BF16_NP).reshape(info.shape)
-    gguf = _gguf()
-    qtype = gguf.GGMLQuantizationType[info.type]
-    byte_shape = gguf.quant_shape_to_byte_shape(info.shape, qtype)
-    return gguf.quants.dequantize(raw.reshape(byte_shape), qtype).reshape(info.shape)
+_CHUNK_BYTES = 8 << 20  # float32 bytes converted at a time: temporaries stay small next to the weights
+
+
+def _values(raw: np.ndarray, info: _TensorInfo, storage: Any, check_finite: bool, name: str, path: Path) -> np.ndarray:
+    """The tensor as an array of the storage dtype and its numpy shape, converted a few MB of rows at a time.
+
+    A float tensor already in the storage dtype is a view of ``raw`` (the buffer it was read into), no copy.
+
+    Raises:
+        CheckpointError: ``check_finite`` and a NaN or Inf value.
+    """
+    target = np.dtype(ms.dtype_to_nptype(storage))
+    floats = {"F32": np.float32, "F16": np.float16, "BF16": _BF16_NP}
+    if info.type in floats:
+        rows = raw.view(floats[info.type]).reshape(-1, info.shape[-1])
+        convert = None if rows.dtype == target else (lambda chunk: _to_storage(chunk, storage))
+    else:
+        gguf = _gguf()
+        qtype = gguf.GGMLQuantizationType[info.type]
+        rows = raw.reshape(-1, gguf.quant_shape_to_byte_shape(info.shape, qtype)[-1])
+
+        def convert(chunk):
+            return _to_storage(gguf.quants.dequantize(chunk, qtype), storage)
+
+    out = rows if convert is None else np.empty((rows.shape[0], info.shape[-1]), dtype=target)
+    step = max(1, _CHUNK_BYTES // (4 * info.shape[-1]))
+    for i in range(0, rows.shape[0], step):
+        if convert is not None:
+            out[i:i + step] = convert(rows[i:i + step])
+        chunk = out[i:i + step]
+        if check_finite and not np.isfinite(chunk if chunk.dtype != _BF16_NP else _to_storage(chunk, ms.float32)).all():
+            raise CheckpointError(f"{path}: tensor {name!r} holds NaN or Inf values; the weights are corrupt "
+                                  "(check_finite=False loads them anyway)")
+    return out.reshape(info.shape)
 
 
 def _q8_0_blocks(raw: np.ndarray, info: _TensorInfo) -> Tuple[np.ndarray, np.ndarray]:
@@ -633,16 +655,8 @@ def load_gguf(path: Union[str, os.PathLike], dtype: Any = None, dequantize: bool
                 cell.weight = Parameter(Tensor(codes), name=target.param, requires_grad=False)
                 cell.weight_scale = Parameter(Tensor(scale), name=target.param + "_scale", requires_grad=False)
                 continue
-            values = _decode(raw, info)
-            if check_finite and values.dtype != _BF16_NP and not np.isfinite(values).all():
-                raise CheckpointError(f"{path}: tensor {name!r} holds NaN or Inf values; the weights are corrupt "
-                                      "(check_finite=False loads them anyway)")
-            arr = _to_storage(values, storage)
-            if check_finite and values.dtype == _BF16_NP and not np.isfinite(arr.astype(np.float32)).all():
-                raise CheckpointError(f"{path}: tensor {name!r} holds NaN or Inf values; the weights are corrupt "
-                                      "(check_finite=False loads them anyway)")
-            if arr is values:
-                arr = arr.copy()  # views of the read buffer in a foreign dtype: give the parameter its own
+            arr = _values(raw, info, storage, check_finite, name, path)
+            del raw  # a view of it lives on in arr when no conversion was needed
             param = params[target.param]
             if target.part is None:
                 param.set_data(Tensor.from_numpy(np.ascontiguousarray(arr.reshape(tuple(param.shape)))))
