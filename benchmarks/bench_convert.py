@@ -27,7 +27,7 @@ os.environ.setdefault("GLOG_v", "3")
 import numpy as np
 import mindspore as ms
 import qwen2ms
-from qwen2ms.modeling.convert import convert
+from qwen2ms.checkpoint.convert import convert
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 kind, src, dst = sys.argv[1:4]
@@ -69,8 +69,8 @@ def build_checkpoint(folder: Path, preset: str) -> int:
 
     from qwen2ms import Qwen2Config
     from qwen2ms.dtypes import numpy_dtype
-    from qwen2ms.modeling.mindformers import hf_parameter_shapes
-    from qwen2ms.modeling.ms_checkpoint import SafetensorsWriter
+    from qwen2ms.checkpoint.mindformers import hf_parameter_shapes
+    from qwen2ms.checkpoint.mindspore import SafetensorsWriter
 
     weights = folder / "model.safetensors"
     if not weights.is_file():

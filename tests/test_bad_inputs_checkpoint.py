@@ -21,8 +21,8 @@ transformers = pytest.importorskip("transformers")
 import safetensors  # noqa: E402
 from safetensors.torch import load_file as torch_load, save_file as torch_save  # noqa: E402
 
-from qwen2ms.modeling import CheckpointError, Qwen2ForCausalLM  # noqa: E402
-from qwen2ms.modeling import checkpoint as ckpt  # noqa: E402
+from qwen2ms.checkpoint import CheckpointError, hf as ckpt  # noqa: E402
+from qwen2ms.modeling import Qwen2ForCausalLM  # noqa: E402
 from test_modeling import assert_close, hf_logits, ids_for, make_hf  # noqa: E402
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -87,7 +87,7 @@ def test_a_cache_held_by_the_model_is_never_exported(tmp_path, moe, overrides):
     assert saved == set(torch_load(str(src / "model.safetensors")))
     assert set(json.loads((out / ckpt.INDEX_NAME).read_text())["weight_map"]) == saved
     # The MindSpore checkpoint export takes the same list.
-    from qwen2ms.modeling.ms_checkpoint import MSCheckpointReader
+    from qwen2ms.checkpoint.mindspore import MSCheckpointReader
 
     with MSCheckpointReader(model.save_checkpoint(tmp_path / "export.ckpt")) as reader:
         assert set(reader.keys()) == saved
@@ -202,7 +202,8 @@ def test_killed_save_leaves_old_checkpoint_and_next_save_cleans_up(tmp_path):
     before = folder_bytes(out)
     child = textwrap.dedent(f"""
         import os, signal, sys
-        from qwen2ms.modeling import Qwen2ForCausalLM, checkpoint as ckpt
+        from qwen2ms.checkpoint import hf as ckpt
+        from qwen2ms.modeling import Qwen2ForCausalLM
         model = Qwen2ForCausalLM.from_hf({str(out)!r})
         real, calls = ckpt._write_safetensors, []
         def killed(*args):
@@ -418,8 +419,8 @@ def test_random_bytes_never_crash_the_header_reader(raw, data_len):
 
 
 def test_convert_validates_headers_too(tmp_path):
-    from qwen2ms.modeling.convert import convert
-    from qwen2ms.modeling.ms_checkpoint import MSCheckpointError
+    from qwen2ms.checkpoint.convert import convert
+    from qwen2ms.checkpoint.mindspore import MSCheckpointError
 
     _, src = make_hf(tmp_path)
     path = src / "model.safetensors"
@@ -449,7 +450,7 @@ def _rename_shard(src, index, old, new):
 
 
 def test_index_cannot_name_files_outside_the_folder(tmp_path):
-    from qwen2ms.modeling.convert import ConvertError, convert
+    from qwen2ms.checkpoint.convert import ConvertError, convert
 
     _, src, index = _sharded_src(tmp_path)
     first = sorted(set(index["weight_map"].values()))[0]
@@ -554,8 +555,8 @@ def test_first_nonfinite_agrees_with_numpy(st_dtype, size, values):
 
 
 def test_mindspore_checkpoints_and_conversion_refuse_nonfinite_weights(tmp_path):
-    from qwen2ms.modeling.convert import convert
-    from qwen2ms.modeling.ms_checkpoint import MSCheckpointError, load_ms_checkpoint
+    from qwen2ms.checkpoint.convert import convert
+    from qwen2ms.checkpoint.mindspore import MSCheckpointError, load_ms_checkpoint
 
     _, src = make_hf(tmp_path)
     key = "model.layers.0.self_attn.v_proj.bias"
@@ -579,7 +580,7 @@ def test_mindspore_checkpoints_and_conversion_refuse_nonfinite_weights(tmp_path)
 
 
 def test_conversion_to_hf_is_atomic_and_keeps_user_files(tmp_path, monkeypatch):
-    from qwen2ms.modeling import convert as convert_module
+    from qwen2ms.checkpoint import convert as convert_module
 
     hf, src = make_hf(tmp_path)
     ckpt_file = tmp_path / "model.ckpt"

@@ -14,8 +14,8 @@ transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file as torch_load, save_file as torch_save  # noqa: E402
 
-from qwen2ms.modeling import CheckpointError, Qwen2ForCausalLM  # noqa: E402
-from qwen2ms.modeling import checkpoint as ckpt  # noqa: E402
+from qwen2ms.checkpoint import CheckpointError, hf as ckpt  # noqa: E402
+from qwen2ms.modeling import Qwen2ForCausalLM  # noqa: E402
 from test_modeling import assert_close, hf_logits, ids_for, make_hf  # noqa: E402
 
 

@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     ".config": ("PRESETS", "ConfigError", "Qwen2Config"),
     ".hub": ("HubError",),
-    ".modeling": ("CausalLMOutput", "CheckpointError", "KVCache", "Qwen2ForCausalLM", "Qwen2Model",
-                  "quantize_int8_weights"),
+    ".modeling": ("CausalLMOutput", "KVCache", "Qwen2ForCausalLM", "Qwen2Model", "quantize_int8_weights"),
+    ".checkpoint": ("CheckpointError",),
     ".tokenization": ("IncrementalDetokenizer", "Qwen2Tokenizer", "TokenizerError"),
     ".generation": ("GenerationConfig", "GenerationConfigError", "TextStreamer"),
     ".data": ("ConversionReport", "DataCollatorForSFT", "DataFormatError", "PreprocessReport", "TemplateMismatchError",
@@ -44,7 +44,8 @@ def __dir__():
 if TYPE_CHECKING:  # static analysers read the names from here
     from .config import PRESETS, ConfigError, Qwen2Config
     from .hub import HubError
-    from .modeling import CausalLMOutput, CheckpointError, KVCache, Qwen2ForCausalLM, Qwen2Model, quantize_int8_weights
+    from .modeling import CausalLMOutput, KVCache, Qwen2ForCausalLM, Qwen2Model, quantize_int8_weights
+    from .checkpoint import CheckpointError
     from .tokenization import IncrementalDetokenizer, Qwen2Tokenizer, TokenizerError
     from .generation import GenerationConfig, GenerationConfigError, TextStreamer
     from .data import (

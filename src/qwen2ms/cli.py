@@ -247,7 +247,7 @@ def _check_convert_destination(args: argparse.Namespace) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .modeling.convert import convert
+    from .checkpoint.convert import convert
 
     _check_convert_destination(args)
     convert(args.src, args.dst, to=args.to, naming=args.naming, dtype=args.dtype, fuse_qkv=args.fuse_qkv,

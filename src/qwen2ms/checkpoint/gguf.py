@@ -15,8 +15,8 @@ from mindspore import Parameter, Tensor
 
 from ..config import ConfigError, Qwen2Config
 from ..dtypes import resolve_dtype
-from ..modeling.checkpoint import CheckpointError
 from ..modeling.model import Qwen2ForCausalLM
+from .hf import CheckpointError
 
 __all__ = ["GGUF_TENSOR_TYPES", "load_gguf", "convert_gguf", "gguf_config", "gguf_tokenizer", "gguf_tensor_map",
            "is_gguf_file"]

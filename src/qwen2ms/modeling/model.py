@@ -10,7 +10,7 @@ mapping, plus one sanitize step for MoE experts: the model holds each sparse lay
 as transformers 5 does in memory, ``model.layers.{i}.mlp.experts.gate_up_proj`` ``[E, 2I, H]``
 (gate rows first, then up rows) and ``model.layers.{i}.mlp.experts.down_proj`` ``[E, H, I]``;
 released checkpoints store ``mlp.experts.{e}.{gate,up,down}_proj.weight`` and
-:mod:`qwen2ms.modeling.checkpoint` stacks/unstacks them. A tied model has no ``lm_head.weight``.
+:mod:`qwen2ms.checkpoint.hf` stacks/unstacks them. A tied model has no ``lm_head.weight``.
 
 Forward API (``model(...)`` accepts NumPy arrays or MindSpore tensors)::
 
@@ -724,12 +724,12 @@ class Qwen2ForCausalLM(nn.Cell):
     @classmethod
     def from_hf(cls, path_or_repo_id: Union[str, os.PathLike], dtype: Any = None,
                 revision: Optional[str] = None, check_finite: bool = True) -> "Qwen2ForCausalLM":
-        """Load an HF checkpoint folder or hub repo id; see :func:`qwen2ms.modeling.checkpoint.load_hf`.
+        """Load an HF checkpoint folder or hub repo id; see :func:`qwen2ms.checkpoint.hf.load_hf`.
 
         ``check_finite=True`` (default) refuses NaN/Inf weights with a CheckpointError naming the tensor
         and file; pass False to load them anyway.
         """
-        from .checkpoint import load_hf
+        from ..checkpoint.hf import load_hf
 
         return load_hf(path_or_repo_id, dtype=dtype, revision=revision, check_finite=check_finite)
 
@@ -748,8 +748,8 @@ class Qwen2ForCausalLM(nn.Cell):
     def save_pretrained(self, save_directory: Union[str, os.PathLike], max_shard_size: Union[int, str] = "5GB",
                         dtype: Any = None) -> None:
         """Write the weights (never the KV cache) in the HF layout, atomically; see
-        :func:`qwen2ms.modeling.checkpoint.save_hf`."""
-        from .checkpoint import save_hf
+        :func:`qwen2ms.checkpoint.hf.save_hf`."""
+        from ..checkpoint.hf import save_hf
 
         save_hf(self, save_directory, max_shard_size=max_shard_size, dtype=dtype)
 
@@ -757,8 +757,8 @@ class Qwen2ForCausalLM(nn.Cell):
         """``(name, Parameter)`` of every weight of the architecture (HF names, stacked experts as one
         tensor each), as the config describes it: what :meth:`save_pretrained` exports. The KV cache that
         :meth:`generate` keeps on the model is state, not a weight, and is never listed.
-        See :func:`qwen2ms.modeling.checkpoint.model_weights`."""
-        from .checkpoint import model_weights
+        See :func:`qwen2ms.checkpoint.hf.model_weights`."""
+        from ..checkpoint.hf import model_weights
 
         return model_weights(self)
 
@@ -769,12 +769,12 @@ class Qwen2ForCausalLM(nn.Cell):
     def save_checkpoint(self, path: Union[str, os.PathLike], naming: str = "hf", format: Optional[str] = None,
                         fuse_qkv: bool = False) -> "os.PathLike":
         """Write a MindSpore checkpoint (HF or MindFormers names); see
-        :func:`qwen2ms.modeling.ms_checkpoint.save_ms_checkpoint`.
+        :func:`qwen2ms.checkpoint.mindspore.save_ms_checkpoint`.
 
         Example:
             >>> model.save_checkpoint("qwen2.ckpt", naming="mindformers")  # doctest: +SKIP
         """
-        from .ms_checkpoint import save_ms_checkpoint
+        from ..checkpoint.mindspore import save_ms_checkpoint
 
         return save_ms_checkpoint(self, path, naming=naming, format=format, fuse_qkv=fuse_qkv)
 
@@ -782,12 +782,12 @@ class Qwen2ForCausalLM(nn.Cell):
     def from_checkpoint(cls, path: Union[str, os.PathLike], config: Any = None,
                         dtype: Any = None, check_finite: bool = True) -> "Qwen2ForCausalLM":
         """Load a MindSpore checkpoint (HF or MindFormers names, detected); config defaults to the
-        config.json next to it. See :func:`qwen2ms.modeling.ms_checkpoint.load_ms_model`.
+        config.json next to it. See :func:`qwen2ms.checkpoint.mindspore.load_ms_model`.
 
         Example:
             >>> model = Qwen2ForCausalLM.from_checkpoint("qwen2.ckpt", Qwen2Config.from_json("config.json"))  # doctest: +SKIP
         """
-        from .ms_checkpoint import load_ms_model
+        from ..checkpoint.mindspore import load_ms_model
 
         return load_ms_model(path, config, dtype=dtype, check_finite=check_finite)
 

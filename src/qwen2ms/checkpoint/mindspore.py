@@ -95,7 +95,7 @@ def read_checked(array: np.ndarray, key: str, path: PathLike, dtype: Optional[np
     Raises:
         MSCheckpointError: naming the tensor and file, and ``check_finite=False`` as the way to load anyway.
     """
-    from .checkpoint import CheckpointError, _check_finite
+    from .hf import CheckpointError, _check_finite
 
     source = _ST_NAMES.get(array.dtype.name, "")
     try:
@@ -242,7 +242,7 @@ class MSCheckpointReader:
     def _index_safetensors(self) -> None:
         # One validator for every safetensors file qwen2ms reads: the checks of the safetensors library
         # (tensors tile the data section with no overlap or gap, known dtypes, sizes that match shapes).
-        from .checkpoint import CheckpointError, read_safetensors_header
+        from .hf import CheckpointError, read_safetensors_header
 
         try:
             tensors, metadata = read_safetensors_header(self.path)
@@ -704,7 +704,7 @@ def _lazy_hf_tensors(obj: Any) -> Tuple[Dict[str, Callable[[], np.ndarray]], Any
     ms = _mindspore()
     if isinstance(obj, ms.nn.Cell) and hasattr(obj, "config") and hasattr(obj, "tied"):
         # The model's own exporter knows how its stacked experts map back to per-expert keys.
-        from .checkpoint import _export_entries
+        from .hf import _export_entries
 
         return {name: spec[2] for name, spec in _export_entries(obj, None)}, obj.config
     raise MSCheckpointError(
@@ -872,8 +872,8 @@ def load_ms_model(
     Example:
         >>> model = load_ms_model("qwen2_mf.ckpt")  # doctest: +SKIP
     """
-    from .checkpoint import sanitize
-    from .model import Qwen2ForCausalLM
+    from .hf import sanitize
+    from ..modeling.model import Qwen2ForCausalLM
 
     ms = _mindspore()
     path = Path(path)

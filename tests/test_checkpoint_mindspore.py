@@ -7,10 +7,8 @@ import pytest
 import mindspore as ms
 from mindspore.common import np_dtype
 
-from qwen2ms.config import Qwen2Config
-from qwen2ms.dtypes import numpy_dtype
-from qwen2ms.modeling.mindformers import CheckpointNamingError, hf_parameter_shapes, to_mindformers
-from qwen2ms.modeling.ms_checkpoint import (
+from qwen2ms.checkpoint.mindformers import CheckpointNamingError, hf_parameter_shapes, to_mindformers
+from qwen2ms.checkpoint.mindspore import (
     MSCheckpointError,
     MSCheckpointReader,
     MSCheckpointWriter,
@@ -20,6 +18,8 @@ from qwen2ms.modeling.ms_checkpoint import (
     save_ms_checkpoint,
     sniff_format,
 )
+from qwen2ms.config import Qwen2Config
+from qwen2ms.dtypes import numpy_dtype
 
 BF16 = np_dtype.bfloat16
 

@@ -11,11 +11,11 @@ transformers = pytest.importorskip("transformers")
 import mindspore as ms  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+from qwen2ms.checkpoint.convert import ConvertError, convert, parse_size  # noqa: E402
+from qwen2ms.checkpoint.mindformers import CheckpointNamingError  # noqa: E402
+from qwen2ms.checkpoint.mindspore import MSCheckpointError, load_ms_checkpoint  # noqa: E402
 from qwen2ms.cli import main  # noqa: E402
 from qwen2ms.hub import HubError  # noqa: E402
-from qwen2ms.modeling.convert import ConvertError, convert, parse_size  # noqa: E402
-from qwen2ms.modeling.mindformers import CheckpointNamingError  # noqa: E402
-from qwen2ms.modeling.ms_checkpoint import MSCheckpointError, load_ms_checkpoint  # noqa: E402
 
 DENSE = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)

@@ -2,8 +2,7 @@
 import numpy as np
 import pytest
 
-from qwen2ms.config import Qwen2Config
-from qwen2ms.modeling.mindformers import (
+from qwen2ms.checkpoint.mindformers import (
     CheckpointNamingError,
     concat_qkv_grouped,
     detect_expert_layout,
@@ -19,6 +18,7 @@ from qwen2ms.modeling.mindformers import (
     split_training_state,
     to_mindformers,
 )
+from qwen2ms.config import Qwen2Config
 
 
 def dense_config(**kw):

@@ -20,7 +20,7 @@ import numpy as np
 from ..config import ConfigError, Qwen2Config
 from ..dtypes import numpy_dtype
 from ..hub import atomic_write_bytes, atomic_write_text, resolve_pretrained
-from .checkpoint import CheckpointError, checkpoint_file, read_index, write_folder_atomically
+from .hf import CheckpointError, checkpoint_file, read_index, write_folder_atomically
 from .mindformers import (
     HF,
     MINDFORMERS,
@@ -34,7 +34,7 @@ from .mindformers import (
     split_training_state,
     to_mindformers,
 )
-from .ms_checkpoint import (
+from .mindspore import (
     MSCheckpointError,
     MSCheckpointReader,
     MSCheckpointWriter,
@@ -444,7 +444,7 @@ def _ms_to_hf(src: Path, dst: Path, naming: Optional[str], np_dtype: Any, config
             written.extend(f.name for f in files)
             counts.update(tensors=len(writer.weight_map), nbytes=writer.nbytes)
 
-        # One staging folder swapped in whole (qwen2ms.modeling.checkpoint.write_folder_atomically): a crash
+        # One staging folder swapped in whole (qwen2ms.checkpoint.hf.write_folder_atomically): a crash
         # never leaves old and new shards side by side; stale HF weight files are not carried over, since
         # transformers would otherwise prefer an old model.safetensors over a new index.
         try:

@@ -33,7 +33,7 @@ from mindspore import Tensor
 from ..config import ConfigError, Qwen2Config
 from ..dtypes import dtype_name, resolve_dtype
 from ..hub import atomic_write_text, resolve_pretrained
-from .model import Qwen2ForCausalLM
+from ..modeling.model import Qwen2ForCausalLM
 
 __all__ = ["CheckpointError", "load_hf", "save_hf", "sanitize", "parse_shard_size", "read_safetensors_header"]
 
@@ -680,7 +680,7 @@ def parse_shard_size(size: Union[int, str]) -> int:
 def model_weights(model: Qwen2ForCausalLM) -> List[Tuple[str, Any]]:
     """``(name, Parameter)`` for every weight of ``model``'s architecture, in the model's order.
 
-    The list is derived from the config (the HF keys of :func:`qwen2ms.modeling.mindformers.hf_parameter_shapes`,
+    The list is derived from the config (the HF keys of :func:`qwen2ms.checkpoint.mindformers.hf_parameter_shapes`,
     stacked experts as one parameter each), not from whatever parameters the object holds: the KV cache
     that ``generate()`` keeps on the model, or any other state attached later, is never a weight.
 
@@ -754,7 +754,7 @@ _HF_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                              "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
                              "chat_template.json"})
-# Temp file of one file write: hub.atomic_write_bytes, ms_checkpoint and the per-file saves of
+# Temp file of one file write: hub.atomic_write_bytes, checkpoint.mindspore and the per-file saves of
 # earlier versions name it ".<file>.tmp-<pid>" with an optional suffix.
 _FILE_TEMP = re.compile(r"^\.(?P<base>.+?)\.tmp-(?P<pid>\d+)(?:\.[A-Za-z0-9.]+)?$")
 _active_stages: set = set()  # staging folders of saves running in this process
