@@ -151,3 +151,22 @@ def test_the_import_graph_sees_known_edges(module):
     want = {"qwen2ms.ops.dispatch": "qwen2ms.ops.reference", "qwen2ms.modeling.model": "qwen2ms.ops.dispatch",
             "qwen2ms.checkpoint": "qwen2ms.checkpoint.gguf"}[module]
     assert want in targets
+
+
+def test_the_package_root_takes_nothing_from_the_cli():
+    # The demo model lives in qwen2ms.demo; the CLI sits on top of everything and the root must not load it.
+    tree = ast.parse((SRC / "__init__.py").read_text(encoding="utf-8"))
+    sources = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    sources |= {k.value.lstrip(".") for n in ast.walk(tree) if isinstance(n, ast.Dict)
+                for k in n.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+    assert "demo" in sources and "checkpoint" in sources
+    assert "cli" not in sources
+
+
+def test_every_name_the_root_lists_resolves():
+    import qwen2ms
+
+    assert {"Qwen2ForCausalLM", "CheckpointError", "quantize_int8_weights", "demo_model"} <= set(qwen2ms.__all__)
+    missing = [n for n in qwen2ms.__all__ if getattr(qwen2ms, n, None) is None]
+    assert missing == []
+    assert qwen2ms.CheckpointError.__module__ == "qwen2ms.checkpoint.hf"

@@ -88,45 +88,4 @@ if TYPE_CHECKING:  # static analysers read the names from here
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "__version__",
-    "demo_model",
-    "demo_tokenizer",
-    "Qwen2Config",
-    "PRESETS",
-    "ConfigError",
-    "HubError",
-    "Qwen2Model",
-    "Qwen2ForCausalLM",
-    "CausalLMOutput",
-    "KVCache",
-    "CheckpointError",
-    "quantize_int8_weights",
-    "Qwen2Tokenizer",
-    "TokenizerError",
-    "IncrementalDetokenizer",
-    "GenerationConfig",
-    "GenerationConfigError",
-    "TextStreamer",
-    "ConversionReport",
-    "DataCollatorForSFT",
-    "DataFormatError",
-    "PreprocessReport",
-    "TemplateMismatchError",
-    "convert_file",
-    "load_records",
-    "load_samples_jsonl",
-    "pack_samples",
-    "preprocess_file",
-    "read_mindrecord",
-    "record_to_messages",
-    "save_samples_jsonl",
-    "tokenize_conversation",
-    "tokenize_dataset",
-    "write_mindrecord",
-]
-__all__ += [
-    "AdamW", "LoraConfig", "NonFiniteLossError", "RunConfigError", "Trainer", "TrainerCallback", "TrainerState",
-    "TrainingArguments", "TrainOutput", "apply_lora", "get_scheduler", "load_adapter", "load_run_config",
-    "merge_and_unload", "run_finetune", "save_adapter",
-]
+__all__ = ["__version__", *_WHERE]
