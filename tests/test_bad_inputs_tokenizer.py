@@ -583,3 +583,29 @@ def test_save_pretrained_into_a_file_path(tok, tmp_path):
         tok.save_pretrained(tmp_path / "f")
     with pytest.raises(TokenizerError, match=r"save_pretrained: cannot create the folder .*/f/sub"):
         tok.save_pretrained(tmp_path / "f" / "sub")
+
+
+def test_guarded_loops_keep_every_loop_feature(tok, qwen2_tokenizer_dir):
+    # for-loops run through a counting wrapper; loop.length/last/revindex, filters, else, break,
+    # recursion, cycle and tuple unpacking must behave as in the reference renderer
+    from transformers import AutoTokenizer
+
+    ref = AutoTokenizer.from_pretrained(qwen2_tokenizer_dir)
+    template = (
+        "{% for m in messages %}{{ loop.index }}/{{ loop.length }}{{ '!' if loop.last }}{{ loop.revindex }}"
+        "{{ loop.previtem.role if loop.previtem }}>{{ loop.nextitem.role if loop.nextitem }}"
+        "{{ loop.cycle('a', 'b') }}{{ m.role ~ ':' ~ m.content }};{% endfor %}"
+        "{% for m in messages if m.role == 'user' %}{{ m.content }}{% else %}none{% endfor %}"
+        "{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}{% if loop.first %}{% continue %}"
+        "{% endif %}[{{ m.content }}]{% endfor %}"
+        "{% for k, v in tree.items() recursive %}({{ k }}{% if v is mapping %}{{ loop(v.items()) }}{% endif %})"
+        "{% endfor %}{% for x in [] %}x{% else %}empty{% endfor %}"
+        "{% set ns = namespace(n=0) %}{% for i in range(3) %}{% for j in range(i) %}{% set ns.n = ns.n + 1 %}"
+        "{% endfor %}{% endfor %}{{ ns.n }}{{ messages | map(attribute='role') | join(',') }}"
+        "{{ (messages | selectattr('role', 'equalto', 'user') | list | length) ~ '|' ~ 'x' * 3 ~ '%05d' % 42 }}"
+    )
+    conv = [{"role": "system", "content": "s"}, {"role": "user", "content": "u1"},
+            {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"}]
+    tree = {"a": {"b": {"c": 1}, "d": 2}, "e": 3}
+    got = tok.apply_chat_template(conv, chat_template=template, tokenize=False, tree=tree)
+    assert got == ref.apply_chat_template(conv, chat_template=template, tokenize=False, tree=tree)

@@ -6,7 +6,7 @@ import heapq
 import itertools
 import operator
 import unicodedata
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import regex
 
@@ -154,10 +154,10 @@ class ByteLevelBPE:
         if isinstance(merges, (str, bytes)):
             raise TokenizerError("merges must be a list of (left, right) pairs, e.g. parse_merges(open('merges.txt')).")
         self.merges = list(merges)
-        if not all(type(m) in (tuple, list) and len(m) == 2 and type(m[0]) is str and type(m[1]) is str
-                   and m[0] and m[1] for m in self.merges):
-            rank = next(k for k, m in enumerate(self.merges) if not (
-                type(m) in (tuple, list) and len(m) == 2 and type(m[0]) is str and type(m[1]) is str and m[0] and m[1]))
+        # types and lengths checked in C; what the symbols are is checked against vocab below
+        if not (set(map(type, self.merges)) <= {tuple, list} and set(map(len, self.merges)) <= {2}
+                and set(map(type, itertools.chain.from_iterable(self.merges))) <= {str}):
+            rank = next(k for k, m in enumerate(self.merges) if not _is_pair(m))
             raise TokenizerError(
                 f"merge {rank} is {self.merges[rank]!r}; each merge must be a pair of non-empty strings like ('Ġ', 't')."
             )
@@ -421,6 +421,11 @@ class ByteLevelBPE:
             return token.translate(self._to_latin1).encode("latin-1")
         except UnicodeEncodeError:
             return token.encode("utf-8")
+
+def _is_pair(merge: Any) -> bool:
+    return type(merge) in (tuple, list) and len(merge) == 2 and type(merge[0]) is str and type(merge[1]) is str \
+        and bool(merge[0]) and bool(merge[1])
+
 
 def _ranks_rise(left_ids: Sequence[int], right_ids: Sequence[int], merged_ids: Sequence[int]) -> bool:
     """True when each merge's inputs are base symbols or made only by merges of lower rank."""

@@ -173,10 +173,8 @@ _BUDGET: "contextvars.ContextVar[_Budget]" = contextvars.ContextVar("qwen2ms_cha
 def _budget() -> _Budget:
     try:
         return _BUDGET.get()
-    except LookupError:  # a compiled template used outside render_chat_template: default limits
-        budget = _Budget(DEFAULT_MAX_OUTPUT_CHARS, DEFAULT_MAX_ITERATIONS, DEFAULT_TIMEOUT)
-        _BUDGET.set(budget)
-        return budget
+    except LookupError:  # a compiled template rendered outside render_chat_template: per-check defaults
+        return _Budget(DEFAULT_MAX_OUTPUT_CHARS, DEFAULT_MAX_ITERATIONS, DEFAULT_TIMEOUT)
 
 
 def _rendered_size(value: Any, limit: int) -> int:

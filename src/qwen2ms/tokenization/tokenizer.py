@@ -124,7 +124,9 @@ def _check_vocab(vocab: Any, source: str) -> Dict[str, int]:
     for tok, idx in vocab.items():
         if type(idx) is not int or idx < 0:
             raise TokenizerError(f"{source}: token {tok!r} has id {idx!r}; ids must be non-negative integers.")
-    bad = next((tok for tok in vocab if not tok or _has_surrogate(tok)), None)
+    bad = "" if "" in vocab else None
+    if bad is None and _has_surrogate("".join(vocab)):  # one scan of all tokens, in C
+        bad = next(tok for tok in vocab if _has_surrogate(tok))
     if bad is not None:
         raise TokenizerError(
             f"{source}: token {bad!r} (id {vocab[bad]}) is empty or holds an unpaired surrogate; "
@@ -137,9 +139,8 @@ def _check_reachable(vocab: Dict[str, int], merges: Sequence[Tuple[str, str]], s
     # A merges.txt cut at a line boundary parses fine, but the tokens of its lost merges can never
     # be produced: every encoding would silently differ. A few unreachable tokens are normal
     # (GPT-2 keeps <|endoftext|> in vocab.json), a cut file leaves many.
-    made = set(map(operator.add, (m[0] for m in merges), (m[1] for m in merges)))
-    single = {t for t in vocab if len(t) == 1}
-    unreachable = [t for t in vocab if t not in made and t not in single]
+    made = set(map(operator.add, map(operator.itemgetter(0), merges), map(operator.itemgetter(1), merges)))
+    unreachable = [t for t in vocab.keys() - made if len(t) > 1]  # set difference in C; the rest is small
     if len(unreachable) > max(16, len(vocab) // 100):
         example = sorted(unreachable, key=vocab.__getitem__)[0]
         raise TokenizerError(
