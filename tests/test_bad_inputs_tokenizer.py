@@ -381,7 +381,7 @@ def test_bad_limit_values(tok, name, value):
 
 
 def test_real_templates_render_as_the_reference_on_a_long_conversation(qwen_bpe_dir, tok):
-    # the later-Qwen template (tools, thinking, namespaces) and Qwen2's, on ~0.5-1 MB prompts
+    # the later-Qwen template (tools, thinking, namespaces) and Qwen2's, on ~100-200 kB prompts
     from transformers import AutoTokenizer
 
     ref = AutoTokenizer.from_pretrained(qwen_bpe_dir)
@@ -390,7 +390,7 @@ def test_real_templates_render_as_the_reference_on_a_long_conversation(qwen_bpe_
                                                "parameters": {"type": "object",
                                                               "properties": {"city": {"type": "string"}}}}}]
     rnd, conv = random.Random(0), [{"role": "system", "content": "You are helpful."}]
-    for i in range(1200):
+    for i in range(300):
         conv.append({"role": "user", "content": "question " * rnd.randrange(1, 40)})
         if i % 3 == 0:
             conv.append({"role": "assistant", "content": "", "tool_calls": [
@@ -399,12 +399,12 @@ def test_real_templates_render_as_the_reference_on_a_long_conversation(qwen_bpe_
         conv.append({"role": "assistant", "content": "<think>\nhmm\n</think>\n\n" + "answer " * rnd.randrange(1, 40)})
     got = later.apply_chat_template(conv, tools=tools, add_generation_prompt=True, tokenize=False)
     assert got == ref.apply_chat_template(conv, tools=tools, add_generation_prompt=True, tokenize=False)
-    qwen2 = tok.apply_chat_template(conv[:1500], add_generation_prompt=True, tokenize=False)
-    assert qwen2 == ref.apply_chat_template(conv[:1500], chat_template=tok.chat_template, add_generation_prompt=True,
+    qwen2 = tok.apply_chat_template(conv[:700], add_generation_prompt=True, tokenize=False)
+    assert qwen2 == ref.apply_chat_template(conv[:700], chat_template=tok.chat_template, add_generation_prompt=True,
                                            tokenize=False)
     t0 = time.process_time()
     later.apply_chat_template(conv, tools=tools, add_generation_prompt=True, tokenize=False)
-    assert time.process_time() - t0 < 5  # about 0.2 s measured
+    assert time.process_time() - t0 < 2  # about 0.05 s measured
 
 
 @pytest.mark.parametrize("template, match", [
