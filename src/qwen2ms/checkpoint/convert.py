@@ -25,13 +25,10 @@ from .mindformers import (
     HF,
     MINDFORMERS,
     NAMINGS,
-    detect_expert_layout,
     detect_naming,
     conversion_groups,
     from_mindformers,
-    mindformers_shapes_to_hf,
     model_order_key,
-    split_training_state,
     to_mindformers,
 )
 from .mindspore import (
@@ -39,7 +36,9 @@ from .mindspore import (
     MSCheckpointReader,
     MSCheckpointWriter,
     SafetensorsWriter,
+    model_layout,
     read_checked,
+    verified_hf_shapes,
     verify_hf_shapes,
 )
 
@@ -396,18 +395,8 @@ def _ms_to_hf(src: Path, dst: Path, naming: Optional[str], np_dtype: Any, config
         raise ConvertError(f"MindSpore checkpoint {str(src)!r} does not exist")
     cfg, raw, gen = _read_config(config, src.parent, "MindSpore checkpoint")
     with MSCheckpointReader(src) as reader:
-        keys, training = split_training_state(reader.keys())
-        found_naming = detect_naming(keys)
-        if naming is not None and naming != found_naming:
-            raise ConvertError(f"{str(src)!r} uses {found_naming} names, but naming={naming!r} was given")
-        shapes = {k: reader.shape(k) for k in keys}
-        layout = expert_layout
-        if found_naming == MINDFORMERS:
-            layout = layout or detect_expert_layout(shapes, cfg)
-            hf_shapes = mindformers_shapes_to_hf(shapes, cfg, expert_layout=layout)
-        else:
-            hf_shapes = dict(shapes)
-        verify_hf_shapes(hf_shapes, cfg, source=repr(str(src)))
+        keys, training, found_naming, layout = model_layout(reader, cfg, naming, expert_layout, error=ConvertError)
+        hf_shapes = verified_hf_shapes(reader, keys, found_naming, layout, cfg)
         tied_head = cfg.tie_word_embeddings and "lm_head.weight" in hf_shapes
         skipped = len(training) + int(tied_head)
 

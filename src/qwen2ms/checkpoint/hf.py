@@ -31,7 +31,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from ..config import ConfigError, Qwen2Config
-from ..dtypes import dtype_name, resolve_dtype
+from ..dtypes import dtype_name, numpy_dtype, resolve_dtype
 from ..hub import atomic_write_text, resolve_pretrained
 from ..modeling.model import Qwen2ForCausalLM
 
@@ -49,11 +49,10 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # safetensors files: header parsing, streaming reads and writes
 # ---------------------------------------------------------------------------------------------
-_BF16_NP = ms.dtype_to_nptype(ms.bfloat16)
 # safetensors dtype -> (numpy dtype, raw integer dtype of the same width for byte-level I/O)
 _ST_DTYPES: Dict[str, Tuple[Any, Any]] = {
     "F64": (np.dtype(np.float64), np.uint64), "F32": (np.dtype(np.float32), np.uint32),
-    "F16": (np.dtype(np.float16), np.uint16), "BF16": (np.dtype(_BF16_NP), np.uint16),
+    "F16": (np.dtype(np.float16), np.uint16), "BF16": (numpy_dtype("bfloat16"), np.uint16),
     "I64": (np.dtype(np.int64), np.uint64), "I32": (np.dtype(np.int32), np.uint32),
     "I16": (np.dtype(np.int16), np.uint16), "I8": (np.dtype(np.int8), np.uint8),
     "U64": (np.dtype(np.uint64), np.uint64), "U32": (np.dtype(np.uint32), np.uint32),
@@ -270,6 +269,17 @@ class _Target:
     param: str  # our parameter name
     expert: Optional[int] = None  # expert index for a per-expert piece
     part: Optional[str] = None  # "gate_proj" | "up_proj" | "down_proj"
+
+    def place(self, stack: np.ndarray, piece: np.ndarray) -> None:
+        """Write this expert's released tensor into the model's stack: gate rows then up rows of
+        ``gate_up_proj`` ``[E, 2I, H]``, or its ``down_proj`` ``[E, H, I]`` slice."""
+        inter = stack.shape[1] // 2
+        if self.part == "gate_proj":
+            stack[self.expert, :inter] = piece
+        elif self.part == "up_proj":
+            stack[self.expert, inter:] = piece
+        else:
+            stack[self.expert] = piece
 
 
 def sanitize(key: str, params: Dict[str, Any], tied: bool) -> Optional[_Target]:
@@ -602,7 +612,7 @@ def _cast(arr: np.ndarray, st_dtype: str, storage: Any, target_np: np.dtype) -> 
 
 
 def _stream_into(model, params, plan, storage, show_progress: bool, check_finite: bool = True) -> None:
-    target_np = np.dtype(ms.dtype_to_nptype(storage))
+    target_np = numpy_dtype(storage)
     stacks: Dict[str, Tuple[np.ndarray, int]] = {}
     expected_pieces = {name: len(_released_expert_keys(name, tuple(p.shape)))
                        for name, p in params.items() if name.endswith(("experts.gate_up_proj", "experts.down_proj"))}
@@ -637,13 +647,7 @@ def _stream_into(model, params, plan, storage, show_progress: bool, check_finite
                 buf, count = stacks.get(target.param, (None, 0))
                 if buf is None:
                     buf = np.empty(tuple(param.shape), dtype=target_np)
-                inter = param.shape[1] // 2
-                if target.part == "gate_proj":
-                    buf[target.expert, :inter] = arr
-                elif target.part == "up_proj":
-                    buf[target.expert, inter:] = arr
-                else:
-                    buf[target.expert] = arr
+                target.place(buf, arr)
                 count += 1
                 if count == expected_pieces[target.param]:
                     param.set_data(Tensor.from_numpy(buf))

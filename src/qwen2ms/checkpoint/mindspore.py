@@ -15,9 +15,12 @@ import struct
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
+import mindspore as ms
 import numpy as np
 
-from ..dtypes import numpy_dtype
+from ..dtypes import numpy_dtype, resolve_dtype
+from ..modeling.model import Qwen2ForCausalLM
+from .hf import _ST_DTYPES, CheckpointError, _check_finite, _export_entries, read_safetensors_header, sanitize
 from .mindformers import (
     HF,
     MINDFORMERS,
@@ -45,6 +48,8 @@ __all__ = [
     "cast_array",
     "read_checked",
     "sniff_format",
+    "model_layout",
+    "verified_hf_shapes",
     "verify_hf_shapes",
 ]
 
@@ -57,12 +62,6 @@ _CRC_TRAILER = b"crc_num"
 
 class MSCheckpointError(ValueError):
     """A MindSpore checkpoint file is missing, unreadable, corrupt, or does not fit the request."""
-
-
-def _mindspore():
-    import mindspore  # imported lazily: ~1.7 s, and it registers numpy's bfloat16 dtype
-
-    return mindspore
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,8 +94,6 @@ def read_checked(array: np.ndarray, key: str, path: PathLike, dtype: Optional[np
     Raises:
         MSCheckpointError: naming the tensor and file, and ``check_finite=False`` as the way to load anyway.
     """
-    from .hf import CheckpointError, _check_finite
-
     source = _ST_NAMES.get(array.dtype.name, "")
     try:
         if check_finite:
@@ -169,12 +166,7 @@ _CKPT_TYPES = {
     "Int8": "int8", "UInt8": "uint8", "Int16": "int16", "UInt16": "uint16", "Int32": "int32",
     "UInt32": "uint32", "Int64": "int64", "UInt64": "uint64", "Bool": "bool",
 }
-_ST_TYPES = {
-    "F32": "float32", "F16": "float16", "F64": "float64", "BF16": "bfloat16", "I8": "int8", "U8": "uint8",
-    "I16": "int16", "U16": "uint16", "I32": "int32", "U32": "uint32", "I64": "int64", "U64": "uint64",
-    "BOOL": "bool",
-}
-_ST_NAMES = {v: k for k, v in _ST_TYPES.items()}
+_ST_NAMES = {np_dtype.name: st for st, (np_dtype, _raw) in _ST_DTYPES.items()}  # numpy name -> safetensors name
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -242,15 +234,13 @@ class MSCheckpointReader:
     def _index_safetensors(self) -> None:
         # One validator for every safetensors file qwen2ms reads: the checks of the safetensors library
         # (tensors tile the data section with no overlap or gap, known dtypes, sizes that match shapes).
-        from .hf import CheckpointError, read_safetensors_header
-
         try:
             tensors, metadata = read_safetensors_header(self.path)
         except CheckpointError as e:
             raise MSCheckpointError(str(e)) from e
         self.metadata = dict(metadata)
         for key, info in tensors.items():
-            entry = self._entries[key] = _Entry(info.shape, _ST_TYPES[info.dtype])
+            entry = self._entries[key] = _Entry(info.shape, _ST_DTYPES[info.dtype][0].name)
             entry.segments.append((info.start, info.nbytes))
 
     # -- ckpt index: walk the protobuf wire format, seeking over tensor bytes
@@ -598,7 +588,6 @@ class MSCheckpointWriter(_AtomicWriter):
     def _type_name(self, dtype: np.dtype) -> str:
         name = self._type_names.get(dtype.name)
         if name is None:
-            ms = _mindspore()
             name = self._type_names[dtype.name] = str(ms.Tensor.from_numpy(np.zeros((1,), dtype)).dtype)
         return name
 
@@ -674,6 +663,39 @@ class MSCheckpointWriter(_AtomicWriter):
 
 # ---------------------------------------------------------------------------------------------
 # Whole-checkpoint API
+def model_layout(reader: "MSCheckpointReader", config: Any = None, naming: Optional[str] = None,
+                 expert_layout: Optional[str] = None, error: type = CheckpointNamingError
+                 ) -> Tuple[List[str], List[str], str, Optional[str]]:
+    """The model's keys in a MindSpore checkpoint, their naming and the stacked-expert layout.
+
+    Returns:
+        ``(keys, training_keys, naming, expert_layout)``: the optimizer state and step counters of a training
+        checkpoint split off; the naming detected from the keys; ``expert_layout`` as given, else detected for
+        a MindFormers checkpoint (None for HF names).
+
+    Raises:
+        error: the keys use another naming than a given ``naming``.
+    """
+    keys, training = split_training_state(reader.keys())
+    found = detect_naming(keys)
+    if naming is not None and naming != found:
+        raise error(f"{str(reader.path)!r} uses {found} names, but naming={naming!r} was requested")
+    layout = expert_layout
+    if found == MINDFORMERS and layout is None:
+        layout = detect_expert_layout({k: reader.shape(k) for k in keys}, config)
+    return keys, training, found, layout
+
+
+def verified_hf_shapes(reader: "MSCheckpointReader", keys: List[str], naming: str, expert_layout: Optional[str],
+                       config: Any) -> Dict[str, Tuple[int, ...]]:
+    """The HF-named shapes of ``keys`` (from :func:`model_layout`), checked with :func:`verify_hf_shapes`."""
+    shapes = {k: reader.shape(k) for k in keys}
+    if naming == MINDFORMERS:
+        shapes = mindformers_shapes_to_hf(shapes, config, expert_layout=expert_layout)
+    verify_hf_shapes(shapes, config, source=repr(str(reader.path)))
+    return shapes
+
+
 def verify_hf_shapes(shapes: Mapping[str, Tuple[int, ...]], config: Any, source: str = "checkpoint") -> None:
     """Check HF-named tensor shapes against ``config``; all problems are reported in one error.
 
@@ -701,11 +723,8 @@ def _lazy_hf_tensors(obj: Any) -> Tuple[Dict[str, Callable[[], np.ndarray]], Any
     """HF-named (released per-expert layout) array getters and the config, from a model or a state dict."""
     if isinstance(obj, Mapping):
         return {k: (lambda v=v: _to_numpy(v)) for k, v in obj.items()}, None
-    ms = _mindspore()
     if isinstance(obj, ms.nn.Cell) and hasattr(obj, "config") and hasattr(obj, "tied"):
         # The model's own exporter knows how its stacked experts map back to per-expert keys.
-        from .hf import _export_entries
-
         return {name: spec[2] for name, spec in _export_entries(obj, None)}, obj.config
     raise MSCheckpointError(
         f"save_ms_checkpoint takes a Qwen2ForCausalLM or a dict of arrays, got {type(obj).__name__}")
@@ -805,13 +824,7 @@ def load_ms_checkpoint(
     np_dtype = _weight_dtype(dtype)
     out: Dict[str, np.ndarray] = {}
     with MSCheckpointReader(path) as reader:
-        keys, _training = split_training_state(reader.keys())
-        found = detect_naming(keys)
-        if naming is not None and naming != found:
-            raise CheckpointNamingError(f"{str(path)!r} uses {found} names, but naming={naming!r} was requested")
-        layout = expert_layout
-        if found == MINDFORMERS and layout is None:
-            layout = detect_expert_layout({k: reader.shape(k) for k in keys}, config)
+        keys, _training, found, layout = model_layout(reader, config, naming, expert_layout)
         for key in keys:
             value = read_checked(reader.get(key), key, path, np_dtype, check_finite)
             if found == MINDFORMERS:
@@ -872,32 +885,18 @@ def load_ms_model(
     Example:
         >>> model = load_ms_model("qwen2_mf.ckpt")  # doctest: +SKIP
     """
-    from .hf import sanitize
-    from ..modeling.model import Qwen2ForCausalLM
-
-    ms = _mindspore()
     path = Path(path)
     if naming is not None and naming not in NAMINGS:
         raise MSCheckpointError(f"naming must be None, 'hf' or 'mindformers', got {naming!r}")
     with MSCheckpointReader(path) as reader:
         config = _config_from(config, path)
-        keys, _training = split_training_state(reader.keys())
-        found = detect_naming(keys)
-        if naming is not None and naming != found:
-            raise CheckpointNamingError(f"{str(path)!r} uses {found} names, but naming={naming!r} was requested")
-        shapes = {k: reader.shape(k) for k in keys}
-        layout = expert_layout
-        if found == MINDFORMERS:
-            layout = layout or detect_expert_layout(shapes, config)
-            verify_hf_shapes(mindformers_shapes_to_hf(shapes, config, expert_layout=layout), config,
-                             source=repr(str(path)))
-        else:
-            verify_hf_shapes(shapes, config, source=repr(str(path)))
+        keys, _training, found, layout = model_layout(reader, config, naming, expert_layout)
+        verified_hf_shapes(reader, keys, found, layout, config)
         np_dtype = _weight_dtype(dtype)
         if np_dtype is None:
             floats = [reader.dtype(k).name for k in keys if reader.dtype(k).name in ("float32", "float16", "bfloat16")]
             np_dtype = _weight_dtype(max(set(floats), key=floats.count) if floats else "float32")
-        storage = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[np_dtype.name]
+        storage = resolve_dtype(np_dtype)
 
         model = Qwen2ForCausalLM(config, dtype=storage, init_weights=False)
         params = {p.name: p for p in model.get_parameters()}
@@ -919,14 +918,7 @@ def load_ms_model(
                 buf = stacks.get(target.param)
                 if buf is None:
                     buf = stacks[target.param] = np.empty(tuple(param.shape), dtype=np_dtype)
-                # the model stacks gate rows, then up rows: [E, 2I, H]; down_proj is [E, H, I]
-                inter = param.shape[1] // 2
-                if target.part == "gate_proj":
-                    buf[target.expert, :inter] = arr
-                elif target.part == "up_proj":
-                    buf[target.expert, inter:] = arr
-                else:
-                    buf[target.expert] = arr
+                target.place(buf, arr)
             del value, pieces
         for name, buf in stacks.items():
             params[name].set_data(ms.Tensor.from_numpy(buf))
