@@ -1,18 +1,21 @@
-"""Int8 weight-only quantization of a built model's linear and embedding weights, in place, for inference."""
+"""Int8 and int4 weight-only quantization of a built model's linear and embedding weights, in place, for inference."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 from mindspore import Parameter, Tensor
 
-from ..ops.cpu import INT8_GROUP_MULTIPLE, quantize_int8
+from ..ops.cpu import INT8_GROUP_MULTIPLE, quantize_int4, quantize_int8
+from ..ops.reference import INT4_BLOCK
 from .model import Embedding
 
-__all__ = ["INT8_GROUP_SIZE", "quantize_int8_weights"]
+__all__ = ["INT4_GROUP_SIZE", "INT8_GROUP_SIZE", "quantize_int8_weights", "quantize_weights"]
 
 #: Default int8 group size: on the random 0.5B shape, groups of 128 inputs cut the logit error against the bf16
 #: model from 0.17 to 0.14 (max) and 0.145 to 0.11 (median per step) for ~2% more bytes read per token.
 INT8_GROUP_SIZE = 128
+#: Default int4 group size: GGUF Q4_0's 32 (see :func:`quantize_weights` for 128).
+INT4_GROUP_SIZE = 32
 
 
 def quantize_int8_weights(model, skip: Tuple[str, ...] = (), group_size: Optional[int] = INT8_GROUP_SIZE) -> int:
@@ -57,3 +60,54 @@ def quantize_int8_weights(model, skip: Tuple[str, ...] = (), group_size: Optiona
         cell.weight_scale = Parameter(Tensor(qw.scale), name=name + "_scale", requires_grad=False)
         count += 1
     return count
+
+
+def quantize_weights(model, bits: int = 8, group_size: Optional[int] = None, skip: Tuple[str, ...] = ()) -> int:
+    """Weight-only quantisation of a model in place: int8 (``bits=8``) or int4 (``bits=4``) linear weights.
+
+    ``bits=8`` is :func:`quantize_int8_weights`. ``bits=4`` stores every linear weight whose input size
+    ``group_size`` divides as int4 codes (uint8 ``[out, in / 2]``, two per byte, GGUF Q4_0's layout and rounding)
+    with one float32 scale per group (``weight_scale`` ``[out, in / group_size]``); embedding tables (and a tied
+    lm_head, which shares the table) and linear weights the group size does not divide become int8 (per row for
+    tables, groups of ``group_size`` or per channel for the rest), since the lookup kernel reads int8 rows.
+    Quantised weights are frozen; gradients still reach the activations (adapters on a quantised base train).
+
+    Args:
+        model: a ``mindspore.nn.Cell`` such as ``Qwen2ForCausalLM`` (see :func:`quantize_int8_weights`).
+        bits: 8 or 4.
+        group_size: inputs per scale, a multiple of 32. Default: 128 for int8, 32 for int4 (Q4_0). With int4,
+            32 gives a smaller logit error and 128 reads ~6% fewer bytes per token (4.25 against 4.5 bits).
+        skip: cell names (as in ``model.cells_and_names()``) to leave untouched.
+
+    Returns:
+        The number of weights quantised (int4 and int8 together).
+
+    Raises:
+        ValueError: ``bits`` is not 4 or 8, or ``group_size`` is not a positive multiple of 32.
+
+    Example:
+        >>> from qwen2ms.modeling.quantize import quantize_weights
+        >>> n = quantize_weights(model, bits=4, group_size=32)   # doctest: +SKIP
+    """
+    if bits == 8:
+        return quantize_int8_weights(model, skip, INT8_GROUP_SIZE if group_size is None else group_size)
+    if bits != 4:
+        raise ValueError(f"bits must be 8 (int8) or 4 (int4), got {bits!r}")
+    group_size = INT4_GROUP_SIZE if group_size is None else group_size
+    if group_size <= 0 or group_size % INT4_BLOCK:
+        raise ValueError(f"int4 group_size must be a positive multiple of {INT4_BLOCK}, got {group_size}")
+    int4_cells = []
+    for cell_name, cell in model.cells_and_names():
+        if cell_name in skip or isinstance(cell, Embedding) or getattr(cell, "weight_scale", 0) is not None:
+            continue
+        weight = getattr(cell, "weight", None)
+        if isinstance(weight, Parameter) and weight.ndim == 2 and weight.shape[1] % group_size == 0:
+            int4_cells.append((cell_name, cell))
+    for _, cell in int4_cells:
+        qw = quantize_int4(cell.weight, group_size)
+        name = cell.weight.name
+        cell.weight = Parameter(Tensor(qw.q), name=name, requires_grad=False)
+        cell.weight_scale = Parameter(Tensor(qw.scale), name=name + "_scale", requires_grad=False)
+    done = {name for name, _ in int4_cells}
+    # Tables and what int4 cannot group: int8 (groups of group_size where they divide, else per channel).
+    return len(int4_cells) + quantize_int8_weights(model, tuple(skip) + tuple(done), group_size)

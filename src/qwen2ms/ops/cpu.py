@@ -27,6 +27,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from . import reference
+from .reference import INT4_BLOCK, dequantize_int4
 from .dispatch import SILU_NAMES, ReferenceOps
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "dequantize_int8",
     "find_compiler",
     "kernel_cache_dir",
+    "quantize_int4",
     "quantize_int8",
 ]
 
@@ -200,10 +202,11 @@ def build_kernels(cxx: Optional[str] = None, cache_dir: Optional[Path] = None, f
 
 
 class QuantizedWeight:
-    """An int8 weight-only quantised matrix: ``W ~= q * scale`` with per-output-channel or per-group scales.
+    """A weight-only quantised matrix: ``W ~= q * scale`` with per-output-channel or per-group scales.
 
     Args:
-        q: int8 tensor [N, K].
+        q: int8 tensor [N, K], or uint8 [N, K / 2] holding int4 values packed two per byte
+            (:func:`quantize_int4`; the layout is :func:`qwen2ms.ops.reference.dequantize_int4`'s).
         scale: float32 tensor [N] (one scale per output channel), or [N, G] (one per group of ``K // G``
             consecutive inputs of a channel).
 
@@ -219,7 +222,9 @@ class QuantizedWeight:
 
     @property
     def shape(self) -> Tuple[int, int]:
-        return tuple(self.q.shape)
+        """``[N, K]`` of the matrix the codes stand for (int4 codes hold two inputs per byte)."""
+        n, k = tuple(self.q.shape)
+        return (n, 2 * k) if str(self.q.dtype).lower() in ("uint8", "uint8_t") else (n, k)
 
 
 #: Group sizes along K must be multiples of this (whole vector steps of the kernel).
@@ -265,6 +270,47 @@ def quantize_int8(weight, group_size: Optional[int] = None) -> QuantizedWeight:
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
     q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
     return QuantizedWeight(q, scale)
+
+
+def quantize_int4(weight, group_size: int = 32) -> QuantizedWeight:
+    """Symmetric int4 quantisation of a [N, K] weight, one scale per group of ``group_size`` inputs, packed.
+
+    GGUF Q4_0's rule, so that a Q4_0 file and this give the same codes: per group, ``d = m / -8`` where ``m`` is
+    the value of largest magnitude (so ``m`` itself is exactly -8 steps), and ``q = min(15, floor(w / d + 8.5))``
+    stored as the nibble ``q`` (value ``q - 8``). Every element is within ``|d|`` of its value (within ``|d| / 2``
+    except the clamped ones on ``m``'s far side).
+
+    Args:
+        weight: numpy array or MindSpore tensor [N, K], any float dtype; K a multiple of 32.
+        group_size: inputs per scale, a multiple of 32 dividing K (32 is Q4_0's; 128 reads 6% fewer bytes).
+
+    Returns:
+        :class:`QuantizedWeight` with numpy ``q`` (uint8 [N, K / 2], see
+        :func:`qwen2ms.ops.reference.dequantize_int4` for the layout) and ``scale`` (float32 [N, K / group_size]).
+
+    Raises:
+        ValueError: not a matrix, or a group size that is not a multiple of 32 dividing K.
+
+    Example:
+        >>> qw = quantize_int4(np.arange(-16, 16, dtype=np.float32).reshape(1, 32))
+        >>> qw.q.shape, qw.scale.tolist()
+        ((1, 16), [[2.0]])
+    """
+    w = weight.astype("float32").asnumpy() if hasattr(weight, "asnumpy") else np.asarray(weight, np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"quantize_int4 expects a [out, in] weight matrix, got shape {w.shape}")
+    n, k = w.shape
+    if group_size is None or group_size <= 0 or group_size % INT4_BLOCK or k % group_size:
+        raise ValueError(f"quantize_int4 group_size={group_size} must be a multiple of {INT4_BLOCK} that divides "
+                         f"the input size {k}")
+    wg = w.reshape(n, k // group_size, group_size)
+    m = np.take_along_axis(wg, np.abs(wg).argmax(axis=2)[:, :, None], axis=2)[:, :, 0]
+    d = (m / np.float32(-8.0)).astype(np.float32)
+    inv = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d != 0)
+    q = np.clip(np.floor(wg * inv[:, :, None] + np.float32(8.5)), 0, 15).astype(np.uint8).reshape(n, k)
+    blocks = q.reshape(n, k // INT4_BLOCK, 2, INT4_BLOCK // 2)
+    packed = (blocks[:, :, 0, :] | (blocks[:, :, 1, :] << 4)).reshape(n, k // 2)
+    return QuantizedWeight(np.ascontiguousarray(packed), d)
 
 
 def dequantize_int8(q, scale):
@@ -382,6 +428,15 @@ class CpuKernels:
             dx, _, dy2 = dx_of(dout, w, x)
             return dx, ops.zeros_like(q), ops.zeros_like(scale), ops.cast(ops.reduce_sum(dy2, 0), b.dtype)
 
+        # int4 weights are frozen like int8 ones; x still gets its gradient (adapters on an int4 base).
+        def linear_q4_bprop(x, q, scale, out, dout):
+            dx, _, _ = dx_of(dout, dequantize_int4(q, scale), x)
+            return dx, ops.zeros_like(q), ops.zeros_like(scale)
+
+        def linear_q4_bias_bprop(x, q, scale, b, out, dout):
+            dx, _, dy2 = dx_of(dout, dequantize_int4(q, scale), x)
+            return dx, ops.zeros_like(q), ops.zeros_like(scale), ops.cast(ops.reduce_sum(dy2, 0), b.dtype)
+
         # --- Attention -----------------------------------------------------------------------------------
         bmm_tb = ops.BatchMatMul(transpose_b=True)
         bmm_ta = ops.BatchMatMul(transpose_a=True)
@@ -444,12 +499,17 @@ class CpuKernels:
         def qkv_dtype(x, *rest):
             return (x, x, x)
 
-        def qkv_grads(x, ws, scales, biases, dout):
-            # dx sums the three projections' input gradients; int8 weights and their scales get none.
+        def qkv_grads(x, ws, scales, biases, dout, int4=False):
+            # dx sums the three projections' input gradients; int8/int4 weights and their scales get none.
             # (Plain loops and list concatenation: MindSpore parses this as a graph.)
             dx, dws, dss, dbs = None, [], [], []
             for i in range(3):
-                w32 = ops.cast(ws[i], ms.float32) if scales is None else dequantize_int8(ws[i], scales[i])
+                if scales is None:
+                    w32 = ops.cast(ws[i], ms.float32)
+                elif int4:
+                    w32 = dequantize_int4(ws[i], scales[i])
+                else:
+                    w32 = dequantize_int8(ws[i], scales[i])
                 dxi, dwi, dy2 = dx_of(dout[i], w32, x)
                 dx = dxi if dx is None else dx + dxi
                 if scales is None:
@@ -474,14 +534,23 @@ class CpuKernels:
         def qkv_q_bias_bprop(x, w1, w2, w3, s1, s2, s3, b1, b2, b3, out, dout):
             return qkv_grads(x, (w1, w2, w3), (s1, s2, s3), (b1, b2, b3), dout)
 
+        def qkv_q4_bprop(x, w1, w2, w3, s1, s2, s3, out, dout):
+            return qkv_grads(x, (w1, w2, w3), (s1, s2, s3), None, dout, True)
+
+        def qkv_q4_bias_bprop(x, w1, w2, w3, s1, s2, s3, b1, b2, b3, out, dout):
+            return qkv_grads(x, (w1, w2, w3), (s1, s2, s3), (b1, b2, b3), dout, True)
+
         def gate_up_shape(x, wg, *rest):
             return list(x[:-1]) + [wg[0]]
 
-        def gate_up_grads(x, wg, wu, sg, su, dout):
+        def gate_up_grads(x, wg, wu, sg, su, dout, int4=False):
             # Recompute gate and up (as the separate kernels would store them), then SwiGLU's backward.
             if sg is None:
                 gate, up = self._linear(x, wg), self._linear(x, wu)
                 wg32, wu32 = ops.cast(wg, ms.float32), ops.cast(wu, ms.float32)
+            elif int4:
+                gate, up = self._linear_q4(x, wg, sg), self._linear_q4(x, wu, su)
+                wg32, wu32 = dequantize_int4(wg, sg), dequantize_int4(wu, su)
             else:
                 gate, up = self._linear_q(x, wg, sg), self._linear_q(x, wu, su)
                 wg32, wu32 = dequantize_int8(wg, sg), dequantize_int8(wu, su)
@@ -498,6 +567,9 @@ class CpuKernels:
         def gate_up_q_bprop(x, wg, wu, sg, su, out, dout):
             return gate_up_grads(x, wg, wu, sg, su, dout)
 
+        def gate_up_q4_bprop(x, wg, wu, sg, su, out, dout):
+            return gate_up_grads(x, wg, wu, sg, su, dout, True)
+
         self._qkv = {
             (False, False): custom("LinearQkv", qkv_shape, qkv_dtype, qkv_bprop),
             (False, True): custom("LinearQkvBias", qkv_shape, qkv_dtype, qkv_bias_bprop),
@@ -506,6 +578,12 @@ class CpuKernels:
         }
         self._gate_up = {False: custom("GateUpSwiGLU", gate_up_shape, first_dtype, gate_up_bprop),
                          True: custom("GateUpSwiGLUInt8", gate_up_shape, first_dtype, gate_up_q_bprop)}
+        # int4 weights (uint8 packed codes): the same kernels under their own names (their bprops differ).
+        self._qkv4 = {False: custom("LinearQkvInt4", qkv_shape, qkv_dtype, qkv_q4_bprop),
+                      True: custom("LinearQkvInt4Bias", qkv_shape, qkv_dtype, qkv_q4_bias_bprop)}
+        self._gate_up4 = custom("GateUpSwiGLUInt4", gate_up_shape, first_dtype, gate_up_q4_bprop)
+        self._linear_q4 = custom("LinearInt4", linear_shape, first_dtype, linear_q4_bprop)
+        self._linear_q4_bias = custom("LinearInt4Bias", linear_shape, first_dtype, linear_q4_bias_bprop)
 
         self._linear = custom("Linear", linear_shape, first_dtype, linear_bprop)
         self._linear_bias = custom("LinearBias", linear_shape, first_dtype, linear_bias_bprop)
@@ -592,7 +670,7 @@ class CpuKernels:
         return self._swiglu(gate, up)
 
     def linear(self, x, weight, bias=None):
-        """``x @ weight.T (+ bias)`` with fp32 accumulation, for fp32/fp16/bf16 or int8 weights.
+        """``x @ weight.T (+ bias)`` with fp32 accumulation, for fp32/fp16/bf16, int8 or int4 weights.
 
         Args:
             x: [..., K] fp32/fp16/bf16.
@@ -603,6 +681,8 @@ class CpuKernels:
             [..., N] in the dtype of x.
         """
         if isinstance(weight, QuantizedWeight):
+            if weight.q.dtype == ms.uint8:
+                return self.linear_int4(x, weight.q, weight.scale, bias)
             if bias is None:
                 return self._linear_q(x, weight.q, weight.scale)
             return self._linear_q_bias(x, weight.q, weight.scale, bias)
@@ -618,9 +698,9 @@ class CpuKernels:
 
         Args:
             x: [..., K] fp32/fp16/bf16.
-            weights: three [N_i, K] tensors of one dtype (int8 with ``scales``).
+            weights: three [N_i, K] tensors of one dtype (int8, or uint8 int4 codes [N_i, K / 2], with ``scales``).
             biases: None, or three [N_i] tensors.
-            scales: None, or the three float32 scales of int8 weights ([N_i] or [N_i, G_i]).
+            scales: None, or the three float32 scales of int8/int4 weights ([N_i] or [N_i, G_i]).
 
         Returns:
             Tuple of three [..., N_i] tensors in the dtype of x.
@@ -630,6 +710,8 @@ class CpuKernels:
             args += list(scales)
         if biases is not None:
             args += list(biases)
+        if scales is not None and weights[0].dtype == ms.uint8:
+            return self._qkv4[biases is not None](x, *args)
         return self._qkv[(scales is not None, biases is not None)](x, *args)
 
     def gate_up_swiglu(self, x, gate, up, scales=None):
@@ -638,12 +720,14 @@ class CpuKernels:
 
         Args:
             x: [..., K] fp32/fp16/bf16.
-            gate, up: [N, K] tensors of one dtype (int8 with ``scales``).
-            scales: None, or the float32 scales ``(gate_scale, up_scale)`` of int8 weights.
+            gate, up: [N, K] tensors of one dtype (int8, or uint8 int4 codes [N, K / 2], with ``scales``).
+            scales: None, or the float32 scales ``(gate_scale, up_scale)`` of int8/int4 weights.
 
         Returns:
             [..., N] in the dtype of x.
         """
+        if scales is not None and gate.dtype == ms.uint8:
+            return self._gate_up4(x, gate, up, scales[0], scales[1])
         if scales is not None:
             return self._gate_up[True](x, gate, up, scales[0], scales[1])
         return self._gate_up[False](x, gate, up)
@@ -676,6 +760,21 @@ class CpuKernels:
         if bias is None:
             return self._linear_q(x, q, scale)
         return self._linear_q_bias(x, q, scale, bias)
+
+    def linear_int4(self, x, q, scale, bias=None):
+        """Int4 weight-only linear: ``x @ dequantize_int4(q, scale).T (+ bias)``, fp32 accumulation.
+
+        Args:
+            x: [..., K] (K a multiple of 32); q: uint8 [N, K / 2] packed codes (layout of
+                :func:`qwen2ms.ops.reference.dequantize_int4`); scale: float32 [N, G] (``K // G`` a multiple of
+                32) or [N]; bias: optional [N].
+
+        Returns:
+            [..., N] in the dtype of x.
+        """
+        if bias is None:
+            return self._linear_q4(x, q, scale)
+        return self._linear_q4_bias(x, q, scale, bias)
 
 
 #: Linux madvise advice that makes the kernel back a range by 2 MiB pages now (Linux 6.1+).
@@ -763,9 +862,10 @@ def _rows(x: Tensor) -> int:
 class CpuOps(ReferenceOps):
     """CPU backend: fused C++ kernels for norms, RoPE, SwiGLU, attention, embedding and linear layers.
 
-    Linear layers read fp32/fp16/bf16 weights directly (no cast of the weight per call) and int8
-    weights with per-channel or per-group scales, accumulating in fp32; this halves (bf16) or quarters (int8) the
-    bytes read per decoded token compared with fp32 weights. Masks, MoE routing and the loss are the
+    Linear layers read fp32/fp16/bf16 weights directly (no cast of the weight per call), int8
+    weights with per-channel or per-group scales and int4 weights (uint8 codes, two per byte) with group
+    scales, accumulating in fp32; this halves (bf16), quarters (int8) or cuts to ~1/7 (int4, groups of 32)
+    the bytes read per decoded token compared with fp32 weights. Masks, MoE routing and the loss are the
     reference implementations.
 
     Args:
@@ -796,6 +896,8 @@ class CpuOps(ReferenceOps):
             # instance's class, which recurses forever in a subclass of CpuOps.
             return ReferenceOps.linear(self, x, weight, bias, weight_scale)
         if weight_scale is not None:
+            if weight.dtype == ms.uint8:  # int4 codes, two per byte
+                return self.kernels.linear_int4(x, weight, weight_scale, bias)
             return self.kernels.linear_int8(x, weight, weight_scale, bias)
         return self.kernels.linear(x, weight, bias)
 

@@ -42,7 +42,9 @@ class ReferenceOps:
 
     Every method has the signature of the same-named function in :mod:`qwen2ms.ops.reference`, plus:
     ``linear``/``embedding`` take an optional ``weight_scale`` (float32 scales of an int8 weight-only
-    matrix: per output channel ``[out]`` or per group ``[out, G]`` for linear, per row for embedding)
+    matrix: per output channel ``[out]`` or per group ``[out, G]`` for linear, per row for embedding; a
+    linear ``weight`` of dtype uint8 is int4 codes ``[out, in / 2]`` with group scales, see
+    :func:`qwen2ms.ops.reference.dequantize_int4`)
     and ``add_rms_norm`` fuses the residual add.
 
     Example:
@@ -57,6 +59,8 @@ class ReferenceOps:
                weight_scale: Optional[Tensor] = None) -> Tensor:
         """``x @ (weight * weight_scale).T + bias`` (scales ``[out]`` or per group ``[out, G]``); see
         :func:`qwen2ms.ops.reference.linear`."""
+        if weight_scale is not None and weight.dtype == ms.uint8:  # int4 codes packed two per byte
+            return reference.linear_int4(x, weight, weight_scale, bias)
         if weight_scale is not None:
             # Scales broadcast explicitly: see qwen2ms.ops.reference._full (implicit broadcasts kept every
             # layer's dequantised [out, in] temporary alive in a compiled prefill).

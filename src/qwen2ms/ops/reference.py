@@ -21,6 +21,9 @@ from mindspore import Tensor, ops
 
 __all__ = [
     "linear",
+    "linear_int4",
+    "dequantize_int4",
+    "INT4_BLOCK",
     "embedding",
     "rms_norm",
     "rope_cos_sin",
@@ -79,6 +82,58 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     if bias is not None:
         y = y + _full(_as(bias, x.dtype), y.shape)
     return y.reshape(lead + (weight.shape[0],))
+
+
+#: Inputs per packed int4 block: the nibble layout repeats every 32 inputs, so K must be a multiple of it.
+INT4_BLOCK = 32
+
+
+def dequantize_int4(packed: Tensor, scale: Tensor, dtype=ms.float32) -> Tensor:
+    """The ``[N, K]`` matrix of packed int4 weights: ``(nibble - 8) * scale`` of each input's group.
+
+    Layout (GGUF Q4_0's): ``packed`` is uint8 ``[N, K / 2]``; in each block of 32 inputs (16 bytes) byte ``j``
+    holds input ``j`` in its low nibble and input ``j + 16`` in its high nibble, each as value + 8 (0..15).
+
+    Args:
+        packed: uint8 ``[N, K / 2]`` (K a multiple of 32).
+        scale: float32 ``[N, G]`` (one scale per ``K / G`` consecutive inputs) or ``[N]`` (per channel).
+        dtype: dtype of the result.
+
+    Returns:
+        ``[N, K]`` in ``dtype``.
+
+    Example:
+        >>> w = dequantize_int4(Tensor(np.full((1, 16), 0x9F, np.uint8)), Tensor(np.ones((1, 1), np.float32)))
+        >>> w.asnumpy()[0, [0, 16]].tolist()
+        [7.0, 1.0]
+    """
+    n, half = packed.shape
+    k = 2 * half
+    p = packed.astype(ms.int32).reshape(n, k // INT4_BLOCK, INT4_BLOCK // 2)
+    # Arithmetic rather than bitwise ops: floor division and subtraction run on every backend and dtype.
+    high = ops.floor_div(p, 16)
+    low = p - high * 16
+    q = (ops.cat((low, high), -1) - 8).astype(dtype)  # [N, K / 32, 32]
+    if scale.ndim == 1:
+        return q.reshape(n, k) * ops.broadcast_to(scale.astype(dtype).reshape(-1, 1), (n, k))
+    g = scale.shape[1]
+    s = ops.broadcast_to(scale.astype(dtype).expand_dims(-1), (n, g, k // g))
+    return (q.reshape(n, g, k // g) * s).reshape(n, k)
+
+
+def linear_int4(x: Tensor, packed: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ dequantize_int4(packed, scale).T + bias``: int4 weight-only linear, computed in ``x.dtype``.
+
+    Args:
+        x: ``[..., K]`` activations.
+        packed: uint8 ``[N, K / 2]`` int4 weights (see :func:`dequantize_int4`).
+        scale: float32 ``[N, G]`` group scales or ``[N]``.
+        bias: optional ``[N]``.
+
+    Returns:
+        ``[..., N]`` in ``x.dtype``.
+    """
+    return linear(x, dequantize_int4(packed, scale, x.dtype), bias)
 
 
 def embedding(input_ids: Tensor, weight: Tensor, dtype) -> Tensor:

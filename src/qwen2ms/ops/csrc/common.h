@@ -22,13 +22,17 @@
 
 namespace qk {
 
-enum DType { F32 = 0, F16 = 1, BF16 = 2, I8 = 3, UNSUPPORTED = 9 };
+// U4: int4 weights -8..7 packed two per byte (uint8 tensors [N, K / 2]); within each block of 32 inputs, byte
+// j holds input j in its low nibble and input j + 16 in its high nibble, each stored as value + 8 (GGUF Q4_0's
+// layout, so Q4_0 blocks load as they are).
+enum DType { F32 = 0, F16 = 1, BF16 = 2, I8 = 3, U4 = 4, UNSUPPORTED = 9 };
 
 inline DType dtype_of(const char *s) {
   if (std::strcmp(s, "float32") == 0 || std::strcmp(s, "float") == 0) return F32;
   if (std::strcmp(s, "float16") == 0) return F16;
   if (std::strcmp(s, "bfloat16") == 0) return BF16;
   if (std::strcmp(s, "int8") == 0) return I8;
+  if (std::strcmp(s, "uint8") == 0) return U4;
   return UNSUPPORTED;
 }
 
@@ -112,6 +116,10 @@ inline float load(const void *p, DType t, int64_t i) {
     case F16: return f16_to_f32(static_cast<const uint16_t *>(p)[i]);
     case BF16: return bf16_to_f32(static_cast<const uint16_t *>(p)[i]);
     case I8: return static_cast<float>(static_cast<const int8_t *>(p)[i]);
+    case U4: {  // element i of a packed [N, K] int4 matrix (K a multiple of 32, so rows hold whole blocks)
+      const uint8_t b = static_cast<const uint8_t *>(p)[(i >> 5) * 16 + (i & 15)];
+      return static_cast<float>(((i & 16) ? (b >> 4) : (b & 15)) - 8);
+    }
     default: return 0.f;
   }
 }

@@ -14,7 +14,7 @@ int embedding(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   const bool i64 = std::strcmp(dtypes[0], "int64") == 0;
   if (!i64 && std::strcmp(dtypes[0], "int32") != 0) return 2;
   DType tt = dtype_of(dtypes[1]);
-  if (tt == UNSUPPORTED || dtype_of(dtypes[nparam - 1]) != F32) return 2;
+  if (tt == UNSUPPORTED || tt == U4 || dtype_of(dtypes[nparam - 1]) != F32) return 2;
   const bool quant = tt == I8;
   if (quant != (nparam == 4)) return 1;
   if (ndims[1] != 2) return 3;

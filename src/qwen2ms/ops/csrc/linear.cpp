@@ -3,7 +3,8 @@
 // Decode is memory-bound: each weight row is streamed once per call and reused for every row of x, so the
 // bytes read per token are the weight bytes (half of fp32 for bf16, a quarter for int8). Several weight
 // rows are walked together: more independent memory streams in flight, and each x vector loaded once
-// serves all of them. Int8 weights carry fp32 scales per output channel ([N]) or per group of K ([N, G]).
+// serves all of them. Int8 weights carry fp32 scales per output channel ([N]) or per group of K ([N, G]);
+// int4 weights (packed two per byte, see U4 in common.h) carry them per group of 32 or more inputs.
 #include <algorithm>
 
 #include "common.h"
@@ -48,6 +49,15 @@ inline void wload<I8>(const void *p, int64_t i, VF &w0, VF &w1) {
   w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b)));
   w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b + 1)));
 }
+template <>
+inline void wload<U4>(const void *p, int64_t i, VF &w0, VF &w1) {
+  // One step is one whole block of 32 (i a multiple of 32): 16 bytes, low nibbles then high nibbles.
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+      reinterpret_cast<const __m128i *>(static_cast<const uint8_t *>(p) + (i >> 1))));
+  const __m512i eight = _mm512_set1_epi32(8);
+  w0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, _mm512_set1_epi32(15)), eight));
+  w1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), eight));
+}
 #elif QK_SIMD
 // One step covers 16 weights as two 8-float vectors.
 using VF = __m256;
@@ -91,6 +101,16 @@ inline void wload<I8>(const void *p, int64_t i, VF &w0, VF &w1) {
   w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(b))));
   w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(b + 8))));
 }
+template <>
+inline void wload<U4>(const void *p, int64_t i, VF &w0, VF &w1) {
+  // A step is half a block of 32: the block's 16 bytes, low nibbles for its first half (i % 32 == 0), high
+  // nibbles for its second (i % 32 == 16), selected by the shift count rather than a branch.
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i *>(static_cast<const uint8_t *>(p) + (i >> 5) * 16));
+  v = _mm_and_si128(_mm_srl_epi16(v, _mm_cvtsi32_si128(static_cast<int>(i & 16) >> 2)), _mm_set1_epi8(15));
+  v = _mm_sub_epi8(v, _mm_set1_epi8(8));
+  w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+  w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+}
 #endif
 #if QK_SIMD
 constexpr int KS = 2 * VW;  // weights per row per step
@@ -107,9 +127,10 @@ constexpr int64_t kPrefetchBytes = 8192;
 // Weight rows walked together (4 beat 1, 2, 6 and 8 at one row of x).
 constexpr int RB = 4;
 
+// Byte offset of weight element i (int4: two per byte; i is even wherever this is used).
 template <int WT>
-constexpr int64_t wbytes() {
-  return WT == F32 ? 4 : (WT == I8 ? 1 : 2);
+constexpr int64_t wbyte_offset(int64_t i) {
+  return WT == F32 ? 4 * i : (WT == I8 ? i : (WT == U4 ? i / 2 : 2 * i));
 }
 
 // x as the vector loop reads it: per row, the first Kv = K - K % KS elements, each step of KS elements
@@ -164,10 +185,10 @@ inline void dot_block(const void *w, int64_t n, const XView &xs, const Epilogue 
       }
     };
     // One cache line of each weight row per iteration: one prefetch per line, no branch in the loop.
-    constexpr int64_t LS = 64 / (KS * wbytes<WT>()) > 0 ? 64 / (KS * wbytes<WT>()) : 1;
+    constexpr int64_t LS = 64 / wbyte_offset<WT>(KS) > 0 ? 64 / wbyte_offset<WT>(KS) : 1;
     for (; k + LS * KS <= kend; k += LS * KS) {
       for (int r = 0; r < R; ++r)
-        _mm_prefetch(wb + ((n + r) * K + k) * wbytes<WT>() + kPrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch(wb + wbyte_offset<WT>((n + r) * K + k) + kPrefetchBytes, _MM_HINT_T0);
       for (int64_t j = 0; j < LS; ++j) step(k + j * KS);
     }
     for (; k < kend; k += KS) step(k);
@@ -272,7 +293,7 @@ struct Proj {
 // handed out as one range, so q/k/v (or gate/up) cost one thread wake-up instead of one each.
 template <int WT>
 void project_impl(const XView &xs, int64_t M, const Proj *ps, int P) {
-  const int64_t row_bytes = std::max<int64_t>(1, xs.K * wbytes<WT>());
+  const int64_t row_bytes = std::max<int64_t>(1, wbyte_offset<WT>(xs.K));
   int64_t first[4] = {0, 0, 0, 0}, work = 0;  // first block of each projection
   for (int p = 0; p < P; ++p) {
     first[p + 1] = first[p] + (ps[p].N + RB - 1) / RB;
@@ -309,13 +330,15 @@ struct Call {
       case F16: project_impl<F16>(xs, M, ps, P); break;
       case BF16: project_impl<BF16>(xs, M, ps, P); break;
       case I8: project_impl<I8>(xs, M, ps, P); break;
+      case U4: project_impl<U4>(xs, M, ps, P); break;
       default: break;
     }
   }
 };
 
-// Inputs laid out as x [..., K], P weights [N_p, K] of one dtype, then (int8 weights) P fp32 scales
-// ([N_p] per channel or [N_p, G] per group, K / G a multiple of 32), then (with_bias) P biases [N_p].
+// Inputs laid out as x [..., K], P weights [N_p, K] of one dtype (int4: uint8 [N_p, K / 2], K a multiple of
+// 32), then (int8/int4 weights) P fp32 scales ([N_p] per channel or [N_p, G] per group, K / G a multiple of 32),
+// then (with_bias) P biases [N_p].
 // Fills `c` except the outputs (ep.out / ep.out_t). Returns 0, or 1 wrong count, 2 dtype, 3 shape.
 int parse_call(int P, bool with_bias, int nin, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                Call &c) {
@@ -323,17 +346,18 @@ int parse_call(int P, bool with_bias, int nin, void **params, int *ndims, int64_
   c.xt = dtype_of(dtypes[0]);
   c.wt = dtype_of(dtypes[1]);
   if (!is_float(c.xt) || c.wt == UNSUPPORTED) return 2;
-  const bool quant = c.wt == I8;
+  const bool quant = c.wt == I8 || c.wt == U4;
   if (nin != 1 + P * (1 + (quant ? 1 : 0) + (with_bias ? 1 : 0))) return 1;
   if (ndims[1] != 2) return 3;
-  const int64_t K = shapes[1][1];
-  if (ndims[0] < 1 || shapes[0][ndims[0] - 1] != K) return 3;
+  const int64_t packed = c.wt == U4 ? 2 : 1;  // inputs per stored weight element
+  const int64_t K = shapes[1][1] * packed;
+  if (ndims[0] < 1 || shapes[0][ndims[0] - 1] != K || K % (c.wt == U4 ? 32 : 1) != 0) return 3;
   c.K = K;
   c.M = K ? numel(ndims[0], shapes[0]) / K : 0;
   for (int p = 0; p < P; ++p) {
     const int wi = 1 + p;
     if (dtype_of(dtypes[wi]) != c.wt) return 2;
-    if (ndims[wi] != 2 || shapes[wi][1] != K) return 3;
+    if (ndims[wi] != 2 || shapes[wi][1] * packed != K) return 3;
     const int64_t N = shapes[wi][0];
     Proj &pr = c.ps[p];
     pr.w = params[wi];
@@ -419,3 +443,10 @@ QK_KERNEL(LinearQkvInt8Bias) { return nparam == 13 ? project(3, true, nparam, pa
 // The MLP's first half, silu(gate(x)) * up(x): x, gate and up weights, (their int8 scales); one output.
 QK_KERNEL(GateUpSwiGLU) { return nparam == 4 ? gate_up_swiglu(nparam, params, ndims, shapes, dtypes) : 1; }
 QK_KERNEL(GateUpSwiGLUInt8) { return nparam == 6 ? gate_up_swiglu(nparam, params, ndims, shapes, dtypes) : 1; }
+// The int4 variants (uint8 packed weights [N, K / 2] and their fp32 group scales): the same functions, exported
+// under their own names because their backward passes differ from int8's.
+QK_KERNEL(LinearInt4) { return nparam == 4 ? project(1, false, nparam, params, ndims, shapes, dtypes) : 1; }
+QK_KERNEL(LinearInt4Bias) { return nparam == 5 ? project(1, true, nparam, params, ndims, shapes, dtypes) : 1; }
+QK_KERNEL(LinearQkvInt4) { return nparam == 10 ? project(3, false, nparam, params, ndims, shapes, dtypes) : 1; }
+QK_KERNEL(LinearQkvInt4Bias) { return nparam == 13 ? project(3, true, nparam, params, ndims, shapes, dtypes) : 1; }
+QK_KERNEL(GateUpSwiGLUInt4) { return nparam == 6 ? gate_up_swiglu(nparam, params, ndims, shapes, dtypes) : 1; }
