@@ -14,6 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "qwen2ms"
 # graph between subpackages has no cycle. Function-level (lazy) imports may also point up (``from_hf`` loads
 # qwen2ms.checkpoint, ``generate`` loads qwen2ms.generation), except from the ground packages in GROUND.
 LAYERS = {
+    "errors": -1,  # the error base every other module may use
     "hub": 0, "dtypes": 0,  # file resolution and atomic writes; the weight dtype spellings
     "config": 1, "tokenization": 1,
     "ops": 2,
@@ -24,7 +25,7 @@ LAYERS = {
     "demo": 7,
     "cli": 8,
 }
-GROUND = ("hub", "dtypes", "config", "tokenization", "ops")
+GROUND = ("errors", "hub", "dtypes", "config", "tokenization", "ops")
 # What importing qwen2ms.ops must not load (DESIGN.md: the model depends on the ops, never the reverse).
 ABOVE_OPS = ("modeling", "checkpoint", "parallel", "training", "generation", "cli", "demo", "data")
 
@@ -127,9 +128,9 @@ def test_ground_packages_import_nothing_above_them_even_lazily():
         assert up == {}, f"{'lazy' if lazy else 'import-time'} imports from a ground package upwards: {up}"
 
 
-def test_tokenization_imports_only_the_hub():
+def test_tokenization_imports_only_the_hub_and_the_error_base():
     used = {b for lazy in (False, True) for a, b in _edges(lazy) if a == "tokenization"}
-    assert used <= {"hub"}
+    assert used <= {"hub", "errors"}
 
 
 def test_importing_the_ops_loads_no_model_code():
@@ -169,4 +170,4 @@ def test_every_name_the_root_lists_resolves():
     assert {"Qwen2ForCausalLM", "CheckpointError", "quantize_int8_weights", "demo_model"} <= set(qwen2ms.__all__)
     missing = [n for n in qwen2ms.__all__ if getattr(qwen2ms, n, None) is None]
     assert missing == []
-    assert qwen2ms.CheckpointError.__module__ == "qwen2ms.checkpoint.hf"
+    assert qwen2ms.CheckpointError.__module__ == "qwen2ms.errors"

@@ -4,6 +4,7 @@ from typing import TYPE_CHECKING
 # The public names load on first use (PEP 562): `import qwen2ms.cli` (the console script, `--help`) then
 # costs no MindSpore import (~2 s), and the CLI can quiet MindSpore's logging before MindSpore loads.
 _EXPORTS = {
+    ".errors": ("Qwen2msError",),
     ".config": ("PRESETS", "ConfigError", "Qwen2Config"),
     ".hub": ("HubError",),
     ".modeling": ("CausalLMOutput", "KVCache", "Qwen2ForCausalLM", "Qwen2Model", "quantize_int8_weights"),
@@ -20,8 +21,8 @@ _EXPORTS = {
     ".demo": ("demo_model", "demo_tokenizer"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBPACKAGES = ("checkpoint", "cli", "config", "data", "demo", "dtypes", "generation", "hub", "modeling", "ops",
-                "parallel", "tokenization", "training")
+_SUBPACKAGES = ("checkpoint", "cli", "config", "data", "demo", "dtypes", "errors", "generation", "hub", "modeling",
+                "ops", "parallel", "tokenization", "training")
 
 
 def __getattr__(name: str):
@@ -42,6 +43,7 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # static analysers read the names from here
+    from .errors import Qwen2msError
     from .config import PRESETS, ConfigError, Qwen2Config
     from .hub import HubError
     from .modeling import CausalLMOutput, KVCache, Qwen2ForCausalLM, Qwen2Model, quantize_int8_weights

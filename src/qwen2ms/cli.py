@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from .errors import Qwen2msError  # no MindSpore: --help stays fast
+
 # Before anything imports MindSpore (the package root loads lazily): MindSpore prints deprecation
 # WARNINGs at import time unless GLOG_v asks for errors only.
 os.environ.setdefault("GLOG_v", "3")
@@ -597,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------ errors
-class _CommandError(ValueError):
+class _CommandError(Qwen2msError, ValueError):
     """A command-line value that cannot work; the message says what would."""
 
 
@@ -608,9 +610,7 @@ def _is_user_error(e: BaseException) -> bool:
     misplaced files, permissions, a full disk and the hub; ValueError is how argument validation
     (here and in the libraries underneath) reports a bad value; MemoryError means the model or the
     data does not fit this machine."""
-    if isinstance(e, (OSError, ValueError, MemoryError)):
-        return True
-    return any(cls.__module__.split(".")[0] == "qwen2ms" for cls in type(e).__mro__)
+    return isinstance(e, (Qwen2msError, OSError, ValueError, MemoryError))
 
 
 def _message(e: BaseException) -> str:

@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from .errors import Qwen2msError
+
 __all__ = ["Qwen2Config", "PRESETS", "ConfigError"]
 
 
-class ConfigError(ValueError):
+class ConfigError(Qwen2msError, ValueError):
     """A Qwen2Config field has a value the model cannot be built with."""
 
 

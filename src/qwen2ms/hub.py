@@ -6,12 +6,14 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from .errors import Qwen2msError
+
 __all__ = ["HubError", "resolve_pretrained", "atomic_write_bytes", "atomic_write_text"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
-class HubError(OSError):
+class HubError(Qwen2msError, OSError):
     """A model or tokenizer location could not be resolved to a local folder."""
 
 

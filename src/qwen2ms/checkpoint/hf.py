@@ -34,16 +34,13 @@ from ..config import ConfigError, Qwen2Config
 from ..dtypes import dtype_name, numpy_dtype, resolve_dtype
 from ..hub import atomic_write_text, resolve_pretrained
 from ..modeling.model import Qwen2ForCausalLM
+from ..errors import CheckpointError
 
 __all__ = ["CheckpointError", "load_hf", "save_hf", "sanitize", "parse_shard_size", "read_safetensors_header"]
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 _ALLOW = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder or file cannot be loaded into (or written from) the model; the message says why."""
 
 
 # ---------------------------------------------------------------------------------------------

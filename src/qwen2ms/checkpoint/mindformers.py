@@ -44,6 +44,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import CheckpointError
+
 __all__ = [
     "CheckpointNamingError",
     "HF",
@@ -71,7 +73,7 @@ NAMINGS = (HF, MINDFORMERS)
 EXPERT_LAYOUTS = ("out_in", "in_out")
 
 
-class CheckpointNamingError(ValueError):
+class CheckpointNamingError(CheckpointError):
     """A checkpoint's keys or tensors do not fit the naming (or layout) they are being converted from."""
 
 

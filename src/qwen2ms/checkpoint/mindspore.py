@@ -60,7 +60,7 @@ _CKPT_SLICE_BYTES = 512 * 1024 * 1024
 _CRC_TRAILER = b"crc_num"
 
 
-class MSCheckpointError(ValueError):
+class MSCheckpointError(CheckpointError):
     """A MindSpore checkpoint file is missing, unreadable, corrupt, or does not fit the request."""
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from ..hub import atomic_write_text
+from ..errors import Qwen2msError
 
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
@@ -37,7 +38,7 @@ _SHAREGPT_ROLES = {
 _CHAT_ROLES = ("system", "user", "assistant")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(Qwen2msError, ValueError):
     """A data file or record does not have the expected shape; the message names it and says why."""
 
 

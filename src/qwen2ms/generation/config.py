@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from ..errors import Qwen2msError
+
 __all__ = ["GenerationConfig", "GenerationConfigError", "DEFAULT_MAX_NEW_TOKENS"]
 
 #: Used when neither the caller nor generation_config.json sets ``max_new_tokens``. HF's own
@@ -18,7 +20,7 @@ __all__ = ["GenerationConfig", "GenerationConfigError", "DEFAULT_MAX_NEW_TOKENS"
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
-class GenerationConfigError(ValueError):
+class GenerationConfigError(Qwen2msError, ValueError):
     """A GenerationConfig field (or the request it is checked against) cannot be generated with."""
 
 

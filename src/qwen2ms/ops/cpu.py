@@ -29,6 +29,7 @@ from mindspore import Tensor, ops
 from . import reference
 from .reference import INT4_BLOCK, dequantize_int4
 from .dispatch import SILU_NAMES, ReferenceOps
+from ..errors import Qwen2msError
 
 __all__ = [
     "KernelBuildError",
@@ -52,7 +53,7 @@ _SOURCES = ("common.h", "pool.h", "norm.cpp", "rope.cpp", "swiglu.cpp", "linear.
 _build_lock = threading.Lock()
 
 
-class KernelBuildError(RuntimeError):
+class KernelBuildError(Qwen2msError, RuntimeError):
     """The CPU kernels could not be compiled (no compiler, or the compiler failed)."""
 
 

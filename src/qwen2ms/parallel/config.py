@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from ..config import Qwen2Config
+from ..errors import Qwen2msError
 
 __all__ = ["ParallelConfig", "ParallelConfigError", "UPSTREAM_NOOP_KEYS"]
 
 
-class ParallelConfigError(ValueError):
+class ParallelConfigError(Qwen2msError, ValueError):
     """A ParallelConfig cannot be used with the given model, world size or sequence length."""
 
 

@@ -79,11 +79,12 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 from .config import ParallelConfig, ParallelConfigError
+from ..errors import Qwen2msError
 
 __all__ = ["msrun_command", "run_msrun", "init_distributed", "under_msrun", "free_port", "data_shard", "MsrunError"]
 
 
-class MsrunError(RuntimeError):
+class MsrunError(Qwen2msError, RuntimeError):
     """An msrun job failed; the message carries the tail of each worker's log."""
 
 

@@ -10,6 +10,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import regex
 
+from ..errors import Qwen2msError
+
 __all__ = [
     "PRETOKENIZE_PATTERN",
     "TokenizerError",
@@ -41,7 +43,7 @@ _PAIR_MEMO_CAP = 1 << 18
 _NO_BYTES: frozenset = frozenset()
 
 
-class TokenizerError(ValueError):
+class TokenizerError(Qwen2msError, ValueError):
     """Bad tokenizer files, inputs or templates; the message names the input and what would be right."""
 
 

@@ -12,6 +12,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
+from ..errors import CheckpointError
+
 __all__ = [
     "CHECKPOINT_PREFIX",
     "CheckpointError",
@@ -31,10 +33,6 @@ CHECKPOINT_PREFIX = "checkpoint-"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".tmp-checkpoint-"
 PathLike = Union[str, os.PathLike]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint folder is missing, incomplete, or does not match the model being trained."""
 
 
 def list_checkpoints(output_dir: PathLike) -> List[Tuple[int, Path]]:

@@ -37,6 +37,8 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..errors import Qwen2msError
+
 __all__ = ["RunConfig", "RunConfigError", "load_run_config", "build_model", "build_datasets", "run_finetune",
            "cli_msrun_command", "build_generation_model"]
 
@@ -56,7 +58,7 @@ _PATH_KEYS = {"model": ("pretrained",), "data": ("train_file", "eval_file", "tok
 BUILTIN_TOKENIZER = "builtin"
 
 
-class RunConfigError(ValueError):
+class RunConfigError(Qwen2msError, ValueError):
     """A run config is malformed: the message names the file, section and key."""
 
 
