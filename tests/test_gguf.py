@@ -392,3 +392,20 @@ def test_convert_gguf_writes_a_folder_transformers_and_from_hf_load(converted, t
         assert tok.encode(text, add_special_tokens=False) == source_tok.encode(text, add_special_tokens=False)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 151936
     assert gguf_config(converted["root"] / "dense-q8_0.gguf").hidden_size == 32
+
+
+def test_cli_converts_and_generates_from_a_gguf_file(tmp_path, tiny, capsys):
+    from qwen2ms.cli import main
+
+    path = tmp_path / "tiny-q8_0.gguf"
+    write_gguf(path, tiny, qtype=lambda name, arr: Q.Q8_0 if arr.shape[-1] % 32 == 0 else Q.F32)
+    assert main(["convert", str(path), str(tmp_path / "ms.ckpt"), "--to", "ms"]) == 2
+    assert "is a GGUF file: it converts to an HF folder (--to hf)" in capsys.readouterr().err
+    assert main(["convert", str(path), str(tmp_path / "hf_out"), "--to", "hf", "--dtype", "float32"]) == 0
+    from_folder = Qwen2ForCausalLM.from_hf(tmp_path / "hf_out")
+    from_file = Qwen2ForCausalLM.from_gguf(path, dtype="float32", dequantize=True)
+    assert np.abs(from_folder(IDS).logits.asnumpy() - from_file(IDS).logits.asnumpy()).max() <= 1e-5
+    assert from_folder.tokenizer.encode("he the") == from_file.tokenizer.encode("he the")
+    capsys.readouterr()
+    assert main(["generate", str(path), "--prompt", "he", "--greedy", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip() != ""

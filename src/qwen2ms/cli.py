@@ -250,7 +250,17 @@ def _check_convert_destination(args: argparse.Namespace) -> None:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint.convert import convert
+    from .checkpoint.gguf import convert_gguf, is_gguf_file
 
+    if is_gguf_file(Path(args.src).expanduser()):
+        if args.to != "hf":
+            raise _CommandError(f"{args.src} is a GGUF file: it converts to an HF folder (--to hf)")
+        _check_convert_destination(args)
+        out = convert_gguf(Path(args.src).expanduser(), Path(args.dst).expanduser(), dtype=args.dtype,
+                           max_shard_size=args.max_shard_size)
+        if not args.quiet:
+            print(f"wrote {out} (weights, config and the tokenizer from the GGUF metadata)")
+        return 0
     _check_convert_destination(args)
     convert(args.src, args.dst, to=args.to, naming=args.naming, dtype=args.dtype, fuse_qkv=args.fuse_qkv,
             config=args.config, format=args.format, max_shard_size=args.max_shard_size,
@@ -263,7 +273,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ generate / chat
 def load_model(spec: Optional[str], dtype: Optional[str] = None, tokenizer: Optional[str] = None):
-    """``"demo"``/None: :func:`qwen2ms.demo.demo_model`; else ``Qwen2ForCausalLM.from_hf(spec)`` (folder or hub id).
+    """``"demo"``/None: :func:`qwen2ms.demo.demo_model`; a ``.gguf`` file: ``Qwen2ForCausalLM.from_gguf``; else
+    ``Qwen2ForCausalLM.from_hf(spec)`` (folder or hub id).
 
     ``tokenizer`` (a folder, hub id or ``"builtin"``) replaces the one next to the weights.
 
@@ -275,9 +286,13 @@ def load_model(spec: Optional[str], dtype: Optional[str] = None, tokenizer: Opti
 
         model = demo_model(dtype=dtype)
     else:
+        from .checkpoint.gguf import is_gguf_file
         from .modeling import Qwen2ForCausalLM
 
-        model = Qwen2ForCausalLM.from_hf(spec, dtype=dtype)
+        if is_gguf_file(Path(spec).expanduser()):
+            model = Qwen2ForCausalLM.from_gguf(Path(spec).expanduser(), dtype=dtype)
+        else:
+            model = Qwen2ForCausalLM.from_hf(spec, dtype=dtype)
     if tokenizer:
         model.tokenizer = _load_tokenizer(tokenizer)
     if model.tokenizer is None:
@@ -518,7 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_chat)
 
     p = add("convert", "HF safetensors folder <-> MindSpore checkpoint (HF or MindFormers names), streaming")
-    p.add_argument("src", help="--to ms: HF folder or hub id; --to hf: a MindSpore .ckpt/.safetensors file")
+    p.add_argument("src", help="--to ms: HF folder or hub id; --to hf: a MindSpore .ckpt/.safetensors file or a "
+                               "llama.cpp .gguf file")
     p.add_argument("dst", help="--to ms: output .ckpt/.safetensors (or a folder); --to hf: output folder (new, "
                    "empty, or an earlier conversion's)")
     p.add_argument("--to", required=True, choices=["ms", "hf"], help="direction: ms (HF -> MindSpore) or hf")
