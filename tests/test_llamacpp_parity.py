@@ -33,7 +33,8 @@ from qwen2ms import Qwen2ForCausalLM  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import llamacpp  # noqa: E402
 
-pytestmark = pytest.mark.slow
+# Deselected by default (pyproject addopts): the first run builds llama.cpp, ~6 min of compiling on 2 cores.
+pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
 
 F32_TOL, QUANT_TOL, EMULATED_TOL = 1e-4, 6e-2, 1e-5
 #: llama-quantize types whose llama.cpp logits the activation-quantising reference reproduces exactly
