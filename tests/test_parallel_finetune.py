@@ -196,7 +196,7 @@ def test_parallel_trainer_path_in_one_process_equals_the_plain_trainer(tmp_path)
     from qwen2ms import Qwen2Config
     from qwen2ms.modeling import Qwen2ForCausalLM
     from qwen2ms.parallel import ParallelConfig, parallelize
-    from qwen2ms.training.trainer import _ParallelTrainStep
+    from qwen2ms.training.steps import ParallelTrainStep
 
     write_samples(tmp_path / "s.jsonl")
     samples = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()][:7]
@@ -204,7 +204,7 @@ def test_parallel_trainer_path_in_one_process_equals_the_plain_trainer(tmp_path)
     plain, _ = _train(Qwen2ForCausalLM(cfg, seed=3), tmp_path / "plain", samples)
     pm = parallelize(Qwen2ForCausalLM(cfg, seed=3), ParallelConfig())
     par, _ = _train(pm, tmp_path / "par", samples)
-    assert isinstance(par._train_step, _ParallelTrainStep)
+    assert isinstance(par._train_step, ParallelTrainStep)
     for a, b in zip(plain.state.log_history, par.state.log_history):
         assert a["step"] == b["step"]
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)

@@ -1,8 +1,9 @@
 """Trainer: compiled supervised fine-tuning with AdamW, schedules, exact gradient accumulation, fp16, resume and hooks.
 
 The train step (forward, backward, gradient accumulation, clipping, the AdamW update and the fp16
-loss-scale update) is one ``ms.jit``-compiled call per micro-batch; PyNative would be ~70x slower
-on CPU. Everything around it (data order, logging, checkpoints) is plain Python.
+loss-scale update) is one ``ms.jit``-compiled call per micro-batch (the Cells in
+:mod:`qwen2ms.training.steps`); PyNative would be ~70x slower on CPU. Everything around it (data
+order, logging, checkpoints) is plain Python, here.
 
 Override points for subclasses (public API):
 
@@ -39,7 +40,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore import Parameter, Tensor, nn
 
 from .arguments import TrainingArguments
 from .callbacks import CallbackHandler, JsonlLoggerCallback, ProgressCallback, TrainerCallback, TrainerState
@@ -60,7 +61,8 @@ from .checkpointing import (
     write_json,
 )
 from .loss_scale import DynamicLossScale
-from .optim import AdamW, LRSchedule, clip_grads_by_norm, decay_parameter_names, get_scheduler, global_grad_norm
+from .optim import AdamW, LRSchedule, decay_parameter_names, get_scheduler
+from .steps import EvalStep, ParallelTrainStep, PipelineUpdate, TrainStep
 
 __all__ = ["Trainer", "TrainOutput", "SFTDataLoader", "NonFiniteLossError", "IGNORE_INDEX", "check_parallel_layout"]
 
@@ -148,146 +150,6 @@ class SFTDataLoader:
             yield self.collate_fn([self.dataset[i] for i in idx])
 
 
-def _frozen_view(trainer: "Trainer") -> "Trainer":
-    """An instance of the trainer's class holding only ``args``: what the compiled graph may see.
-
-    Compiled graphs treat the Python objects they reference as constants and recompile when any of
-    their attributes change; the real trainer changes every step (state, timings), so the graphs
-    call ``compute_loss`` on this unchanging stand-in. Overrides of ``compute_loss`` therefore see
-    ``self.args`` but no per-step state.
-    """
-    view = object.__new__(type(trainer))
-    view.__dict__["args"] = trainer.args
-    return view
-
-
-class _TrainStep(nn.Cell):
-    """The compiled unit: forward + backward of one micro-batch, accumulation, clip, update."""
-
-    def __init__(self, trainer: "Trainer", model: nn.Cell, params: Sequence[Parameter], optimizer: nn.Cell,
-                 loss_scale: Optional[DynamicLossScale], max_grad_norm: float, accumulate: bool) -> None:
-        super().__init__(auto_prefix=False)  # keep the model's parameter names
-        self.trainer = _frozen_view(trainer)
-        self.model = model
-        self.weights = ParameterTuple(params)
-        self.optimizer = optimizer
-        self.use_scale = loss_scale is not None
-        self.loss_scale = loss_scale if loss_scale is not None else DynamicLossScale(1.0, 1, 1)
-        self.max_grad_norm = float(max_grad_norm or 0.0)
-        self.accumulate = accumulate
-        if accumulate:
-            self.acc = ParameterTuple([Parameter(ops.zeros(p.shape, ms.float32), name=f"grad_acc.{p.name}",
-                                                 requires_grad=False) for p in params])
-        else:
-            self.acc = ParameterTuple([])
-        self.grad_fn = ms.value_and_grad(self.scaled_loss, None, self.weights)
-
-    def scaled_loss(self, inputs, num_items, scale):
-        return self.trainer.compute_loss(self.model, inputs, num_items) * scale
-
-    def reported_loss(self, loss, scale):
-        """The step loss as logged, from the differentiated (scaled) one."""
-        return loss / scale if self.use_scale else loss
-
-    def final_grads(self, grads):
-        """The optimizer step's gradients and their global norm (after accumulation, before clipping)."""
-        return grads, global_grad_norm(grads)
-
-    def construct(self, inputs, num_items, lr, first, last):
-        scale = self.loss_scale.scale
-        if not self.use_scale:
-            scale = ops.ones((), ms.float32)
-        loss, grads = self.grad_fn(inputs, num_items, scale)
-        grads = tuple(g.astype(ms.float32) for g in grads)
-        loss = self.reported_loss(loss, scale)
-        if self.use_scale:
-            inv = 1.0 / scale
-            grads = tuple(g * inv for g in grads)
-        if not first:
-            grads = tuple(a + g for a, g in zip(self.acc, grads))
-        zero = ops.zeros((), ms.float32)
-        if not last:
-            for a, g in zip(self.acc, grads):
-                ops.assign(a, g)
-            return loss, zero, ops.isfinite(loss)
-        grads, norm = self.final_grads(grads)
-        finite = ops.logical_and(ops.isfinite(norm), ops.isfinite(loss))
-        if self.max_grad_norm > 0:
-            grads = clip_grads_by_norm(grads, norm, self.max_grad_norm)
-        if finite:
-            self.optimizer(grads, lr)
-        if self.use_scale:
-            self.loss_scale.adjust(finite)
-        return loss, norm, finite
-
-
-class _ParallelTrainStep(_TrainStep):
-    """The compiled unit for a model built by ``parallelize``: as :class:`_TrainStep`, plus the model's collectives.
-
-    Every rank's loss is its rows' summed cross-entropy over the token count of the *global* batch,
-    so the job's objective is the sum over data-parallel replicas; ``grad_sync`` averages over them,
-    hence the ``data_parallel`` factor on the differentiated loss. Gradients are synchronised once per
-    optimizer step (after accumulation: the sync is linear) and clipped with the global norm. The
-    returned loss is summed over the replicas, so every rank reports the global step loss.
-    """
-
-    def __init__(self, trainer: "Trainer", model: nn.Cell, params: Sequence[Parameter], optimizer: nn.Cell,
-                 loss_scale: Optional[DynamicLossScale], max_grad_norm: float, accumulate: bool) -> None:
-        super().__init__(trainer, model, params, optimizer, loss_scale, max_grad_norm, accumulate)
-        from ..parallel.comm import AllReduce
-
-        self.dp = float(model.parallel_config.data_parallel)
-        self.replica_sum = AllReduce(model.groups.dp)
-
-    def scaled_loss(self, inputs, num_items, scale):
-        return self.trainer.compute_loss(self.model, inputs, num_items) * (scale * self.dp)
-
-    def reported_loss(self, loss, scale):
-        return self.replica_sum(loss / (scale * self.dp))
-
-    def final_grads(self, grads):
-        grads = self.model.grad_sync(grads)
-        return grads, self.model.grad_norm(grads)
-
-
-class _PipelineUpdate(nn.Cell):
-    """The compiled end of a pipeline-parallel optimizer step: unscale, gradient sync, global-norm clip, AdamW.
-
-    The gradients come from :meth:`PipelineCausalLM.forward_backward` accumulated over the step's
-    micro-batches, each the gradient of this replica's summed token loss (times the fp16 loss
-    scale) over the token count of the whole global step; ``grad_sync`` averages over
-    data-parallel replicas, hence the ``data_parallel`` factor (the job's objective is the sum over
-    replicas). The norm adds up the squared norms of every stage's (and tensor shard's)
-    parameters (the model's ``grad_norm``), so every rank sees the same norm and the same
-    finite/overflow decision.
-    """
-
-    def __init__(self, model: nn.Cell, optimizer: nn.Cell, loss_scale: Optional[DynamicLossScale],
-                 max_grad_norm: float) -> None:
-        super().__init__(auto_prefix=False)
-        self.model = model
-        self.optimizer = optimizer
-        self.use_scale = loss_scale is not None
-        self.loss_scale = loss_scale if loss_scale is not None else DynamicLossScale(1.0, 1, 1)
-        self.max_grad_norm = float(max_grad_norm or 0.0)
-        self.dp = float(model.parallel_config.data_parallel)
-
-    def construct(self, grads, lr):
-        factor = ops.ones((), ms.float32) * self.dp
-        if self.use_scale:
-            factor = factor / self.loss_scale.scale
-        grads = self.model.grad_sync(tuple(g * factor for g in grads))
-        norm = self.model.grad_norm(grads)
-        finite = ops.isfinite(norm)
-        if self.max_grad_norm > 0:
-            grads = clip_grads_by_norm(grads, norm, self.max_grad_norm)
-        if finite:
-            self.optimizer(grads, lr)
-        if self.use_scale:
-            self.loss_scale.adjust(finite)
-        return norm, finite
-
-
 def _is_pipeline(model: nn.Cell) -> bool:
     """Whether ``model`` is one stage of a pipeline layout (trained with ``forward_backward``)."""
     return hasattr(model, "forward_backward") and getattr(model, "parallel_config", None) is not None
@@ -325,18 +187,6 @@ def check_parallel_layout(parallel_config: Any, lora_r: int = 0) -> None:
         raise ValueError(f"lora_r={lora_r} with a parallel layout ({parallel_config.to_dict()}): LoRA adapters are not "
                          "sharded by the parallel plans; train LoRA on one device (parallel degrees 1) or fully "
                          "fine-tune with the layout (lora_r: 0)")
-
-
-class _EvalStep(nn.Cell):
-    """Compiled forward for evaluation: the batch's mean loss via the trainer's compute_loss."""
-
-    def __init__(self, trainer: "Trainer", model: nn.Cell) -> None:
-        super().__init__(auto_prefix=False)
-        self.trainer = _frozen_view(trainer)
-        self.model = model
-
-    def construct(self, inputs, num_items):
-        return self.trainer.compute_loss(self.model, inputs, num_items)
 
 
 def _count_targets(batch: Dict[str, np.ndarray]) -> int:
@@ -484,13 +334,13 @@ class Trainer:
         if self.parallel_config is not None and len(self._trainable()) != model.grad_sync.n:
             raise ValueError(f"the parallel model has {len(self._trainable())} trainable parameters but its grad_sync "
                              f"was built for {model.grad_sync.n}: freeze or unfreeze parameters before parallelize()")
-        self._train_step: Optional[_TrainStep] = None
-        self._eval_step: Optional[_EvalStep] = None
+        self._train_step: Optional[TrainStep] = None
+        self._eval_step: Optional[EvalStep] = None
         self._loss_scale: Optional[DynamicLossScale] = None
         self._last_grad_norm = 0.0
         self._last_finite = True
         self._micro_position = (True, True)
-        self._pipeline_update: Optional[_PipelineUpdate] = None
+        self._pipeline_update: Optional[PipelineUpdate] = None
         self._pipeline_grads: Optional[Tuple[Tensor, ...]] = None
         self._checked: Dict[str, Tuple[Any, int, Any]] = {}
         self._state_data: Optional[Dict[str, Any]] = None
@@ -777,13 +627,13 @@ class Trainer:
             self._loss_scale = DynamicLossScale(a.loss_scale_init, a.loss_scale_factor, a.loss_scale_window)
         if self._pipeline:
             if self._pipeline_update is None:
-                self._pipeline_update = _PipelineUpdate(self.model, self.optimizer, self._loss_scale,
+                self._pipeline_update = PipelineUpdate(self.model, self.optimizer, self._loss_scale,
                                                         self.args.max_grad_norm or 0.0)
                 self._compiled_update = ms.jit(self._pipeline_update.construct)
             return
         if self._train_step is None:
             params = list(getattr(self.optimizer, "params", self._trainable()))
-            step_cls = _TrainStep if self.parallel_config is None else _ParallelTrainStep
+            step_cls = TrainStep if self.parallel_config is None else ParallelTrainStep
             self._train_step = step_cls(self, self.model, params, self.optimizer, self._loss_scale,
                                         self.args.max_grad_norm or 0.0, self.args.gradient_accumulation_steps > 1)
             # One graph per batch shape (ms.jit(dynamic=1) measured no better here: it still
@@ -969,7 +819,7 @@ class Trainer:
             batch_loss = self._pipeline_eval_loss
         else:
             if self._eval_step is None:
-                self._eval_step = _EvalStep(self, self.model)
+                self._eval_step = EvalStep(self, self.model)
                 self._compiled_eval = ms.jit(self._eval_step.construct)
             batch_loss = self._compiled_eval_loss
         self.model.set_train(False)
