@@ -42,6 +42,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn
 
+from ..errors import Qwen2msError
 from .arguments import TrainingArguments
 from .callbacks import CallbackHandler, JsonlLoggerCallback, ProgressCallback, TrainerCallback, TrainerState
 from .checkpointing import (
@@ -73,7 +74,7 @@ _PRECISION_DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16
 _DTYPE_WORDS = {ms.float32: "float32", ms.float16: "float16", ms.bfloat16: "bfloat16"}
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(Qwen2msError, RuntimeError):
     """Training produced an inf/NaN loss; the message names the step and the last good checkpoint."""
 
 
