@@ -324,3 +324,25 @@ def test_int4_qwen2_0_5b_shape_logit_error_bound(group):
           f"{np.abs(got - want).mean():.4f}, argmax equal at {(got.argmax(-1) == want.argmax(-1)).sum()}/{len(err)}")
     assert err.max() <= INT4_05B_LOGIT_TOL[group]
     assert np.abs(got - want).mean() < 0.15 * want.std()
+
+
+def test_kernel_profile_counts_calls_and_time_when_enabled(tmp_path):
+    """$QWEN2MS_KERNEL_PROFILE=1 times every kernel call (read at the first call, so in a fresh process)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, mindspore as ms\n"
+        "from qwen2ms.ops.cpu import shared_kernels, kernel_profile, quantize_int4\n"
+        "k = shared_kernels()\n"
+        "qw = quantize_int4(np.ones((64, 64), np.float32))\n"
+        "x = ms.Tensor(np.ones((1, 64), np.float32))\n"
+        "for _ in range(3): k.linear_int4(x, ms.Tensor(qw.q), ms.Tensor(qw.scale)).asnumpy()\n"
+        "k.swiglu(x, x).asnumpy()\n"
+        "p = kernel_profile(reset=True)\n"
+        "print(sorted((n, c) for n, (c, s) in p.items()), all(s > 0 for _, s in p.values()), kernel_profile())\n")
+    env = dict(os.environ, QWEN2MS_KERNEL_PROFILE="1", GLOG_v="3")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[('LinearInt4', 3), ('SwiGLU', 1)] True {}"

@@ -10,6 +10,8 @@ Threads: the kernels share one small pool (``csrc/pool.h``) with ``$QWEN2MS_KERN
 (default: the CPUs this process may run on). An idle worker spins up to ``$QWEN2MS_KERNEL_SPIN_US``
 microseconds (default 300) when its previous job followed within that time (decoding), else 50, and then
 sleeps, so it does not starve MindSpore's own threads between kernels.
+
+Profiling: with ``$QWEN2MS_KERNEL_PROFILE=1`` every kernel call is timed; :func:`kernel_profile` reads the totals.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ __all__ = [
     "dequantize_int8",
     "find_compiler",
     "kernel_cache_dir",
+    "kernel_profile",
     "quantize_int4",
     "quantize_int8",
 ]
@@ -825,6 +828,41 @@ def collapse_huge_pages(tensors, min_bytes: int = 4 << 20) -> int:
         if madvise(start, end - start, _MADV_COLLAPSE) == 0:
             done += end - start
     return done
+
+
+def kernel_profile(lib_path: Optional[Path] = None, reset: bool = False) -> Dict[str, Tuple[int, float]]:
+    """Calls and seconds spent in each kernel of the loaded library, counted while ``$QWEN2MS_KERNEL_PROFILE=1``.
+
+    The variable is read once, at the first kernel call of the process: set it before running anything. The
+    counters are the library's own (the one MindSpore loaded, as ``dlopen`` of one path gives one copy).
+
+    Args:
+        lib_path: the kernel library (default: the process-wide one, :func:`shared_kernels`).
+        reset: zero the counters after reading them.
+
+    Returns:
+        ``{kernel name: (calls, seconds)}`` for every kernel called since the last reset (empty when off).
+
+    Example:
+        >>> isinstance(kernel_profile(), dict)
+        True
+    """
+    import ctypes
+
+    lib = ctypes.CDLL(str(lib_path or shared_kernels().lib_path))
+    lib.QkProfileRead.restype = ctypes.c_int
+    lib.QkProfileRead.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    need = lib.QkProfileRead(None, 0)
+    buf = ctypes.create_string_buffer(need)
+    lib.QkProfileRead(buf, need)
+    if reset:
+        lib.QkProfileReset()
+    out: Dict[str, Tuple[int, float]] = {}
+    for line in buf.value.decode().splitlines():
+        name, calls, ns = line.split()
+        if int(calls):
+            out[name] = (int(calls), int(ns) * 1e-9)
+    return out
 
 
 _shared: Dict[str, CpuKernels] = {}

@@ -15,10 +15,67 @@
 
 #include "pool.h"
 
-// MindSpore calls every AOT kernel with this signature; inputs come first in params, then outputs.
-#define QK_KERNEL(name)                                                                          \
-  extern "C" int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, \
-                      void *stream, void *extra)
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+
+namespace qk {
+// Kernel time accounting, on only when $QWEN2MS_KERNEL_PROFILE=1 (read once): calls and wall time per exported
+// kernel, read through QkProfileRead. Lets a profile split a decode step into time inside our kernels and
+// everything else (MindSpore's graph launch, its own ops, Python). Off, it costs one predictable branch per call.
+struct ProfileSlot {
+  const char *name;
+  std::atomic<int64_t> calls, ns;
+};
+constexpr int kProfileSlots = 64;
+inline ProfileSlot *profile_table() {
+  static ProfileSlot table[kProfileSlots];
+  return table;
+}
+inline std::atomic<int> &profile_count() {
+  static std::atomic<int> n{0};
+  return n;
+}
+inline bool profile_on() {
+  static const bool on = [] {
+    const char *v = std::getenv("QWEN2MS_KERNEL_PROFILE");
+    return v && v[0] == '1';
+  }();
+  return on;
+}
+inline int profile_slot(const char *name) {
+  const int i = profile_count().fetch_add(1);
+  if (i >= kProfileSlots) return -1;
+  profile_table()[i].name = name;
+  return i;
+}
+struct ProfileScope {
+  int slot;
+  std::chrono::steady_clock::time_point t0;
+  explicit ProfileScope(int s) : slot(s), t0(std::chrono::steady_clock::now()) {}
+  ~ProfileScope() {
+    if (slot < 0) return;
+    const auto dt = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0);
+    profile_table()[slot].calls.fetch_add(1, std::memory_order_relaxed);
+    profile_table()[slot].ns.fetch_add(dt.count(), std::memory_order_relaxed);
+  }
+};
+}  // namespace qk
+
+// MindSpore calls every AOT kernel with this signature; inputs come first in params, then outputs. The exported
+// function times the body (name##Body) when profiling is on.
+#define QK_KERNEL(name)                                                                                    \
+  static int name##Body(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,       \
+                        void *stream, void *extra);                                                        \
+  extern "C" int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,        \
+                      void *stream, void *extra) {                                                         \
+    if (!qk::profile_on()) return name##Body(nparam, params, ndims, shapes, dtypes, stream, extra);        \
+    static const int slot = qk::profile_slot(#name);                                                       \
+    qk::ProfileScope scope(slot);                                                                          \
+    return name##Body(nparam, params, ndims, shapes, dtypes, stream, extra);                               \
+  }                                                                                                        \
+  static int name##Body(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,       \
+                        void *stream, void *extra)
 
 namespace qk {
 

@@ -4,6 +4,9 @@
 // token and ~12 small ops per layer); here only the T new rows are written. MindSpore runs it as a
 // memory side effect on the cache Parameters (the primitive carries `side_effect_mem`), and the
 // Python side orders later reads after it with `ops.depend`.
+#include <algorithm>
+#include <string>
+
 #include "common.h"
 
 using namespace qk;
@@ -42,4 +45,29 @@ QK_KERNEL(KvCacheWrite) {
   }
   *static_cast<int32_t *>(params[5]) = static_cast<int32_t>(start);
   return 0;
+}
+
+// Profile counters (see QK_KERNEL in common.h): "name calls ns" lines into buf (NUL-terminated, truncated to len);
+// returns the bytes needed. QkProfileReset zeroes them.
+extern "C" int QkProfileRead(char *buf, int len) {
+  std::string out;
+  const int n = std::min(qk::profile_count().load(), qk::kProfileSlots);
+  for (int i = 0; i < n; ++i) {
+    const qk::ProfileSlot &s = qk::profile_table()[i];
+    out += std::string(s.name) + " " + std::to_string(s.calls.load()) + " " + std::to_string(s.ns.load()) + "\n";
+  }
+  if (buf && len > 0) {
+    const size_t k = std::min(out.size(), static_cast<size_t>(len - 1));
+    std::memcpy(buf, out.data(), k);
+    buf[k] = 0;
+  }
+  return static_cast<int>(out.size()) + 1;
+}
+
+extern "C" void QkProfileReset() {
+  const int n = std::min(qk::profile_count().load(), qk::kProfileSlots);
+  for (int i = 0; i < n; ++i) {
+    qk::profile_table()[i].calls.store(0);
+    qk::profile_table()[i].ns.store(0);
+  }
 }
