@@ -346,3 +346,27 @@ def test_kernel_profile_counts_calls_and_time_when_enabled(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[('LinearInt4', 3), ('SwiGLU', 1)] True {}"
+
+
+def test_q4_0_gguf_linear_weights_load_as_int4_without_dequantising(tmp_path):
+    """GGUF Q4_0 blocks are this module's int4 layout: they load as they are, both backends give the logits of
+    transformers on the dequantised weights, and the codes re-encode exactly with quantize_int4's rule."""
+    pytest.importorskip("torch")
+    gguf = pytest.importorskip("gguf")
+    from test_gguf import TOL as GGUF_TOL
+    from test_gguf import make_hf, max_diff, reference_logits, write_gguf
+
+    hf, _ = make_hf(tmp_path / "hf", vocab_size=264)
+    path = tmp_path / "q4.gguf"
+    deq = write_gguf(path, hf, qtype=lambda name, arr: gguf.GGMLQuantizationType.Q4_0)
+    model = Qwen2ForCausalLM.from_gguf(path, dtype="float32")
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.weight.dtype == ms.uint8 and tuple(q.weight.shape) == (64, 32) and tuple(q.weight_scale.shape) == (64, 2)
+    exact = deq["model.layers.0.self_attn.q_proj.weight"]
+    got = QuantizedWeight(q.weight.asnumpy(), q.weight_scale.asnumpy())
+    np.testing.assert_array_equal(_dense(got).astype(np.float32), exact)
+    np.testing.assert_array_equal(quantize_int4(exact).q, got.q)  # same rounding rule as ggml's Q4_0
+    assert model.model.embed_tokens.weight.dtype == ms.float32  # the lookup reads no int4: dequantised
+    ref = reference_logits(hf, deq)
+    assert max_diff(model, ref) <= GGUF_TOL
+    assert max_diff(Qwen2ForCausalLM.from_gguf(path, dtype="float32", ops_backend="reference"), ref) <= GGUF_TOL

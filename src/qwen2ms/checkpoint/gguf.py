@@ -537,6 +537,16 @@ def _q8_0_blocks(raw: np.ndarray, info: _TensorInfo) -> Tuple[np.ndarray, np.nda
     return codes, scale
 
 
+def _q4_0_blocks(raw: np.ndarray, info: _TensorInfo) -> Tuple[np.ndarray, np.ndarray]:
+    """Q4_0 ``[N, K]`` as packed int4 codes ``[N, K / 2]`` (uint8, Q4_0's own nibble layout, which is the int4
+    kernels': see :func:`qwen2ms.ops.reference.dequantize_int4`) and float32 scales ``[N, K / 32]``."""
+    n, k = info.shape
+    blocks = raw.reshape(n, k // 32, 18)  # per block: fp16 scale, then 16 bytes of two nibbles each
+    scale = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16)[:, :, 0].astype(np.float32)
+    codes = np.ascontiguousarray(blocks[:, :, 2:]).reshape(n, k // 2)
+    return codes, scale
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
@@ -590,8 +600,9 @@ def load_gguf(path: Union[str, os.PathLike], dtype: Any = None, dequantize: bool
         dtype: storage dtype of the float weights ("float32", "float16", "bfloat16" or a MindSpore dtype).
             None: the file's own float type for F32/F16/BF16 files, bfloat16 for quantised files
             (pass "float32" to keep dequantised values exact).
-        dequantize: False keeps Q8_0 linear weights as int8 codes with per-32 scales (exactly the file's
-            values, a quarter of float32's bytes); True makes every weight a float of ``dtype``.
+        dequantize: False keeps Q8_0 linear weights as int8 codes and Q4_0 ones as packed int4 codes, with
+            per-32 scales (exactly the file's values, a quarter or an eighth of float32's bytes); True makes
+            every weight a float of ``dtype``.
         ops_backend: the model's ops backend (see :class:`Qwen2ForCausalLM`).
         check_finite: refuse weights holding NaN or Inf (they would generate garbage silently).
 
@@ -602,9 +613,10 @@ def load_gguf(path: Union[str, os.PathLike], dtype: Any = None, dequantize: bool
     Tensor names map to the Hugging Face keys in one table (:func:`gguf_tensor_map`). llama.cpp's converter
     stores Qwen2's q/k weights unpermuted (only its llama family permutes them), so the mapping is a rename
     plus, for Qwen2-MoE, stacking the gate and up experts into ``gate_up_proj``. F32/F16/BF16 tensors are
-    read as they are; Q8_0 linear weights stay int8 unless ``dequantize`` (32 int8 codes and one fp16 scale
-    per block of 32 inputs are exactly the int8 kernels' per-group layout with groups of 32: no
-    requantisation error); other quantised tensors (and Q8_0 embeddings and MoE experts) are dequantised
+    read as they are; Q8_0 linear weights stay int8 and Q4_0 ones int4 unless ``dequantize`` (32 int8 codes,
+    or 16 bytes of nibbles, and one fp16 scale per block of 32 inputs are exactly the int8/int4 kernels'
+    per-group layouts with groups of 32: no requantisation error); other quantised tensors (and Q8_0/Q4_0
+    embeddings and MoE experts) are dequantised
     with ``gguf.quants.dequantize``. Tensors are read one at a time straight from the file (no memory
     map whose pages would count twice), so loading peaks at about one copy of the weights plus one tensor.
 
@@ -644,14 +656,14 @@ def load_gguf(path: Union[str, os.PathLike], dtype: Any = None, dequantize: bool
             info, target = infos[name], expected[name]
             raw = _read_bytes(f, info, path)
             cell = cells.get(target.param.rsplit(".", 1)[0])
-            as_int8 = (info.type == "Q8_0" and not dequantize and target.part is None and len(info.shape) == 2
-                       and cell is not None and hasattr(cell, "weight_scale") and not isinstance(cell, Embedding)
-                       and target.param.endswith(".weight"))
-            if as_int8:
-                codes, scale = _q8_0_blocks(raw, info)
+            as_int8 = (info.type in ("Q8_0", "Q4_0") and not dequantize and target.part is None
+                       and len(info.shape) == 2 and cell is not None and hasattr(cell, "weight_scale")
+                       and not isinstance(cell, Embedding) and target.param.endswith(".weight"))
+            if as_int8:  # Q8_0 as int8 codes, Q4_0 as packed int4 codes: the file's blocks as they are
+                codes, scale = (_q8_0_blocks if info.type == "Q8_0" else _q4_0_blocks)(raw, info)
                 if check_finite and not np.isfinite(scale).all():
-                    raise CheckpointError(f"{path}: tensor {name!r} has non-finite Q8_0 scales (NaN/Inf); the file "
-                                          "is corrupt (check_finite=False loads it anyway)")
+                    raise CheckpointError(f"{path}: tensor {name!r} has non-finite {info.type} scales (NaN/Inf); the "
+                                          "file is corrupt (check_finite=False loads it anyway)")
                 cell.weight = Parameter(Tensor(codes), name=target.param, requires_grad=False)
                 cell.weight_scale = Parameter(Tensor(scale), name=target.param + "_scale", requires_grad=False)
                 continue
