@@ -404,7 +404,8 @@ def parallelize(model: nn.Cell, parallel_config: ParallelConfig, *, gather_logit
     one-device layout). The model is modified in place and returned wrapped.
 
     Args:
-        model: a :class:`~qwen2ms.modeling.model.Qwen2ForCausalLM`, built (and loaded) on one device.
+        model: a :class:`~qwen2ms.modeling.model.Qwen2ForCausalLM`, built (and loaded) on one device; an int8
+            model (:func:`~qwen2ms.modeling.quantize.quantize_int8_weights` first) is sharded with its scales.
         parallel_config: the layout; validated against the model and the world size.
         gather_logits: return full-vocabulary logits (True) or this rank's vocabulary slice (False,
             saves memory when only the loss is needed).
