@@ -11,6 +11,7 @@ from qwen2ms.modeling.quantize import quantize_weights  # noqa: E402
 from qwen2ms.ops import cpu, reference  # noqa: E402
 from qwen2ms.ops.cpu import CpuKernels, CpuOps, QuantizedWeight, build_kernels, quantize_int4  # noqa: E402
 from qwen2ms.ops.dispatch import ReferenceOps  # noqa: E402
+from test_ops_model import IDS, MASK, _greedy  # noqa: E402  (the int8 model tests' prompts, greedy loop)
 
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 # Kernel against the reference, relative to the output's scale: fp32 summation order, or one rounding of
@@ -242,8 +243,6 @@ def tiny_config(**kw):
     return Qwen2Config(**base)
 
 
-IDS = np.array([[5, 17, 33, 2, 150, 9], [0, 0, 44, 8, 1, 99]], np.int64)
-MASK = np.array([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], np.int64)
 # Measured on this tiny random model (logits std 1.09), int4 against the bf16 model it came from: max |logit
 # difference| 1.08 (groups of 32) and 1.43 (128), mean 0.23 and 0.26 -- 11-14x int8's 0.10 max / 0.02 mean on
 # the same model, as expected of 16x coarser steps. Kernels against the reference ops on the same int4 weights
@@ -251,22 +250,6 @@ MASK = np.array([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], np.int64)
 INT4_VS_BF16_TOL = 1.6
 INT4_VS_BF16_MEAN_TOL = 0.3  # of the bf16 logits' std
 SAME_WEIGHTS_TOL = 1e-4
-
-
-def _greedy(model, new=6):
-    b, t = IDS.shape
-    cache = model.new_cache(b, t + new)
-    mask = np.zeros((b, t + new), np.int32)
-    mask[:, :t] = MASK
-    out = model.forward_step(IDS, mask, None, cache, 0, 1).asnumpy()[:, -1]
-    steps = [out]
-    for i in range(new):
-        nxt = out.argmax(-1).reshape(b, 1)
-        mask[:, t + i] = 1
-        pos = mask.sum(1, keepdims=True) - 1
-        out = model.forward_step(nxt, mask, pos, cache, Tensor(t + i, ms.int32)).asnumpy()[:, -1]
-        steps.append(out)
-    return np.stack(steps)
 
 
 @pytest.mark.parametrize("group", [32, 128])
@@ -287,7 +270,7 @@ def test_int4_model_matches_reference_ops_and_stays_close_to_bf16(group):
     assert np.abs(got - before).max() <= INT4_VS_BF16_TOL
     assert np.abs(got - before).mean() <= INT4_VS_BF16_MEAN_TOL * before.std()
     # Greedy decoding through the compiled cached step: kernels and reference ops pick the same tokens.
-    a, b = _greedy(ours), _greedy(ref)
+    a, b = _greedy(ours, new=6), _greedy(ref, new=6)
     assert np.abs(a - b).max() <= SAME_WEIGHTS_TOL
     np.testing.assert_array_equal(a.argmax(-1), b.argmax(-1))
 
