@@ -20,7 +20,7 @@ LAYERS = {
     "ops": 2,
     "modeling": 3,
     "checkpoint": 4, "generation": 4, "data": 4,
-    "parallel": 5,
+    "parallel": 5, "serving": 5,
     "training": 6,
     "demo": 7,
     "cli": 8,
