@@ -52,6 +52,9 @@ class KVCache(nn.Cell):
         (1, 2, 256, 64)
     """
 
+    #: The model's attention takes the paged branch for caches that set this (qwen2ms.modeling.paged).
+    paged = False
+
     def __init__(self, config: Qwen2Config, batch_size: int, max_length: int, dtype=None) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("max_length", max_length)):

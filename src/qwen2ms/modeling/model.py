@@ -224,9 +224,13 @@ class Attention(nn.Cell):
         k = self._heads(k, b, t, self.num_kv_heads)  # [B, Hkv, T, D]
         v = self._heads(v, b, t, self.num_kv_heads)
         q, k = self.ops_impl.apply_rope(q, k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, cache_position, self.ops_impl)  # [B, Hkv, L, D]
-        out = self.ops_impl.attention(q, k, v, mask, self.scale)  # [B, Hq, T, D]
+        if (False if cache is None else cache.paged):
+            # A paged cache (qwen2ms.modeling.paged) writes the new K/V and attends through block tables.
+            out = cache.attend(self.layer_idx, q, k, v, cache_position, mask, self.scale, self.ops_impl)
+        else:
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v, cache_position, self.ops_impl)  # [B, Hkv, L, D]
+            out = self.ops_impl.attention(q, k, v, mask, self.scale)  # [B, Hq, T, D]
         if t == 1:  # one token: [B, Hq, 1, D] and [B, 1, Hq, D] share a memory order, no transpose op
             out = out.reshape(b, t, self.num_heads * self.head_dim)
         else:
@@ -406,6 +410,11 @@ class Qwen2Model(nn.Cell):
     def construct(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
                   cache=None, cache_position=None):
         b, t = input_ids.shape
+        if (False if cache is None else cache.paged):
+            # qwen2ms.modeling.paged: every row at its own given positions; cache_position is
+            # (slot_mapping, block_tables) and the masks follow from the positions.
+            full_mask, slide_mask = cache.attention_masks(position_ids, cache_position, self.sliding_window)
+            return self._stack(input_ids, position_ids, full_mask, slide_mask, cache, cache_position)
         start = 0 if cache_position is None else cache_position
         q_slots = ops.arange(t, dtype=ms.int32) + start  # [T] cache slots of this call's tokens
         key_len = t if cache is None else cache.max_length
@@ -424,17 +433,20 @@ class Qwen2Model(nn.Cell):
                 pos = ops.cumsum(m, 1) - 1
                 pos = ops.where(m == 0, ops.ones_like(pos), pos)
                 position_ids = ops.gather(pos, q_slots, 1)  # [B, T]
-        if self.rope_dynamic:
-            inv_freq = dynamic_inv_freq(self.rope, position_ids.max() + 1)
-        else:
-            inv_freq = self.inv_freq
-        cos, sin = self.ops_impl.rope_cos_sin(position_ids, inv_freq, self.rope_scaling_factor)  # [B, T, D]
-
         full_mask = self.ops_impl.attention_mask(q_slots, key_len, attention_mask, None, segment_ids)
         slide_mask = full_mask
         if self.has_sliding:
             slide_mask = self.ops_impl.attention_mask(q_slots, key_len, attention_mask, self.sliding_window,
                                                       segment_ids)
+        return self._stack(input_ids, position_ids, full_mask, slide_mask, cache, start)
+
+    def _stack(self, input_ids, position_ids, full_mask, slide_mask, cache, start):
+        """RoPE tables, embedding, the layers and the final norm: ``(hidden [B, T, H], router_logits)``."""
+        if self.rope_dynamic:
+            inv_freq = dynamic_inv_freq(self.rope, position_ids.max() + 1)
+        else:
+            inv_freq = self.inv_freq
+        cos, sin = self.ops_impl.rope_cos_sin(position_ids, inv_freq, self.rope_scaling_factor)  # [B, T, D]
 
         x = self.embed_tokens(input_ids)  # [B, T, H]
         router_logits = ()

@@ -129,6 +129,18 @@ class ReferenceOps:
         """See :func:`qwen2ms.ops.reference.cache_update`."""
         return reference.cache_update(k_cache, v_cache, key, value, start)
 
+    def paged_cache_write(self, key_pool: Tensor, value_pool: Tensor, key: Tensor, value: Tensor,
+                          slot_mapping: Tensor) -> Tuple[Tensor, Tensor]:
+        """See :func:`qwen2ms.ops.reference.paged_cache_write`."""
+        return reference.paged_cache_write(key_pool, value_pool, key, value, slot_mapping)
+
+    def paged_attention(self, q: Tensor, key_pool: Tensor, value_pool: Tensor, block_tables: Tensor,
+                        mask: Tensor, scale: float) -> Tensor:
+        """:func:`qwen2ms.ops.reference.paged_attention`, with this backend's :meth:`attention` over the
+        gathered keys and values."""
+        return self.attention(q, reference.paged_gather(key_pool, block_tables),
+                              reference.paged_gather(value_pool, block_tables), mask, scale)
+
     def act_mul(self, gate: Tensor, up: Tensor, act: str = "silu") -> Tensor:
         """See :func:`qwen2ms.ops.reference.act_mul`."""
         return reference.act_mul(gate, up, act)

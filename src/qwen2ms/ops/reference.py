@@ -31,6 +31,9 @@ __all__ = [
     "attention_mask",
     "attention",
     "cache_update",
+    "paged_cache_write",
+    "paged_attention",
+    "paged_gather",
     "act_mul",
     "moe_router",
     "moe_experts",
@@ -275,6 +278,54 @@ def cache_update(k_cache: Tensor, v_cache: Tensor, key: Tensor, value: Tensor,
     ops.assign(k_cache, new_k)
     ops.assign(v_cache, new_v)
     return new_k, new_v
+
+
+def paged_cache_write(key_pool: Tensor, value_pool: Tensor, key: Tensor, value: Tensor,
+                      slot_mapping: Tensor) -> Tuple[Tensor, Tensor]:
+    """Write ``key``/``value`` ``[B, H, T, D]`` into a paged KV pool at one slot per token; return the pools.
+
+    Args:
+        key_pool, value_pool: the pool Parameters ``[num_blocks, block_size, H, D]`` (updated in place).
+        key, value: the new tokens (cast to the pool dtype).
+        slot_mapping: int32 ``[B * T]``, token ``(b, t)``'s slot ``block_id * block_size + offset`` (row-major
+            over ``(b, t)``, vLLM's and Ascend ReshapeAndCache's convention).
+
+    Returns:
+        ``(key_pool, value_pool)`` after the write.
+    """
+    b, h, t, d = key.shape
+    bs = key_pool.shape[1]
+    slots = slot_mapping.astype(ms.int32).reshape(-1)
+    index = ops.stack((ops.floor_div(slots, bs), slots - ops.floor_div(slots, bs) * bs), -1)  # [B*T, 2]
+    rows_k = key.transpose(0, 2, 1, 3).reshape(b * t, h, d).astype(key_pool.dtype)
+    rows_v = value.transpose(0, 2, 1, 3).reshape(b * t, h, d).astype(value_pool.dtype)
+    return ops.scatter_nd_update(key_pool, index, rows_k), ops.scatter_nd_update(value_pool, index, rows_v)
+
+
+def paged_gather(pool: Tensor, block_tables: Tensor) -> Tensor:
+    """A pool ``[N, block_size, H, D]`` read through ``block_tables`` ``[B, M]`` as ``[B, H, M * block_size, D]``
+    (key ``s`` of row ``b`` is the token at position ``s`` of that sequence)."""
+    b, m = block_tables.shape
+    _, bs, h, d = pool.shape
+    return ops.gather(pool, block_tables, 0).reshape(b, m * bs, h, d).transpose(0, 2, 1, 3)
+
+
+def paged_attention(q: Tensor, key_pool: Tensor, value_pool: Tensor, block_tables: Tensor, mask: Tensor,
+                    scale: float) -> Tensor:
+    """Grouped-query attention over keys/values held in a paged pool, read through per-row block tables.
+
+    Args:
+        q: ``[B, Hq, T, D]``.
+        key_pool, value_pool: ``[num_blocks, block_size, Hkv, D]``.
+        block_tables: int32 ``[B, M]``: entry ``j`` of row ``b`` is the pool block holding that sequence's
+            positions ``[j * block_size, (j + 1) * block_size)``.
+        mask: bool ``[B, 1, T, M * block_size]``, True = may attend (key index = position in the sequence).
+        scale: score multiplier.
+
+    Returns:
+        ``[B, Hq, T, D]`` in ``q.dtype``: :func:`attention` over the gathered keys and values.
+    """
+    return attention(q, paged_gather(key_pool, block_tables), paged_gather(value_pool, block_tables), mask, scale)
 
 
 def _act(x: Tensor, name: str) -> Tensor:
