@@ -109,6 +109,10 @@ class CharTokenizer:
     def __len__(self):
         return VOCAB
 
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=False):
+        text = "".join(f"{m['role'][0]} {m['content']}." for m in messages) + ("a " if add_generation_prompt else "")
+        return self.encode(text) if tokenize else text
+
 
 def fake_engine(num_blocks=64, block_size=4, max_num_seqs=4, max_model_len=64, eos_bias=0.0, tokenizer=None,
                 **kw):
@@ -491,10 +495,32 @@ def test_sampling_params_either_validates_or_raises_its_own_error(kwargs):
     assert p.n >= 1 and p.temperature >= 0 and 0 < p.top_p <= 1
 
 
+def fake_llm(**kw):
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=VOCAB, max_position_embeddings=128, eos_token_id=EOS))
+    return LLM(model, CharTokenizer(), runner=FakeRunner(kw.get("num_blocks", 64), kw.get("block_size", 4)),
+               **dict(dict(num_blocks=64, block_size=4, max_num_seqs=2, max_model_len=100, verbose=False), **kw))
+
+
+def test_llm_chat_renders_the_template_and_turn_two_reuses_turn_one():
+    llm = fake_llm()
+    tok = llm.tokenizer
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    (first,) = llm.chat(messages, greedy)
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert first.prompt_token_ids == prompt and first.outputs[0].token_ids == reference(prompt, 8)
+    messages += [{"role": "assistant", "content": first.outputs[0].text}, {"role": "user", "content": "why"}]
+    two = llm.chat([messages, messages[:2]], greedy)
+    assert two[1].outputs[0].token_ids == first.outputs[0].token_ids and two[1].num_cached_tokens >= 16
+    # Turn 2's prompt starts with turn 1's prompt: its full blocks come from the cache.
+    assert two[0].num_cached_tokens >= len(prompt) // 4 * 4
+    with pytest.raises(RequestError, match="messages must be a list"):
+        llm.chat([{"content": "no role"}])
+
+
 def test_llm_generate_keeps_input_order_and_validates_first():
-    engine, _ = fake_engine(max_num_seqs=2)
-    llm = LLM.__new__(LLM)
-    llm.engine, llm._ids = engine, iter(range(100))
+    llm = fake_llm()
+    engine = llm.engine
     prompts = [[4 + i] * (1 + i) for i in range(5)]
     outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=1 + i) for i in range(5)])
     assert [o.prompt_token_ids for o in outs] == prompts
