@@ -16,15 +16,6 @@ BLOCK = 4  # divides none of the prompt lengths below
 MAX_LEN = 64
 
 
-@pytest.fixture(scope="module", params=["dense", "moe"])
-def setup(request):
-    cfg = Qwen2Config(**dict(BASE, **(MOE if request.param == "moe" else {})))
-    model = Qwen2ForCausalLM(cfg, seed=5)
-    cache = PagedKVCache(cfg, num_blocks=64, block_size=BLOCK)
-    runner = PagedModelRunner(model, cache, max_num_seqs=4, max_model_len=MAX_LEN)
-    return model, runner
-
-
 def prompt(n, seed):
     return np.random.default_rng(seed).integers(2, 256, n).tolist()
 
@@ -48,11 +39,16 @@ class Pool:
 class Seq:
     def __init__(self, ids, pool):
         self.ids = list(ids)
-        self.table = pool.take(-(-(len(ids) + 10) // BLOCK))  # room for the tokens these tests generate
+        self.table = pool.take(-(-(len(ids) + 8) // BLOCK))  # room for the tokens these tests generate
         self.out = []
+        self.logits = []  # (context token ids, logits) of every call that produced one of its tokens
 
     def prefill(self, runner, start=0):
-        self.out.append(int(runner.prefill(self.ids[start:], start, self.table).argmax()))
+        self.take(runner.prefill(self.ids[start:], start, self.table))
+
+    def take(self, logits):
+        self.logits.append((self.ids + self.out, logits))
+        self.out.append(int(logits.argmax()))
 
     @property
     def position(self):  # of the token decode feeds next: the last sampled one
@@ -61,90 +57,99 @@ class Seq:
 
 def decode_round(runner, seqs):
     logits = runner.decode([s.out[-1] for s in seqs], [s.position for s in seqs], [s.table for s in seqs])
+    assert logits.dtype == np.float32 and logits.shape == (len(seqs), runner.vocab_size)
     for s, row in zip(seqs, logits):
-        s.out.append(int(row.argmax()))
+        s.take(row)
 
 
-def test_joining_and_leaving_batch_equals_generate_alone(setup):
-    model, runner = setup
-    pool = Pool(64, seed=1)
+@pytest.fixture(scope="module")
+def models():
+    """Built once: each model's generate() graphs then compile once for the whole module."""
+    return {kind: Qwen2ForCausalLM(Qwen2Config(**dict(BASE, **(MOE if kind == "moe" else {}))), seed=5)
+            for kind in ("dense", "moe")}
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def scenario(request, models):
+    """One serving-like run: sequences of different lengths (none a multiple of the block size) decoded together
+    in padded and full batch buckets, joining and leaving between steps, a prefix hit on another sequence's
+    blocks, all tables drawn from a shuffled pool. Compiles one prefill and one decode graph."""
+    model = models[request.param]
+    cache = PagedKVCache(model.config, num_blocks=40, block_size=BLOCK)
+    runner = PagedModelRunner(model, cache, max_num_seqs=4, max_model_len=MAX_LEN)
+    pool = Pool(40, seed=1)
     a, b, c, d = (Seq(prompt(n, seed), pool) for n, seed in ((7, 1), (3, 2), (13, 3), (5, 4)))
-    a.prefill(runner)
-    b.prefill(runner)
+    for s in (a, b, c):
+        s.prefill(runner)
     for _ in range(2):
-        decode_round(runner, [a, b])  # bucket 2
-    c.prefill(runner)  # joins between decode steps
+        decode_round(runner, [a, b, c])  # 3 rows in the 4-row bucket
+    d.prefill(runner)  # joins between decode steps
     for _ in range(2):
-        decode_round(runner, [c, a, b])  # 3 rows padded to bucket 4, in another order
-    d.prefill(runner)
-    decode_round(runner, [a, b, c, d])
-    for _ in range(3):
-        decode_round(runner, [d, a])  # b and c left
-    decode_round(runner, [d])
-    for s in (a, b, c, d):
-        assert s.out == expected(model, s.ids, len(s.out)), s.ids
-    assert len(a.out) == 9 and len(b.out) == 6 and len(c.out) == 4 and len(d.out) == 6
-    assert len(set(a.out + c.out)) > 2  # the comparison is between varied tokens, not one repeated id
-
-
-def test_prefix_hit_reuses_blocks(setup):
-    model, runner = setup
-    pool = Pool(64, seed=7)
-    first = Seq(prompt(10, 11), pool)
-    first.prefill(runner)
+        decode_round(runner, [c, a, d, b])  # full bucket, another row order
+    # b leaves. e shares c's first 8 tokens: its table starts with c's first two blocks and only the rest of
+    # its prompt is prefilled, from position 8.
+    e = Seq(c.ids[:8] + prompt(6, 5), pool)
+    e.table = c.table[:2] + e.table[2:]
+    e.prefill(runner, start=8)
     for _ in range(2):
-        decode_round(runner, [first])
-    # A second prompt sharing the first 8 tokens (two full blocks): its table starts with those blocks,
-    # and only the rest is prefilled, from position 8.
-    second = Seq(first.ids[:8] + prompt(6, 12), pool)
-    shared = first.table[:2]
-    second.table = shared + second.table[2:]
-    logits = runner.prefill(second.ids[8:], 8, second.table)
-    second.out.append(int(logits.argmax()))
-    for _ in range(4):
-        decode_round(runner, [second, first])
-    assert second.out == expected(model, second.ids, 5)
-    assert first.out == expected(model, first.ids, 7)  # its shared blocks were read, never overwritten
-    full = model(np.array([second.ids])).logits.asnumpy()[0, -1]
-    np.testing.assert_allclose(logits, full, atol=1e-5, rtol=0)
+        decode_round(runner, [d, e, a, c])
+    decode_round(runner, [e, a, d])  # c left
+    return model, runner, {"a": a, "b": b, "c": c, "d": d, "e": e}
 
 
-def test_logits_match_the_full_forward(setup):
-    model, runner = setup
-    pool = Pool(64, seed=3)
-    seqs = [Seq(prompt(n, 20 + n), pool) for n in (9, 17, 2)]  # 17 tokens: the 32-token prefill bucket
-    for s in seqs:
-        logits = runner.prefill(s.ids, 0, s.table)
-        ref = model(np.array([s.ids])).logits.asnumpy()[0, -1]
-        np.testing.assert_allclose(logits, ref, atol=1e-5, rtol=0)
-        s.out.append(int(logits.argmax()))
-    for _ in range(3):
-        logits = runner.decode([s.out[-1] for s in seqs], [s.position for s in seqs], [s.table for s in seqs])
-        for s, row in zip(seqs, logits):
-            ref = model(np.array([s.ids + s.out])).logits.asnumpy()[0, -1]
-            np.testing.assert_allclose(row, ref, atol=1e-5, rtol=0)
-            s.out.append(int(row.argmax()))
-    assert logits.dtype == np.float32 and logits.shape == (3, 256)
+@pytest.mark.slow
+def test_each_sequence_equals_generate_alone(scenario):
+    model, _, seqs = scenario
+    for name, s in seqs.items():
+        assert s.out == expected(model, s.ids, len(s.out)), name
+    assert [len(s.out) for s in seqs.values()] == [8, 5, 7, 6, 4]
+    assert len(set(seqs["a"].out + seqs["c"].out)) > 3  # varied tokens, not one id repeated
 
 
-def test_short_tables_and_graph_reuse(setup):
-    """Tables need only cover the positions in use; a new request mix of the same buckets compiles nothing."""
-    model, runner = setup
+def test_logits_match_the_full_forward(scenario):
+    model, _, seqs = scenario
+    # e: the prefix hit's prefill and decodes; a: its prefill, a padded-bucket decode, the last decode
+    for name, calls in (("e", seqs["e"].logits), ("a", [seqs["a"].logits[i] for i in (0, 1, -1)])):
+        for context, logits in calls:
+            ref = model(np.array([context])).logits.asnumpy()[0, -1]
+            np.testing.assert_allclose(logits, ref, atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_new_mixes_compile_nothing_and_tables_may_be_short(scenario):
+    """A new request mix in built buckets compiles nothing; a table need only cover the positions in use."""
+    model, runner, _ = scenario
     from mindspore.graph import api as ms_graph_api
 
-    pool = Pool(64, seed=9)
-    s, t = Seq(prompt(6, 30), pool), Seq(prompt(11, 31), pool)
+    compiled = len(ms_graph_api.ms_compile_cache)
+    pool = Pool(40, seed=9)
+    s, t, u = Seq(prompt(6, 30), pool), Seq(prompt(11, 31), pool), Seq(prompt(2, 32), pool)
     s.table = s.table[:2]  # positions 0..7
+    for q in (s, t, u):
+        q.prefill(runner)
+    decode_round(runner, [s, t, u])
+    decode_round(runner, [u, s, t])  # position 7 of s: the last slot of its second block
+    s.table = s.table + pool.take(1)  # position 8 needs a third block
+    decode_round(runner, [t, s, u])
+    assert len(ms_graph_api.ms_compile_cache) == compiled
+    for q in (s, t, u):
+        assert q.out == expected(model, q.ids, len(q.out))
+
+
+@pytest.mark.slow
+def test_small_batch_buckets(models):
+    """Buckets 1 and 2 (and a non-power-of-two top bucket) give the same tokens as generate."""
+    model = models["dense"]
+    runner = PagedModelRunner(model, PagedKVCache(model.config, num_blocks=12, block_size=5), max_num_seqs=3,
+                              max_model_len=20)
+    assert runner.decode_buckets == [1, 2, 3] and runner.prefill_buckets == [16, 20]
+    pool = Pool(12, seed=2)
+    s, t = Seq(prompt(9, 40), pool), Seq(prompt(4, 41), pool)
+    s.table, t.table = pool.take(3), pool.take(2)
     s.prefill(runner)
     decode_round(runner, [s])
-    decode_round(runner, [s])  # position 7: the last slot of block 2
-    compiled = len(ms_graph_api.ms_compile_cache)  # buckets 1 (decode) and 16 (prefill) are built now
     t.prefill(runner)
-    decode_round(runner, [t])
-    s.table = s.table + pool.take(1)  # position 8 needs a third block
-    decode_round(runner, [s])
-    assert len(ms_graph_api.ms_compile_cache) == compiled
-    assert s.out == expected(model, s.ids, 4) and t.out == expected(model, t.ids, 2)
+    decode_round(runner, [t, s])
+    assert s.out == expected(model, s.ids, 3) and t.out == expected(model, t.ids, 2)
 
 
 def test_sizes():
