@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from qwen2ms.generation import GenerationConfigError
 from qwen2ms.serving import LLM, LLMEngine, RequestError, SamplingParams, SamplingParamsError
+from qwen2ms.serving.engine import EngineStepError
 from qwen2ms.serving.block_manager import BlockManager, block_hash
 from qwen2ms.serving.params import CompletionText
 
@@ -557,3 +558,49 @@ def test_random_workloads_with_aborts_end_with_an_empty_pool():
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.stats().num_blocks_used == 0 and engine.stats().num_waiting == 0
+
+
+def test_generated_blocks_are_cached_for_the_next_turn():
+    engine, runner = fake_engine(block_size=4, eos_bias=-100.0)
+    prompt = list(range(4, 10))  # 6 tokens
+    reply = run(engine, {0: [("t1", prompt, SamplingParams(temperature=0, max_tokens=11))]})["t1"].outputs[0].token_ids
+    # 6 + 11 tokens, the last never fed: 16 computed = four full blocks, two of them filled by decoding.
+    follow = prompt + reply + [20, 21]
+    out = run(engine, {0: [("t2", follow, SamplingParams(temperature=0, max_tokens=3))]})["t2"]
+    assert out.num_cached_tokens == 16
+    assert out.outputs[0].token_ids == reference(follow, 3, eos_bias=-100.0)
+
+
+class FailingRunner(FakeRunner):
+    fail_on = "decode"
+
+    def decode(self, tokens, positions, block_tables):
+        if self.fail_on == "decode":
+            raise RuntimeError("device lost")
+        return super().decode(tokens, positions, block_tables)
+
+    def prefill(self, token_ids, start, block_table):
+        if self.fail_on == "prefill" and token_ids[0] == 40:
+            raise RuntimeError("bad prefill")
+        return super().prefill(token_ids, start, block_table)
+
+
+def test_a_model_failure_aborts_its_requests_and_the_engine_keeps_serving():
+    engine, _ = fake_engine()
+    runner = engine.runner = FailingRunner(64, 4)
+    p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request("a", [5, 6], p)
+    engine.add_request("b", [7], p.clone(max_tokens=1))  # finishes in its prefill, before the decode fails
+    with pytest.raises(EngineStepError, match="'a'") as info:
+        engine.step()
+    assert info.value.request_ids == ["a"] and isinstance(info.value, RuntimeError)
+    assert engine.stats().num_blocks_used == 0
+    runner.fail_on = "prefill"
+    engine.add_request("c", [40, 41], p)
+    engine.add_request("d", [8, 9], p)
+    with pytest.raises(EngineStepError, match="'c'"):
+        engine.step()
+    runner.fail_on = None
+    done = run(engine, {})
+    assert sorted(done) == ["b", "d"] and done["b"].outputs[0].token_ids == reference([7], 1, eos=())
+    assert done["d"].outputs[0].token_ids == reference([8, 9], 4, eos=())

@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence as Seq, Tuple, Union
 
 import numpy as np
 
+from ..errors import Qwen2msError
 from ..generation.generate import resolve_config
 from .block_manager import BlockManager
 from .outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
@@ -14,12 +15,24 @@ from .params import (CompletionText, RequestError, SamplingParams, SamplingParam
                      vocab_limit_of)
 from .scheduler import Scheduler, Sequence
 
-__all__ = ["LLMEngine"]
+__all__ = ["LLMEngine", "EngineStepError"]
 
 
 
 def _size(nbytes: int) -> str:
     return f"{nbytes / (1 << 20):.1f} MiB" if nbytes >= 1 << 20 else f"{nbytes / 1024:.1f} KiB"
+
+
+class EngineStepError(Qwen2msError, RuntimeError):
+    """The model failed during :meth:`LLMEngine.step`; the requests it was running then are aborted.
+
+    Attributes:
+        request_ids: the aborted requests (they produce no further output).
+    """
+
+    def __init__(self, message: str, request_ids: List[str]):
+        super().__init__(message)
+        self.request_ids = request_ids
 
 
 class _Request:
@@ -137,6 +150,7 @@ class LLMEngine:
         self.eos_token_ids: List[int] = resolved.eos_token_ids
         self.vocab_limit = vocab_limit_of(self.tokenizer, self.vocab_size)
         self._requests: Dict[str, _Request] = {}
+        self._changed: Dict[str, _Request] = {}
         self._arrivals = itertools.count()
         self._prompt_tokens = 0
         self._generation_tokens = 0
@@ -238,6 +252,7 @@ class LLMEngine:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in ids:
             req = self._requests.pop(rid, None)
+            self._changed.pop(rid, None)
             if req is None:
                 continue
             for seq in req.seqs:
@@ -288,7 +303,16 @@ class LLMEngine:
             self.scheduler.finish(seq, reason, stop_reason)
 
     def _sample(self, seq: Sequence, logits: np.ndarray) -> int:
-        return seq.request.samplers[seq.seq_id](seq.token_ids, logits)
+        sampler = seq.request.samplers[seq.seq_id]
+        # Only the processors read the ids (repetition penalty, min_tokens): skip the O(length) copy otherwise.
+        return sampler(seq.token_ids if sampler.processors else (), logits)
+
+    def _fail(self, seqs: List[Sequence], error: BaseException) -> "EngineStepError":
+        """Abort the requests of ``seqs`` after the model failed on them, so that the engine stays usable."""
+        ids = list(dict.fromkeys(s.request.request_id for s in seqs))
+        self.abort_request(ids)
+        return EngineStepError(f"the model failed on request(s) {ids}, which were aborted (their blocks are "
+                               f"free; the engine keeps serving the others): {type(error).__name__}: {error}", ids)
 
     def step(self) -> List[RequestOutput]:
         """Run one scheduling round (admissions with their prefill, then one batched decode).
@@ -296,8 +320,13 @@ class LLMEngine:
         Returns:
             A :class:`RequestOutput` for every request that got new tokens or finished in this step, with its
             cumulative text and ids; ``finished`` is True in exactly one of a request's outputs.
+
+        Raises:
+            EngineStepError: the model raised; the requests it ran are aborted (named in the error), the
+                tokens other requests got earlier in this step are kept and reported by the next step.
         """
-        changed: Dict[str, _Request] = {}
+        # Kept on the engine: if the model raises, what earlier sequences of this step got is reported next step.
+        changed = self._changed
         sched = self.scheduler
         while True:
             # One at a time: a sequence's prefill registers its full blocks before the next one looks for hits
@@ -311,20 +340,28 @@ class LLMEngine:
                 req.num_cached_tokens = cached
                 self._prompt_tokens += len(req.prompt_ids)
             tokens = seq.token_ids
-            logits = self.runner.prefill(tokens[cached:], cached, self.blocks.block_table(seq.seq_id))
+            try:
+                logits = self.runner.prefill(tokens[cached:], cached, self.blocks.block_table(seq.seq_id))
+            except Exception as e:
+                raise self._fail([seq], e) from e
             seq.num_computed = len(tokens)
             self.blocks.mark_computed(seq.seq_id, tokens, seq.num_computed)
             self._append(seq, self._sample(seq, logits), time.time(), changed)
         batch = sched.prepare_decode()
         if batch:
-            logits = self.runner.decode([s.output_ids[-1] for s in batch], [s.num_tokens - 1 for s in batch],
-                                        [self.blocks.block_table(s.seq_id) for s in batch])
+            try:
+                logits = self.runner.decode([s.output_ids[-1] for s in batch], [s.num_tokens - 1 for s in batch],
+                                            [self.blocks.block_table(s.seq_id) for s in batch])
+            except Exception as e:
+                raise self._fail(batch, e) from e
             now = time.time()
             for row, seq in enumerate(batch):
                 seq.num_computed = seq.num_tokens
-                self.blocks.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed)
+                if seq.num_computed % self.block_size == 0:  # a block just filled up: it can be cached
+                    self.blocks.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed)
                 self._append(seq, self._sample(seq, logits[row]), now, changed)
         outputs = []
+        self._changed = {}
         for req in changed.values():
             finished = req.finished
             if finished:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Sequence, Union
+
+import numpy as np
 
 from .engine import LLMEngine
 from .outputs import RequestOutput
@@ -119,7 +121,8 @@ class LLM:
         """
         if isinstance(prompts, str):
             prompts = [prompts]
-        elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(i, int) for i in prompts):
+        elif isinstance(prompts, (list, tuple)) and prompts and all(
+                isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in prompts):
             prompts = [list(prompts)]
         prompts = list(prompts)
         return self._run(prompts, self._params_list(sampling_params, len(prompts)), use_tqdm)
