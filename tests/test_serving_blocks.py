@@ -604,3 +604,29 @@ def test_a_model_failure_aborts_its_requests_and_the_engine_keeps_serving():
     done = run(engine, {})
     assert sorted(done) == ["b", "d"] and done["b"].outputs[0].token_ids == reference([7], 1, eos=())
     assert done["d"].outputs[0].token_ids == reference([8, 9], 4, eos=())
+
+
+def test_default_sampling_params_follow_the_models_generation_config():
+    instruct = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1,
+                "eos_token_id": [EOS, 2]}
+    config = SimpleNamespace(vocab_size=VOCAB, max_position_embeddings=128, eos_token_id=EOS)
+    model = SimpleNamespace(config=config, generation_config_dict=instruct)
+    engine = LLMEngine(model, runner=FakeRunner(64, 4), num_blocks=64, block_size=4, verbose=False)
+    p = engine.default_sampling_params(max_tokens=5)
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.max_tokens) == (0.7, 0.8, 20, 1.1, 5)
+    assert engine.eos_token_ids == [EOS, 2]
+    greedy_model = SimpleNamespace(config=config, generation_config_dict={"repetition_penalty": 1.5})
+    llm = LLM(greedy_model, runner=FakeRunner(64, 4), num_blocks=64, block_size=4, verbose=False)
+    assert llm.engine.default_sampling_params().temperature == 0.0
+    # LLM.generate without params decodes greedily with the config's repetition penalty, as model.generate does.
+    (out,) = llm.generate([[4, 5, 6]])
+    ctx, want = [4, 5, 6], []
+    for _ in range(16):
+        scores = context_logits(ctx)
+        seen = np.unique(ctx)
+        scores[seen] = np.where(scores[seen] < 0, scores[seen] * 1.5, scores[seen] / 1.5)
+        want.append(int(np.argmax(scores)))
+        ctx.append(want[-1])
+        if want[-1] == EOS:
+            break
+    assert out.outputs[0].token_ids == want

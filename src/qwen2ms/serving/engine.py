@@ -147,6 +147,7 @@ class LLMEngine:
         self.blocks = BlockManager(self.num_blocks, self.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.max_num_seqs)
         resolved = resolve_config(None, model, self.tokenizer)
+        self._generation_config = resolved
         self.eos_token_ids: List[int] = resolved.eos_token_ids
         self.vocab_limit = vocab_limit_of(self.tokenizer, self.vocab_size)
         self._requests: Dict[str, _Request] = {}
@@ -162,6 +163,26 @@ class LLMEngine:
                         f"{'on' if enable_prefix_caching else 'off'}")
         if verbose:
             print(self.summary)
+
+    def default_sampling_params(self, **overrides: Any) -> SamplingParams:
+        """SamplingParams with the model's own decoding defaults (its generation_config.json, as ``generate``).
+
+        Qwen2-Instruct ships ``do_sample`` with temperature 0.7, top_p 0.8, top_k 20 and repetition_penalty
+        1.05-1.1; a config without ``do_sample`` gives greedy decoding (temperature 0), with its repetition
+        penalty kept, as in ``model.generate``. Fields vLLM has and the config does not set keep vLLM's
+        defaults (``max_tokens=16``).
+
+        Example:
+            >>> engine.default_sampling_params(max_tokens=64)  # doctest: +SKIP
+            SamplingParams(n=1, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, max_tokens=64, ...)
+        """
+        cfg = self._generation_config
+        values: Dict[str, Any] = dict(temperature=0.0 if cfg.is_greedy else float(cfg.temperature),
+                                      repetition_penalty=float(cfg.repetition_penalty))
+        if not cfg.is_greedy:
+            values.update(top_p=float(cfg.top_p), top_k=int(cfg.top_k) or -1)
+        values.update(overrides)
+        return SamplingParams(**values)
 
     # ------------------------------------------------------------------ requests in
     def _prompt_ids(self, prompt: Union[str, Seq[int]]) -> Tuple[Optional[str], List[int]]:

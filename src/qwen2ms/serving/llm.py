@@ -93,11 +93,10 @@ class LLM:
             engine.abort_request(ids)  # after an error: nothing of this call stays queued (finished ids: no-op)
         return [done[rid] for rid in ids]
 
-    @staticmethod
-    def _params_list(sampling_params: Union[SamplingParams, Sequence[SamplingParams], None], count: int
+    def _params_list(self, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None], count: int
                      ) -> List[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams()] * count
+            return [self.engine.default_sampling_params()] * count
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * count
         params = list(sampling_params)
@@ -113,7 +112,8 @@ class LLM:
 
         Args:
             prompts: a string, a list of strings, a list of token ids (one prompt), or a list of id lists.
-            sampling_params: one for all prompts or one per prompt; default ``SamplingParams()``.
+            sampling_params: one for all prompts or one per prompt; default the model's decoding settings
+                (:meth:`LLMEngine.default_sampling_params`).
             use_tqdm: show a progress bar of finished requests.
 
         Raises:
