@@ -630,3 +630,23 @@ def test_default_sampling_params_follow_the_models_generation_config():
         if want[-1] == EOS:
             break
     assert out.outputs[0].token_ids == want
+
+
+_junk = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=4)),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=2), inner, max_size=2),
+                     max_leaves=8)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.one_of(_junk, st.lists(st.integers(-3, VOCAB + 3), max_size=70)), st.one_of(st.text(max_size=3), _junk))
+def test_add_request_accepts_or_names_the_problem(prompt, request_id):
+    engine, _ = fake_engine(num_blocks=8, block_size=4, max_model_len=40)
+    try:
+        engine.add_request(request_id, prompt, SamplingParams(temperature=0, max_tokens=4))
+    except (RequestError, SamplingParamsError) as e:
+        assert str(e)
+        assert not engine.has_unfinished_requests() and engine.stats().num_waiting == 0
+        return
+    assert isinstance(request_id, str) and request_id
+    done = run(engine, {})
+    assert len(done[request_id].outputs[0].token_ids) <= 4
