@@ -466,6 +466,8 @@ def test_engine_sizes_and_startup_line(capsys):
     (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(stop_token_ids=5), "stop_token_ids"),
     (dict(ignore_eos=1), "ignore_eos must be True or False"), (dict(seed=-3), "seed must"),
     (dict(skip_special_tokens=None), "skip_special_tokens"), (dict(max_tokens=True), "max_tokens"),
+    (dict(presence_penalty=2.5), "presence_penalty must be a number in \\[-2, 2\\]"),
+    (dict(frequency_penalty=float("inf")), "frequency_penalty"),
 ])
 def test_sampling_params_errors_name_the_field_and_range(kwargs, field):
     with pytest.raises(SamplingParamsError, match=field):
@@ -650,3 +652,21 @@ def test_add_request_accepts_or_names_the_problem(prompt, request_id):
     assert isinstance(request_id, str) and request_id
     done = run(engine, {})
     assert len(done[request_id].outputs[0].token_ids) <= 4
+
+
+def test_presence_and_frequency_penalties_push_the_reply_off_its_own_tokens():
+    prompt = [4, 5, 6]
+    engine, _ = fake_engine(eos_bias=-100.0)
+    plain = SamplingParams(temperature=0, max_tokens=12)
+    done = run(engine, {0: [("plain", prompt, plain), ("pen", prompt, plain.clone(frequency_penalty=2.0,
+                                                                                   presence_penalty=2.0))]})
+    ctx, want = list(prompt), []
+    for _ in range(12):
+        scores = context_logits(ctx, -100.0)
+        ids, counts = np.unique(want, return_counts=True)
+        if len(want):
+            scores[ids] -= 2.0 * counts + 2.0
+        want.append(int(np.argmax(scores)))
+        ctx.append(want[-1])
+    assert done["pen"].outputs[0].token_ids == want != done["plain"].outputs[0].token_ids
+    assert SamplingParams(presence_penalty=1).presence_penalty == 1.0

@@ -14,7 +14,8 @@ from ..generation.sampling import greedy, make_rng, sample
 from ..generation.stopping import RowText, StopStrings
 from ..generation.streamers import make_detokenizer
 
-__all__ = ["SamplingParams", "SamplingParamsError", "RequestError", "SequenceSampler", "CompletionText", "vocab_limit_of"]
+__all__ = ["SamplingParams", "SamplingParamsError", "RequestError", "OutputPenalties", "SequenceSampler", "CompletionText",
+           "vocab_limit_of"]
 
 
 class SamplingParamsError(GenerationConfigError):
@@ -40,6 +41,8 @@ class SamplingParams:
         top_p: nucleus mass in (0, 1] (1 disables).
         top_k: keep the k most likely tokens (-1 or 0 disables).
         repetition_penalty: CTRL penalty on prompt and generated ids (> 0; 1 disables).
+        presence_penalty: subtracted once from the logit of every id already generated ([-2, 2]; OpenAI's).
+        frequency_penalty: subtracted from an id's logit per time it was generated ([-2, 2]; OpenAI's).
         max_tokens: most tokens to generate (>= 1); None: until the engine's ``max_model_len``.
         min_tokens: eos and ``stop_token_ids`` are suppressed until this many tokens were generated.
         stop: a string or strings; generation stops when the text contains one, and the returned text ends
@@ -59,6 +62,8 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     max_tokens: Optional[int] = 16
     min_tokens: int = 0
     stop: Optional[Union[str, List[str]]] = None
@@ -72,8 +77,9 @@ class SamplingParams:
             self.stop = list(self.stop)
         if isinstance(self.stop_token_ids, tuple):
             self.stop_token_ids = list(self.stop_token_ids)
-        if _is_int(self.temperature):
-            self.temperature = float(self.temperature)
+        for name in ("temperature", "presence_penalty", "frequency_penalty"):
+            if _is_int(getattr(self, name)):
+                setattr(self, name, float(getattr(self, name)))
         self.validate()
 
     @property
@@ -102,6 +108,10 @@ class SamplingParams:
         if not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0:
             raise err(f"repetition_penalty must be a finite number > 0 (1.0 disables it), "
                       f"got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                raise err(f"{name} must be a number in [-2, 2] (0 disables it), got {value!r}")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise err(f"max_tokens must be an integer >= 1 or None (up to the context length), got {self.max_tokens!r}")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
@@ -145,6 +155,33 @@ class SamplingParams:
                                 eos_token_id=[int(i) for i in eos_token_ids], seed=self.seed)
 
 
+class OutputPenalties:
+    """OpenAI's presence and frequency penalties on the generated ids (vLLM's arithmetic), a logits processor.
+
+    ``score[id] -= frequency * count(id) + presence * (count(id) > 0)`` with counts over ``input_ids[:,
+    prompt_len:]``; like the repetition penalty it runs before temperature, top-k and top-p.
+
+    Example:
+        >>> OutputPenalties(1, presence=0.5, frequency=1.0)(np.array([[0, 2, 2]]), np.zeros((1, 3), np.float32))
+        array([[ 0. ,  0. , -2.5]], dtype=float32)
+    """
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float):
+        self.prompt_len = int(prompt_len)
+        self.presence = np.float32(presence)
+        self.frequency = np.float32(frequency)
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        out = np.array(scores, dtype=np.float32, copy=True)
+        vocab = out.shape[-1]
+        for b in range(out.shape[0]):
+            ids, counts = np.unique(np.asarray(input_ids[b, self.prompt_len:], dtype=np.int64), return_counts=True)
+            keep = (ids >= 0) & (ids < vocab)
+            ids, counts = ids[keep], counts[keep]
+            out[b, ids] -= self.frequency * counts.astype(np.float32) + self.presence
+        return out
+
+
 class SequenceSampler:
     """Picks one sequence's next tokens: generation's processors in HF's order, then greedy or seeded sampling.
 
@@ -164,7 +201,10 @@ class SequenceSampler:
                  vocab_limit: Optional[int] = None, index: int = 0):
         blocked = ([] if params.ignore_eos else list(eos_token_ids)) + list(params.stop_token_ids or [])
         config = params.to_generation_config(max_new_tokens, list(dict.fromkeys(blocked)))
-        self.processors = build_processors(config, prompt_len, vocab_limit)
+        extra = []
+        if params.presence_penalty or params.frequency_penalty:
+            extra.append(OutputPenalties(prompt_len, params.presence_penalty, params.frequency_penalty))
+        self.processors = build_processors(config, prompt_len, vocab_limit, extra=extra)
         self.is_greedy = params.is_greedy
         seed = params.seed
         self.rng = make_rng(seed if seed is None or index == 0 else [seed, index])
