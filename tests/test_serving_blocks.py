@@ -447,6 +447,11 @@ def test_engine_sizes_and_startup_line(capsys):
     assert line.startswith("qwen2ms serving: KV cache 39 blocks x 8 tokens") and "max_model_len 100" in line
     engine = LLMEngine(model, runner=FakeRunner(1, 1), kv_cache_memory=10 * 4096 + 5, verbose=False)
     assert engine.num_blocks == 10 and engine.max_model_len == 128 and "40.0 KiB" in engine.summary
+    big = SimpleNamespace(config=SimpleNamespace(vocab_size=VOCAB, max_position_embeddings=32768, eos_token_id=EOS))
+    runner = FakeRunner(1, 1)
+    runner.bytes_per_block = 16 * 12 << 10  # Qwen2-0.5B in float32: 12 KiB per token
+    capped = LLMEngine(big, runner=runner, verbose=False)  # 16 x 32768 tokens would take 6 GiB
+    assert capped.kv_cache_bytes <= 4 << 30 and capped.num_blocks == (4 << 30) // runner.bytes_per_block
     with pytest.raises(ValueError, match="max_model_len 200 exceeds"):
         LLMEngine(model, runner=FakeRunner(1, 1), max_model_len=200)
     with pytest.raises(ValueError, match="max_num_seqs must be a positive integer"):

@@ -15,8 +15,13 @@ from .params import (CompletionText, RequestError, SamplingParams, SamplingParam
                      vocab_limit_of)
 from .scheduler import Scheduler, Sequence
 
-__all__ = ["LLMEngine", "EngineStepError"]
+__all__ = ["LLMEngine", "EngineStepError", "DEFAULT_KV_CACHE_MEMORY"]
 
+
+
+#: The KV pool's default ceiling in bytes when neither ``num_blocks`` nor ``kv_cache_memory`` is given (vLLM's
+#: default KV space on CPU).
+DEFAULT_KV_CACHE_MEMORY = 4 << 30
 
 
 def _size(nbytes: int) -> str:
@@ -79,7 +84,8 @@ class LLMEngine:
             then prompts are token ids and outputs carry ids only).
         block_size: tokens per KV block.
         num_blocks: the KV pool size in blocks; default from ``kv_cache_memory``, else enough for
-            ``max_num_seqs`` sequences of ``max_model_len`` tokens.
+            ``max_num_seqs`` sequences of ``max_model_len`` tokens but at most
+            :data:`DEFAULT_KV_CACHE_MEMORY` (4 GiB).
         kv_cache_memory: bytes to give the KV pool (used when ``num_blocks`` is None).
         max_num_seqs: most sequences decoded together.
         max_model_len: most tokens per sequence (prompt and generated); default the model's
@@ -136,6 +142,9 @@ class LLMEngine:
                                      f"{self.block_size} tokens takes {block_bytes} bytes")
             else:
                 num_blocks = self.max_num_seqs * -(-max_model_len // self.block_size)
+                if block_bytes:
+                    # Qwen2's 32k context times 16 sequences would be 12 GiB for 0.5B in float32: cap the default.
+                    num_blocks = max(1, min(num_blocks, DEFAULT_KV_CACHE_MEMORY // block_bytes))
         self.num_blocks = int(num_blocks)
         if runner is None:
             from ..modeling.paged import PagedKVCache, PagedModelRunner
