@@ -52,7 +52,7 @@ __all__ = [
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 LIB_NAME = "libqwen2ms_kernels.so"
 _SOURCES = ("common.h", "pool.h", "norm.cpp", "rope.cpp", "swiglu.cpp", "linear.cpp", "embedding.cpp", "attention.cpp",
-            "kvcache.cpp")
+            "kvcache.cpp", "paged_attention.cpp")
 _build_lock = threading.Lock()
 
 
@@ -477,6 +477,11 @@ class CpuKernels:
         self._kv_write = custom("KvCacheWrite", lambda kc, vc, k, v, p: [1], lambda kc, vc, k, v, p: ms.int32)
         self._kv_write.add_prim_attr("side_effect_mem", True)
 
+        # --- Paged KV cache (serving): in-place slot write, attention through block tables (inference only) ---
+        self._paged_write = custom("PagedCacheWrite", lambda kp, vp, k, v, s: [1], lambda kp, vp, k, v, s: ms.int32)
+        self._paged_write.add_prim_attr("side_effect_mem", True)
+        self._paged_attention = custom("PagedAttention", lambda q, kp, vp, bt, m, s: q, first_dtype)
+
         # --- Embedding -----------------------------------------------------------------------------------
         def embedding_shape(ids, table, *rest):
             return list(ids) + [table[1]]
@@ -661,6 +666,21 @@ class CpuKernels:
             ordered after the write.
         """
         return self._kv_write(k_cache, v_cache, key, value, start)
+
+    def paged_cache_write(self, key_pool, value_pool, key, value, slot_mapping):
+        """Write ``key``/``value`` ``[B, H, T, D]`` into pools ``[N, block_size, H, D]`` at ``slot_mapping``
+        (int32 ``[B * T]``, ``block * block_size + offset``) in place; slots outside the pool are skipped.
+
+        Returns:
+            An int32 ``[1]`` token: read the pools through ``ops.depend(pool, token)``.
+        """
+        return self._paged_write(key_pool, value_pool, key, value, slot_mapping)
+
+    def paged_attention(self, q, key_pool, value_pool, block_tables, mask, scale: float):
+        """GQA attention of ``q`` ``[B, Hq, T, D]`` over pools ``[N, block_size, Hkv, D]`` read through
+        ``block_tables`` (int32 ``[B, M]``) with a bool ``mask`` ``[B, 1, T, M * block_size]``; the reference's
+        semantics (:func:`qwen2ms.ops.reference.paged_attention`). A block id outside the pool fails the call."""
+        return self._paged_attention(q, key_pool, value_pool, block_tables, mask, ms.Tensor([scale], ms.float32))
 
     def swiglu(self, gate, up):
         """``silu(gate) * up`` elementwise (gate and up of one shape).
@@ -1010,3 +1030,17 @@ class CpuOps(ReferenceOps):
         """In-place kernel write of the new rows only (the reference copies the whole cache per token)."""
         token = self.kernels.kv_cache_write(k_cache, v_cache, key, value, start)
         return ops.depend(k_cache, token), ops.depend(v_cache, token)
+
+    def paged_cache_write(self, key_pool, value_pool, key, value, slot_mapping):
+        """In-place kernel write of the new tokens' rows only (the reference scatters through a copy)."""
+        token = self.kernels.paged_cache_write(key_pool, value_pool, key, value, slot_mapping)
+        return ops.depend(key_pool, token), ops.depend(value_pool, token)
+
+    def paged_attention(self, q, key_pool, value_pool, block_tables, mask, scale):
+        """Up to 16 query tokens (decoding): one kernel reading K/V through the block tables in place, each
+        cached row loaded once per kv head group. More (prefill): the blocks are gathered once and the
+        blocked attention kernel runs, its cost amortised over the query rows. The choice depends only on
+        static shapes."""
+        if q.shape[2] > _KERNEL_MAX_ROWS:
+            return ReferenceOps.paged_attention(self, q, key_pool, value_pool, block_tables, mask, scale)
+        return self.kernels.paged_attention(q, key_pool, value_pool, block_tables, mask, scale)
