@@ -103,11 +103,12 @@ def check_greedy_parity(model, engine, moe):
     assert len({len(o.outputs[0].token_ids) for o in done.values()}) > 3
 
 
+@pytest.mark.slow  # compiles the engine's five graphs (shared with the tests below) and generate's two
 def test_greedy_equals_generate_alone_with_prefix_hits_and_preemption(dense):
     check_greedy_parity(*dense, moe=False)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # its own model: three engine graphs and generate's two
 def test_moe_greedy_equals_generate_alone_with_prefix_hits_and_preemption():
     model = tiny_model(moe=True)
     check_greedy_parity(model, LLMEngine(model, verbose=False, **SHAPES[True]), moe=True)
