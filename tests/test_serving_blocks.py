@@ -427,6 +427,10 @@ def test_add_request_errors_name_the_problem():
         engine.add_request("x", [5, 48], SamplingParams())
     with pytest.raises(RequestError, match="needs a tokenizer"):
         engine.add_request("x", "text", SamplingParams())
+    engine.tokenizer = SimpleNamespace(encode=lambda text: [5, 1000])
+    with pytest.raises(RequestError, match="token id 1000 is outside .* \\(the tokenizer does not match the model\\)"):
+        engine.add_request("x", "text", SamplingParams())
+    engine.tokenizer = None
     with pytest.raises(SamplingParamsError, match="stop strings need a tokenizer"):
         engine.add_request("x", [5], SamplingParams(stop="."))
     with pytest.raises(SamplingParamsError, match="stop_token_ids has id 99"):

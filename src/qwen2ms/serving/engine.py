@@ -198,17 +198,19 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("a text prompt needs a tokenizer: pass tokenizer= to the engine, or give token ids")
-            return prompt, [int(i) for i in self.tokenizer.encode(prompt)]
-        if isinstance(prompt, np.ndarray):
-            prompt = prompt.tolist()
-        if not isinstance(prompt, (list, tuple)) or not all(
-                isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in prompt):
-            raise RequestError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        ids = [int(i) for i in prompt]
+            text, ids = prompt, [int(i) for i in self.tokenizer.encode(prompt)]
+        else:
+            if isinstance(prompt, np.ndarray):
+                prompt = prompt.tolist()
+            if not isinstance(prompt, (list, tuple)) or not all(
+                    isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in prompt):
+                raise RequestError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+            text, ids = None, [int(i) for i in prompt]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise RequestError(f"prompt token id {bad[0]} is outside the model's vocabulary [0, {self.vocab_size})")
-        return None, ids
+            raise RequestError(f"prompt token id {bad[0]} is outside the model's vocabulary [0, {self.vocab_size})"
+                               + (" (the tokenizer does not match the model)" if text is not None else ""))
+        return text, ids
 
     def add_request(self, request_id: str, prompt: Union[str, Seq[int]], params: Optional[SamplingParams] = None,
                     arrival_time: Optional[float] = None) -> None:
