@@ -86,3 +86,14 @@ def test_bad_construction():
     with pytest.raises(ValueError, match="dynamic-NTK RoPE"):
         PagedModelRunner(dyn, cache, max_num_seqs=2, max_model_len=16)
     assert np.all(np.asarray(cache.key_pools[0].asnumpy()) == 0)
+
+
+def test_sliding_window_model_on_the_ascend_backend_is_refused():
+    from qwen2ms.ops.ascend import AscendOps
+
+    cfg = Qwen2Config(**dict(CFG, use_sliding_window=True, sliding_window=8, max_window_layers=1))
+    model = Qwen2ForCausalLM(cfg)
+    assert model.model.has_sliding
+    model.ops_impl = AscendOps(prims=object())  # only its name is read: nothing runs
+    with pytest.raises(ValueError, match="sliding-window attention layers cannot be served .* 'ascend'"):
+        PagedModelRunner(model, PagedKVCache(cfg, num_blocks=4), max_num_seqs=2, max_model_len=16)

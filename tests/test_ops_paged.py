@@ -116,3 +116,116 @@ def test_paged_cache_write_kernel_equals_reference(compiled, pool_dt, new_dt):
         np.testing.assert_array_equal(got_cpu, got_ref)
     np.testing.assert_array_equal(results[0][0], want)  # the returned pool
     np.testing.assert_array_equal(results[0][2], want)  # the Parameter itself, written in place
+
+
+# --- Ascend mapping (no Ascend hardware here: recording fakes implement the primitives' documented semantics) ---
+class PagedFakePrims:
+    """``ops.reshape_and_cache`` and ``ops.PagedAttention`` as documented for MindSpore 2.10, recording their calls,
+    on top of test_ops_ascend's fakes (flash/incremental attention for the prefill path)."""
+
+    def __init__(self):
+        from test_ops_ascend import FakePrims
+
+        self.base = FakePrims()
+        self.calls = self.base.calls
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def reshape_and_cache(self, key, value, key_cache, value_cache, slot_mapping):
+        self.calls.append(("reshape_and_cache", (key, value, key_cache, value_cache, slot_mapping), {}))
+        n, h, d = key.shape
+        assert key_cache.ndim == 4 and key_cache.shape[2:] == (h, d) and slot_mapping.shape == (n,)
+        assert key.dtype == key_cache.dtype == value.dtype == value_cache.dtype and slot_mapping.dtype == ms.int32
+        bs = key_cache.shape[1]
+        for new, cache in ((key, key_cache), (value, value_cache)):
+            arr = cache.asnumpy().copy()
+            for i, slot in enumerate(slot_mapping.asnumpy()):
+                arr[slot // bs, slot % bs] = new.asnumpy()[i]
+            cache.set_data(Tensor(arr))  # in place, as the primitive writes the cache Parameters
+        return key
+
+    def PagedAttention(self, head_num, scale_value, kv_head_num, kv_cache_quant_mode="DEFAULT",
+                       mask_mode="MASK_DEFAULT", mla_v_dim=0):
+        calls = self.calls
+
+        def run(query, key_cache, value_cache, block_tables, context_lens):
+            calls.append(("PagedAttention", (query, key_cache, value_cache, block_tables, context_lens),
+                          dict(head_num=head_num, scale_value=scale_value, kv_head_num=kv_head_num)))
+            n, nh, d = query.shape
+            assert nh == head_num and key_cache.shape[2] == kv_head_num and block_tables.dtype == ms.int32
+            assert context_lens.dtype == ms.int32 and context_lens.shape == (n,)
+            kc, vc, bt, lens = _np(key_cache), _np(value_cache), block_tables.asnumpy(), context_lens.asnumpy()
+            bs, rep = kc.shape[1], head_num // kv_head_num
+            out = np.zeros((n, nh, d))
+            for i in range(n):  # token i attends to its sequence's keys [0, context_lens[i])
+                pos = np.arange(lens[i])
+                k = kc[bt[i, pos // bs], pos % bs]  # [L, Hkv, D]
+                v = vc[bt[i, pos // bs], pos % bs]
+                for h in range(nh):
+                    s = _np(query)[i, h] @ k[:, h // rep].T * scale_value
+                    p = np.exp(s - s.max())
+                    out[i, h] = (p / p.sum()) @ v[:, h // rep]
+            return Tensor(out.astype(np.float32)).astype(query.dtype)
+
+        return run
+
+
+def _pools(tag, base, dt):
+    return [Parameter(_t(base, dt), name=f"{w}{tag}", requires_grad=False) for w in "kv"]
+
+
+@pytest.mark.parametrize("dt", ["float16", "bfloat16"])
+def test_ascend_decode_maps_to_reshape_and_cache_and_paged_attention(dt):
+    from qwen2ms.ops.ascend import AscendOps
+
+    fake = PagedFakePrims()
+    impl = AscendOps(fake)
+    b, hq, hkv, d, num_blocks = 3, 6, 2, 16, 12
+    base = rng.standard_normal((num_blocks, BS, hkv, d))
+    key, value, q = (rng.standard_normal((b, h, 1, d)) for h in (hkv, hkv, hq))
+    tables = np.random.default_rng(4).permutation(num_blocks)[:b * 3].reshape(b, 3).astype(np.int32)
+    positions = np.array([9, 0, 5])
+    slots = (tables[np.arange(b), positions // BS] * BS + positions % BS).astype(np.int32)
+    mask = Tensor((np.arange(3 * BS).reshape(1, -1) <= positions.reshape(-1, 1)).reshape(b, 1, 1, -1))
+    ref_dt = "float32" if dt == "bfloat16" else dt  # bf16 matmuls do not run on CPU
+    results = []
+    for backend, run_dt in (("ascend", dt), ("reference", ref_dt)):
+        kp, vp = _pools(backend + dt, base, dt)
+        if backend == "reference":
+            kp, vp = _pools("ref" + dt, _np(kp), ref_dt)
+            ops_impl = get_ops("reference")
+        else:
+            ops_impl = impl
+        k_pool, v_pool = ops_impl.paged_cache_write(kp, vp, _t(key, run_dt), _t(value, run_dt), Tensor(slots))
+        results.append(ops_impl.paged_attention(_t(_np(_t(q, dt)), run_dt), k_pool, v_pool, Tensor(tables), mask,
+                                                d ** -0.5))
+    got, want = results
+    assert got.shape == (b, hq, 1, d) and got.dtype == getattr(ms, dt)
+    np.testing.assert_allclose(_np(got), _np(want), atol=3e-2 if dt == "bfloat16" else 3e-3)
+    assert [c[0] for c in fake.calls] == ["reshape_and_cache", "PagedAttention"]
+    k_new, _, _, _, slot_arg = fake.calls[0][1]
+    assert k_new.shape == (b, hkv, d) and k_new.dtype == getattr(ms, dt)  # [B*T, Hkv, D] in the pool dtype
+    assert slot_arg.asnumpy().tolist() == slots.tolist()
+    query, _, _, table_arg, lens, = fake.calls[1][1]
+    assert fake.calls[1][2] == dict(head_num=hq, scale_value=pytest.approx(d ** -0.5), kv_head_num=hkv)
+    assert query.shape == (b, hq, d) and table_arg.asnumpy().tolist() == tables.tolist()
+    assert lens.asnumpy().tolist() == (positions + 1).tolist()
+
+
+def test_ascend_paged_prefill_and_float32_use_the_gather_path():
+    from qwen2ms.ops.ascend import AscendOps
+
+    fake = PagedFakePrims()
+    impl = AscendOps(fake)
+    q, kp, vp, tables, mask = _case(b=1, hq=4, hkv=2, t=3, d=16, positions=[9], seed=8)
+    args = (_t(q, "float16"), _t(kp, "float16"), _t(vp, "float16"), Tensor(tables), mask, 0.25)
+    np.testing.assert_allclose(_np(impl.paged_attention(*args)), _np(reference.paged_attention(*args)), atol=3e-3)
+    assert [c[0] for c in fake.calls] == ["flash_attention_score"]  # gathered K/V through the fused attention
+    fake.calls.clear()
+    q, kp, vp, tables, mask = _case(b=2, hq=4, hkv=2, t=1, d=16, positions=[3, 7], seed=9)
+    args = (_t(q), _t(kp), _t(vp), Tensor(tables), mask, 0.25)
+    np.testing.assert_allclose(_np(impl.paged_attention(*args)), _np(reference.paged_attention(*args)), atol=1e-6)
+    pools = _pools("f32asc", kp, "float32")
+    impl.paged_cache_write(*pools, _t(q[:, :2]), _t(q[:, :2]), Tensor(np.array([0, 5], np.int32)))
+    assert fake.calls == []  # float32 stays on the reference

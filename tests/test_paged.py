@@ -152,6 +152,22 @@ def test_small_batch_buckets(models):
     assert s.out == expected(model, s.ids, 3) and t.out == expected(model, t.ids, 2)
 
 
+@pytest.mark.slow
+def test_sliding_window_layers_match_the_full_forward():
+    """Layers that slide (window 5) see only their last 5 positions through the block tables too."""
+    cfg = Qwen2Config(**dict(BASE, use_sliding_window=True, sliding_window=5, max_window_layers=1))
+    model = Qwen2ForCausalLM(cfg, seed=7)
+    assert model.model.layer_sliding == [False, True]
+    runner = PagedModelRunner(model, PagedKVCache(cfg, num_blocks=8, block_size=BLOCK), max_num_seqs=1,
+                              max_model_len=20)
+    s = Seq(prompt(9, 50), Pool(8, seed=5))
+    s.prefill(runner)
+    decode_round(runner, [s])
+    decode_round(runner, [s])
+    for context, logits in s.logits:
+        np.testing.assert_allclose(logits, model(np.array([context])).logits.asnumpy()[0, -1], atol=1e-5, rtol=0)
+
+
 def test_sizes():
     cfg = Qwen2Config.from_preset("qwen2-0.5b")
     assert PagedKVCache.bytes_per_block(cfg, 16, "float32") == 2 * 24 * 16 * 2 * 64 * 4

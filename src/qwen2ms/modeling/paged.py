@@ -172,8 +172,9 @@ class PagedModelRunner:
 
     Raises:
         ValueError: a non-positive size, a cache that does not fit the model, ``max_model_len`` beyond the
-            model's ``max_position_embeddings``, or dynamic-NTK RoPE (its frequencies depend on the longest
-            sequence of a batch, so rows would not be independent).
+            model's ``max_position_embeddings``, dynamic-NTK RoPE (its frequencies depend on the longest
+            sequence of a batch, so rows would not be independent), or sliding-window layers on the Ascend
+            backend.
 
     Example:
         >>> runner = PagedModelRunner(model, cache, max_num_seqs=16, max_model_len=2048)  # doctest: +SKIP
@@ -193,6 +194,10 @@ class PagedModelRunner:
         if model.model.rope_dynamic:
             raise ValueError("dynamic-NTK RoPE scaling cannot be served from a paged cache: its frequencies depend "
                              "on the longest sequence in a batch; use model.generate for this model")
+        if model.model.has_sliding and model.ops_impl.name == "ascend":
+            raise ValueError("sliding-window attention layers cannot be served from a paged cache on the 'ascend' "
+                             "ops backend (its PagedAttention attends to keys [0, context_len)); use ops_backend "
+                             "'reference' for this model")
         if self.max_model_len > config.max_position_embeddings and model.model.rope.kind == "default":
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
                              f"{config.max_position_embeddings}")

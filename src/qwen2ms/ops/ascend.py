@@ -18,6 +18,17 @@ What is fused, and how:
   ``transpose_b=True`` on the HF ``[E, out, in]`` stacks) around ``ops.swiglu``, then
   ``ops.moe_token_unpermute`` weighted by the router probabilities.
 
+* ``paged_cache_write`` (float16/bfloat16 pools) -> ``ops.reshape_and_cache(key, value, key_cache, value_cache,
+  slot_mapping)`` (in place) with the new tokens as ``[B * T, Hkv, D]`` in the pool dtype, pools
+  ``[num_blocks, block_size, Hkv, D]`` and int32 slots ``block * block_size + offset``.
+* ``paged_attention`` for one query token (decoding) with float16/bfloat16 q -> ``ops.PagedAttention(head_num,
+  scale_value, kv_head_num)(query [B, Hq, D], key_cache, value_cache, block_tables, context_lens)`` with
+  ``context_lens`` = 1 + the last key the row's mask shows (at least 1). It attends to keys ``[0, context_len)``,
+  so a mask with holes (a sliding window) cannot be mapped: :class:`qwen2ms.modeling.paged.PagedModelRunner`
+  refuses sliding-window models on this backend. More query tokens (prefill) gather the blocks and use
+  ``attention`` above. MindSpore 2.10 documents both primitives as "no backend implementation in MindSpore, only
+  use to export MindIR and run in MindSpore Lite"; vLLM-MindSpore serves them through its own custom-op package.
+
 Everything else (linear, embedding, masks, router, loss) is the reference, which runs on Ascend.
 
 Not run on Ascend hardware: none of the fused calls above has executed on an NPU. Tests replace the
@@ -104,6 +115,33 @@ class AscendOps(ReferenceOps):
         masked_out = ops.logical_not(ops.broadcast_to(mask, (b, 1, t, s))).astype(ms.uint8)
         return self.p.flash_attention_score(q, k, v, hq, attn_mask=masked_out, scalar_value=float(scale),
                                             input_layout="BNSD", sparse_mode=0)
+
+    def paged_cache_write(self, key_pool, value_pool, key, value, slot_mapping):
+        """ReshapeAndCache into float16/bfloat16 pools, in place (see the module docstring); float32 pools use the
+        reference."""
+        if key_pool.dtype not in _FUSED_ATTN_DTYPES:
+            return ReferenceOps.paged_cache_write(self, key_pool, value_pool, key, value, slot_mapping)
+        b, h, t, d = key.shape
+        k = key.transpose(0, 2, 1, 3).reshape(b * t, h, d).astype(key_pool.dtype)  # [B*T, Hkv, D]
+        v = value.transpose(0, 2, 1, 3).reshape(b * t, h, d).astype(value_pool.dtype)
+        token = self.p.reshape_and_cache(k, v, key_pool, value_pool, slot_mapping.astype(ms.int32))
+        return ops.depend(key_pool, token), ops.depend(value_pool, token)
+
+    def paged_attention(self, q, key_pool, value_pool, block_tables, mask, scale):
+        """PagedAttention for one query token in float16/bfloat16 (see the module docstring); otherwise the
+        reference's gather followed by :meth:`attention`."""
+        if q.shape[2] != 1 or q.dtype not in _FUSED_ATTN_DTYPES:
+            return ReferenceOps.paged_attention(self, q, key_pool, value_pool, block_tables, mask, scale)
+        b, hq, _, d = q.shape
+        hkv = key_pool.shape[2]
+        s = mask.shape[-1]
+        # Keys [0, context_len): one past the last key the mask shows; padding rows (nothing shown) read one key.
+        last = ops.amax(mask.reshape(b, s).astype(ms.int32) * ops.arange(1, s + 1, dtype=ms.int32).reshape(1, s), -1)
+        context_lens = ops.maximum(last, ops.ones_like(last))
+        attend = self.p.PagedAttention(hq, float(scale), hkv)
+        out = attend(q.reshape(b, hq, d), key_pool.astype(q.dtype), value_pool.astype(q.dtype),
+                     block_tables.astype(ms.int32), context_lens)
+        return out.reshape(b, hq, 1, d)
 
     def moe_experts(self, x, gate_up, down, top_index, top_weights, act="silu"):
         """Permute tokens by expert, two grouped matmuls around SwiGLU, unpermute with the router weights."""
