@@ -14,8 +14,8 @@ from ..generation.sampling import greedy, make_rng, sample
 from ..generation.stopping import RowText, StopStrings
 from ..generation.streamers import make_detokenizer
 
-__all__ = ["SamplingParams", "SamplingParamsError", "RequestError", "OutputPenalties", "SequenceSampler", "CompletionText",
-           "vocab_limit_of"]
+__all__ = ["SamplingParams", "SamplingParamsError", "RequestError", "OutputPenalties", "SequenceSampler",
+           "CompletionText", "vocab_limit_of"]
 
 
 class SamplingParamsError(GenerationConfigError):
