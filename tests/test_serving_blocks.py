@@ -537,7 +537,7 @@ def test_llm_generate_keeps_input_order_and_validates_first():
     outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=1 + i) for i in range(5)])
     assert [o.prompt_token_ids for o in outs] == prompts
     assert [len(o.outputs[0].token_ids) <= 1 + i for i, o in enumerate(outs)] == [True] * 5
-    single = llm.generate(np.array([4, 5, 6]).tolist(), SamplingParams(temperature=0, max_tokens=3), use_tqdm=True)
+    single = llm.generate(list(np.array([4, 5, 6])), SamplingParams(temperature=0, max_tokens=3), use_tqdm=True)
     assert len(single) == 1 and single[0].prompt_token_ids == [4, 5, 6]
     with pytest.raises(SamplingParamsError, match="one per prompt"):
         llm.generate(prompts, [SamplingParams()])
