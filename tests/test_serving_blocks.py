@@ -580,6 +580,10 @@ def test_generated_blocks_are_cached_for_the_next_turn():
     out = run(engine, {0: [("t2", follow, SamplingParams(temperature=0, max_tokens=3))]})["t2"]
     assert out.num_cached_tokens == 16
     assert out.outputs[0].token_ids == reference(follow, 3, eos_bias=-100.0)
+    engine.reset_prefix_cache()
+    assert engine.stats().num_blocks_cached == 0
+    again = run(engine, {0: [("t3", follow, SamplingParams(temperature=0, max_tokens=3))]})["t3"]
+    assert again.num_cached_tokens == 0 and again.outputs[0].token_ids == out.outputs[0].token_ids
 
 
 class FailingRunner(FakeRunner):

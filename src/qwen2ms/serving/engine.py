@@ -414,6 +414,10 @@ class LLMEngine:
         return RequestOutput(req.request_id, req.prompt, list(req.prompt_ids), completions, finished,
                              req.num_cached_tokens or 0, metrics)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the cached KV blocks no sequence holds (benchmarks measure cold prefills after this)."""
+        self.blocks.reset_prefix_cache()
+
     def stats(self) -> EngineStats:
         """Counts of queued and running sequences, KV blocks and tokens (a snapshot)."""
         sched, bm = self.scheduler, self.blocks
