@@ -53,7 +53,8 @@ def test_help_is_quiet_fast_and_lists_every_command():
     assert r.returncode == 0
     assert r.stderr == ""  # MindSpore's import-time deprecation WARNING used to land here
     names = list(build_parser()._subparsers._group_actions[0].choices)
-    assert set(names) == {"demo", "generate", "chat", "convert", "alpaca-convert", "preprocess", "finetune", "plan"}
+    assert set(names) == {"demo", "generate", "chat", "serve", "convert", "alpaca-convert", "preprocess", "finetune",
+                          "plan"}
     description = r.stdout.split("positional arguments")[0]
     for name in names:
         assert name in description, name  # the summary line used to omit plan and finetune
@@ -169,6 +170,14 @@ def test_ctrl_c_exits_130_quietly(monkeypatch, capsys):
     (["preprocess", "--input", "a", "--tokenizer", "b", "--output", "c", "--seq-length", "0"], ">= 2"),
     (["plan", "--model", "qwen2-7b", "--devices", "0"], ">= 1"),
     (["plan", "--model", "qwen2-7b", "--devices", "1", "--device-memory", "nan"], "> 0"),
+    (["serve", "m", "--port", "0"], "[1, 65535]"),
+    (["serve", "m", "--port", "http"], "port number"),
+    (["serve", "m", "--port", "70000"], "[1, 65535]"),
+    (["serve", "m", "--max-num-seqs", "0"], ">= 1"),
+    (["serve", "m", "--max-model-len", "1"], ">= 2"),
+    (["serve", "m", "--kv-cache-memory", "lots"], "2GB"),
+    (["serve", "m", "--log-level", "loud"], "invalid choice"),
+    (["serve"], "required: model"),
     (["no-such-command"], "invalid choice"),
 ])
 def test_bad_arguments_are_one_line_before_any_work(argv, words, capsys):
@@ -348,6 +357,59 @@ def test_ctrl_c_in_chat(monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", ctrl_c_at_the_prompt)
     assert main(["chat", "--max-new-tokens", "4"]) == 130
     assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------------------------------- serve
+def test_serve_refuses_settings_that_cannot_work_before_loading(capsys):
+    import socket
+
+    assert main(["serve", "demo", "--api-key", " "]) == 2
+    assert "--api-key is empty" in one_error_line(capsys.readouterr().err, "serve")
+    assert main(["serve", "demo", "--num-blocks", "8", "--kv-cache-memory", "1MB"]) == 2
+    assert "give one of them" in one_error_line(capsys.readouterr().err, "serve")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "demo", "--port", str(port)]) == 2
+        line = one_error_line(capsys.readouterr().err, "serve")
+        assert f"cannot listen on 127.0.0.1:{port}" in line and "--port" in line
+    assert main(["serve", "demo", "--host", "no-such-host.invalid"]) == 2
+    assert "--host 'no-such-host.invalid'" in one_error_line(capsys.readouterr().err, "serve")
+
+
+def test_serve_checks_the_context_against_the_model(capsys):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert main(["serve", "demo", "--max-model-len", "100000", "--port", str(port)]) == 2
+    assert "max_position_embeddings 4096" in one_error_line(capsys.readouterr().err, "serve")
+    from qwen2ms.cli import _engine_kwargs
+
+    args = build_parser().parse_args(["serve", "demo", "--max-model-len", "5000"])
+    with pytest.raises(ValueError, match="--max-model-len 5000 is more than the model's context"):
+        _engine_kwargs(args, 4096)
+    args = build_parser().parse_args(["serve", "demo", "--no-prefix-caching", "--kv-cache-memory", "2MiB"])
+    assert _engine_kwargs(args, 4096) == {"max_num_seqs": 16, "max_model_len": 4096, "block_size": 16,
+                                          "enable_prefix_caching": False, "kv_cache_memory": 2 * 2 ** 20}
+
+
+def test_serve_without_its_extra_names_the_install(monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_fastapi(name, *args, **kwargs):
+        if name.split(".")[0] in ("fastapi", "uvicorn"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_fastapi)
+    assert main(["serve", "demo"]) == 2
+    line = one_error_line(capsys.readouterr().err, "serve")
+    assert "fastapi, uvicorn" in line and "pip install 'qwen2ms[serve]'" in line
 
 
 # ---------------------------------------------------------------------------------------------- finetune

@@ -1,9 +1,10 @@
-"""The ``qwen2ms`` command line: demo, generate, chat, convert, alpaca-convert, preprocess, finetune and plan."""
+"""The ``qwen2ms`` command line: demo, generate, chat, serve, alpaca-convert, preprocess, convert, finetune and plan."""
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -14,7 +15,7 @@ from .errors import Qwen2msError  # no MindSpore: --help stays fast
 # WARNINGs at import time unless GLOG_v asks for errors only.
 os.environ.setdefault("GLOG_v", "3")
 
-__all__ = ["main", "build_parser", "EXIT_ERROR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_BROKEN_PIPE"]
+__all__ = ["main", "build_parser", "EngineChat", "EXIT_ERROR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_BROKEN_PIPE"]
 
 #: Exit code of a user mistake (bad argument, missing or unreadable file, unloadable model, bad config), as argparse.
 EXIT_ERROR = 2
@@ -414,6 +415,71 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+class EngineChat:
+    """``model.chat`` on an :class:`~qwen2ms.serving.LLMEngine` with prefix caching: the KV blocks of the
+    earlier turns stay cached, so each turn prefills only the tokens it adds (its user message, and the
+    previous reply as the chat template renders it).
+
+    Sampling follows ``model.chat``: the checkpoint's generation config plus the given overrides, and a
+    reply ends at eos or ``<|im_end|>``; greedy replies equal ``model.chat``'s.
+
+    Args:
+        model: a ``Qwen2ForCausalLM`` with a tokenizer.
+        max_context: tokens of history plus reply (the engine's ``max_model_len``).
+        engine: an engine to use instead of building one (one sequence, a pool of ``max_context`` tokens).
+    """
+
+    def __init__(self, model, max_context: int, engine=None):
+        from .serving import LLMEngine
+        from .serving.server import chat_stop_ids
+
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.engine = engine if engine is not None else LLMEngine(model, model.tokenizer, max_num_seqs=1,
+                                                                  max_model_len=max_context, verbose=False)
+        self.stop_token_ids = chat_stop_ids(self.tokenizer)
+        self.last = None  #: the last finished turn's RequestOutput (``num_cached_tokens``: its prefix-cache hit)
+        self._turns = 0
+
+    def sampling_params(self, **gen):
+        """SamplingParams equal to what ``model.chat(**gen)`` samples with."""
+        from .generation.generate import resolve_config
+        from .serving import SamplingParams
+
+        cfg = resolve_config(None, self.model, self.tokenizer, **gen)
+        return SamplingParams(temperature=cfg.temperature if cfg.do_sample else 0.0, top_p=cfg.top_p,
+                              top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty,
+                              max_tokens=cfg.max_new_tokens, min_tokens=cfg.min_new_tokens, seed=cfg.seed,
+                              stop=cfg.stop_strings, stop_token_ids=self.stop_token_ids or None)
+
+    def chat(self, messages: List[Dict[str, str]], streamer=None, **gen) -> str:
+        """Reply to ``messages``, streaming text pieces to ``streamer`` (``put``/``end``); ctrl-C aborts the reply
+        (its blocks are freed) and propagates."""
+        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        params = self.sampling_params(**gen)
+        self._turns += 1
+        rid = f"chat-{self._turns}"
+        engine = self.engine
+        engine.add_request(rid, [int(i) for i in ids], params)
+        shown, final = 0, None
+        try:
+            while final is None:
+                for out in engine.step():
+                    text = out.outputs[0].text
+                    if streamer is not None and len(text) > shown:
+                        streamer.put(text[shown:])
+                    shown = max(shown, len(text))
+                    if out.finished:
+                        final = out
+        except BaseException:
+            engine.abort_request(rid)
+            raise
+        if streamer is not None:
+            streamer.end()
+        self.last = final
+        return final.outputs[0].text
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     if args.system_prompt is not None:
         _check_text(args.system_prompt, "--system-prompt")
@@ -428,7 +494,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         raise _CommandError(f"--max-new-tokens {gen['max_new_tokens']} leaves no room for the conversation in a "
                             f"{max_context}-token context; use at most {max_context - 1} (or raise --max-context)")
     print("qwen2ms chat: /clear forgets the conversation, /exit leaves.")
-    chat_loop(model, args.system_prompt, gen, max_context)
+    chat_loop(EngineChat(model, max_context), args.system_prompt, gen, max_context)
     return 0
 
 
@@ -446,6 +512,100 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=_int_at_least(0), default=None, help=">= 0 (0: off)")
     p.add_argument("--repetition-penalty", type=_number(0.0, low_open=True), default=None, help="> 0 (1: off)")
     p.add_argument("--seed", type=_int_at_least(0), default=None)
+
+
+# ------------------------------------------------------------------------------------------ serve
+def _kv_memory(text: str) -> int:
+    from .checkpoint.convert import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 2GB, 512MiB or a number of bytes, got {text!r}") \
+            from None
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number in [1, 65535], got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [1, 65535], got {value}")
+    return value
+
+
+def _engine_kwargs(args: argparse.Namespace, limit: int) -> Dict[str, object]:
+    """LLMEngine settings from the serve/chat flags, checked against the model's context ``limit``."""
+    if args.max_model_len is not None and args.max_model_len > limit:
+        raise _CommandError(f"--max-model-len {args.max_model_len} is more than the model's context "
+                            f"(max_position_embeddings {limit}); use at most {limit}")
+    out: Dict[str, object] = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len or limit,
+                              "block_size": args.block_size, "enable_prefix_caching": not args.no_prefix_caching}
+    if args.num_blocks is not None:
+        out["num_blocks"] = args.num_blocks
+    if args.kv_cache_memory is not None:
+        out["kv_cache_memory"] = args.kv_cache_memory
+    return out
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serving.server import ServingDependencyError, _require_serve_deps
+
+    try:
+        _require_serve_deps()  # before the model loads: a missing extra fails in a second, not a minute
+    except ServingDependencyError as e:
+        raise _CommandError(str(e)) from None
+    if args.api_key is not None and not args.api_key.strip():
+        raise _CommandError("--api-key is empty; give the key clients must send, or leave the flag out")
+    if args.num_blocks is not None and args.kv_cache_memory is not None:
+        raise _CommandError("--num-blocks and --kv-cache-memory both size the KV pool; give one of them")
+    _check_port_free(args.host, args.port)
+    model = load_model(args.model, args.dtype, args.tokenizer)
+    from .serving import LLMEngine
+    from .serving.server import default_sampling_from, run_server
+
+    engine = LLMEngine(model, model.tokenizer, **_engine_kwargs(args, int(model.config.max_position_embeddings)))
+    name = args.served_model_name or args.model
+    key_note = ", API key required" if args.api_key else ""
+    print(f"qwen2ms serve: {name!r} on http://{args.host}:{args.port}/v1 (OpenAI API{key_note}); "
+          "ctrl-C or SIGTERM finishes the running requests, then stops", flush=True)
+    stopped_by = run_server(engine, name, host=args.host, port=args.port, api_key=args.api_key,
+                            default_sampling=default_sampling_from(model), log_level=args.log_level)
+    return EXIT_INTERRUPTED if signal.SIGINT in stopped_by else 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Bind once before the model loads, so a busy port or a wrong address fails in a second, not after a minute."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise _CommandError(f"--host {host!r} is not an address of this machine: {e.strerror}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise _CommandError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port (or stop what "
+                                "uses it) or another --host") from None
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-num-seqs", type=_int_at_least(1), default=16,
+                   help="sequences decoded together (default 16)")
+    p.add_argument("--max-model-len", type=_int_at_least(2), default=None,
+                   help="prompt + completion tokens per request (default: max_position_embeddings)")
+    p.add_argument("--block-size", type=_int_at_least(1), default=16, help="tokens per KV-cache block (default 16)")
+    p.add_argument("--num-blocks", type=_int_at_least(1), default=None,
+                   help="KV-cache blocks in the pool (default: enough for max-num-seqs full-length sequences, "
+                        "or --kv-cache-memory)")
+    p.add_argument("--kv-cache-memory", type=_kv_memory, default=None, metavar="SIZE",
+                   help="KV-cache pool size in bytes or like 2GB / 512MiB (instead of --num-blocks)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="prefill every prompt in full (no reuse of shared prefixes)")
 
 
 # ------------------------------------------------------------------------------------------ finetune
@@ -531,6 +691,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=_int_at_least(2), default=None,
                    help="tokens of history + reply kept (default: max_position_embeddings); oldest turns drop first")
     p.set_defaults(func=_cmd_chat)
+
+    p = add("serve", "an OpenAI-compatible HTTP server (continuous batching, paged KV cache, prefix caching)")
+    p.add_argument("model", help="checkpoint folder, hub id, .gguf file, or 'demo' (a tiny random-weight model)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder or hub id, or 'builtin' (default: the one next to the weights)")
+    p.add_argument("--dtype", type=_dtype, default=None, metavar="{float32,float16,bfloat16}",
+                   help="weight dtype (default: as stored)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("QWEN2MS_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $QWEN2MS_API_KEY; none: open)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL as given)")
+    _add_engine_args(p)
+    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info",
+                   help="uvicorn's log level (default info)")
+    p.set_defaults(func=_cmd_serve)
 
     p = add("convert", "HF safetensors folder <-> MindSpore checkpoint (HF or MindFormers names), streaming")
     p.add_argument("src", help="--to ms: HF folder or hub id; --to hf: a MindSpore .ckpt/.safetensors file or a "
