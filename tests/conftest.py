@@ -5,6 +5,8 @@ os.environ.setdefault("GLOG_v", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib
+import fcntl
 import json
 import shutil
 from pathlib import Path
@@ -68,6 +70,50 @@ def qwen2_tokenizer_dir(tmp_path_factory, qwen_bpe_dir):
     shutil.copy(qwen_bpe_dir / "merges.txt", out / "merges.txt")
     (out / "tokenizer_config.json").write_text(json.dumps(qwen2_tokenizer_config(), indent=2))
     return out
+
+
+def session_dir(tmp_path_factory, name):
+    """A folder shared by every pytest-xdist worker of this run (the run's base temp folder, not a worker's)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # each worker's base temp is <run root>/popen-gwN
+    folder = root / name
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@contextlib.contextmanager
+def session_lock(folder):
+    """Hold an exclusive lock on ``folder`` across the xdist workers, so one of them does the shared work."""
+    with open(folder / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def kernel_library(tmp_path_factory):
+    """``kernel_library(flags=None)``: the kernel library built with these compiler flags, compiled once per run.
+
+    Every build (~35 CPU seconds) used to be repeated by each test module that checks it. The default flags
+    resolve to the library the models load (``build_kernels()``'s own cache: same sources, flags and compiler
+    hash to the same file); any other flags are compiled during this run into a folder every worker shares.
+    test_ops_cpu.py::test_build_is_cached_by_source_hash still compiles into an empty folder of its own.
+    """
+    from qwen2ms.ops import cpu
+
+    folder = session_dir(tmp_path_factory, "kernel_builds")
+
+    def build(flags=None):
+        flags = list(flags) if flags is not None else cpu.compiler_flags()
+        with session_lock(folder):
+            if flags == cpu.compiler_flags():
+                return cpu.build_kernels(flags=flags)
+            return cpu.build_kernels(cache_dir=folder, flags=flags)
+
+    return build
 
 
 @pytest.fixture(scope="module")

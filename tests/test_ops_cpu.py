@@ -18,9 +18,8 @@ TOL = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}
 
 
 @pytest.fixture(scope="module")
-def kernels(tmp_path_factory):
-    lib = build_kernels(cache_dir=tmp_path_factory.mktemp("kcache"))
-    return CpuKernels(lib)
+def kernels(kernel_library):
+    return CpuKernels(kernel_library())
 
 
 def _t(a, dt="float32"):
@@ -373,9 +372,9 @@ def test_compiler_flags_follow_cpu_features():
     assert "-mavx2" not in portable and "-O3" in portable and "-pthread" in portable
 
 
-def test_build_without_avx512_matches(tmp_path):
+def test_build_without_avx512_matches(kernel_library):
     """The linear path a CPU without AVX-512 builds (256-bit on AVX2 CPUs, scalar otherwise), checked here too."""
-    k = CpuKernels(build_kernels(cache_dir=tmp_path, flags=cpu.compiler_flags(cpu._cpu_flags() - {"avx512f"})))
+    k = CpuKernels(kernel_library(cpu.compiler_flags(cpu._cpu_flags() - {"avx512f"})))
     x, w = rng.standard_normal((3, 96)), rng.standard_normal((11, 96))
     for dt in ("float32", "bfloat16", "float16"):
         _close(_np(k.linear(_t(x, dt), _t(w, dt))), _rounded(x, dt) @ _rounded(w, dt).T, dt)
@@ -387,9 +386,9 @@ def test_build_without_avx512_matches(tmp_path):
         _close(_np(y), x @ part.T, "float32")
 
 
-def test_portable_build_without_avx_matches(tmp_path):
+def test_portable_build_without_avx_matches(kernel_library):
     """The scalar fallback (no AVX2/F16C: software fp16 conversion) computes the same values."""
-    lib = build_kernels(cache_dir=tmp_path, flags=cpu.compiler_flags({"sse2"}))
+    lib = kernel_library(cpu.compiler_flags({"sse2"}))
     k = CpuKernels(lib)
     x, w = rng.standard_normal((3, 37)), rng.standard_normal((11, 37))
     for dt in ("float16", "bfloat16"):

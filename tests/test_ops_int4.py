@@ -9,7 +9,7 @@ from qwen2ms import Qwen2Config  # noqa: E402
 from qwen2ms.modeling import Qwen2ForCausalLM  # noqa: E402
 from qwen2ms.modeling.quantize import quantize_weights  # noqa: E402
 from qwen2ms.ops import cpu, reference  # noqa: E402
-from qwen2ms.ops.cpu import CpuKernels, CpuOps, QuantizedWeight, build_kernels, quantize_int4  # noqa: E402
+from qwen2ms.ops.cpu import CpuKernels, CpuOps, QuantizedWeight, quantize_int4  # noqa: E402
 from qwen2ms.ops.dispatch import ReferenceOps  # noqa: E402
 from test_ops_model import IDS, MASK, _greedy  # noqa: E402  (the int8 model tests' prompts, greedy loop)
 
@@ -21,8 +21,8 @@ rng = np.random.default_rng(4)
 
 
 @pytest.fixture(scope="module")
-def kernels(tmp_path_factory):
-    return CpuKernels(build_kernels(cache_dir=tmp_path_factory.mktemp("kcache")))
+def kernels(kernel_library):
+    return CpuKernels(kernel_library())
 
 
 def _t(a, dt="float32"):
@@ -215,19 +215,19 @@ def _check_build(k):
         _close(_np(y), x @ dn.T, "float32")
 
 
-def test_int4_build_without_avx512_matches(tmp_path):
-    _check_build(CpuKernels(build_kernels(cache_dir=tmp_path, flags=cpu.compiler_flags(cpu._cpu_flags() - {"avx512f"}))))
+def test_int4_build_without_avx512_matches(kernel_library):
+    _check_build(CpuKernels(kernel_library(cpu.compiler_flags(cpu._cpu_flags() - {"avx512f"}))))
 
 
-def test_int4_portable_build_without_avx_matches(tmp_path):
-    _check_build(CpuKernels(build_kernels(cache_dir=tmp_path, flags=cpu.compiler_flags({"sse2"}))))
+def test_int4_portable_build_without_avx_matches(kernel_library):
+    _check_build(CpuKernels(kernel_library(cpu.compiler_flags({"sse2"}))))
 
 
-def test_int4_avx512_build_compiles(tmp_path):
+def test_int4_avx512_build_compiles(kernel_library):
     """The 512-bit path runs only where the CPU has AVX-512 (then the default build above tested it); here it
     must at least compile, so an AVX-512 machine never meets a build error first."""
     flags = cpu.compiler_flags({"avx2", "fma", "f16c", "avx512f", "avx512bw"})
-    lib = build_kernels(cache_dir=tmp_path, flags=flags)
+    lib = kernel_library(flags)
     assert lib.is_file()
     if {"avx512f", "avx512bw"} <= cpu._cpu_flags():
         _check_build(CpuKernels(lib))
