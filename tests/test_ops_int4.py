@@ -288,30 +288,6 @@ def test_quantize_weights_validates_and_falls_back_to_int8():
     assert quantize_weights(model, bits=4) == 0  # already quantised: untouched
 
 
-# Measured on the random 0.5B shape, max |int4 - bf16| logit over 40 teacher-forced positions and the whole
-# vocabulary: 1.38 (groups of 32) and 1.81 (128), mean 0.21 and 0.26 (int8, groups of 128: 0.14 max). The logits
-# have std ~0.6, so random-weight int4 moves them by about a third of their spread: 8/40 (g32) and 4/40 (g128)
-# argmaxes stayed equal, near-ties being the rule on random weights.
-INT4_05B_LOGIT_TOL = {32: 1.6, 128: 2.1}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("group", [32, 128])
-def test_int4_qwen2_0_5b_shape_logit_error_bound(group):
-    """At the real 0.5B shape, teacher-forced logits of the int4 model stay within the stated bound of bf16's."""
-    cfg = Qwen2Config.from_preset("qwen2-0.5b")
-    model = Qwen2ForCausalLM(cfg, dtype="bfloat16", seed=0, ops_backend="cpu")
-    ids = np.random.default_rng(0).integers(0, 151643, size=(1, 40))
-    want = model(ids).logits.asnumpy()[0]
-    assert quantize_weights(model, bits=4, group_size=group) > 0
-    got = model(ids).logits.asnumpy()[0]
-    err = np.abs(got - want).max(-1)
-    print(f"int4-{group} vs bf16 at the 0.5B shape: max logit error {err.max():.4f}, mean "
-          f"{np.abs(got - want).mean():.4f}, argmax equal at {(got.argmax(-1) == want.argmax(-1)).sum()}/{len(err)}")
-    assert err.max() <= INT4_05B_LOGIT_TOL[group]
-    assert np.abs(got - want).mean() < 0.5 * want.std()
-
-
 def test_kernel_profile_counts_calls_and_time_when_enabled(tmp_path):
     """$QWEN2MS_KERNEL_PROFILE=1 times every kernel call (read at the first call, so in a fresh process)."""
     import os

@@ -149,36 +149,6 @@ def test_compiled_training_gradients_match_reference():
         assert np.abs(g1[name] - g2[name]).max() <= 1e-4 * max(1.0, np.abs(g2[name]).max()), name
 
 
-# Measured on the random 0.5B shape, max |int8 - bf16| logit over 25 teacher-forced steps and the whole
-# vocabulary: 0.14 with the default groups of 128 (0.17 per channel; bf16 against fp32 weights: 0.033).
-# Its logits have std ~0.6 and top-1/top-2 margins of 0.01-0.5.
-INT8_05B_LOGIT_TOL = 0.2
-
-
-@pytest.mark.slow
-def test_int8_qwen2_0_5b_shape_logit_error_bound():
-    """At the real 0.5B shape, int8 (group 128) logits stay within the stated bound of the bf16 model's.
-
-    Teacher-forced over one 40-token sequence, so both models see the same inputs at every position.
-    Random weights give nearly flat logits (std ~0.6, top-1/top-2 margins 0.01-0.5), so free-running
-    greedy decodes part ways at the first near-tie; greedy equality is tested on the generation parity
-    models above, and benchmarks/bench_decode.py prints the free-running match at this shape.
-    """
-    cfg = Qwen2Config.from_preset("qwen2-0.5b")
-    model = Qwen2ForCausalLM(cfg, dtype="bfloat16", seed=0, ops_backend="cpu")
-    ids = np.random.default_rng(0).integers(0, 151643, size=(1, 40))
-    ref = model(ids).logits.asnumpy()[0]
-    assert quantize_int8_weights(model) > 0
-    got = model(ids).logits.asnumpy()[0]
-    err = np.abs(got - ref).max(-1)
-    print(f"int8 vs bf16 at the 0.5B shape: max logit error {err.max():.4f}, mean {np.abs(got - ref).mean():.4f}, "
-          f"argmax equal at {(got.argmax(-1) == ref.argmax(-1)).sum()}/{len(err)} positions")
-    assert err.max() <= INT8_05B_LOGIT_TOL
-    # Quantisation error, not a broken kernel: the typical error is a small fraction of the logit spread.
-    assert np.abs(got - ref).mean() < 0.05 * ref.std()
-
-
-
 def test_wrapped_projections_leave_the_fused_path_and_keep_the_logits():
     """q/k/v and gate/up run fused only while they are plain Linear cells; a LoRA wrapper (B = 0 at
     first, so the same function) takes its layer back to separate projections with the same logits."""
