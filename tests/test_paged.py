@@ -136,20 +136,24 @@ def test_new_mixes_compile_nothing_and_tables_may_be_short(scenario):
 
 
 @pytest.mark.slow
-def test_small_batch_buckets(models):
-    """Buckets 1 and 2 (and a non-power-of-two top bucket) give the same tokens as generate."""
+def test_small_batch_buckets_and_chunked_prefill(models):
+    """Buckets 1 and 2 (and a non-power-of-two top bucket) give the same tokens as generate; a prompt longer than
+    prefill_chunk is prefilled in chunks, the later ones attending to the earlier through the cache."""
     model = models["dense"]
     runner = PagedModelRunner(model, PagedKVCache(model.config, num_blocks=12, block_size=5), max_num_seqs=3,
-                              max_model_len=20)
-    assert runner.decode_buckets == [1, 2, 3] and runner.prefill_buckets == [16, 20]
+                              max_model_len=20, prefill_chunk=8)
+    assert runner.decode_buckets == [1, 2, 3] and runner.prefill_buckets == [8]
+    assert runner.prefill_table_widths == [2, 4]  # blocks of 5 tokens: the 8-token bucket needs 2
     pool = Pool(12, seed=2)
-    s, t = Seq(prompt(9, 40), pool), Seq(prompt(4, 41), pool)
-    s.table, t.table = pool.take(3), pool.take(2)
+    s, t = Seq(prompt(13, 40), pool), Seq(prompt(4, 41), pool)  # s: chunks of 8 and 5 tokens
+    s.table, t.table = s.table[:4], t.table[:2]  # exactly the blocks of positions 0..19 and 0..9
     s.prefill(runner)
     decode_round(runner, [s])
     t.prefill(runner)
     decode_round(runner, [t, s])
     assert s.out == expected(model, s.ids, 3) and t.out == expected(model, t.ids, 2)
+    for context, logits in s.logits[:1] + t.logits[:1]:
+        np.testing.assert_allclose(logits, model(np.array([context])).logits.asnumpy()[0, -1], atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow

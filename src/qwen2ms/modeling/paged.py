@@ -34,6 +34,8 @@ _pool_ids = iter(range(1 << 62))
 
 #: The shortest prefill bucket: prompts are left-padded to the next power of two at least this long.
 MIN_PREFILL_BUCKET = 16
+#: Default longest prefill call: longer prompts are prefilled in chunks of this many tokens.
+PREFILL_CHUNK = 512
 
 
 def _itemsize(dtype: Any) -> int:
@@ -165,10 +167,14 @@ class PagedModelRunner:
         cache: the :class:`PagedKVCache` (built for the model's config, in its compute dtype).
         max_num_seqs: the most sequences one :meth:`decode` call takes.
         max_model_len: the most positions a sequence may hold (prompt plus generated tokens).
+        prefill_chunk: the most tokens one prefill graph takes; a longer prompt is prefilled in chunks (each
+            chunk attends to the earlier ones through the cache), which bounds prefill memory.
 
-    Graphs: one decode graph per batch bucket (1, 2, 4, ... and ``max_num_seqs``) and one prefill graph per
-    length bucket (16, 32, 64, ... and ``max_model_len``), each compiled on first use; every call pads to its
-    bucket (padding writes to the scratch block and is masked), so no request mix recompiles anything.
+    Graphs: one decode graph per batch bucket (1, 2, 4, ... and ``max_num_seqs``), and prefill graphs per length
+    bucket (16, 32, 64, ... up to ``prefill_chunk``) and block-table width (powers of two times the blocks of the
+    shortest bucket, up to ``max_model_len``'s), each compiled on first use. Every call pads to its buckets
+    (padding writes to the scratch block and is masked), so no request mix recompiles anything. Decode graphs
+    take full-width tables: the CPU kernel reads only each row's blocks up to its position.
 
     Raises:
         ValueError: a non-positive size, a cache that does not fit the model, ``max_model_len`` beyond the
@@ -180,9 +186,11 @@ class PagedModelRunner:
         >>> runner = PagedModelRunner(model, cache, max_num_seqs=16, max_model_len=2048)  # doctest: +SKIP
     """
 
-    def __init__(self, model: Any, cache: PagedKVCache, max_num_seqs: int, max_model_len: int) -> None:
+    def __init__(self, model: Any, cache: PagedKVCache, max_num_seqs: int, max_model_len: int,
+                 prefill_chunk: int = PREFILL_CHUNK) -> None:
         self.max_num_seqs = _positive_int("max_num_seqs", max_num_seqs)
         self.max_model_len = _positive_int("max_model_len", max_model_len)
+        self.prefill_chunk = _positive_int("prefill_chunk", prefill_chunk)
         config = model.config
         if not isinstance(cache, PagedKVCache):
             raise ValueError(f"cache must be a qwen2ms PagedKVCache, got {type(cache).__name__}")
@@ -208,7 +216,12 @@ class PagedModelRunner:
         #: Entries of every block table the graphs take (tables are padded with the scratch block).
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.decode_buckets = _buckets(self.max_num_seqs, 1)
-        self.prefill_buckets = _buckets(self.max_model_len, min(MIN_PREFILL_BUCKET, self.max_model_len))
+        longest = min(self.prefill_chunk, self.max_model_len)
+        self.prefill_buckets = _buckets(longest, min(MIN_PREFILL_BUCKET, longest))
+        # Prefill attends over the blocks its positions need, not max_model_len's: a short prompt in a server with
+        # a long context would otherwise scan (and, gathering, copy) the whole table width per layer.
+        narrowest = min(-(-self.prefill_buckets[0] // self.block_size), self.max_blocks_per_seq)
+        self.prefill_table_widths = _buckets(self.max_blocks_per_seq, narrowest)
         self._scratch_slot = cache.scratch_block * self.block_size
         self._step = None
 
@@ -242,7 +255,16 @@ class PagedModelRunner:
             raise ValueError(f"start {start} + {n} token_ids reaches position {start + n - 1}, beyond max_model_len "
                              f"{self.max_model_len}")
         table = self._table(block_table, start + n - 1, "block_table")
+        logits = None
+        for first in range(0, n, self.prefill_chunk):
+            logits = self._prefill_chunk(ids[first:first + self.prefill_chunk], start + first, table)
+        return logits
+
+    def _prefill_chunk(self, ids: np.ndarray, start: int, table: np.ndarray) -> np.ndarray:
+        n = len(ids)
         bucket = next(b for b in self.prefill_buckets if b >= n)
+        need = (start + n - 1) // self.block_size + 1
+        width = next(w for w in self.prefill_table_widths if w >= need)
         pad = bucket - n
         # Left padding: the last real token is the graph's last row, whose logits are the only ones computed.
         input_ids = np.zeros((1, bucket), np.int32)
@@ -252,8 +274,8 @@ class PagedModelRunner:
         slots = np.full((bucket,), self._scratch_slot, np.int32)
         pos = positions[0, pad:]
         slots[pad:] = table[pos // self.block_size] * self.block_size + pos % self.block_size
-        tables = np.full((1, self.max_blocks_per_seq), self.cache.scratch_block, np.int32)
-        tables[0, :len(table)] = table
+        tables = np.full((1, width), self.cache.scratch_block, np.int32)
+        tables[0, :min(width, len(table))] = table[:width]
         return self._run(input_ids, positions, slots, tables)[0]
 
     def decode(self, tokens: Sequence[int], positions: Sequence[int],

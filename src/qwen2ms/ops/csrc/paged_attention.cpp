@@ -120,7 +120,13 @@ QK_KERNEL(PagedAttention) {
       const int64_t t = u % T, kvh = (u / T) % Hkv, b = u / (T * Hkv);
       const bool *mrow = mask + (b * T + t) * S;
       const int32_t *table = tables + b * M;
-      int64_t e = S;  // keys past the last visible one get probability 0 (a fully masked row keeps all S)
+      // Keys past the last visible one get probability 0 (a fully masked row keeps all S). The table spans
+      // max_model_len, so the invisible tail is skipped eight mask bytes at a time.
+      int64_t e = S;
+      for (uint64_t w = 0; e >= 8; e -= 8) {
+        std::memcpy(&w, mrow + e - 8, 8);
+        if (w) break;
+      }
       while (e > 0 && !mrow[e - 1]) --e;
       if (e == 0) e = S;
       for (int64_t g = 0; g < G; ++g)
