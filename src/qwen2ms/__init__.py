@@ -19,11 +19,13 @@ _EXPORTS = {
     ".training": ("AdamW", "LoraConfig", "NonFiniteLossError", "RunConfigError", "Trainer", "TrainerCallback",
                   "TrainerState", "TrainingArguments", "TrainOutput", "apply_lora", "get_scheduler", "load_adapter",
                   "load_run_config", "merge_and_unload", "run_finetune", "save_adapter"),
+    ".serving": ("LLM", "CompletionOutput", "LLMEngine", "RequestError", "RequestOutput", "SamplingParams",
+                 "SamplingParamsError"),
     ".demo": ("demo_model", "demo_tokenizer"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBPACKAGES = ("checkpoint", "cli", "config", "data", "demo", "dtypes", "errors", "generation", "hub", "modeling",
-                "ops", "parallel", "tokenization", "training")
+                "ops", "parallel", "serving", "tokenization", "training")
 
 
 def __getattr__(name: str):
@@ -87,6 +89,8 @@ if TYPE_CHECKING:  # static analysers read the names from here
         run_finetune,
         save_adapter,
     )
+    from .serving import (LLM, CompletionOutput, LLMEngine, RequestError, RequestOutput, SamplingParams,
+                          SamplingParamsError)
     from .demo import demo_model, demo_tokenizer
 
 __version__ = "0.1.0"
