@@ -157,6 +157,23 @@ def test_small_batch_buckets_and_chunked_prefill(models):
 
 
 @pytest.mark.slow
+def test_reference_ops_backend_writes_and_gathers_through_block_tables():
+    """The reference ops (scatter into the pool, gather through the tables) in a compiled graph, as on GPU."""
+    cfg = Qwen2Config(**BASE)
+    model = Qwen2ForCausalLM(cfg, seed=8, ops_backend="reference")
+    runner = PagedModelRunner(model, PagedKVCache(cfg, num_blocks=12, block_size=BLOCK), max_num_seqs=2,
+                              max_model_len=16)
+    pool = Pool(12, seed=6)
+    s, t = Seq(prompt(5, 60), pool), Seq(prompt(2, 61), pool)
+    s.prefill(runner)
+    t.prefill(runner)
+    decode_round(runner, [s, t])
+    decode_round(runner, [t, s])
+    for context, logits in s.logits + t.logits:
+        np.testing.assert_allclose(logits, model(np.array([context])).logits.asnumpy()[0, -1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
 def test_sliding_window_layers_match_the_full_forward():
     """Layers that slide (window 5) see only their last 5 positions through the block tables too."""
     cfg = Qwen2Config(**dict(BASE, use_sliding_window=True, sliding_window=5, max_window_layers=1))
