@@ -98,7 +98,7 @@ class PagedKVCache(nn.Cell):
 
         Example:
             >>> PagedKVCache.bytes_per_block(Qwen2Config.from_preset("qwen2-0.5b"), 16, "float32")
-            196608
+            393216
         """
         dt = resolve_dtype(dtype) if dtype is not None else ms.float32
         per_layer = int(block_size) * config.num_key_value_heads * config.head_dim * _itemsize(dt)
