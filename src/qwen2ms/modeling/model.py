@@ -65,7 +65,7 @@ from mindspore.common.initializer import initializer
 
 from ..config import Qwen2Config
 from ..dtypes import resolve_dtype
-from ..ops.dispatch import ReferenceOps, get_ops
+from ..ops.dispatch import SILU_NAMES, ReferenceOps, get_ops
 from .cache import KVCache
 from .rope import dynamic_inv_freq, rope_spec
 
@@ -333,8 +333,33 @@ class DecoderLayer(nn.Cell):
             self.mlp = MLP(init, config.hidden_size, config.intermediate_size, config.hidden_act)
         self.input_layernorm = RMSNorm(init, config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(init, config.hidden_size, config.rms_norm_eps)
+        #: Up to how many rows a one-token cached step runs as one backend op for the whole layer (0: never).
+        #: Set from Python (:meth:`Qwen2Model.plan_fused_decode`, before every cached forward) rather than
+        #: worked out in ``construct``: MindSpore would run those checks at run time, not fold them.
+        self.fused_decode_rows = 0
 
     def construct(self, x, cos, sin, mask, cache=None, cache_position=0):
+        b, t, _ = x.shape
+        if (False if cache is None else not cache.paged) and t == 1 and b <= self.fused_decode_rows and (
+                x.dtype == ms.float32):
+            # Decoding one token: the whole layer (both norms, q/k/v, RoPE, cache write, attention, o_proj,
+            # MLP, residual adds) in one backend op, equal to the separate ops; the cache is written in place.
+            attn, mlp = self.self_attn, self.mlp
+            weights = (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
+                       mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+            scales = None
+            if attn.q_proj.weight_scale is not None:
+                scales = (attn.q_proj.weight_scale, attn.k_proj.weight_scale, attn.v_proj.weight_scale,
+                          attn.o_proj.weight_scale, mlp.gate_proj.weight_scale, mlp.up_proj.weight_scale,
+                          mlp.down_proj.weight_scale)
+            biases = None
+            if attn.q_proj.bias is not None:
+                biases = (attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias)
+            x = attn.ops_impl.decode_layer(
+                x, cos, sin, mask, cache.keys[attn.layer_idx], cache.values[attn.layer_idx], cache_position,
+                self.input_layernorm.weight, self.post_attention_layernorm.weight, self.input_layernorm.eps,
+                attn.scale, weights, scales, biases)
+            return x, None
         attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position)
         h, x = self.post_attention_layernorm.add_and_norm(attn, x)  # x + attn, and its norm, fused
         router_logits = None
@@ -343,6 +368,31 @@ class DecoderLayer(nn.Cell):
         else:
             y = self.mlp(h)
         return x + y, router_logits
+
+
+def _decode_rows(layer: nn.Cell) -> int:
+    """Rows up to which ``layer`` runs a one-token cached step as the backend's one-op decoder layer, else 0.
+
+    That needs a :class:`DecoderLayer` on a backend offering it (``decode_layer_max_rows``), dense, with plain
+    :class:`Attention` and :class:`MLP` and plain :class:`Linear` projections (not LoRA-wrapped, not a parallel
+    region), a SiLU MLP, one norm epsilon, q/k/v biases on all three or none (none elsewhere), and all seven
+    weights quantised or none.
+    """
+    impl = getattr(getattr(layer, "self_attn", None), "ops_impl", None)
+    rows = getattr(impl, "decode_layer_max_rows", 0)
+    if not rows or not isinstance(layer, DecoderLayer) or layer.is_sparse:
+        return 0
+    if type(layer.self_attn) is not Attention or type(layer.mlp) is not MLP:
+        return 0
+    attn, mlp = layer.self_attn, layer.mlp
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    if not _plain(*projs) or mlp.act not in SILU_NAMES:
+        return 0
+    if layer.input_layernorm.eps != layer.post_attention_layernorm.eps:
+        return 0
+    if any(p.bias is not None for p in projs[3:]) or len({p.bias is None for p in projs[:3]}) != 1:
+        return 0
+    return rows if len({p.weight_scale is None for p in projs}) == 1 else 0
 
 
 def _to_tensor(value: Optional[ArrayLike], name: str, dtype=ms.int32, allow_float: bool = False) -> Optional[Tensor]:
@@ -457,10 +507,27 @@ class Qwen2Model(nn.Cell):
                 router_logits = router_logits + (layer_router,)
         return self.norm(x), router_logits
 
+    def plan_fused_decode(self) -> int:
+        """Decide for every layer whether one-token cached steps run it as one backend op (see
+        :func:`_decode_rows`); cached forwards call this first, so quantising or wrapping layers later counts.
+
+        Returns:
+            The number of layers that will.
+        """
+        n = 0
+        for layer in self.layers:
+            rows = _decode_rows(layer)
+            if isinstance(layer, DecoderLayer):
+                layer.fused_decode_rows = rows
+            n += rows > 0
+        return n
+
     def __call__(self, input_ids: ArrayLike, attention_mask: Optional[ArrayLike] = None,
                  position_ids: Optional[ArrayLike] = None, segment_ids: Optional[ArrayLike] = None,
                  cache: Optional[KVCache] = None, cache_position: Union[int, Tensor, None] = None):
         """Run on NumPy arrays or MindSpore tensors; returns ``(hidden [B, T, H], router_logits)``."""
+        if cache is not None:
+            self.plan_fused_decode()
         if isinstance(cache_position, (int, np.integer)):
             cache_position = Tensor(int(cache_position), ms.int32)
         mask = _to_tensor(attention_mask, "attention_mask", allow_float=True)
@@ -612,6 +679,8 @@ class Qwen2ForCausalLM(nn.Cell):
         """
         args = self._prepare(input_ids, attention_mask, position_ids, labels, segment_ids, cache,
                              cache_position, logits_to_keep)
+        if cache is not None and isinstance(self.model, Qwen2Model):
+            self.model.plan_fused_decode()
         return CausalLMOutput(*super().__call__(*args, output_router_logits, int(logits_to_keep)))
 
     def _prepare(self, input_ids, attention_mask, position_ids, labels, segment_ids, cache, cache_position,
@@ -728,6 +797,8 @@ class Qwen2ForCausalLM(nn.Cell):
 
                 collapse_huge_pages(self.get_parameters())
                 self._weights_on_huge_pages = True
+            if isinstance(self.model, Qwen2Model):
+                self.model.plan_fused_decode()
             step = ms.jit(_CachedStep(self, cache, int(logits_to_keep)))
             steps[key] = step
         return step(ids, mask, pos, cache_position)

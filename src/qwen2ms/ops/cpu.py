@@ -51,8 +51,8 @@ __all__ = [
 
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 LIB_NAME = "libqwen2ms_kernels.so"
-_SOURCES = ("common.h", "pool.h", "norm.cpp", "rope.cpp", "swiglu.cpp", "linear.cpp", "embedding.cpp", "attention.cpp",
-            "kvcache.cpp", "paged_attention.cpp")
+_SOURCES = ("common.h", "pool.h", "linear.h", "attention.h", "norm.cpp", "rope.cpp", "swiglu.cpp", "linear.cpp",
+            "embedding.cpp", "attention.cpp", "kvcache.cpp", "decode_layer.cpp", "paged_attention.cpp")
 _build_lock = threading.Lock()
 
 
@@ -594,6 +594,14 @@ class CpuKernels:
         self._linear_q4 = custom("LinearInt4", linear_shape, first_dtype, linear_q4_bprop)
         self._linear_q4_bias = custom("LinearInt4Bias", linear_shape, first_dtype, linear_q4_bias_bprop)
 
+        # --- One dense decoder layer of a one-token step (inference: no bprop), cache written in place ----------
+        self._decode_layer = {
+            (quant, bias): custom("DecodeLayer" + ("Quant" if quant else "") + ("Bias" if bias else ""),
+                                  lambda x, *rest: x, first_dtype)
+            for quant in (False, True) for bias in (False, True)}
+        for op in self._decode_layer.values():
+            op.add_prim_attr("side_effect_mem", True)  # as KvCacheWrite: the cache Parameters' own memory
+
         self._linear = custom("Linear", linear_shape, first_dtype, linear_bprop)
         self._linear_bias = custom("LinearBias", linear_shape, first_dtype, linear_bias_bprop)
         self._linear_q = custom("LinearInt8", linear_shape, first_dtype, linear_q_bprop)
@@ -666,6 +674,35 @@ class CpuKernels:
             ordered after the write.
         """
         return self._kv_write(k_cache, v_cache, key, value, start)
+
+    def decode_layer(self, x, cos, sin, mask, k_cache, v_cache, position, ln1, ln2, eps, scale, weights,
+                     scales=None, biases=None):
+        """One dense decoder layer for one new token per row, in one kernel call; equal to the separate kernels.
+
+        ``y = s + down(silu(gate(n2)) * up(n2))`` with ``n2 = rms_norm(s)``, ``s = x + o_proj(attention)``, where
+        attention reads q/k/v of ``rms_norm(x)`` (RoPE applied) against the cache after writing k/v at ``position``.
+
+        Args:
+            x: float32 ``[B, 1, H]``, the residual stream.
+            cos, sin: RoPE tables ``[B or 1, 1, D]``.
+            mask: bool ``[B or 1, 1, 1, L]`` over cache slots.
+            k_cache, v_cache: the layer's cache Parameters ``[B, Hkv, L, D]`` (float dtype), written in place.
+            position: int32 scalar Tensor, the slot of the new token.
+            ln1, ln2: ``input_layernorm`` and ``post_attention_layernorm`` weights ``[H]``.
+            eps: the norms' epsilon; scale: the attention score scale.
+            weights: q, k, v, o, gate, up, down weights ``[N, K]`` (float, int8, or uint8 int4 codes ``[N, K / 2]``).
+            scales: None, or the seven float32 scales of int8/int4 weights (``[N]`` or ``[N, G]``).
+            biases: None, or the q, k, v biases.
+
+        Returns:
+            float32 ``[B, 1, H]``, the layer's output.
+        """
+        args = (x, cos, sin, mask, k_cache, v_cache, position, ln1, ln2, ms.Tensor([eps, scale], ms.float32)) + weights
+        if scales is not None:
+            args = args + scales
+        if biases is not None:
+            args = args + biases
+        return self._decode_layer[(scales is not None, biases is not None)](*args)
 
     def paged_cache_write(self, key_pool, value_pool, key, value, slot_mapping):
         """Write ``key``/``value`` ``[B, H, T, D]`` into pools ``[N, block_size, H, D]`` at ``slot_mapping``
@@ -850,15 +887,18 @@ def collapse_huge_pages(tensors, min_bytes: int = 4 << 20) -> int:
     return done
 
 
-def kernel_profile(lib_path: Optional[Path] = None, reset: bool = False) -> Dict[str, Tuple[int, float]]:
-    """Calls and seconds spent in each kernel of the loaded library, counted while ``$QWEN2MS_KERNEL_PROFILE=1``.
+def kernel_profile(lib_path: Optional[Path] = None, reset: bool = False,
+                   enable: Optional[bool] = None) -> Dict[str, Tuple[int, float]]:
+    """Calls and seconds spent in each kernel of the loaded library, counted while profiling is on.
 
-    The variable is read once, at the first kernel call of the process: set it before running anything. The
-    counters are the library's own (the one MindSpore loaded, as ``dlopen`` of one path gives one copy).
+    Profiling starts on when ``$QWEN2MS_KERNEL_PROFILE=1`` at the first kernel call of the process, and ``enable``
+    switches it later. The counters are the library's own (the one MindSpore loaded, as ``dlopen`` of one path
+    gives one copy).
 
     Args:
         lib_path: the kernel library (default: the process-wide one, :func:`shared_kernels`).
         reset: zero the counters after reading them.
+        enable: True/False switches counting on/off after the read (None leaves it as it is).
 
     Returns:
         ``{kernel name: (calls, seconds)}`` for every kernel called since the last reset (empty when off).
@@ -877,6 +917,8 @@ def kernel_profile(lib_path: Optional[Path] = None, reset: bool = False) -> Dict
     lib.QkProfileRead(buf, need)
     if reset:
         lib.QkProfileReset()
+    if enable is not None:
+        lib.QkProfileEnable(int(bool(enable)))
     out: Dict[str, Tuple[int, float]] = {}
     for line in buf.value.decode().splitlines():
         name, calls, ns = line.split()
@@ -1025,6 +1067,21 @@ class CpuOps(ReferenceOps):
         softmax in a compiled graph.
         """
         return self.kernels.attention(q, k, v, mask, scale)
+
+    #: :class:`qwen2ms.modeling.model.DecoderLayer` runs a one-token step of up to this many rows through
+    #: :meth:`decode_layer` (one kernel call per layer).
+    decode_layer_max_rows = _KERNEL_MAX_ROWS
+
+    def decode_layer(self, x, cos, sin, mask, k_cache, v_cache, position, ln1, ln2, eps, scale, weights,
+                     scales=None, biases=None):
+        """A whole dense decoder layer for a one-token step in one kernel call (see
+        :meth:`CpuKernels.decode_layer`): norms, q/k/v, RoPE, cache write at ``position``, attention, o_proj,
+        residual adds and the SwiGLU MLP, with the values of the separate kernels. Decoding then launches one
+        op per layer instead of ~9 kernels and MindSpore's ops between them."""
+        if isinstance(position, int):
+            position = Tensor(position, ms.int32)
+        return self.kernels.decode_layer(x, cos, sin, mask, k_cache, v_cache, position, ln1, ln2, eps, scale, weights,
+                                         scales, biases)
 
     def cache_update(self, k_cache, v_cache, key, value, start):
         """In-place kernel write of the new rows only (the reference copies the whole cache per token)."""

@@ -6,48 +6,11 @@
 // they weight the values.
 #include <algorithm>
 
-#include "common.h"
+#include "attention.h"
 
 using namespace qk;
 
 namespace {
-constexpr float kMaskValue = -1.0e30f;
-
-// Softmax of one row of scores in place (masked entries hold kMaskValue); returns 1 / sum.
-inline float softmax_row(float *p, int64_t S) {
-  float mx = kMaskValue;
-  int64_t s = 0;
-#if QK_SIMD
-  __m256 vm = _mm256_set1_ps(kMaskValue);
-  for (; s + 8 <= S; s += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(p + s));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, vm);
-  for (int j = 0; j < 8; ++j) mx = lanes[j] > mx ? lanes[j] : mx;
-#endif
-  for (; s < S; ++s) mx = p[s] > mx ? p[s] : mx;
-  double sum = 0.0;
-  s = 0;
-#if QK_SIMD
-  // exp8 below its clamp would give ~1e-38 where std::exp underflows towards 0: those entries
-  // (masked slots among them) are set to exactly 0, as the reference's softmax gives them.
-  const __m256 vmx = _mm256_set1_ps(mx), floor = _mm256_set1_ps(-87.3f);
-  __m256 vsum = _mm256_setzero_ps();
-  for (; s + 8 <= S; s += 8) {
-    const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(p + s), vmx);
-    const __m256 e = _mm256_and_ps(exp8(x), _mm256_cmp_ps(x, floor, _CMP_GE_OQ));
-    _mm256_storeu_ps(p + s, e);
-    vsum = _mm256_add_ps(vsum, e);
-  }
-  _mm256_store_ps(lanes, vsum);
-  for (int j = 0; j < 8; ++j) sum += lanes[j];
-#endif
-  for (; s < S; ++s) {
-    p[s] = std::exp(p[s] - mx);
-    sum += p[s];
-  }
-  return static_cast<float>(1.0 / sum);
-}
-
 #if QK_SIMD
 // Many query tokens (prefill): blocks of QB query rows of one head against K stored transposed, so the
 // scores of 8 keys for QB rows come from broadcast-FMAs without horizontal sums, and each V row serves
@@ -180,7 +143,6 @@ QK_KERNEL(Attention) {
   if ((MB != 1 && MB != B) || shapes[3][1] != 1 || shapes[3][2] != T || shapes[3][3] != S) return 3;
   const float scale = *static_cast<const float *>(params[4]);
   const bool *mask = static_cast<const bool *>(params[3]);
-  const int64_t group = Hq / Hkv, rows = B * Hq * T;
   // K and V converted to fp32 once (they are read by every query head of their group).
   std::vector<float> kbuf, vbuf;
   const float *kf = as_f32(params[1], kt, B * Hkv * S * D, kbuf);
@@ -191,37 +153,6 @@ QK_KERNEL(Attention) {
     return 0;
   }
 #endif
-  parallel_for(rows, 4, worth_threads(rows * S * D), [&](int64_t r0, int64_t r1) {
-    std::vector<float> q(static_cast<size_t>(D)), p(static_cast<size_t>(S)), acc(static_cast<size_t>(D));
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t t = r % T, h = (r / T) % Hq, b = r / (T * Hq);
-      const int64_t kvh = h / group;
-      const float *kb = kf + (b * Hkv + kvh) * S * D, *vb = vf + (b * Hkv + kvh) * S * D;
-      const bool *mrow = mask + ((MB == 1 ? 0 : b) * T + t) * S;
-      for (int64_t d = 0; d < D; ++d) q[d] = load(params[0], qt, r * D + d);
-      for (int64_t s = 0; s < S; ++s) {
-        if (!mrow[s]) {  // masked slots (e.g. the cache's unwritten tail) cost no dot product
-          p[s] = kMaskValue;
-          continue;
-        }
-        float dot = 0.f;
-        const float *kr = kb + s * D;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < D; ++d) dot += q[d] * kr[d];
-        // The reference multiplies in the query dtype before the fp32 softmax.
-        p[s] = round_to(qt, round_to(qt, dot) * scale);
-      }
-      const float inv = softmax_row(p.data(), S);
-      for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
-      for (int64_t s = 0; s < S; ++s) {
-        const float w = round_to(qt, p[s] * inv);
-        if (w == 0.f) continue;
-        const float *vr = vb + s * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) acc[d] += w * vr[d];
-      }
-      for (int64_t d = 0; d < D; ++d) store(params[5], ot, r * D + d, acc[d]);
-    }
-  });
+  attend_rows(params[0], qt, kf, vf, mask, MB, scale, params[5], ot, B, Hq, Hkv, T, S, D);
   return 0;
 }

@@ -20,9 +20,10 @@
 #include <cstdlib>
 
 namespace qk {
-// Kernel time accounting, on only when $QWEN2MS_KERNEL_PROFILE=1 (read once): calls and wall time per exported
-// kernel, read through QkProfileRead. Lets a profile split a decode step into time inside our kernels and
-// everything else (MindSpore's graph launch, its own ops, Python). Off, it costs one predictable branch per call.
+// Kernel time accounting, on when $QWEN2MS_KERNEL_PROFILE=1 (or switched by QkProfileEnable): calls and wall
+// time per exported kernel, read through QkProfileRead. Lets a profile split a decode step into time inside our
+// kernels and everything else (MindSpore's graph launch, its own ops, Python). Off, it costs one predictable
+// branch per call.
 struct ProfileSlot {
   const char *name;
   std::atomic<int64_t> calls, ns;
@@ -36,13 +37,15 @@ inline std::atomic<int> &profile_count() {
   static std::atomic<int> n{0};
   return n;
 }
-inline bool profile_on() {
-  static const bool on = [] {
+// Starts as $QWEN2MS_KERNEL_PROFILE says; QkProfileEnable switches it at run time.
+inline std::atomic<bool> &profile_flag() {
+  static std::atomic<bool> on{[] {
     const char *v = std::getenv("QWEN2MS_KERNEL_PROFILE");
     return v && v[0] == '1';
-  }();
+  }()};
   return on;
 }
+inline bool profile_on() { return profile_flag().load(std::memory_order_relaxed); }
 inline int profile_slot(const char *name) {
   const int i = profile_count().fetch_add(1);
   if (i >= kProfileSlots) return -1;
@@ -268,6 +271,86 @@ inline void swiglu_span(const void *g, DType gt, const void *u, DType ut, void *
   for (; i < e; ++i) {
     const float a = load(g, gt, i);
     store(y, yt, i, round_to(gt, a / (1.0f + std::exp(-a))) * load(u, ut, i));
+  }
+}
+
+// y = round(round(x * r) * w) with r = 1/sqrt(mean(x^2) + eps): the reference computes the norm in
+// fp32, casts back to the input dtype, then multiplies by the weight in that dtype.
+inline void rms_rows(const void *x, DType xt, const void *w, DType wt, float eps, void *y, DType yt,
+                     int64_t rows, int64_t h) {
+  std::vector<float> wf(static_cast<size_t>(h));
+  for (int64_t j = 0; j < h; ++j) wf[j] = load(w, wt, j);
+  parallel_for(rows, 8, worth_threads(rows * h), [&](int64_t r0, int64_t r1) {
+  std::vector<float> buf;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float *xr;
+    if (xt == F32) {
+      xr = static_cast<const float *>(x) + r * h;
+    } else {
+      buf.resize(static_cast<size_t>(h));
+      for (int64_t j = 0; j < h; ++j) buf[j] = load(x, xt, r * h + j);
+      xr = buf.data();
+    }
+    double ss = 0.0;  // double: hidden sizes up to 8192 summed without order effects
+    for (int64_t j = 0; j < h; ++j) ss += static_cast<double>(xr[j]) * xr[j];
+    float inv = 1.0f / std::sqrt(static_cast<float>(ss / static_cast<double>(h)) + eps);
+    for (int64_t j = 0; j < h; ++j) store(y, yt, r * h + j, round_to(xt, xr[j] * inv) * wf[j]);
+  }
+  });
+}
+
+// x: [B, A, C, D]; the position axis is C when seq_axis == 2 ("BNSD") or A when seq_axis == 1 ("BSND").
+// cos/sin: [Bc, S, D] flattened, Bc in {1, B}. adjoint=true applies the transpose of the rotation,
+// which is the backward pass (and the inverse when cos/sin halves are equal, as in Qwen2).
+inline void rope_one(const void *x, DType xt, const int64_t *shape, const void *cosp, const void *sinp,
+                     DType ct, int64_t bc, int seq_axis, bool adjoint, void *y) {
+  const int64_t B = shape[0], A = shape[1], C = shape[2], D = shape[3], half = D / 2;
+  const int64_t S = seq_axis == 2 ? C : A;
+  const int64_t rows = B * A * C;
+  parallel_for(rows, 16, worth_threads(rows * D), [&](int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t c = r % C, a = (r / C) % A, b = r / (A * C);
+    const int64_t s = seq_axis == 2 ? c : a;
+    const int64_t cbase = ((bc == 1 ? 0 : b) * S + s) * D, base = r * D;
+    for (int64_t i = 0; i < half; ++i) {
+      float x1 = load(x, xt, base + i), x2 = load(x, xt, base + i + half);
+      float c1 = load(cosp, ct, cbase + i), c2 = load(cosp, ct, cbase + i + half);
+      float s1 = load(sinp, ct, cbase + i), s2 = load(sinp, ct, cbase + i + half);
+      float o1, o2;
+      if (!adjoint) {
+        o1 = x1 * c1 - x2 * s1;
+        o2 = x2 * c2 + x1 * s2;
+      } else {
+        o1 = x1 * c1 + x2 * s2;
+        o2 = x2 * c2 - x1 * s1;
+      }
+      store(y, xt, base + i, o1);
+      store(y, xt, base + i + half, o2);
+    }
+  }
+  });
+}
+
+// Rows t of new keys/values [B, H, T, D] (dtype nt) into cache slots start + t of [B, H, L, D] caches (dtype ct);
+// slots outside [0, L) are skipped, as the reference's select skips them.
+inline void kv_write(void *k_cache, void *v_cache, DType ct, const void *k_new, const void *v_new, DType nt,
+                     int64_t B, int64_t H, int64_t L, int64_t D, int64_t T, int64_t start) {
+  const int64_t esize = ct == F32 ? 4 : 2;
+  for (int which = 0; which < 2; ++which) {
+    char *cache = static_cast<char *>(which == 0 ? k_cache : v_cache);
+    const void *src = which == 0 ? k_new : v_new;
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t slot = start + t;
+        if (slot < 0 || slot >= L) continue;
+        const int64_t dst = (bh * L + slot) * D, from = (bh * T + t) * D;
+        if (nt == ct) {
+          std::memcpy(cache + dst * esize, static_cast<const char *>(src) + from * esize, D * esize);
+        } else {
+          for (int64_t d = 0; d < D; ++d) store(cache, ct, dst + d, load(src, nt, from + d));
+        }
+      }
+    }
   }
 }
 

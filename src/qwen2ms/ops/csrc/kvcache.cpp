@@ -26,23 +26,7 @@ QK_KERNEL(KvCacheWrite) {
     if (shapes[i][0] != B || shapes[i][1] != H || shapes[i][3] != D) return 3;
   if (shapes[1][2] != L || shapes[3][2] != T) return 3;
   const int64_t start = *static_cast<const int32_t *>(params[4]);
-  const int64_t esize = ct == F32 ? 4 : 2;
-  for (int which = 0; which < 2; ++which) {
-    char *cache = static_cast<char *>(params[which]);
-    const void *src = params[2 + which];
-    for (int64_t bh = 0; bh < B * H; ++bh) {
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t slot = start + t;
-        if (slot < 0 || slot >= L) continue;
-        const int64_t dst = (bh * L + slot) * D, from = (bh * T + t) * D;
-        if (nt == ct) {
-          std::memcpy(cache + dst * esize, static_cast<const char *>(src) + from * esize, D * esize);
-        } else {
-          for (int64_t d = 0; d < D; ++d) store(cache, ct, dst + d, load(src, nt, from + d));
-        }
-      }
-    }
-  }
+  kv_write(params[0], params[1], ct, params[2], params[3], nt, B, H, L, D, T, start);
   *static_cast<int32_t *>(params[5]) = static_cast<int32_t>(start);
   return 0;
 }
@@ -71,3 +55,6 @@ extern "C" void QkProfileReset() {
     qk::profile_table()[i].ns.store(0);
   }
 }
+
+// Switches the profile counters on (1) or off (0) from now on.
+extern "C" void QkProfileEnable(int on) { qk::profile_flag().store(on != 0); }

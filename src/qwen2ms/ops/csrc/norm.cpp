@@ -3,35 +3,6 @@
 
 using namespace qk;
 
-namespace {
-
-// y = round(round(x * r) * w) with r = 1/sqrt(mean(x^2) + eps): the reference computes the norm in
-// fp32, casts back to the input dtype, then multiplies by the weight in that dtype.
-void rms_rows(const void *x, DType xt, const void *w, DType wt, float eps, void *y, DType yt, int64_t rows,
-              int64_t h) {
-  std::vector<float> wf(static_cast<size_t>(h));
-  for (int64_t j = 0; j < h; ++j) wf[j] = load(w, wt, j);
-  parallel_for(rows, 8, worth_threads(rows * h), [&](int64_t r0, int64_t r1) {
-  std::vector<float> buf;
-  for (int64_t r = r0; r < r1; ++r) {
-    const float *xr;
-    if (xt == F32) {
-      xr = static_cast<const float *>(x) + r * h;
-    } else {
-      buf.resize(static_cast<size_t>(h));
-      for (int64_t j = 0; j < h; ++j) buf[j] = load(x, xt, r * h + j);
-      xr = buf.data();
-    }
-    double ss = 0.0;  // double: hidden sizes up to 8192 summed without order effects
-    for (int64_t j = 0; j < h; ++j) ss += static_cast<double>(xr[j]) * xr[j];
-    float inv = 1.0f / std::sqrt(static_cast<float>(ss / static_cast<double>(h)) + eps);
-    for (int64_t j = 0; j < h; ++j) store(y, yt, r * h + j, round_to(xt, xr[j] * inv) * wf[j]);
-  }
-  });
-}
-
-}  // namespace
-
 // inputs: x [..., H], weight [H], eps [1] fp32; output: y [..., H] (dtype of x)
 QK_KERNEL(RmsNorm) {
   if (nparam != 4) return 1;

@@ -5,38 +5,6 @@ using namespace qk;
 
 namespace {
 
-// x: [B, A, C, D]; the position axis is C when seq_axis == 2 ("BNSD") or A when seq_axis == 1 ("BSND").
-// cos/sin: [Bc, S, D] flattened, Bc in {1, B}. adjoint=true applies the transpose of the rotation,
-// which is the backward pass (and the inverse when cos/sin halves are equal, as in Qwen2).
-void rope_one(const void *x, DType xt, const int64_t *shape, const void *cosp, const void *sinp, DType ct,
-              int64_t bc, int seq_axis, bool adjoint, void *y) {
-  const int64_t B = shape[0], A = shape[1], C = shape[2], D = shape[3], half = D / 2;
-  const int64_t S = seq_axis == 2 ? C : A;
-  const int64_t rows = B * A * C;
-  parallel_for(rows, 16, worth_threads(rows * D), [&](int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t c = r % C, a = (r / C) % A, b = r / (A * C);
-    const int64_t s = seq_axis == 2 ? c : a;
-    const int64_t cbase = ((bc == 1 ? 0 : b) * S + s) * D, base = r * D;
-    for (int64_t i = 0; i < half; ++i) {
-      float x1 = load(x, xt, base + i), x2 = load(x, xt, base + i + half);
-      float c1 = load(cosp, ct, cbase + i), c2 = load(cosp, ct, cbase + i + half);
-      float s1 = load(sinp, ct, cbase + i), s2 = load(sinp, ct, cbase + i + half);
-      float o1, o2;
-      if (!adjoint) {
-        o1 = x1 * c1 - x2 * s1;
-        o2 = x2 * c2 + x1 * s2;
-      } else {
-        o1 = x1 * c1 + x2 * s2;
-        o2 = x2 * c2 - x1 * s1;
-      }
-      store(y, xt, base + i, o1);
-      store(y, xt, base + i + half, o2);
-    }
-  }
-  });
-}
-
 int rope_qk(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int seq_axis,
             bool adjoint) {
   if (nparam != 6) return 1;
