@@ -252,7 +252,7 @@ def test_bad_requests_get_openai_errors_and_the_server_lives_on(server):
     e = error_of(post({"prompt": "hi", "max_tokens": MAX_MODEL_LEN}), 400)
     assert e["param"] == "max_tokens" and "at most" in e["message"]
     for field, value in (("temperature", -1), ("top_p", 2), ("top_k", -5), ("repetition_penalty", 0),
-                         ("max_tokens", 0), ("seed", -1)):
+                         ("max_tokens", 0), ("seed", -1), ("presence_penalty", 3), ("frequency_penalty", -2.5)):
         e = error_of(post({"prompt": "hi", field: value}), 400)
         assert e["param"] == field and field in e["message"], e
     assert "needs sampling" in error_of(post({"prompt": "hi", "n": 2, "temperature": 0}), 400)["message"]

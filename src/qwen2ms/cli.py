@@ -431,13 +431,13 @@ class EngineChat:
 
     def __init__(self, model, max_context: int, engine=None):
         from .serving import LLMEngine
-        from .serving.server import chat_stop_ids
+        from .serving.llm import chat_stop_token_ids
 
         self.model = model
         self.tokenizer = model.tokenizer
         self.engine = engine if engine is not None else LLMEngine(model, model.tokenizer, max_num_seqs=1,
                                                                   max_model_len=max_context, verbose=False)
-        self.stop_token_ids = chat_stop_ids(self.tokenizer)
+        self.stop_token_ids = chat_stop_token_ids(self.tokenizer)
         self.last = None  #: the last finished turn's RequestOutput (``num_cached_tokens``: its prefix-cache hit)
         self._turns = 0
 
@@ -563,7 +563,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     _check_port_free(args.host, args.port)
     model = load_model(args.model, args.dtype, args.tokenizer)
     from .serving import LLMEngine
-    from .serving.server import default_sampling_from, run_server
+    from .serving.server import run_server
 
     engine = LLMEngine(model, model.tokenizer, **_engine_kwargs(args, int(model.config.max_position_embeddings)))
     name = args.served_model_name or args.model
@@ -571,7 +571,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"qwen2ms serve: {name!r} on http://{args.host}:{args.port}/v1 (OpenAI API{key_note}); "
           "ctrl-C or SIGTERM finishes the running requests, then stops", flush=True)
     stopped_by = run_server(engine, name, host=args.host, port=args.port, api_key=args.api_key,
-                            default_sampling=default_sampling_from(model), log_level=args.log_level)
+                            log_level=args.log_level)
     return EXIT_INTERRUPTED if signal.SIGINT in stopped_by else 0
 
 

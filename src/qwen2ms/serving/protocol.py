@@ -12,8 +12,8 @@ __all__ = ["ChatCompletionRequest", "CompletionRequest", "ChatMessage", "StreamO
            "models_body", "new_id", "SAMPLING_FIELDS"]
 
 #: Request fields that become :class:`qwen2ms.serving.SamplingParams` fields of the same name (vLLM's extras too).
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "min_tokens", "stop", "stop_token_ids",
-                   "ignore_eos", "seed", "skip_special_tokens")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                   "min_tokens", "stop", "stop_token_ids", "ignore_eos", "seed", "skip_special_tokens")
 
 
 class _Strict(BaseModel):
@@ -70,10 +70,6 @@ class _SamplingRequest(_Strict):
 
     def unsupported(self) -> Optional[str]:
         """The name of a field set to something this server cannot do (None when all is supported)."""
-        if self.presence_penalty not in (None, 0, 0.0):
-            return "presence_penalty"
-        if self.frequency_penalty not in (None, 0, 0.0):
-            return "frequency_penalty"
         if self.logit_bias:
             return "logit_bias"
         return None

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..errors import Qwen2msError
+from .engine import EngineStepError
+from .llm import chat_stop_token_ids
 
-__all__ = ["EngineLoop", "ServeConfig", "build_app", "run_server", "ServingDependencyError", "APIError",
-           "SERVE_EXTRA_HINT"]
+__all__ = ["EngineLoop", "ServeConfig", "build_app", "run_server", "default_sampling_of", "ServingDependencyError",
+           "APIError", "SERVE_EXTRA_HINT"]
 
 logger = logging.getLogger("qwen2ms.serve")
 
@@ -163,6 +165,12 @@ class EngineLoop:
                     for c in out.outputs:
                         m.finished(c.finish_reason)
 
+    def _fail(self, request_ids: Sequence[str], error: BaseException) -> None:
+        for rid in request_ids:
+            sink = self._sinks.pop(rid, None)
+            if sink is not None:
+                sink.put(error)
+
     def _fail_all(self, error: BaseException) -> None:
         for rid, sink in list(self._sinks.items()):
             try:
@@ -188,7 +196,13 @@ class EngineLoop:
                 if engine.has_unfinished_requests():
                     try:
                         outputs = engine.step()
-                    except Exception as e:  # noqa: BLE001 - fail these requests, keep serving the next ones
+                    except EngineStepError as e:  # the engine aborted these; the others keep running
+                        logger.error("engine step failed; requests %s get a 500:\n%s", e.request_ids,
+                                     traceback.format_exc())
+                        if self.metrics is not None:
+                            self.metrics.engine_errors.inc()
+                        self._fail(e.request_ids, e)
+                    except Exception as e:  # noqa: BLE001 - fail every request, keep serving the next ones
                         logger.error("engine step failed; its requests get a 500:\n%s", traceback.format_exc())
                         if self.metrics is not None:
                             self.metrics.engine_errors.inc()
@@ -239,21 +253,11 @@ class ServeConfig:
     chat_stop_token_ids: List[int] = field(default_factory=list)
 
 
-def default_sampling_from(model: Any) -> Dict[str, Any]:
-    """The sampling defaults a checkpoint's generation_config.json sets (vLLM's ``--generation-config auto``)."""
-    raw = getattr(model, "generation_config_dict", None) or {}
-    out: Dict[str, Any] = {}
-    for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
-        if raw.get(key) is not None:
-            out[key] = raw[key]
-    return out
-
-
-def chat_stop_ids(tokenizer: Any) -> List[int]:
-    """The ids that end an assistant turn: the tokenizer's eos and ChatML's ``<|im_end|>`` (as ``chat`` stops)."""
-    from ..generation.generate import _chat_eos_ids
-
-    return list(dict.fromkeys(_chat_eos_ids(tokenizer))) if tokenizer is not None else []
+def default_sampling_of(engine: Any) -> Dict[str, Any]:
+    """The sampling defaults of the served checkpoint (its generation_config.json through
+    ``engine.default_sampling_params()``; vLLM's ``--generation-config auto``) for fields a request leaves unset."""
+    params = engine.default_sampling_params()
+    return {key: getattr(params, key) for key in ("temperature", "top_p", "top_k", "repetition_penalty")}
 
 
 def _param_of(message: str, fields: Sequence[str]) -> Optional[str]:
@@ -577,7 +581,7 @@ def build_app(engine_loop: EngineLoop, config: ServeConfig, metrics: Any = None)
 # ------------------------------------------------------------------------------------------ running it
 def run_server(engine: Any, served_model_name: str, host: str = "127.0.0.1", port: int = 8000,
                api_key: Optional[str] = None, default_sampling: Optional[Dict[str, Any]] = None,
-               chat_stop_token_ids: Optional[Sequence[int]] = None, log_level: str = "info") -> List[int]:
+               stop_ids: Optional[Sequence[int]] = None, log_level: str = "info") -> List[int]:
     """Serve ``engine`` over HTTP until SIGINT/SIGTERM, which stop accepting connections, let the running
     requests finish (their streams end normally), then return (a second ctrl-C stops without waiting).
 
@@ -586,8 +590,9 @@ def run_server(engine: Any, served_model_name: str, host: str = "127.0.0.1", por
         served_model_name: the model name clients use.
         host, port: where to listen (127.0.0.1: this machine only).
         api_key: require ``Authorization: Bearer <api_key>`` on ``/v1/*``.
-        default_sampling: SamplingParams defaults (see :func:`default_sampling_from`).
-        chat_stop_token_ids: ids that end a chat reply (default: the tokenizer's eos and ``<|im_end|>``).
+        default_sampling: SamplingParams defaults for fields a request leaves unset (default:
+            :func:`default_sampling_of`, the checkpoint's generation config).
+        stop_ids: ids that end a chat reply (default: the tokenizer's eos and ``<|im_end|>``).
         log_level: uvicorn's log level.
 
     Returns:
@@ -616,9 +621,10 @@ def run_server(engine: Any, served_model_name: str, host: str = "127.0.0.1", por
     metrics = ServerMetrics(served_model_name)
     loop_ = EngineLoop(engine, metrics)
     cfg = ServeConfig(served_model_name=served_model_name, max_model_len=int(engine.max_model_len),
-                      api_key=api_key, default_sampling=dict(default_sampling or {}),
-                      chat_stop_token_ids=chat_stop_ids(engine.tokenizer) if chat_stop_token_ids is None
-                      else [int(i) for i in chat_stop_token_ids])
+                      api_key=api_key, default_sampling=default_sampling_of(engine) if default_sampling is None
+                      else dict(default_sampling),
+                      chat_stop_token_ids=chat_stop_token_ids(engine.tokenizer) if stop_ids is None
+                      else [int(i) for i in stop_ids])
     app = build_app(loop_, cfg, metrics)
     loop_.start()
     try:
