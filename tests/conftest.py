@@ -116,12 +116,21 @@ def kernel_library(tmp_path_factory):
     return build
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finetune_reference(tmp_path_factory):
-    """The msrun fine-tuning tests' reference: one process training on the combined batches for 6 steps."""
+    """The msrun fine-tuning tests' reference: one process training on the combined batches for 6 steps.
+
+    Trained once per run for both msrun modules (they may run on different xdist workers: the second one waits
+    for the first one's run and reads its folder, which no test writes to).
+    """
     from finetune_cases import run_reference
 
-    return run_reference(tmp_path_factory)
+    folder = session_dir(tmp_path_factory, "finetune_reference")
+    with session_lock(folder):
+        if not (folder / "done").is_file():
+            run_reference(folder)
+            (folder / "done").touch()
+    return folder / "single"
 
 
 #: Modules that run msrun jobs or train for a while, longest first. They are collected first so that under

@@ -80,11 +80,10 @@ def launch_with_retry(tmp_path_factory, name, launch):
     return out
 
 
-def run_reference(tmp_path_factory):
-    """One process training on the combined batches (4 samples per step) for 6 steps."""
+def run_reference(ref: Path) -> Path:
+    """One process training on the combined batches (4 samples per step) for 6 steps, in ``ref/single``."""
     from qwen2ms.training.run_config import run_finetune
 
-    ref = tmp_path_factory.mktemp("finetune_reference")
     run_finetune(write_config(ref, "single", {}, per_device_train_batch_size=4))
     return ref / "single"
 
