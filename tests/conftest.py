@@ -133,11 +133,13 @@ def finetune_reference(tmp_path_factory):
     return folder / "single"
 
 
-#: Modules that run msrun jobs or train for a while, longest first. They are collected first so that under
-#: pytest-xdist (``--dist loadfile --no-loadscope-reorder``, see pyproject.toml) they start at once and the many
-#: short modules fill the other worker meanwhile, instead of a long module starting last.
+#: Modules that run msrun jobs, train, build kernels or run the 0.5B shape, longest first (CI durations, 2
+#: cores). They are collected first so that under pytest-xdist (``--dist loadfile --no-loadscope-reorder``, see
+#: pyproject.toml) each worker pulls the next long module as soon as it frees up, and the run ends on short
+#: modules that keep both workers busy to the end, instead of one worker finishing a long module alone.
 LONG_MODULES = ("test_parallel_finetune_msrun_pp.py", "test_parallel_msrun.py", "test_parallel_finetune_msrun_dp.py",
-                "test_parallel_finetune.py")
+                "test_ops_quantized_0_5b.py", "test_cli.py", "test_parallel_finetune.py", "test_ops_int4.py",
+                "test_gguf.py", "test_ops_cpu.py", "test_modeling_memory.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
