@@ -256,6 +256,7 @@ def test_bad_requests_get_openai_errors_and_the_server_lives_on(server):
         e = error_of(post({"prompt": "hi", field: value}), 400)
         assert e["param"] == field and field in e["message"], e
     assert "needs sampling" in error_of(post({"prompt": "hi", "n": 2, "temperature": 0}), 400)["message"]
+    assert error_of(post({"prompt": ["a", "b"], "n": 200, "temperature": 1}), 400)["param"] == "n"  # 400 > 256
     assert error_of(post({"prompt": "hi", "max_token": 3}), 400)["param"] == "max_token"  # misspelt: refused
     assert error_of(post({"prompt": [10 ** 9]}), 400)["param"] == "prompt"
     assert error_of(post({"prompt": "hi", "logprobs": 2}), 400)["param"] == "logprobs"

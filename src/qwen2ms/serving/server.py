@@ -21,6 +21,10 @@ __all__ = ["EngineLoop", "ServeConfig", "build_app", "run_server", "default_samp
 
 logger = logging.getLogger("qwen2ms.serve")
 
+#: The largest request body read (bytes) and the most completions (prompts x n) one request may ask for.
+MAX_BODY_BYTES = 32 * 2 ** 20
+MAX_CHOICES = 256
+
 #: What to install when FastAPI, uvicorn or prometheus_client is missing.
 SERVE_EXTRA_HINT = "pip install 'qwen2ms[serve]' (FastAPI, uvicorn and prometheus-client)"
 
@@ -322,7 +326,14 @@ def build_app(engine_loop: EngineLoop, config: ServeConfig, metrics: Any = None)
 
     async def parse(request: Request, model: Any) -> Any:
         """The JSON body as ``model`` (whatever the Content-Type, as OpenAI's API reads it)."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise APIError(f"the request body has {int(declared)} bytes, more than the {MAX_BODY_BYTES} this server "
+                           "reads", status=413)
         raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise APIError(f"the request body has {len(raw)} bytes, more than the {MAX_BODY_BYTES} this server reads",
+                           status=413)
         if not raw.strip():
             raise APIError("the request body is empty; send a JSON object (see the OpenAI API reference)",
                            code="invalid_json")
@@ -421,6 +432,10 @@ def build_app(engine_loop: EngineLoop, config: ServeConfig, metrics: Any = None)
 
     async def start(prompts: List[List[int]], params: List[Any], field_name: str) -> tuple:
         """Submit one engine request per prompt; returns (request ids, output queue)."""
+        choices = sum(p.n for p in params)
+        if choices > MAX_CHOICES:
+            raise APIError(f"the request asks for {choices} completions (prompts x n), more than the {MAX_CHOICES} "
+                           "one request may; split it", param="n")
         out: "asyncio.Queue" = asyncio.Queue()
         rid = new_id("req")
         ids = []
