@@ -1,15 +1,20 @@
-"""qwen2ms against llama.cpp on the same GGUF files: batch-1 decode and 512-token prefill, F32/BF16/Q8_0/Q4_0.
+"""qwen2ms against llama.cpp on the same GGUF files: batch-1 decode and 512-token prefill, BF16/Q8_0/Q4_0 (and F32).
 
 One run builds (or reuses) llama.cpp (benchmarks/llamacpp.py), makes a random-weight Qwen2-0.5B-shaped model
 with transformers, converts it to an F32 GGUF with llama.cpp's converter and quantises that with llama-quantize
 (kept in ``$QWEN2MS_CACHE/llama.cpp/<version>/bench-<layers>``). For each format it runs ``llama-bench`` (pp512,
-tg128, 2 threads) and qwen2ms on ``Qwen2ForCausalLM.from_gguf`` of the same file: Q8_0 loads as our int8 weights
-(groups of 32), Q4_0 is dequantised to bfloat16 (no int4 kernels yet), so that row compares unlike work.
-Prints the CPU, its flags, the load average and the ratio table.
+tg128, 2 threads) and qwen2ms on ``Qwen2ForCausalLM.from_gguf`` of the same file: BF16 loads as our bf16 weights,
+Q8_0 as int8 and Q4_0 as int4 weights with one scale per group of 32 (the blocks as they are). Our decode rate is
+the best of ``--repeats`` runs of ``--tokens`` steps of the compiled decode step, after a warm-up that compiles it;
+prefill is the best of ``--repeats`` timed 512-token prefills after a compiling one. With ``--profile`` each of our
+rows also says how much of a decode step ran inside our kernels (the rest is MindSpore's launch and ops, Python).
+Prints the CPU, its flags, the load average around each row and the ratio table: on a shared machine the
+absolute rates move with the load, the ratios much less.
 
 Usage:
-    GLOG_v=3 python benchmarks/bench_llamacpp.py                 # 24 layers (the 0.5B shape), all formats
-    GLOG_v=3 python benchmarks/bench_llamacpp.py --layers 4 --formats F32,Q8_0   # quick look
+    GLOG_v=3 python benchmarks/bench_llamacpp.py                 # 24 layers (the 0.5B shape): BF16, Q8_0, Q4_0
+    GLOG_v=3 python benchmarks/bench_llamacpp.py --formats F32,BF16,Q8_0,Q4_0 --profile
+    GLOG_v=3 python benchmarks/bench_llamacpp.py --layers 4 --formats Q8_0   # quick look
 """
 from __future__ import annotations
 
@@ -30,7 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp  # noqa: E402
 
 FORMATS = ("F32", "BF16", "Q8_0", "Q4_0")
+DEFAULT_FORMATS = ("BF16", "Q8_0", "Q4_0")
 OUR_DTYPE = {"F32": "float32", "BF16": "bfloat16", "Q8_0": "bfloat16", "Q4_0": "bfloat16"}
+#: What our model holds for each format (from_gguf keeps Q8_0/Q4_0 blocks as int8/int4 weights).
+OUR_WEIGHTS = {"F32": "fp32", "BF16": "bf16", "Q8_0": "int8 g32", "Q4_0": "int4 g32"}
 
 
 def load_average() -> float:
@@ -89,40 +97,64 @@ def llama_bench(path: Path, threads: int, repeats: int) -> Dict[str, float]:
     return out
 
 
-def ours(path: Path, kind: str, new_tokens: int, repeats: int) -> Dict[str, float]:
-    """Our decode tokens/s (best of ``repeats`` runs of ``new_tokens`` steps) and 512-token prefill tokens/s."""
+def ours(path: Path, kind: str, new_tokens: int, repeats: int, profile: bool) -> Dict[str, float]:
+    """Our decode tokens/s (best of ``repeats`` runs of ``new_tokens`` steps) and 512-token prefill tokens/s.
+
+    One cache serves every run, so the prefill and decode graphs compile once (in the untimed warm-up).
+    With ``profile``, also the kernel share of the fastest run's decode steps (``kernel_ms``, ``step_ms``).
+    """
     import mindspore as ms
     from mindspore import Tensor
 
     from qwen2ms import Qwen2ForCausalLM
+    from qwen2ms.ops.cpu import kernel_profile
 
     model = Qwen2ForCausalLM.from_gguf(path, dtype=OUR_DTYPE[kind])
     model.set_train(False)
     prompt = np.random.default_rng(0).integers(0, 151643, size=(1, 512)).astype(np.int32)
-    best_pp, best_tg = 0.0, 0.0
-    for _ in range(repeats):
-        cache = model.new_cache(batch_size=1, max_length=512 + new_tokens + 1)
-        t0 = time.perf_counter()
+    cache = model.new_cache(batch_size=1, max_length=512 + new_tokens + 1)
+
+    def prefill() -> int:
         logits = model.forward_step(prompt, None, None, cache, 0, logits_to_keep=1)
-        tok = int(np.argmax(logits.asnumpy()[0, -1]))
-        best_pp = max(best_pp, 512 / (time.perf_counter() - t0))
-        steps = []
-        for j in range(new_tokens):
+        return int(np.argmax(logits.asnumpy()[0, -1]))
+
+    def decode(tok: int, steps: int) -> List[float]:
+        times = []
+        for j in range(steps):
             t0 = time.perf_counter()
             logits = model.forward_step(np.array([[tok]], np.int32), None, None, cache, Tensor(512 + j, ms.int32))
             tok = int(np.argmax(logits.asnumpy()[0, -1]))
-            steps.append(time.perf_counter() - t0)
-        best_tg = max(best_tg, (len(steps) - 1) / sum(steps[1:]))  # the first step may compile
-    return {"pp512": best_pp, "tg128": best_tg}
+            times.append(time.perf_counter() - t0)
+        return times
+
+    decode(prefill(), 2)  # compiles both graphs
+    out = {"pp512": 0.0, "tg128": 0.0}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        tok = prefill()
+        out["pp512"] = max(out["pp512"], 512 / (time.perf_counter() - t0))
+        if profile:
+            kernel_profile(reset=True, enable=True)
+        steps = decode(tok, new_tokens)
+        rate = len(steps) / sum(steps)
+        if profile:
+            calls = kernel_profile(reset=True, enable=False)
+            if rate > out["tg128"]:
+                out["step_ms"] = sum(steps) / len(steps) * 1e3
+                out["kernel_ms"] = sum(sec for _, sec in calls.values()) / len(steps) * 1e3
+                out["calls"] = sum(n for n, _ in calls.values()) / len(steps)
+        out["tg128"] = max(out["tg128"], rate)
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=24, help="decoder layers (24: Qwen2-0.5B)")
-    ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {', '.join(FORMATS)}")
+    ap.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help=f"comma-separated subset of {', '.join(FORMATS)}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64, help="our decode steps per run")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="also time our kernels inside each decode step")
     args = ap.parse_args(argv)
     formats = [f.strip().upper() for f in args.formats.split(",") if f.strip()]
     bad = [f for f in formats if f not in FORMATS]
@@ -134,25 +166,33 @@ def main(argv=None) -> int:
     info = llamacpp.build_info()
     print(f"CPU: {cpu['model']} ({os.cpu_count()} cores), flags: {cpu['flags']}")
     print(f"llama.cpp: {lib} (built in {info.get('seconds', '?')} s; this call {time.perf_counter() - start:.0f} s)")
+    print(f"load average at start: {' '.join(f'{v:.1f}' for v in os.getloadavg())} (1/5/15 min; other processes "
+          f"share the cores, so compare the ratios)", flush=True)
     files = make_ggufs(args.layers, formats)
     rows = []
     for kind in formats:
         load0 = load_average()
         theirs = llama_bench(files[kind], args.threads, args.repeats)
-        mine = ours(files[kind], kind, args.tokens, args.repeats)
+        mine = ours(files[kind], kind, args.tokens, args.repeats, args.profile)
         rows.append((kind, mine, theirs, load0, load_average()))
-        print(f"  {kind}: qwen2ms tg {mine['tg128']:.1f} pp512 {mine['pp512']:.0f}; llama.cpp tg128 "
-              f"{theirs['tg128']:.1f} pp512 {theirs['pp512']:.0f} (load average {load0:.1f} -> {load_average():.1f})",
-              flush=True)
-    print(f"\nQwen2-0.5B shape, {args.layers} layers, random weights, {args.threads} threads, batch 1")
-    print(f"{'format':7s} {'ours tg':>8s} {'llama tg':>9s} {'ratio':>6s} {'ours pp512':>11s} {'llama pp512':>12s} "
-          f"{'ratio':>6s} {'load':>9s}")
+        print(f"  {kind}: qwen2ms ({OUR_WEIGHTS[kind]}) tg {mine['tg128']:.1f} pp512 {mine['pp512']:.0f}; llama.cpp "
+              f"tg128 {theirs['tg128']:.1f} pp512 {theirs['pp512']:.0f} (load average {load0:.1f} -> "
+              f"{load_average():.1f})", flush=True)
+    print(f"\nQwen2-0.5B shape, {args.layers} layers, random weights, {args.threads} threads, batch 1; decode: ours "
+          f"best of {args.repeats} x {args.tokens} steps, llama-bench tg128 mean of {args.repeats}")
+    print(f"{'format':7s} {'ours':>9s} {'ours tg':>8s} {'llama tg':>9s} {'ratio':>6s} {'ours pp512':>11s} "
+          f"{'llama pp512':>12s} {'ratio':>6s} {'load':>9s}")
     for kind, mine, theirs, l0, l1 in rows:
-        print(f"{kind:7s} {mine['tg128']:8.1f} {theirs['tg128']:9.1f} {mine['tg128'] / theirs['tg128']:5.2f}x "
-              f"{mine['pp512']:11.0f} {theirs['pp512']:12.0f} {mine['pp512'] / theirs['pp512']:5.2f}x "
-              f"{l0:4.1f}-{l1:<4.1f}")
-    if "Q4_0" in formats:
-        print("Q4_0: qwen2ms dequantises to bfloat16 (no int4 kernels yet), so it reads 4x the bytes llama.cpp reads")
+        print(f"{kind:7s} {OUR_WEIGHTS[kind]:>9s} {mine['tg128']:8.1f} {theirs['tg128']:9.1f} "
+              f"{mine['tg128'] / theirs['tg128']:5.2f}x {mine['pp512']:11.0f} {theirs['pp512']:12.0f} "
+              f"{mine['pp512'] / theirs['pp512']:5.2f}x {l0:4.1f}-{l1:<4.1f}")
+    if args.profile:
+        print("\nour decode step (fastest run): wall time, time inside our kernels, kernel calls per step")
+        for kind, mine, _, _, _ in rows:
+            k, w = mine["kernel_ms"], mine["step_ms"]
+            print(f"  {kind:7s} {w:7.1f} ms/step, kernels {k:7.1f} ms ({k / w:.0%}) in {mine['calls']:.0f} calls, "
+                  f"outside {w - k:6.1f} ms (MindSpore launch and ops, Python)")
+    print(f"load average at end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     return 0
 
 
