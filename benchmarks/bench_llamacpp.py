@@ -147,8 +147,20 @@ def ours(path: Path, kind: str, new_tokens: int, repeats: int, profile: bool) ->
     return out
 
 
+def ours_in_child(path: Path, kind: str, new_tokens: int, repeats: int, profile: bool) -> Dict[str, float]:
+    """:func:`ours` in a fresh process: each format's model and compiled graphs are freed with it (a 24-layer
+    run holding the earlier formats' models was killed for memory on a shared 23 GB machine)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, str(path), "--tokens", str(new_tokens),
+           "--repeats", str(repeats)] + (["--profile"] if profile else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
+    if proc.returncode != 0:
+        raise RuntimeError(f"our {kind} run failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", nargs=2, metavar=("FORMAT", "GGUF"), help=argparse.SUPPRESS)
     ap.add_argument("--layers", type=int, default=24, help="decoder layers (24: Qwen2-0.5B)")
     ap.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help=f"comma-separated subset of {', '.join(FORMATS)}")
     ap.add_argument("--threads", type=int, default=2)
@@ -156,6 +168,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="also time our kernels inside each decode step")
     args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(ours(Path(args.child[1]), args.child[0], args.tokens, args.repeats, args.profile)))
+        return 0
     formats = [f.strip().upper() for f in args.formats.split(",") if f.strip()]
     bad = [f for f in formats if f not in FORMATS]
     if bad:
@@ -173,7 +188,7 @@ def main(argv=None) -> int:
     for kind in formats:
         load0 = load_average()
         theirs = llama_bench(files[kind], args.threads, args.repeats)
-        mine = ours(files[kind], kind, args.tokens, args.repeats, args.profile)
+        mine = ours_in_child(files[kind], kind, args.tokens, args.repeats, args.profile)
         rows.append((kind, mine, theirs, load0, load_average()))
         print(f"  {kind}: qwen2ms ({OUR_WEIGHTS[kind]}) tg {mine['tg128']:.1f} pp512 {mine['pp512']:.0f}; llama.cpp "
               f"tg128 {theirs['tg128']:.1f} pp512 {theirs['pp512']:.0f} (load average {load0:.1f} -> "
