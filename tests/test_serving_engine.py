@@ -12,6 +12,7 @@ ms = pytest.importorskip("mindspore")
 from qwen2ms import Qwen2Config  # noqa: E402
 from qwen2ms.modeling import Qwen2ForCausalLM  # noqa: E402
 from qwen2ms.serving import LLMEngine, RequestError, SamplingParams  # noqa: E402
+from qwen2ms.tokenization import Qwen2Tokenizer  # noqa: E402
 
 BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, eos_token_id=1)
@@ -177,3 +178,22 @@ def test_text_and_stop_strings_match_generate(dense):
     cut = done["cut"].outputs[0]
     assert cut.text == full[:full.index(stop)] and cut.stop_reason == stop and cut.finish_reason == "stop"
     assert len(cut.token_ids) < 16
+
+
+def test_llm_loads_a_checkpoint_folder_with_its_tokenizer(tmp_path, qwen2_tokenizer_dir):
+    """``LLM(path)`` (the README's first line) reads the weights with from_hf and the tokenizer beside them."""
+    import shutil
+
+    from qwen2ms.serving import LLM
+
+    model = tiny_model(moe=False, seed=3)
+    model.save_pretrained(tmp_path)
+    for f in qwen2_tokenizer_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    llm = LLM(str(tmp_path), verbose=False, **SHAPES[False])
+    loaded = dict((n, p.asnumpy()) for n, p in llm.engine.model.named_weights())
+    for name, p in model.named_weights():
+        np.testing.assert_array_equal(loaded[name], p.asnumpy(), err_msg=name)
+    assert llm.tokenizer is not None
+    assert llm.tokenizer.encode("Paris") == Qwen2Tokenizer.from_pretrained(qwen2_tokenizer_dir).encode("Paris")
+    assert llm.engine.stats().num_blocks_total == SHAPES[False]["num_blocks"]
