@@ -199,6 +199,41 @@ def test_cpu_ops_route_int4_by_weight_dtype_and_rows():
         _close(_np(ref_ops.linear(x, q, None, s)), want, "float32")
 
 
+@pytest.mark.parametrize("dt", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("group", [32, 128, None])
+def test_dequantize_kernel_equals_reference(kernels, dt, group):
+    """The one-pass unpacking kernel gives the reference's matrix bit for bit (grouped and per-channel scales)."""
+    qw = quantize_int4(rng.standard_normal((12, 256)), 32 if group is None else group)
+    scale = qw.scale[:, 0].copy() if group is None else qw.scale
+    q, s = Tensor(qw.q), Tensor(scale)
+    got = kernels.dequantize_int4(q, s, DTYPES[dt])
+    want = reference.dequantize_int4(q, s, DTYPES[dt])
+    assert got.dtype == DTYPES[dt] and tuple(got.shape) == (12, 256)
+    np.testing.assert_array_equal(got.astype(ms.float32).asnumpy(), want.astype(ms.float32).asnumpy())
+
+
+def test_many_row_int4_linear_unpacks_in_the_kernel_and_passes_gradients(kernels):
+    """Above 16 rows CpuOps multiplies by the kernel-unpacked matrix: the reference's result, and in a compiled
+    graph gradients reach x (the codes and scales get none)."""
+    cpu_ops = CpuOps(kernels)
+    qw = quantize_int4(rng.standard_normal((24, 64)), 32)
+    q, s, b = Tensor(qw.q), Tensor(qw.scale), _t(rng.standard_normal(24))
+    x = _t(rng.standard_normal((2, 20, 64)))
+    np.testing.assert_allclose(cpu_ops.linear(x, q, b, s).asnumpy(), ReferenceOps().linear(x, q, b, s).asnumpy(),
+                               rtol=1e-5, atol=1e-5)
+    dense = Tensor(_dense(qw).astype(np.float32))
+
+    def ours(t):
+        return (cpu_ops.linear(t, q, b, s) ** 2).sum()
+
+    def ref(t):
+        return ((ops.matmul(t, dense.T) + b) ** 2).sum()
+
+    grad = ms.jit(ms.grad(ours))(x)
+    want = ms.grad(ref)(x)
+    np.testing.assert_allclose(grad.asnumpy(), want.asnumpy(), rtol=1e-4, atol=1e-3)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Other builds: 256-bit (no AVX-512), scalar (no AVX2), and the 512-bit build compiled where it cannot run
 

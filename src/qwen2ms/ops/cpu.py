@@ -52,7 +52,8 @@ __all__ = [
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 LIB_NAME = "libqwen2ms_kernels.so"
 _SOURCES = ("common.h", "pool.h", "linear.h", "attention.h", "norm.cpp", "rope.cpp", "swiglu.cpp", "linear.cpp",
-            "embedding.cpp", "attention.cpp", "kvcache.cpp", "decode_layer.cpp", "paged_attention.cpp")
+            "embedding.cpp", "attention.cpp", "kvcache.cpp", "decode_layer.cpp", "paged_attention.cpp",
+            "dequant.cpp")
 _build_lock = threading.Lock()
 
 
@@ -594,6 +595,26 @@ class CpuKernels:
         self._linear_q4 = custom("LinearInt4", linear_shape, first_dtype, linear_q4_bprop)
         self._linear_q4_bias = custom("LinearInt4Bias", linear_shape, first_dtype, linear_q4_bias_bprop)
 
+        def dequant_shape(q, scale):
+            return [q[0], 2 * q[1]]
+
+        def dequant_bprop(q, scale, out, dout):
+            # The codes and scales are frozen inference weights: no gradient reaches them.
+            return ops.zeros_like(q), ops.zeros_like(scale)
+
+        def as_f32(q, scale):
+            return ms.float32
+
+        def as_f16(q, scale):
+            return ms.float16
+
+        def as_bf16(q, scale):
+            return ms.bfloat16
+
+        self._dequant_q4_f32 = custom("DequantInt4F32", dequant_shape, as_f32, dequant_bprop)
+        self._dequant_q4_f16 = custom("DequantInt4F16", dequant_shape, as_f16, dequant_bprop)
+        self._dequant_q4_bf16 = custom("DequantInt4BF16", dequant_shape, as_bf16, dequant_bprop)
+
         # --- One dense decoder layer of a one-token step (inference: no bprop), cache written in place ----------
         self._decode_layer = {
             (quant, bias): custom("DecodeLayer" + ("Quant" if quant else "") + ("Bias" if bias else ""),
@@ -837,6 +858,18 @@ class CpuKernels:
             return self._linear_q4(x, q, scale)
         return self._linear_q4_bias(x, q, scale, bias)
 
+    def dequantize_int4(self, q, scale, dtype=ms.float32):
+        """:func:`qwen2ms.ops.reference.dequantize_int4` in one kernel pass: the ``[N, K]`` matrix, no temporaries.
+
+        Args:
+            q: uint8 [N, K / 2] packed codes; scale: float32 [N, G] or [N]; dtype: float32, float16 or bfloat16.
+        """
+        if dtype == ms.float16:
+            return self._dequant_q4_f16(q, scale)
+        if dtype == ms.bfloat16:
+            return self._dequant_q4_bf16(q, scale)
+        return self._dequant_q4_f32(q, scale)
+
 
 #: Linux madvise advice that makes the kernel back a range by 2 MiB pages now (Linux 6.1+).
 _MADV_COLLAPSE = 25
@@ -993,6 +1026,10 @@ class CpuOps(ReferenceOps):
         static shapes, fixed when a graph is built.
         """
         if _rows(x) > _KERNEL_MAX_ROWS:
+            if weight_scale is not None and weight.dtype == ms.uint8:
+                # Int4 codes unpacked in one kernel pass: the reference's op-by-op unpacking keeps about seven
+                # weight-sized temporaries per layer alive in a compiled graph (a 0.5B-shape prefill grew past 14 GB).
+                return reference.linear(x, self.kernels.dequantize_int4(weight, weight_scale, x.dtype), bias)
             # ReferenceOps named, not super(): MindSpore's graph parser resolves super() from the
             # instance's class, which recurses forever in a subclass of CpuOps.
             return ReferenceOps.linear(self, x, weight, bias, weight_scale)
