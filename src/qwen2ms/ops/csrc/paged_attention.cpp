@@ -7,39 +7,11 @@
 // query dtype before the fp32 softmax and probabilities before they weight the values.
 #include <algorithm>
 
-#include "common.h"
+#include "attention.h"
 
 using namespace qk;
 
 namespace {
-constexpr float kMask = -1.0e30f;
-
-// Softmax of p[0, S) in place (masked entries hold kMask, which underflows to exactly 0); returns 1 / sum.
-inline float softmax_inplace(float *p, int64_t S) {
-  float mx = kMask;
-  for (int64_t s = 0; s < S; ++s) mx = p[s] > mx ? p[s] : mx;
-  double sum = 0.0;
-  int64_t s = 0;
-#if QK_SIMD
-  const __m256 vmx = _mm256_set1_ps(mx), floor = _mm256_set1_ps(-87.3f);
-  __m256 vsum = _mm256_setzero_ps();
-  for (; s + 8 <= S; s += 8) {
-    const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(p + s), vmx);
-    const __m256 e = _mm256_and_ps(exp8(x), _mm256_cmp_ps(x, floor, _CMP_GE_OQ));
-    _mm256_storeu_ps(p + s, e);
-    vsum = _mm256_add_ps(vsum, e);
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, vsum);
-  for (int j = 0; j < 8; ++j) sum += lanes[j];
-#endif
-  for (; s < S; ++s) {
-    p[s] = std::exp(p[s] - mx);
-    sum += p[s];
-  }
-  return static_cast<float>(1.0 / sum);
-}
-
 // One cache row (D values of one kv head at one slot) as fp32: the pool's own memory when it is fp32.
 inline const float *row_f32(const void *pool, DType t, int64_t index, int64_t D, float *buf) {
   if (t == F32) return static_cast<const float *>(pool) + index * D;
@@ -133,7 +105,7 @@ QK_KERNEL(PagedAttention) {
         for (int64_t d = 0; d < D; ++d) q[g * D + d] = load(params[0], qt, ((b * Hq + kvh * G + g) * T + t) * D + d);
       for (int64_t s = 0; s < e; ++s) {
         if (!mrow[s]) {
-          for (int64_t g = 0; g < G; ++g) p[g * S + s] = kMask;
+          for (int64_t g = 0; g < G; ++g) p[g * S + s] = kMaskValue;
           continue;
         }
         const int64_t slot = static_cast<int64_t>(table[s / bs]) * bs + s % bs;
@@ -149,7 +121,7 @@ QK_KERNEL(PagedAttention) {
       }
       for (int64_t g = 0; g < G; ++g) {
         float *pg = p.data() + g * S;
-        const float inv = softmax_inplace(pg, e);
+        const float inv = softmax_row(pg, e);
         for (int64_t s = 0; s < e; ++s) pg[s] = round_to(qt, pg[s] * inv);
       }
       std::fill(acc.begin(), acc.end(), 0.f);
