@@ -169,16 +169,16 @@ def test_zero_optimizer_in_a_compiled_step_equals_adamw():
 
 
 def test_pad_rows_adds_ignored_copies_up_to_the_micro_batch_multiple():
-    from qwen2ms.training.trainer import _pad_rows
+    from qwen2ms.training.trainer import _pad_rows, _round_up
 
     batch = {"input_ids": np.arange(6).reshape(3, 2), "labels": np.arange(6).reshape(3, 2) + 10,
              "attention_mask": np.ones((3, 2), np.int64)}
-    out = _pad_rows(batch, 2)
+    out = _pad_rows(batch, _round_up(3, 2))
     np.testing.assert_array_equal(out["input_ids"], [[0, 1], [2, 3], [4, 5], [0, 1]])
     np.testing.assert_array_equal(out["labels"], [[10, 11], [12, 13], [14, 15], [-100, -100]])
-    assert out["attention_mask"].shape == (4, 2)
-    assert _pad_rows(batch, 3) is batch
-    assert _pad_rows(batch, 1) is batch
+    np.testing.assert_array_equal(out["attention_mask"], [[1, 1], [1, 1], [1, 1], [0, 0]])
+    assert _pad_rows(batch, _round_up(3, 3)) is batch
+    assert _pad_rows(batch, _round_up(3, 1)) is batch
 
 
 # ----------------------------------------------------------------------------------- the parallel path, one process

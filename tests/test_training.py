@@ -134,6 +134,78 @@ def test_accumulation_n_times_b_equals_one_batch_of_n_b(tmp_path):
         np.testing.assert_allclose(pb[k], pa[k], rtol=1e-5, atol=1e-5, err_msg=k)
 
 
+# ---------------------------------------------------------------- a short last micro-batch
+class _ShapeRecorder(Trainer):
+    """Records the row count of every micro-batch the compiled train and eval steps receive."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.rows, self.eval_rows = [], []
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        self.rows.append(int(np.asarray(inputs["input_ids"]).shape[0]))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _compiled_eval_loss(self, batch, n):
+        self.eval_rows.append(int(np.asarray(batch["input_ids"]).shape[0]))
+        return super()._compiled_eval_loss(batch, n)
+
+
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+            output_router_logits=True, router_aux_loss_coef=0.5)
+
+
+def test_a_short_last_batch_reuses_the_compiled_step(tmp_path):
+    """5 samples in batches of 4: the epoch's 1-row batch reaches the compiled step padded to 4 rows (one graph)."""
+    trainer = _ShapeRecorder(tiny_model(), args_for(tmp_path, per_device_train_batch_size=4,
+                                                    per_device_eval_batch_size=2, max_steps=3),
+                             train_dataset=samples(5, seed=4))
+    trainer.train()
+    trainer.evaluate(samples(3, seed=5))
+    assert trainer.rows == [4, 4, 4] and trainer.eval_rows == [2, 2]
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe-aux"])
+def test_padding_rows_leave_the_loss_and_gradients_of_the_real_rows(tmp_path, moe):
+    """What the padded 1-row batch contributes equals the row alone: loss and every gradient. The MoE model's
+    load-balancing loss is on: the padding rows are masked, so it does not count them either."""
+    model = tiny_model(**(_MOE if moe else {}))
+    trainer = Trainer(model, args_for(tmp_path), train_dataset=samples(2))
+    batch = trainer.data_collator(samples(1, seed=6))
+    padded = trainer._fill_short_batch(batch, 4)
+    assert padded["input_ids"].shape[0] == 4
+    weights = model.trainable_params()
+    fn = ms.value_and_grad(lambda inp, n: trainer.compute_loss(model, inp, n), None, weights)
+    n = Tensor(float((batch["labels"][:, 1:] != -100).sum()), ms.float32)
+    loss, grads = fn({k: Tensor(v) for k, v in batch.items()}, n)
+    loss_p, grads_p = fn({k: Tensor(v) for k, v in padded.items()}, n)
+    np.testing.assert_allclose(float(loss_p.asnumpy()), float(loss.asnumpy()), rtol=1e-6)
+    for p, g, gp in zip(weights, grads, grads_p):
+        np.testing.assert_allclose(gp.asnumpy(), g.asnumpy(), rtol=1e-5, atol=1e-7, err_msg=p.name)
+
+
+def test_padding_rows_mask_every_token_and_ignore_every_label():
+    from qwen2ms.training.trainer import _pad_rows
+
+    batch = {"input_ids": np.array([[7, 8, 9]]), "labels": np.array([[-100, 8, 9]]),
+             "attention_mask": np.array([[1, 1, 1]])}
+    out = _pad_rows(batch, 3)
+    np.testing.assert_array_equal(out["input_ids"], [[7, 8, 9]] * 3)
+    np.testing.assert_array_equal(out["labels"], [[-100, 8, 9]] + [[-100] * 3] * 2)
+    np.testing.assert_array_equal(out["attention_mask"], [[1, 1, 1], [0, 0, 0], [0, 0, 0]])
+    assert _pad_rows(batch, 1) is batch
+
+
+def test_packed_moe_batches_are_not_padded_because_the_aux_loss_counts_every_token(tmp_path):
+    """Without an attention_mask the router loss would count padding rows: such a short batch keeps its shape."""
+    trainer = Trainer(tiny_model(**_MOE), args_for(tmp_path), train_dataset=samples(2))
+    packed = {"input_ids": np.ones((1, 8), np.int32), "labels": np.ones((1, 8), np.int32),
+              "position_ids": np.tile(np.arange(8), (1, 1)), "segment_ids": np.ones((1, 8), np.int32)}
+    assert trainer._fill_short_batch(packed, 4) is packed
+    dense = Trainer(tiny_model(), args_for(tmp_path / "d"), train_dataset=samples(2))
+    assert dense._fill_short_batch(packed, 4)["input_ids"].shape == (4, 8)
+
+
 # ---------------------------------------------------------------- resume
 def test_resume_continues_with_identical_losses(tmp_path):
     data = samples(6, seed=3)

@@ -242,14 +242,22 @@ def _make_output_dir(path: str) -> None:
         raise ValueError(f"TrainingArguments.output_dir={path!r} is not writable; choose a folder you can write to")
 
 
-def _pad_rows(batch: Dict[str, np.ndarray], multiple: int) -> Dict[str, np.ndarray]:
-    """The batch with rows added up to a multiple of ``multiple``: copies of the first row, every label ignored.
+def _round_up(n: int, multiple: int) -> int:
+    return int(n) + (-int(n) % int(multiple))
 
-    They add nothing to the loss or its gradients; pipeline micro-batches need equal row counts.
+
+def _pad_rows(batch: Dict[str, np.ndarray], rows: int) -> Dict[str, np.ndarray]:
+    """The batch with copies of its first row appended up to ``rows`` rows, each marked as padding.
+
+    A padding row has every label ignored and, when the batch has an ``attention_mask``, every token
+    masked: it adds nothing to the cross-entropy or its gradients, nor to an MoE router's
+    load-balancing loss (which counts the unmasked tokens). Without an ``attention_mask`` (packed
+    rows) that loss would count its tokens. A batch already ``rows`` rows high (or higher) is returned
+    as it is.
     """
-    rows = int(np.asarray(batch["input_ids"]).shape[0])
-    extra = -rows % multiple
-    if not extra:
+    have = int(np.asarray(batch["input_ids"]).shape[0])
+    extra = int(rows) - have
+    if extra <= 0:
         return batch
     out = {}
     for k, v in batch.items():
@@ -257,6 +265,8 @@ def _pad_rows(batch: Dict[str, np.ndarray], multiple: int) -> Dict[str, np.ndarr
         filler = np.repeat(v[:1], extra, axis=0)
         if k == "labels":
             filler = np.full_like(filler, IGNORE_INDEX)
+        elif k == "attention_mask":
+            filler = np.zeros_like(filler)
         out[k] = np.concatenate([v, filler], axis=0)
     return out
 
@@ -287,6 +297,10 @@ class Trainer:
     A pipeline stage (``pipeline_stage > 1``) runs each micro-batch of the loader through
     ``forward_backward`` in ``micro_batch_num`` pipeline micro-batches (rows padded to a multiple of
     it with ignored rows), so :meth:`compute_loss` is not used there.
+
+    An epoch's last micro-batch, when short, is padded to the full batch with padding rows (labels
+    ignored, attention masked): it reuses the compiled step instead of compiling one for its own
+    shape, and the loss and gradients are those of its real rows.
 
     Example:
         >>> args = TrainingArguments("runs/demo", learning_rate=1e-3, max_steps=50, logging_steps=10)
@@ -560,7 +574,7 @@ class Trainer:
         """One micro-batch through the GPipe schedule; on the step's last, the compiled sync/clip/update."""
         from ..parallel.comm import all_reduce
 
-        batch = _pad_rows(inputs, self.parallel_config.micro_batch_num)
+        batch = _pad_rows(inputs, _round_up(len(inputs["input_ids"]), self.parallel_config.micro_batch_num))
         # fp16: dividing the token count by the loss scale multiplies the loss (and its gradients) by it
         scale = float(self._loss_scale.scale.asnumpy()) if self._loss_scale is not None else 1.0
         loss, grads = self.model.forward_backward(
@@ -584,31 +598,35 @@ class Trainer:
     def _replica_rows(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         """This data-parallel replica's rows of a global batch (``ceil(rows / dp)`` each, in rank order).
 
-        A replica left short by a smaller last batch gets copies of the first row with every label
-        ignored: they add nothing to the cross-entropy or its gradients, and every replica keeps one
-        shape (an MoE router's load-balancing loss does count their tokens).
+        A batch whose rows do not split evenly is first padded with padding rows (:func:`_pad_rows`), so
+        every replica keeps one shape.
         """
         pc = self.parallel_config
         dp, d = pc.data_parallel, self.model.groups.dp_rank
-        rows = int(np.asarray(batch["input_ids"]).shape[0])
-        per = -(-rows // dp)
-        lo, hi = min(d * per, rows), min((d + 1) * per, rows)
-        out = {}
-        for k, v in batch.items():
-            v = np.asarray(v)
-            part = v[lo:hi]
-            if hi - lo < per:
-                filler = np.repeat(v[:1], per - (hi - lo), axis=0)
-                if k == "labels":
-                    filler = np.full_like(filler, IGNORE_INDEX)
-                part = np.concatenate([part, filler], axis=0)
-            out[k] = part
+        per = -(-int(np.asarray(batch["input_ids"]).shape[0]) // dp)
+        out = {k: np.asarray(v)[d * per:(d + 1) * per] for k, v in _pad_rows(batch, per * dp).items()}
         width = out["input_ids"].shape[1]
         if pc.use_seq_parallel and pc.model_parallel > 1 and width % pc.model_parallel:
             raise ValueError(f"use_seq_parallel splits the sequence over model_parallel={pc.model_parallel} ranks, but "
                              f"this batch is {width} tokens wide; pad batches to a multiple of {pc.model_parallel} "
                              f"(the collator's pad_to_multiple_of, data.pad_to_multiple_of in a run config)")
         return out
+
+    def _fill_short_batch(self, batch: Dict[str, np.ndarray], rows: int) -> Dict[str, np.ndarray]:
+        """``batch`` padded to the loader's ``rows`` with padding rows (:func:`_pad_rows`) when it is shorter.
+
+        An epoch's last micro-batch is usually short; padded, it runs through the step already compiled
+        for full batches instead of compiling (and keeping) a second graph for its own shape. The
+        padding adds nothing to the loss or its gradients. It is skipped where it would change the loss:
+        an MoE model's load-balancing loss over a batch without ``attention_mask`` (packed rows), whose
+        tokens that loss counts one by one.
+        """
+        if not rows:
+            return batch
+        moe_aux = bool(getattr(self.model, "is_moe", False)) and bool(getattr(self.model, "default_router_logits", False))
+        if moe_aux and "attention_mask" not in batch:
+            return batch
+        return _pad_rows(batch, rows)
 
     def log(self, logs: Dict[str, Any]) -> None:
         """Record a dict of metrics: adds ``step``, appends to ``state.log_history``, fires ``on_log``."""
@@ -669,6 +687,7 @@ class Trainer:
             self.check_dataset(self.eval_dataset, "eval_dataset")
         vocab = self._vocab_size()
         ga = args.gradient_accumulation_steps
+        rows = int(getattr(dl, "batch_size", 0) or 0)  # a custom loader without batch_size: no padding
         steps_per_epoch = max(1, -(-n_micro // ga))
         max_steps = args.max_steps if args.max_steps > 0 else int(math.ceil(args.num_train_epochs * steps_per_epoch))
         self.state = TrainerState(max_steps=max_steps, num_update_steps_per_epoch=steps_per_epoch)
@@ -720,7 +739,7 @@ class Trainer:
                 step_loss = 0.0
                 for i, batch in enumerate(group):
                     self._micro_position = (i == 0, i == len(group) - 1)
-                    step_loss += self.training_step(self.model, batch, num_items)
+                    step_loss += self.training_step(self.model, self._fill_short_batch(batch, rows), num_items)
                 step_no = self.state.global_step + 1
                 if not math.isfinite(step_loss) or (not self._last_finite and args.precision != "fp16"):
                     raise NonFiniteLossError(self._nonfinite_message(step_loss, step_no, len(group)))
@@ -831,7 +850,7 @@ class Trainer:
                 if n == 0:
                     continue
                 _check_batch(batch, self._vocab_size(), f"eval_dataset micro-batch {b} (samples from {b * dl.batch_size})")
-                total += batch_loss(batch, n) * n
+                total += batch_loss(self._fill_short_batch(batch, dl.batch_size), n) * n
                 tokens += n
         finally:
             self.model.set_train(True)
@@ -849,7 +868,7 @@ class Trainer:
 
     def _pipeline_eval_loss(self, batch: Dict[str, np.ndarray], n: int) -> float:
         """Mean token loss of one batch through the pipeline (every replica evaluates all batches)."""
-        batch = _pad_rows(batch, self.parallel_config.micro_batch_num)
+        batch = _pad_rows(batch, _round_up(len(batch["input_ids"]), self.parallel_config.micro_batch_num))
         loss, _ = self.model.evaluate(batch["input_ids"], batch["labels"], batch.get("attention_mask"),
                                       batch.get("position_ids"), batch.get("segment_ids"))
         return float(loss.asnumpy())
