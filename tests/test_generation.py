@@ -244,6 +244,29 @@ def test_top_p_matches_hf_with_ties():
     np.testing.assert_array_equal(out, [[-np.inf, -np.inf, 0, 0]])
 
 
+def test_top_p_on_a_full_qwen_vocab_row_matches_hf_with_and_without_the_shortcut():
+    """A 151,936-score row: peaked rows take the shortcut (only the top scores sorted), flat ones the full sort;
+    both keep exactly what HF keeps, min_tokens_to_keep included."""
+    rng = np.random.default_rng(11)
+    taken = set()
+    for scale, p, keep in [(10, 0.8, 1), (10, 0.95, 1), (4, 0.9, 1), (4, 0.5, 600), (0.5, 0.8, 1)]:
+        scores = (rng.standard_normal((2, 151936)) * scale).astype(np.float32)
+        ours = TopP(p, min_tokens_to_keep=keep)(None, scores)
+        ref = lp.TopPLogitsWarper(p, min_tokens_to_keep=keep)(None, _t(scores)).numpy()
+        np.testing.assert_array_equal(ours, ref, err_msg=f"scale {scale} top_p {p}")
+        taken.add(TopP(p, min_tokens_to_keep=keep)._row_from_the_top(scores[0]) is not None)
+    assert taken == {True, False}  # both paths ran
+    # 300 equal top scores straddle the first try's 256: the result is the full stable sort's (the highest ids of
+    # the tied ones kept; torch.sort is not stable, so HF agrees on the kept values and their count only)
+    row = np.full((1, 8192), -20.0, np.float32)
+    row[0, :300] = 5.0
+    full = TopP(0.9)
+    full._row_from_the_top = lambda r: None
+    ours = TopP(0.9)(None, row)
+    np.testing.assert_array_equal(ours, full(None, row))
+    np.testing.assert_array_equal(np.sort(ours), np.sort(lp.TopPLogitsWarper(0.9)(None, _t(row)).numpy()))
+
+
 def test_warper_chain_matches_hf_on_large_vocab():
     # After top-k, top-p works on the finite entries only (fast path); results must not change.
     rng = np.random.default_rng(6)
