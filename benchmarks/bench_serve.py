@@ -202,6 +202,19 @@ async def single_and_concurrent(client, args, workload) -> Dict:
     conc = summarize(f"{len(workload)} concurrent streams", list(many), time.perf_counter() - start)
     conc["speedup_vs_single"] = round(conc["output_tok_s"] / one["output_tok_s"], 2)
     print(f"  aggregate output tokens/s: {conc['speedup_vs_single']}x the single stream")
+    # Where the time goes. Prefill is compute-bound (batching prompts does not make it cheaper per token), so the
+    # prompt tokens bound the speed-up: at the single stream's prefill rate, even free decode steps could not
+    # beat output tokens / prefill time of the concurrent workload.
+    prefill_rate = sum(len(p) for p, _ in workload[:args.single]) / max(1e-9, sum(r["ttft"] for r in single))
+    prefill_16 = sum(len(p) for p, _ in workload) / prefill_rate
+    conc["single_prefill_share"] = round(sum(r["ttft"] for r in single) / one["wall_s"], 3)
+    conc["bound_if_decode_were_free"] = round(conc["output_tokens"] / prefill_16 / one["output_tok_s"], 2)
+    # Decode steps alone: each running sequence gets one token per step.
+    conc["decode_step_speedup"] = round(len(workload) * one["itl_p50_ms"] / max(1e-9, conc["itl_p50_ms"]), 2)
+    print(f"  where the time goes: prefill (TTFT) is {100 * conc['single_prefill_share']:.0f}% of the single stream's "
+          f"time at {prefill_rate:.0f} prompt tok/s; with free decode the concurrent run could reach at most "
+          f"{conc['bound_if_decode_were_free']}x; decode steps alone: {len(workload)} sequences per step (while all run) at p50 "
+          f"{conc['itl_p50_ms']} ms vs 1 at {one['itl_p50_ms']} ms = {conc['decode_step_speedup']}x the tokens/s")
     return {"single": one, "concurrent": conc}
 
 
