@@ -149,3 +149,14 @@ def test_run_config_builtin_tokenizer_is_qwen2():
     assert run.data["tokenizer"] == "builtin"
     tok = _load_tokenizer(run, model=None)
     assert len(tok) == 151646 and tok.chat_template == demo_tokenizer().chat_template
+
+
+def test_serve_passes_the_prefill_budget_to_the_engine_and_rejects_zero(capsys):
+    from qwen2ms.cli import _engine_kwargs
+
+    args = build_parser().parse_args(["serve", "some/model", "--max-num-batched-tokens", "64"])
+    assert _engine_kwargs(args, 128)["max_num_batched_tokens"] == 64
+    assert "max_num_batched_tokens" not in _engine_kwargs(build_parser().parse_args(["serve", "m"]), 128)  # default
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "m", "--max-num-batched-tokens", "0"])
+    assert "--max-num-batched-tokens: must be an integer >= 1, got 0" in capsys.readouterr().err

@@ -115,6 +115,38 @@ def test_moe_greedy_equals_generate_alone_with_prefix_hits_and_preemption():
     check_greedy_parity(model, LLMEngine(model, verbose=False, **SHAPES[True]), moe=True)
 
 
+def test_a_step_stops_admitting_once_its_prefills_reach_max_num_batched_tokens(dense):
+    """Budget 10, three 6-token prompts: step 1 prefills two (6, then 12 >= 10) and decodes them, step 2 the third
+    while the first two decode; the outputs are still generate's."""
+    model, engine = dense
+    prompts = {f"b{i}": [240 + i, 3, 4, 5, 6, 7] for i in range(3)}  # different first blocks: no prefix hits
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    old = engine.max_num_batched_tokens
+    engine.max_num_batched_tokens = 10
+    try:
+        for rid, prompt in prompts.items():
+            engine.add_request(rid, prompt, params)
+        steps, done = [], {}
+        while engine.has_unfinished_requests():
+            outs = engine.step()
+            steps.append({o.request_id: len(o.outputs[0].token_ids) for o in outs})
+            done.update({o.request_id: o for o in outs if o.finished})
+    finally:
+        engine.max_num_batched_tokens = old
+    assert steps[0] == {"b0": 2, "b1": 2}  # first token from the prefill, second from the step's decode
+    assert steps[1] == {"b0": 3, "b1": 3, "b2": 2}
+    for rid, prompt in prompts.items():
+        assert done[rid].outputs[0].token_ids == reference(model, prompt, 3, eos_token_id=[])
+    assert engine.stats().num_blocks_used == 0
+
+
+def test_max_num_batched_tokens_must_be_a_positive_integer_or_none(dense):
+    model, _ = dense
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be a positive integer, got 0"):
+        LLMEngine(model, verbose=False, max_num_batched_tokens=0, **SHAPES[False])
+    assert LLMEngine(model, verbose=False, max_num_batched_tokens=None, **SHAPES[False]).max_num_batched_tokens is None
+
+
 def test_seeded_sampling_is_reproducible_whatever_the_batch_and_equals_generate(dense):
     model, engine = dense
     prompt = [7, 8, 9, 10, 11]

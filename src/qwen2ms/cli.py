@@ -546,6 +546,8 @@ def _engine_kwargs(args: argparse.Namespace, limit: int) -> Dict[str, object]:
         out["num_blocks"] = args.num_blocks
     if args.kv_cache_memory is not None:
         out["kv_cache_memory"] = args.kv_cache_memory
+    if args.max_num_batched_tokens is not None:
+        out["max_num_batched_tokens"] = args.max_num_batched_tokens
     return out
 
 
@@ -598,6 +600,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="sequences decoded together (default 16)")
     p.add_argument("--max-model-len", type=_int_at_least(2), default=None,
                    help="prompt + completion tokens per request (default: max_position_embeddings)")
+    p.add_argument("--max-num-batched-tokens", type=_int_at_least(1), default=None,
+                   help="prompt tokens one scheduling step prefills before it stops admitting (default 512; a "
+                        "prompt is never split)")
     p.add_argument("--block-size", type=_int_at_least(1), default=16, help="tokens per KV-cache block (default 16)")
     p.add_argument("--num-blocks", type=_int_at_least(1), default=None,
                    help="KV-cache blocks in the pool (default: enough for max-num-seqs full-length sequences, "
