@@ -97,19 +97,23 @@ def llama_bench(path: Path, threads: int, repeats: int) -> Dict[str, float]:
     return out
 
 
-def ours(path: Path, kind: str, new_tokens: int, repeats: int, profile: bool) -> Dict[str, float]:
+def ours(path: Path, kind: str, new_tokens: int, repeats: int, profile: bool,
+         activations: str = "int8") -> Dict[str, float]:
     """Our decode tokens/s (best of ``repeats`` runs of ``new_tokens`` steps) and 512-token prefill tokens/s.
 
     One cache serves every run, so the prefill and decode graphs compile once (in the untimed warm-up).
     With ``profile``, also the kernel share of the fastest run's decode steps (``kernel_ms``, ``step_ms``).
+    ``activations``: how int8/int4 layers read their input (:func:`qwen2ms.modeling.quantize.set_activations`).
     """
     import mindspore as ms
     from mindspore import Tensor
 
     from qwen2ms import Qwen2ForCausalLM
+    from qwen2ms.modeling.quantize import set_activations
     from qwen2ms.ops.cpu import kernel_profile
 
     model = Qwen2ForCausalLM.from_gguf(path, dtype=OUR_DTYPE[kind])
+    set_activations(model, activations)
     model.set_train(False)
     prompt = np.random.default_rng(0).integers(0, 151643, size=(1, 512)).astype(np.int32)
     cache = model.new_cache(batch_size=1, max_length=512 + new_tokens + 1)
@@ -147,11 +151,12 @@ def ours(path: Path, kind: str, new_tokens: int, repeats: int, profile: bool) ->
     return out
 
 
-def ours_in_child(path: Path, kind: str, new_tokens: int, repeats: int, profile: bool) -> Dict[str, float]:
+def ours_in_child(path: Path, kind: str, new_tokens: int, repeats: int, profile: bool,
+                  activations: str = "int8") -> Dict[str, float]:
     """:func:`ours` in a fresh process: each format's model and compiled graphs are freed with it (a 24-layer
     run holding the earlier formats' models was killed for memory on a shared 23 GB machine)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, str(path), "--tokens", str(new_tokens),
-           "--repeats", str(repeats)] + (["--profile"] if profile else [])
+           "--repeats", str(repeats), "--activations", activations] + (["--profile"] if profile else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
     if proc.returncode != 0:
         raise RuntimeError(f"our {kind} run failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
@@ -167,9 +172,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=64, help="our decode steps per run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="also time our kernels inside each decode step")
+    ap.add_argument("--activations", choices=("int8", "float32"), default="int8",
+                    help="how our int8/int4 layers read activations (default int8: rounded per block of 32)")
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(ours(Path(args.child[1]), args.child[0], args.tokens, args.repeats, args.profile)))
+        print(json.dumps(ours(Path(args.child[1]), args.child[0], args.tokens, args.repeats, args.profile,
+                              args.activations)))
         return 0
     formats = [f.strip().upper() for f in args.formats.split(",") if f.strip()]
     bad = [f for f in formats if f not in FORMATS]
@@ -188,13 +196,14 @@ def main(argv=None) -> int:
     for kind in formats:
         load0 = load_average()
         theirs = llama_bench(files[kind], args.threads, args.repeats)
-        mine = ours_in_child(files[kind], kind, args.tokens, args.repeats, args.profile)
+        mine = ours_in_child(files[kind], kind, args.tokens, args.repeats, args.profile, args.activations)
         rows.append((kind, mine, theirs, load0, load_average()))
         print(f"  {kind}: qwen2ms ({OUR_WEIGHTS[kind]}) tg {mine['tg128']:.1f} pp512 {mine['pp512']:.0f}; llama.cpp "
               f"tg128 {theirs['tg128']:.1f} pp512 {theirs['pp512']:.0f} (load average {load0:.1f} -> "
               f"{load_average():.1f})", flush=True)
     print(f"\nQwen2-0.5B shape, {args.layers} layers, random weights, {args.threads} threads, batch 1; decode: ours "
-          f"best of {args.repeats} x {args.tokens} steps, llama-bench tg128 mean of {args.repeats}")
+          f"best of {args.repeats} x {args.tokens} steps, llama-bench tg128 mean of {args.repeats}; our int8/int4 "
+          f"layers read {args.activations} activations")
     print(f"{'format':7s} {'ours':>9s} {'ours tg':>8s} {'llama tg':>9s} {'ratio':>6s} {'ours pp512':>11s} "
           f"{'llama pp512':>12s} {'ratio':>6s} {'load':>9s}")
     for kind, mine, theirs, l0, l1 in rows:

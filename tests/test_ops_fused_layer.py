@@ -33,6 +33,9 @@ WEIGHTS = {
     # groups of 64 divide the hidden size but not the intermediate size: down_proj falls back to int8, so one
     # layer mixes int4 and int8 projections.
     "int4-g64-mixed": ("bfloat16", dict(bits=4, group_size=64)),
+    # int8/int4 layers read activations rounded to int8 per block of 32 by default; these keep them in fp32.
+    "int8-g32-fp32-act": ("bfloat16", dict(bits=8, group_size=32, activations="float32")),
+    "int4-g32-fp32-act": ("bfloat16", dict(bits=4, group_size=32, activations="float32")),
 }
 
 
@@ -76,7 +79,7 @@ def decode(model, steps=3, feed=None):
 
 # Every weight kind, and each of the four kernel signatures (with/without quantisation and q/k/v biases).
 CASES = [("fp32", True), ("bf16", False), ("int8-channel", True), ("int8-g32", False), ("int4-g32", True),
-         ("int4-g64-mixed", False)]
+         ("int4-g64-mixed", False), ("int8-g32-fp32-act", True), ("int4-g32-fp32-act", False)]
 
 
 @pytest.mark.parametrize("weights,bias", CASES, ids=[f"{w}-{'bias' if b else 'nobias'}" for w, b in CASES])
@@ -95,7 +98,9 @@ def test_fused_layer_equals_separate_kernels(weights, bias):
     for a, b in zip(got_cache, want_cache):
         np.testing.assert_array_equal(a, b)
     # The path is really taken: one fused call per layer and decode step; attention only in the prefill.
-    name = "DecodeLayer" + ("Quant" if WEIGHTS[weights][1] else "") + ("Bias" if bias else "")
+    quant = WEIGHTS[weights][1]
+    q8a = quant is not None and quant.get("activations", "int8") == "int8"
+    name = "DecodeLayer" + ("Quant" if quant else "") + ("Bias" if bias else "") + ("Q8A" if q8a else "")
     assert calls_fused[name][0] == LAYERS * 3
     assert calls_fused["Attention"][0] == LAYERS  # the prefill's
     assert not any(k.startswith("DecodeLayer") for k in calls_separate)
@@ -115,7 +120,7 @@ def test_compiled_greedy_generation_is_identical_with_and_without_the_fused_laye
         calls = kernel_profile(reset=True)
     finally:
         kernel_profile(reset=True, enable=False)
-    assert calls["DecodeLayerQuantBias"][0] == LAYERS * 5  # the first new token comes from the prefill
+    assert calls["DecodeLayerQuantBiasQ8A"][0] == LAYERS * 5  # the first new token comes from the prefill
     np.testing.assert_array_equal(got, generate(separate, PROMPT, attention_mask=PROMPT_MASK, **kw))
 
 

@@ -113,7 +113,9 @@ def compiler_flags(cpu_flags: Optional[set] = None) -> List[str]:
 
     With AVX-512 (F and BW) too, the linear kernel uses 512-bit vectors: widening int8/bf16 weights to fp32
     then takes half the instructions (+9-10% GEMV throughput with int8/bf16 weights on the development
-    machine); the other kernels keep their AVX2 code.
+    machine); the other kernels keep their AVX2 code. With ``avx512_vnni`` (and ``avx512vl``) or ``avx_vnni``,
+    the integer dot products of int8/int4 weights against quantised activations use ``vpdpbusd`` (one
+    instruction for AVX2's ``vpmaddubsw`` + ``vpmaddwd``, same values).
 
     Args:
         cpu_flags: CPU feature flags to decide from (default: read ``/proc/cpuinfo``).
@@ -126,6 +128,8 @@ def compiler_flags(cpu_flags: Optional[set] = None) -> List[str]:
         True
         >>> "-mavx512bw" in compiler_flags({"avx2", "fma", "f16c", "avx512f", "avx512bw"})
         True
+        >>> "-mavxvnni" in compiler_flags({"avx2", "fma", "f16c", "avx_vnni"})
+        True
     """
     flags = _cpu_flags() if cpu_flags is None else set(cpu_flags)
     # Threads come from our own pool (csrc/pool.h), not OpenMP; -fopenmp-simd only enables `omp simd`.
@@ -134,6 +138,10 @@ def compiler_flags(cpu_flags: Optional[set] = None) -> List[str]:
         out += ["-mavx2", "-mfma", "-mf16c"]
         if {"avx512f", "avx512bw"} <= flags:
             out += ["-mavx512f", "-mavx512bw"]
+            if {"avx512_vnni", "avx512vl"} <= flags:
+                out += ["-mavx512vnni", "-mavx512vl"]
+        if "avx_vnni" in flags and "-mavx512vnni" not in out:
+            out += ["-mavxvnni"]
     return out
 
 
@@ -628,6 +636,32 @@ class CpuKernels:
         self._linear_q = custom("LinearInt8", linear_shape, first_dtype, linear_q_bprop)
         self._linear_q_bias = custom("LinearInt8Bias", linear_shape, first_dtype, linear_q_bias_bprop)
 
+        # --- int8/int4 weights against quantised activations (x rounded to int8 per block of 32) ------------------
+        # Own kernel names (MindSpore caches a Custom op by name). The backward treats the rounding of x as the
+        # identity (straight-through): the same bprops as the fp32-activation kernels.
+        self._q8a = {
+            "linear_q": custom("LinearInt8Q8A", linear_shape, first_dtype, linear_q_bprop),
+            "linear_q_bias": custom("LinearInt8BiasQ8A", linear_shape, first_dtype, linear_q_bias_bprop),
+            "linear_q4": custom("LinearInt4Q8A", linear_shape, first_dtype, linear_q4_bprop),
+            "linear_q4_bias": custom("LinearInt4BiasQ8A", linear_shape, first_dtype, linear_q4_bias_bprop),
+            "qkv_q": custom("LinearQkvInt8Q8A", qkv_shape, qkv_dtype, qkv_q_bprop),
+            "qkv_q_bias": custom("LinearQkvInt8BiasQ8A", qkv_shape, qkv_dtype, qkv_q_bias_bprop),
+            "qkv_q4": custom("LinearQkvInt4Q8A", qkv_shape, qkv_dtype, qkv_q4_bprop),
+            "qkv_q4_bias": custom("LinearQkvInt4BiasQ8A", qkv_shape, qkv_dtype, qkv_q4_bias_bprop),
+            "gate_up_q": custom("GateUpSwiGLUInt8Q8A", gate_up_shape, first_dtype, gate_up_q_bprop),
+            "gate_up_q4": custom("GateUpSwiGLUInt4Q8A", gate_up_shape, first_dtype, gate_up_q4_bprop),
+        }
+
+        def quantize_q8_bprop(x, out, dout):
+            return (dout,)  # straight-through: the rounding counts as the identity for gradients
+
+        self._quantize_q8 = custom("QuantizeQ8", lambda x: x, first_dtype, quantize_q8_bprop)
+        self._decode_layer_q8a = {
+            bias: custom("DecodeLayerQuant" + ("Bias" if bias else "") + "Q8A", lambda x, *rest: x, first_dtype)
+            for bias in (False, True)}
+        for op in self._decode_layer_q8a.values():
+            op.add_prim_attr("side_effect_mem", True)
+
     def rms_norm(self, x, weight, eps: float):
         """RMSNorm over the last axis: ``weight * cast(x * rsqrt(mean(x^2) + eps), x.dtype)``.
 
@@ -697,7 +731,7 @@ class CpuKernels:
         return self._kv_write(k_cache, v_cache, key, value, start)
 
     def decode_layer(self, x, cos, sin, mask, k_cache, v_cache, position, ln1, ln2, eps, scale, weights,
-                     scales=None, biases=None):
+                     scales=None, biases=None, quantize_x=False):
         """One dense decoder layer for one new token per row, in one kernel call; equal to the separate kernels.
 
         ``y = s + down(silu(gate(n2)) * up(n2))`` with ``n2 = rms_norm(s)``, ``s = x + o_proj(attention)``, where
@@ -714,6 +748,8 @@ class CpuKernels:
             weights: q, k, v, o, gate, up, down weights ``[N, K]`` (float, int8, or uint8 int4 codes ``[N, K / 2]``).
             scales: None, or the seven float32 scales of int8/int4 weights (``[N]`` or ``[N, G]``).
             biases: None, or the q, k, v biases.
+            quantize_x: int8/int4 weights read ``x`` rounded to int8 codes per block of 32 inputs (scale
+                max|x| / 127; :func:`qwen2ms.ops.reference.quantize_activations`) with integer dot products.
 
         Returns:
             float32 ``[B, 1, H]``, the layer's output.
@@ -723,6 +759,8 @@ class CpuKernels:
             args = args + scales
         if biases is not None:
             args = args + biases
+        if quantize_x and scales is not None:
+            return self._decode_layer_q8a[biases is not None](*args)
         return self._decode_layer[(scales is not None, biases is not None)](*args)
 
     def paged_cache_write(self, key_pool, value_pool, key, value, slot_mapping):
@@ -772,7 +810,7 @@ class CpuKernels:
             return self._linear(x, weight)
         return self._linear_bias(x, weight, bias)
 
-    def linear_qkv(self, x, weights, biases=None, scales=None):
+    def linear_qkv(self, x, weights, biases=None, scales=None, quantize_x=False):
         """Three projections of one input in one kernel call: ``x @ w.T (+ b)`` for each of ``weights``.
 
         The weight rows of all three are handed out to the threads as one range, so attention's q/k/v cost
@@ -783,6 +821,8 @@ class CpuKernels:
             weights: three [N_i, K] tensors of one dtype (int8, or uint8 int4 codes [N_i, K / 2], with ``scales``).
             biases: None, or three [N_i] tensors.
             scales: None, or the three float32 scales of int8/int4 weights ([N_i] or [N_i, G_i]).
+            quantize_x: int8/int4 weights read ``x`` rounded to int8 codes per block of 32 inputs (scale
+                max|x| / 127; :func:`qwen2ms.ops.reference.quantize_activations`) with integer dot products.
 
         Returns:
             Tuple of three [..., N_i] tensors in the dtype of x.
@@ -792,11 +832,14 @@ class CpuKernels:
             args += list(scales)
         if biases is not None:
             args += list(biases)
+        if scales is not None and quantize_x:
+            name = ("qkv_q4" if weights[0].dtype == ms.uint8 else "qkv_q") + ("_bias" if biases is not None else "")
+            return self._q8a[name](x, *args)
         if scales is not None and weights[0].dtype == ms.uint8:
             return self._qkv4[biases is not None](x, *args)
         return self._qkv[(scales is not None, biases is not None)](x, *args)
 
-    def gate_up_swiglu(self, x, gate, up, scales=None):
+    def gate_up_swiglu(self, x, gate, up, scales=None, quantize_x=False):
         """``silu(x @ gate.T) * (x @ up.T)`` in one kernel call, equal to two :meth:`linear` calls and
         :meth:`swiglu` bit for bit.
 
@@ -804,10 +847,14 @@ class CpuKernels:
             x: [..., K] fp32/fp16/bf16.
             gate, up: [N, K] tensors of one dtype (int8, or uint8 int4 codes [N, K / 2], with ``scales``).
             scales: None, or the float32 scales ``(gate_scale, up_scale)`` of int8/int4 weights.
+            quantize_x: int8/int4 weights read ``x`` rounded to int8 codes per block of 32 inputs (scale
+                max|x| / 127; :func:`qwen2ms.ops.reference.quantize_activations`) with integer dot products.
 
         Returns:
             [..., N] in the dtype of x.
         """
+        if scales is not None and quantize_x:
+            return self._q8a["gate_up_q4" if gate.dtype == ms.uint8 else "gate_up_q"](x, gate, up, scales[0], scales[1])
         if scales is not None and gate.dtype == ms.uint8:
             return self._gate_up4(x, gate, up, scales[0], scales[1])
         if scales is not None:
@@ -829,34 +876,54 @@ class CpuKernels:
         out = self._embedding(input_ids, table) if scale is None else self._embedding_q(input_ids, table, scale)
         return out if dtype == ms.float32 else ops.cast(out, dtype)
 
-    def linear_int8(self, x, q, scale, bias=None):
+    def linear_int8(self, x, q, scale, bias=None, quantize_x=False):
         """Int8 weight-only linear: ``x @ (q * scale).T (+ bias)``.
 
         Args:
             x: [..., K]; q: int8 [N, K]; scale: float32 [N] per channel or [N, G] per group (``K // G`` a
                 multiple of 32); bias: optional [N].
+            quantize_x: int8/int4 weights read ``x`` rounded to int8 codes per block of 32 inputs (scale
+                max|x| / 127; :func:`qwen2ms.ops.reference.quantize_activations`) with integer dot products.
 
         Returns:
             [..., N] in the dtype of x.
         """
+        if quantize_x:
+            return self._q8a["linear_q"](x, q, scale) if bias is None else self._q8a["linear_q_bias"](x, q, scale, bias)
         if bias is None:
             return self._linear_q(x, q, scale)
         return self._linear_q_bias(x, q, scale, bias)
 
-    def linear_int4(self, x, q, scale, bias=None):
+    def linear_int4(self, x, q, scale, bias=None, quantize_x=False):
         """Int4 weight-only linear: ``x @ dequantize_int4(q, scale).T (+ bias)``, fp32 accumulation.
 
         Args:
             x: [..., K] (K a multiple of 32); q: uint8 [N, K / 2] packed codes (layout of
                 :func:`qwen2ms.ops.reference.dequantize_int4`); scale: float32 [N, G] (``K // G`` a multiple of
                 32) or [N]; bias: optional [N].
+            quantize_x: int8/int4 weights read ``x`` rounded to int8 codes per block of 32 inputs (scale
+                max|x| / 127; :func:`qwen2ms.ops.reference.quantize_activations`) with integer dot products.
 
         Returns:
             [..., N] in the dtype of x.
         """
+        if quantize_x:
+            return self._q8a["linear_q4"](x, q, scale) if bias is None else self._q8a["linear_q4_bias"](x, q, scale, bias)
         if bias is None:
             return self._linear_q4(x, q, scale)
         return self._linear_q4_bias(x, q, scale, bias)
+
+    def quantize_activations(self, x):
+        """:func:`qwen2ms.ops.reference.quantize_activations` in one kernel pass, with the codes and scales the
+        int8/int4 kernels with ``quantize_x`` compute (the same function). Gradients pass straight through.
+
+        Args:
+            x: [..., K] fp32/fp16/bf16.
+
+        Returns:
+            [..., K] in the dtype of x.
+        """
+        return self._quantize_q8(x)
 
     def dequantize_int4(self, q, scale, dtype=ms.float32):
         """:func:`qwen2ms.ops.reference.dequantize_int4` in one kernel pass: the ``[N, K]`` matrix, no temporaries.
@@ -999,8 +1066,10 @@ class CpuOps(ReferenceOps):
     Linear layers read fp32/fp16/bf16 weights directly (no cast of the weight per call), int8
     weights with per-channel or per-group scales and int4 weights (uint8 codes, two per byte) with group
     scales, accumulating in fp32; this halves (bf16), quarters (int8) or cuts to ~1/7 (int4, groups of 32)
-    the bytes read per decoded token compared with fp32 weights. Masks, MoE routing and the loss are the
-    reference implementations.
+    the bytes read per decoded token compared with fp32 weights. With :attr:`quantize_activations` (the default)
+    int8/int4 weights meet activations rounded to int8 per block of 32 and the kernels take integer dot products
+    (llama.cpp's Q8_0 scheme); prefill and training (more than 16 rows) apply the same rounding before the
+    matmul. Masks, MoE routing and the loss are the reference implementations.
 
     Args:
         kernels: a :class:`CpuKernels` (default: the process-wide one, compiled on first use).
@@ -1026,18 +1095,33 @@ class CpuOps(ReferenceOps):
         static shapes, fixed when a graph is built.
         """
         if _rows(x) > _KERNEL_MAX_ROWS:
-            if weight_scale is not None and weight.dtype == ms.uint8:
-                # Int4 codes unpacked in one kernel pass: the reference's op-by-op unpacking keeps about seven
-                # weight-sized temporaries per layer alive in a compiled graph (a 0.5B-shape prefill grew past 14 GB).
-                return reference.linear(x, self.kernels.dequantize_int4(weight, weight_scale, x.dtype), bias)
-            # ReferenceOps named, not super(): MindSpore's graph parser resolves super() from the
-            # instance's class, which recurses forever in a subclass of CpuOps.
-            return ReferenceOps.linear(self, x, weight, bias, weight_scale)
+            if weight_scale is not None and self.quantize_activations:
+                x = self.kernels.quantize_activations(x)
+            return self._matmul_linear(x, weight, bias, weight_scale)
         if weight_scale is not None:
             if weight.dtype == ms.uint8:  # int4 codes, two per byte
-                return self.kernels.linear_int4(x, weight, weight_scale, bias)
-            return self.kernels.linear_int8(x, weight, weight_scale, bias)
+                return self.kernels.linear_int4(x, weight, weight_scale, bias, self.quantize_activations)
+            return self.kernels.linear_int8(x, weight, weight_scale, bias, self.quantize_activations)
         return self.kernels.linear(x, weight, bias)
+
+    def _matmul_linear(self, x, weight, bias, weight_scale):
+        """MindSpore's matmul on the dequantised weight, for x already rounded where the weight is int8/int4."""
+        if weight_scale is not None and weight.dtype == ms.uint8:
+            # Int4 codes unpacked in one kernel pass: the reference's op-by-op unpacking keeps about seven
+            # weight-sized temporaries per layer alive in a compiled graph (a 0.5B-shape prefill grew past 14 GB).
+            return reference.linear(x, self.kernels.dequantize_int4(weight, weight_scale, x.dtype), bias)
+        # ReferenceOps named, not super(): MindSpore's graph parser resolves super() from the
+        # instance's class, which recurses forever in a subclass of CpuOps.
+        return ReferenceOps.dequantized_linear(self, x, weight, bias, weight_scale)
+
+    def _rounded_once(self, x, projs) -> bool:
+        """Many rows, every projection int8/int4 and quantised activations: round x once for all of them."""
+        if _rows(x) <= _KERNEL_MAX_ROWS or not self.quantize_activations:
+            return False
+        for p in projs:  # a plain loop: this also runs while MindSpore parses a graph
+            if p[2] is None:
+                return False
+        return True
 
     def linear_qkv(self, x, q, k, v):
         """q/k/v in one kernel call when the kernel linear would serve each of them (up to 16 rows), the
@@ -1047,19 +1131,25 @@ class CpuOps(ReferenceOps):
         the values equal the separate calls bit for bit.
         """
         projs = (q, k, v)
+        if self._rounded_once(x, projs):
+            xq = self.kernels.quantize_activations(x)
+            return self._matmul_linear(xq, *q), self._matmul_linear(xq, *k), self._matmul_linear(xq, *v)
         if not self._fusable(x, projs):
             return ReferenceOps.linear_qkv(self, x, q, k, v)
         biases = None if q[1] is None else [p[1] for p in projs]
         scales = None if q[2] is None else [p[2] for p in projs]
-        return self.kernels.linear_qkv(x, [p[0] for p in projs], biases, scales)
+        return self.kernels.linear_qkv(x, [p[0] for p in projs], biases, scales, self.quantize_activations)
 
     def gate_up_act(self, x, gate, up, act="silu"):
         """``silu(gate(x)) * up(x)`` in one kernel call under :meth:`linear_qkv`'s conditions (without
         biases); else the separate ops. Equal to the separate kernels bit for bit."""
+        if self._rounded_once(x, (gate, up)):
+            xq = self.kernels.quantize_activations(x)
+            return self.act_mul(self._matmul_linear(xq, *gate), self._matmul_linear(xq, *up), act)
         if act not in SILU_NAMES or gate[1] is not None or not self._fusable(x, (gate, up)):
             return ReferenceOps.gate_up_act(self, x, gate, up, act)
         scales = None if gate[2] is None else (gate[2], up[2])
-        return self.kernels.gate_up_swiglu(x, gate[0], up[0], scales)
+        return self.kernels.gate_up_swiglu(x, gate[0], up[0], scales, self.quantize_activations)
 
     @staticmethod
     def _fusable(x, projs) -> bool:
@@ -1118,7 +1208,7 @@ class CpuOps(ReferenceOps):
         if isinstance(position, int):
             position = Tensor(position, ms.int32)
         return self.kernels.decode_layer(x, cos, sin, mask, k_cache, v_cache, position, ln1, ln2, eps, scale, weights,
-                                         scales, biases)
+                                         scales, biases, self.quantize_activations)
 
     def cache_update(self, k_cache, v_cache, key, value, start):
         """In-place kernel write of the new rows only (the reference copies the whole cache per token)."""

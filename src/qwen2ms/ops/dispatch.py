@@ -54,11 +54,24 @@ class ReferenceOps:
 
     name = "reference"
     MASK_VALUE = reference.MASK_VALUE
+    #: Linear layers with int8/int4 weights (a ``weight_scale``) read their input rounded to int8 per block of 32
+    #: inputs (:func:`qwen2ms.ops.reference.quantize_activations`, llama.cpp's Q8_0 activations), on every backend
+    #: and row count, so a model computes the same values wherever it runs. False: fp32 activations. Set per model
+    #: by :func:`qwen2ms.modeling.quantize.quantize_weights` (``activations=``) before its first forward: compiled
+    #: graphs keep the value they were built with.
+    quantize_activations = True
 
     def linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                weight_scale: Optional[Tensor] = None) -> Tensor:
         """``x @ (weight * weight_scale).T + bias`` (scales ``[out]`` or per group ``[out, G]``); see
         :func:`qwen2ms.ops.reference.linear`."""
+        if weight_scale is not None and self.quantize_activations:
+            x = reference.quantize_activations(x)
+        return self.dequantized_linear(x, weight, bias, weight_scale)
+
+    def dequantized_linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                           weight_scale: Optional[Tensor] = None) -> Tensor:
+        """``x @ (weight * weight_scale).T + bias`` with ``x`` as given (never rounded): :meth:`linear`'s matmul."""
         if weight_scale is not None and weight.dtype == ms.uint8:  # int4 codes packed two per byte
             return reference.linear_int4(x, weight, weight_scale, bias)
         if weight_scale is not None:

@@ -24,6 +24,8 @@ __all__ = [
     "linear_int4",
     "dequantize_int4",
     "INT4_BLOCK",
+    "quantize_activations",
+    "Q8_BLOCK",
     "embedding",
     "rms_norm",
     "rope_cos_sin",
@@ -137,6 +139,50 @@ def linear_int4(x: Tensor, packed: Tensor, scale: Tensor, bias: Optional[Tensor]
         ``[..., N]`` in ``x.dtype``.
     """
     return linear(x, dequantize_int4(packed, scale, x.dtype), bias)
+
+
+#: Inputs per scale of quantised activations (llama.cpp's Q8_0 block).
+Q8_BLOCK = 32
+#: A block of activations whose max |x| is below this rounds to zero (127 / max|x| would near float32's overflow).
+Q8_MIN_AMAX = 127.0 * 1.17549435e-38
+
+
+def quantize_activations(x: Tensor) -> Tensor:
+    """``x`` as int8/int4 linear layers read it: rounded to int8 codes per block of 32 inputs along the last axis.
+
+    Per block (a last partial block on its own): ``d = max|x| / 127``, codes ``round(x * (127 / max|x|))`` (to
+    nearest even, in float32, as ggml's ``quantize_row_q8_0`` on AVX2), value ``codes * d`` (ggml then stores ``d``
+    in float16; it stays float32 here); a block with max|x| below :data:`Q8_MIN_AMAX` becomes zeros, and a
+    non-finite input makes its block NaN. The CPU kernels with quantised activations compute exactly
+    ``x' @ W.T`` for this ``x'``, with integer dot products per block (only the float summation order differs).
+
+    Args:
+        x: ``[..., K]`` activations, any float dtype.
+
+    Returns:
+        ``[..., K]`` in ``x.dtype``.
+
+    Example:
+        >>> y = quantize_activations(Tensor(np.array([[0.5, -1.0, 0.3]], np.float32)))
+        >>> (y.asnumpy() * 127).round().tolist()
+        [[64.0, -127.0, 38.0]]
+    """
+    shape = x.shape
+    k = shape[-1]
+    pad = (-k) % Q8_BLOCK
+    xf = x.astype(ms.float32).reshape(-1, k)
+    if pad:
+        xf = ops.cat((xf, ops.zeros((xf.shape[0], pad), ms.float32)), -1)
+    blocks = xf.reshape(xf.shape[0], (k + pad) // Q8_BLOCK, Q8_BLOCK)
+    amax = ops.abs(blocks).max(-1, keepdims=True)
+    keep = amax >= Q8_MIN_AMAX
+    d = ops.select(keep, amax / 127.0, ops.zeros_like(amax))
+    inv = ops.select(keep, 127.0 / ops.select(keep, amax, ops.ones_like(amax)), ops.zeros_like(amax))
+    out = ops.round(blocks * inv) * d
+    out = out.reshape(xf.shape[0], k + pad)
+    if pad:
+        out = out[:, :k]
+    return out.reshape(shape).astype(x.dtype)
 
 
 def embedding(input_ids: Tensor, weight: Tensor, dtype) -> Tensor:

@@ -25,16 +25,16 @@ inline float *sized(std::vector<float> &v, int64_t n) {
 }
 
 // Projections of one x ([M, K] fp32) into fp32 outputs: one parallel region when their weights share a dtype.
-void project_all(const float *x, int64_t M, int64_t K, Proj *ps, const DType *wts, int P, XPrep &prep) {
+void project_all(const float *x, int64_t M, int64_t K, Proj *ps, const DType *wts, int P, XPrep &prep, bool q8) {
   bool same = true;
   for (int p = 1; p < P; ++p) same = same && wts[p] == wts[0];
   if (same) {
-    prepare_x(x, M, K, wts[0], prep);
+    prepare_x(x, M, K, wts[0], prep, q8);
     run_projections(wts[0], prep.xs, M, ps, P);
     return;
   }
   for (int p = 0; p < P; ++p) {
-    prepare_x(x, M, K, wts[p], prep);
+    prepare_x(x, M, K, wts[p], prep, q8);
     run_projections(wts[p], prep.xs, M, ps + p, 1);
   }
 }
@@ -44,8 +44,9 @@ void project_all(const float *x, int64_t M, int64_t K, Proj *ps, const DType *wt
 // scalar, input_layernorm and post_attention_layernorm weights [H], consts fp32 [eps, attention scale], the
 // weights of q, k, v, o, gate, up, down ([N, K]; int8, or uint8 int4 codes [N, K / 2]), with `quant` their seven
 // fp32 scales, with `with_bias` the q/k/v biases. Output: y [B, 1, H] fp32, the layer's output.
-// Returns 0, or 1 wrong count, 2 dtype, 3 shape.
-int decode_layer(bool quant, bool with_bias, int nparam, void **params, int *ndims, int64_t **shapes,
+// q8: int8/int4 weights read quantised activations (linear.h, quantize_x). Returns 0, or 1 wrong count, 2 dtype,
+// 3 shape.
+int decode_layer(bool quant, bool with_bias, bool q8, int nparam, void **params, int *ndims, int64_t **shapes,
                  const char **dtypes) {
   constexpr int kW = 10;  // first weight input
   const int nin = kW + 7 * (quant ? 2 : 1) + (with_bias ? 3 : 0);
@@ -106,7 +107,7 @@ int decode_layer(bool quant, bool with_bias, int nparam, void **params, int *ndi
   ps[0].ep.out = sized(sc.q, M * Nq);
   ps[1].ep.out = sized(sc.k, M * Hkv * D);
   ps[2].ep.out = sized(sc.v, M * Hkv * D);
-  project_all(h, M, H, ps, wts, 3, sc.prep);
+  project_all(h, M, H, ps, wts, 3, sc.prep, q8);
   const int64_t qshape[4] = {B, Hq, 1, D}, kshape[4] = {B, Hkv, 1, D};  // [B, 1, heads * D] is [B, heads, 1, D]
   rope_one(sc.q.data(), F32, qshape, params[1], params[2], rt, bc, 2, false, sc.q.data());
   rope_one(sc.k.data(), F32, kshape, params[1], params[2], rt, bc, 2, false, sc.k.data());
@@ -118,7 +119,7 @@ int decode_layer(bool quant, bool with_bias, int nparam, void **params, int *ndi
   attend_rows(sc.q.data(), F32, kf, vf, static_cast<const bool *>(params[3]), MB, scale, attn, F32, B, Hq, Hkv, 1, L,
               D);
   ps[3].ep.out = sized(sc.o, M * H);
-  project_all(attn, M, Nq, ps + 3, wts + 3, 1, sc.prep);
+  project_all(attn, M, Nq, ps + 3, wts + 3, 1, sc.prep, q8);
 
   // MLP half: residual add + norm, gate/up + SwiGLU, down, residual add.
   float *s = sized(sc.s, M * H);
@@ -126,11 +127,11 @@ int decode_layer(bool quant, bool with_bias, int nparam, void **params, int *ndi
   rms_rows(s, F32, params[8], n2t, eps, h, F32, M, H);
   ps[4].ep.out = sized(sc.gate, M * I);
   ps[5].ep.out = sized(sc.up, M * I);
-  project_all(h, M, H, ps + 4, wts + 4, 2, sc.prep);
+  project_all(h, M, H, ps + 4, wts + 4, 2, sc.prep, q8);
   float *act = sized(sc.act, M * I);
   swiglu_span(sc.gate.data(), F32, sc.up.data(), F32, act, F32, 0, M * I);
   ps[6].ep.out = sized(sc.down, M * H);
-  project_all(act, M, I, ps + 6, wts + 6, 1, sc.prep);
+  project_all(act, M, I, ps + 6, wts + 6, 1, sc.prep, q8);
   float *y = static_cast<float *>(params[nin]);
   for (int64_t i = 0; i < M * H; ++i) y[i] = s[i] + sc.down[i];
   return 0;
@@ -139,8 +140,11 @@ int decode_layer(bool quant, bool with_bias, int nparam, void **params, int *ndi
 }  // namespace
 
 // One exported name per input count (MindSpore caches a Custom op by its function name).
-QK_KERNEL(DecodeLayer) { return decode_layer(false, false, nparam, params, ndims, shapes, dtypes); }
-QK_KERNEL(DecodeLayerBias) { return decode_layer(false, true, nparam, params, ndims, shapes, dtypes); }
+QK_KERNEL(DecodeLayer) { return decode_layer(false, false, false, nparam, params, ndims, shapes, dtypes); }
+QK_KERNEL(DecodeLayerBias) { return decode_layer(false, true, false, nparam, params, ndims, shapes, dtypes); }
 // int8 and/or int4 weights (each projection either), each with its fp32 scales.
-QK_KERNEL(DecodeLayerQuant) { return decode_layer(true, false, nparam, params, ndims, shapes, dtypes); }
-QK_KERNEL(DecodeLayerQuantBias) { return decode_layer(true, true, nparam, params, ndims, shapes, dtypes); }
+QK_KERNEL(DecodeLayerQuant) { return decode_layer(true, false, false, nparam, params, ndims, shapes, dtypes); }
+QK_KERNEL(DecodeLayerQuantBias) { return decode_layer(true, true, false, nparam, params, ndims, shapes, dtypes); }
+// The same with quantised activations for the int8/int4 projections.
+QK_KERNEL(DecodeLayerQuantQ8A) { return decode_layer(true, false, true, nparam, params, ndims, shapes, dtypes); }
+QK_KERNEL(DecodeLayerQuantBiasQ8A) { return decode_layer(true, true, true, nparam, params, ndims, shapes, dtypes); }

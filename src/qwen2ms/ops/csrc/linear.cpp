@@ -26,7 +26,7 @@ struct Call {
 // then (with_bias) P biases [N_p].
 // Fills `c` except the outputs (ep.out / ep.out_t). Returns 0, or 1 wrong count, 2 dtype, 3 shape.
 int parse_call(int P, bool with_bias, int nin, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-               Call &c) {
+               Call &c, bool q8 = false) {
   c.P = P;
   c.xt = dtype_of(dtypes[0]);
   c.wt = dtype_of(dtypes[1]);
@@ -50,16 +50,18 @@ int parse_call(int P, bool with_bias, int nin, void **params, int *ndims, int64_
       if (numel(ndims[bi], shapes[bi]) != pr.N) return 3;
     }
   }
-  prepare_x(as_f32(params[0], c.xt, c.M * K, c.xbuf), c.M, K, c.wt, c.prep);
+  prepare_x(as_f32(params[0], c.xt, c.M * K, c.xbuf), c.M, K, c.wt, c.prep, q8);
   return 0;
 }
 
-// y_p = x @ W_p^T (* scale_p) (+ bias_p) for P projections; outputs [..., N_p] follow the inputs.
-int project(int P, bool with_bias, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+// y_p = x @ W_p^T (* scale_p) (+ bias_p) for P projections; outputs [..., N_p] follow the inputs. q8: int8/int4
+// weights read quantised activations (see quantize_x in linear.h).
+int project(int P, bool with_bias, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+            bool q8 = false) {
   const int nin = nparam - P;
   if (nin < 1 + P) return 1;
   Call c;
-  if (int rc = parse_call(P, with_bias, nin, params, ndims, shapes, dtypes, c)) return rc;
+  if (int rc = parse_call(P, with_bias, nin, params, ndims, shapes, dtypes, c, q8)) return rc;
   for (int p = 0; p < P; ++p) {
     c.ps[p].ep.out = params[nin + p];
     c.ps[p].ep.out_t = dtype_of(dtypes[nin + p]);
@@ -71,10 +73,10 @@ int project(int P, bool with_bias, int nparam, void **params, int *ndims, int64_
 
 // silu(x @ Wg^T) * (x @ Wu^T): both projections in one region, each rounded to the output dtype as the
 // separate linear kernels would store it, then the SwiGLU kernel's arithmetic (swiglu_span).
-int gate_up_swiglu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+int gate_up_swiglu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool q8 = false) {
   const int nin = nparam - 1;
   Call c;
-  if (int rc = parse_call(2, false, nin, params, ndims, shapes, dtypes, c)) return rc;
+  if (int rc = parse_call(2, false, nin, params, ndims, shapes, dtypes, c, q8)) return rc;
   const DType ot = dtype_of(dtypes[nin]);
   if (!is_float(ot)) return 2;
   if (c.ps[0].N != c.ps[1].N) return 3;
@@ -85,6 +87,30 @@ int gate_up_swiglu(int nparam, void **params, int *ndims, int64_t **shapes, cons
   c.ps[0].ep.out_t = c.ps[1].ep.out_t = ot;
   c.run();
   swiglu_span(gate.data(), ot, up.data(), ot, params[nin], ot, 0, n);
+  return 0;
+}
+// x [..., K] rounded to int8 codes per block of 32 inputs and back (quantize_block's codes times their scale), in
+// x's dtype: what the kernels above read with quantised activations, for the matmul path of many rows.
+int quantize_rows(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  if (nparam != 2) return 1;
+  const DType xt = dtype_of(dtypes[0]);
+  if (!is_float(xt) || dtype_of(dtypes[1]) != xt) return 2;
+  if (ndims[0] < 1 || numel(ndims[0], shapes[0]) != numel(ndims[1], shapes[1])) return 3;
+  const int64_t K = shapes[0][ndims[0] - 1];
+  if (K == 0) return 0;
+  const int64_t M = numel(ndims[0], shapes[0]) / K;
+  std::vector<float> buf;
+  const float *x = as_f32(params[0], xt, M * K, buf);
+  void *y = params[1];
+  parallel_for(M, 8, worth_threads(M * K), [&](int64_t r0, int64_t r1) {
+    int8_t q[32];
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t k = 0; k < K; k += 32) {
+        const int n = static_cast<int>(std::min<int64_t>(32, K - k));
+        const float d = quantize_block(x + r * K + k, n, q);
+        for (int j = 0; j < n; ++j) store(y, xt, r * K + k + j, static_cast<float>(q[j]) * d);
+      }
+  });
   return 0;
 }
 }  // namespace
@@ -110,3 +136,20 @@ QK_KERNEL(LinearInt4Bias) { return nparam == 5 ? project(1, true, nparam, params
 QK_KERNEL(LinearQkvInt4) { return nparam == 10 ? project(3, false, nparam, params, ndims, shapes, dtypes) : 1; }
 QK_KERNEL(LinearQkvInt4Bias) { return nparam == 13 ? project(3, true, nparam, params, ndims, shapes, dtypes) : 1; }
 QK_KERNEL(GateUpSwiGLUInt4) { return nparam == 6 ? gate_up_swiglu(nparam, params, ndims, shapes, dtypes) : 1; }
+QK_KERNEL(QuantizeQ8) { return quantize_rows(nparam, params, ndims, shapes, dtypes); }
+// Quantised activations ("Q8A"): the int8/int4 kernels above with x rounded to int8 codes per block of 32 and
+// integer dot products (linear.h, quantize_x). Own names: MindSpore caches a Custom op by its function name.
+QK_KERNEL(LinearInt8Q8A) { return nparam == 4 ? project(1, false, nparam, params, ndims, shapes, dtypes, true) : 1; }
+QK_KERNEL(LinearInt8BiasQ8A) { return nparam == 5 ? project(1, true, nparam, params, ndims, shapes, dtypes, true) : 1; }
+QK_KERNEL(LinearQkvInt8Q8A) { return nparam == 10 ? project(3, false, nparam, params, ndims, shapes, dtypes, true) : 1; }
+QK_KERNEL(LinearQkvInt8BiasQ8A) {
+  return nparam == 13 ? project(3, true, nparam, params, ndims, shapes, dtypes, true) : 1;
+}
+QK_KERNEL(GateUpSwiGLUInt8Q8A) { return nparam == 6 ? gate_up_swiglu(nparam, params, ndims, shapes, dtypes, true) : 1; }
+QK_KERNEL(LinearInt4Q8A) { return nparam == 4 ? project(1, false, nparam, params, ndims, shapes, dtypes, true) : 1; }
+QK_KERNEL(LinearInt4BiasQ8A) { return nparam == 5 ? project(1, true, nparam, params, ndims, shapes, dtypes, true) : 1; }
+QK_KERNEL(LinearQkvInt4Q8A) { return nparam == 10 ? project(3, false, nparam, params, ndims, shapes, dtypes, true) : 1; }
+QK_KERNEL(LinearQkvInt4BiasQ8A) {
+  return nparam == 13 ? project(3, true, nparam, params, ndims, shapes, dtypes, true) : 1;
+}
+QK_KERNEL(GateUpSwiGLUInt4Q8A) { return nparam == 6 ? gate_up_swiglu(nparam, params, ndims, shapes, dtypes, true) : 1; }

@@ -143,6 +143,12 @@ struct XView {
   // int4 weights: the sum of x over each block of 32 inputs, [M, K / 32]. The vector loop multiplies x by the
   // stored nibbles (value + 8) and subtracts 8 * sum(x) per group once, saving two instructions per 16 weights.
   const float *bsum = nullptr;
+  // Quantised activations (int8/int4 weights; see quantize_x): per row, x as int8 codes in blocks of 32 inputs
+  // (`qld` = 32 * qnb codes, a partial last block zero-padded), each block's scale xd ([M, qnb]) and, for int4,
+  // xc = 8 * sum(codes) * scale per block. Null xq means fp32 activations.
+  const int8_t *xq = nullptr;
+  const float *xd = nullptr, *xc = nullptr;
+  int64_t qnb = 0, qld = 0;
 };
 
 struct Epilogue {
@@ -272,12 +278,234 @@ inline void dot_block(const void *w, int64_t n, const XView &xs, const Epilogue 
 #endif
 }
 
+// ---- Quantised activations (int8/int4 weights) ----------------------------------------------------------------
+// llama.cpp's Q8_0 x Q4_0/Q8_0 scheme: each row of x is rounded once per call to int8 codes per block of 32
+// inputs (scale max|x| / 127, round to nearest even), and every block's dot product is an integer one, scaled
+// once per block by (x scale) * (weight scale). Widening weights to fp32 cost ~28 (int4) / ~16 (int8)
+// instructions per 32 weights against ~7 here, and decode with int4 weights was bound by that, not by memory.
+
+// A block whose max |x| is below this counts as zero (scale 0): 127 / max|x| would come close to overflowing fp32,
+// and such a block adds less than 2e-36 per unit weight.
+constexpr float kQ8MinAmax = 127.f * 1.17549435e-38f;
+
+// Scale and codes of one block of n <= 32 inputs (codes past n are 0). A non-finite input gives scale NaN, so
+// the outputs it reaches are NaN (as in fp32), never a made-up number.
+inline float quantize_block(const float *x, int n, int8_t *q) {
+  float amax = 0.f;
+  bool finite = true;
+#if QK_SIMD
+  if (n == 32) {
+    // inf - inf and NaN - NaN are NaN: one unordered compare per vector finds any non-finite input.
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    for (int j = 0; j < 32; j += 8) {
+      const __m256 v = _mm256_loadu_ps(x + j);
+      m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v));
+      const __m256 z = _mm256_sub_ps(v, v);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(z, z, _CMP_UNORD_Q));
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+    amax = _mm_cvtss_f32(h);
+    finite = _mm256_movemask_ps(bad) == 0;
+  } else
+#endif
+  {
+    for (int j = 0; j < n; ++j) amax = std::max(amax, std::fabs(x[j]));
+    for (int j = 0; j < n; ++j) finite = finite && std::isfinite(x[j]);
+  }
+  if (!finite || !(amax >= kQ8MinAmax)) {
+    std::memset(q, 0, 32);
+    return finite ? 0.f : std::nanf("");
+  }
+  const float d = amax / 127.f, id = 127.f / amax;  // ggml's quantize_row_q8_0 (AVX2) rounds with 127 / max|x| too
+#if QK_SIMD
+  if (n == 32) {
+    const __m256 vid = _mm256_set1_ps(id);
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), vid));  // MXCSR: round to nearest even
+    __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8), vid));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 16), vid));
+    __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 24), vid));
+    // The packs interleave 128-bit lanes: the final permute puts the 32 codes back in order.
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    _mm256_storeu_si256(reinterpret_cast<__m256i *>(q),
+                        _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    return d;
+  }
+#endif
+  for (int j = 0; j < 32; ++j) q[j] = j < n ? static_cast<int8_t>(std::nearbyint(x[j] * id)) : 0;
+  return d;
+}
+
+// Codes, scales and (int4) block corrections of rows x [M, K] into p's buffers, and p.xs pointing at them.
+struct Q8Buf {
+  std::vector<int8_t> q;
+  std::vector<float> d, c;
+};
+inline void quantize_x(const float *x, int64_t M, int64_t K, DType wt, Q8Buf &buf, XView &xs) {
+  const int64_t qnb = (K + 31) / 32;
+  buf.q.resize(static_cast<size_t>(M * qnb * 32));
+  buf.d.resize(static_cast<size_t>(M * qnb));
+  if (wt == U4) buf.c.resize(static_cast<size_t>(M * qnb));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < qnb; ++b) {
+      int8_t *q = &buf.q[(m * qnb + b) * 32];
+      const float d = quantize_block(x + m * K + b * 32, static_cast<int>(std::min<int64_t>(32, K - b * 32)), q);
+      buf.d[m * qnb + b] = d;
+      if (wt == U4) {
+        int s = 0;
+        for (int j = 0; j < 32; ++j) s += q[j];
+        buf.c[m * qnb + b] = static_cast<float>(8 * s) * d;
+      }
+    }
+  xs.xq = buf.q.data();
+  xs.xd = buf.d.data();
+  xs.xc = wt == U4 ? buf.c.data() : nullptr;
+  xs.qnb = qnb;
+  xs.qld = qnb * 32;
+}
+
+#if QK_SIMD
+inline float hsum256(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+  return _mm_cvtss_f32(lo);
+}
+// Eight int32 partial sums of u[i] * s[i] over 32 bytes (u unsigned, s signed). Never saturates here: |u| <= 128
+// and |s| <= 127 keep each int16 pair sum of maddubs below 2^15, so VNNI's dpbusd gives the same values.
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+// The 32 weights of block b of a row as bytes an unsigned x signed product takes: int8 as |w| (signs moved onto
+// x by sign_x), int4 as the stored nibbles 0..15 in input order (byte j's low nibble is input j, high j + 16).
+template <int WT>
+inline __m256i wblock(const void *row, int64_t b) {
+  if constexpr (WT == I8) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(static_cast<const int8_t *>(row) + b * 32));
+  } else {
+    const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i *>(static_cast<const uint8_t *>(row) + b * 16));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(15));
+  }
+}
+#endif
+
+// acc[r][m] = dot(W[n + r], x[m]) over quantised x (dot_block's contract; group scales applied, per-channel
+// scales left to the epilogue).
+template <int WT, int R, int MB>
+inline void dot_block_q8(const void *w, int64_t n, const XView &xs, const Epilogue &ep, float acc[R][MB]) {
+  const int64_t K = xs.K, nb = K / 32, gn = ep.groups > 1 ? ep.groups : 1, bpg = gn > 1 ? nb / gn : nb + 1;
+  const int64_t row_bytes = WT == U4 ? K / 2 : K;
+  const char *wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = static_cast<const char *>(w) + (n + r) * row_bytes;
+  auto wscale = [&](int r, int64_t b) { return gn > 1 ? ep.scale[(n + r) * gn + b / bpg] : 1.f; };
+#if QK_SIMD
+  __m256 a[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) a[r][m] = _mm256_setzero_ps();
+  constexpr int64_t BPL = WT == U4 ? 4 : 2;  // blocks per 64-byte cache line of a weight row
+  // Group by group, so each weight scale is loaded once per group (per channel: one group of all blocks).
+  for (int64_t g = 0, b = 0; g < gn; ++g) {
+    __m256 s[R];
+    for (int r = 0; r < R; ++r) s[r] = _mm256_set1_ps(gn > 1 ? ep.scale[(n + r) * gn + g] : 1.f);
+    for (const int64_t bend = gn > 1 ? b + bpg : nb; b < bend; ++b) {
+      if (b % BPL == 0)
+        for (int r = 0; r < R; ++r) _mm_prefetch(wr[r] + b * (WT == U4 ? 16 : 32) + kPrefetchBytes, _MM_HINT_T0);
+      __m256i xv[MB];
+      __m256 xd[MB];
+      for (int m = 0; m < MB; ++m) {
+        xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xs.xq + m * xs.qld + b * 32));
+        xd[m] = _mm256_broadcast_ss(xs.xd + m * xs.qnb + b);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256i wv = wblock<WT>(wr[r], b);
+        const __m256i u = WT == I8 ? _mm256_sign_epi8(wv, wv) : wv;
+        for (int m = 0; m < MB; ++m) {
+          const __m256i p = dot_u8s8(u, WT == I8 ? _mm256_sign_epi8(xv[m], wv) : xv[m]);
+          a[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), gn > 1 ? _mm256_mul_ps(xd[m], s[r]) : xd[m], a[r][m]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = hsum256(a[r][m]);
+#else
+  // The same sums without SIMD: an exact integer dot per block, then the block's float scale.
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) {
+      float t = 0.f;
+      const int8_t *q = xs.xq + m * xs.qld;
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t s = 0;
+        for (int j = 0; j < 32; ++j) {
+          const int64_t k = b * 32 + j;
+          const int wv = WT == I8 ? static_cast<const int8_t *>(static_cast<const void *>(wr[r]))[k]
+                                  : ((static_cast<const uint8_t *>(static_cast<const void *>(wr[r]))[b * 16 + (j & 15)] >>
+                                      ((j & 16) ? 4 : 0)) & 15);
+          s += wv * q[k];
+        }
+        t += static_cast<float>(s) * (xs.xd[m * xs.qnb + b] * wscale(r, b));
+      }
+      acc[r][m] = t;
+    }
+#endif
+  if constexpr (WT == U4) {
+    // The stored nibbles are value + 8: take 8 * sum(codes) * x scale * weight scale of every block off.
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m) {
+        const float *c = xs.xc + m * xs.qnb;
+        float corr = 0.f;
+        if (gn > 1 && gn == nb) {  // int4 groups of 32: one scale per block
+          const float *s = ep.scale + (n + r) * gn;
+          for (int64_t b = 0; b < nb; ++b) corr += c[b] * s[b];
+        } else {
+          for (int64_t g = 0; g < gn; ++g) {
+            float sx = 0.f;
+            const int64_t b0 = gn > 1 ? g * bpg : 0, b1 = gn > 1 ? b0 + bpg : nb;
+            for (int64_t b = b0; b < b1; ++b) sx += c[b];
+            corr += sx * wscale(r, b0);
+          }
+        }
+        acc[r][m] -= corr;
+      }
+  } else if (K % 32) {
+    // int8 per channel with K not a multiple of 32: the partial last block (its codes past K are 0).
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m) {
+        int32_t s = 0;
+        for (int64_t k = nb * 32; k < K; ++k) s += static_cast<const int8_t *>(static_cast<const void *>(wr[r]))[k] * xs.xq[m * xs.qld + k];
+        acc[r][m] += static_cast<float>(s) * xs.xd[m * xs.qnb + nb];
+      }
+  }
+}
+
 template <int WT, int R, int MB>
 inline void rows_block(const void *w, int64_t n, int64_t m0, const XView &xs, const Epilogue &ep) {
   XView sub{xs.x + m0 * xs.K, xs.xv + m0 * xs.ld, xs.K, xs.Kv, xs.ld,
             xs.bsum ? xs.bsum + m0 * (xs.K / 32) : nullptr};
   float acc[R][MB];
-  dot_block<WT, R, MB>(w, n, sub, ep, acc);
+  if constexpr (WT == I8 || WT == U4) {
+    if (xs.xq) {
+      sub.xq = xs.xq + m0 * xs.qld;
+      sub.xd = xs.xd + m0 * xs.qnb;
+      sub.xc = xs.xc ? xs.xc + m0 * xs.qnb : nullptr;
+      sub.qnb = xs.qnb;
+      sub.qld = xs.qld;
+      dot_block_q8<WT, R, MB>(w, n, sub, ep, acc);
+    } else {
+      dot_block<WT, R, MB>(w, n, sub, ep, acc);
+    }
+  } else {
+    dot_block<WT, R, MB>(w, n, sub, ep, acc);
+  }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) ep.put(m0 + m, n + r, acc[r][m]);
 }
@@ -366,14 +594,22 @@ inline void project_impl(const XView &xs, int64_t M, const Proj *ps, int P) {
   });
 }
 
-// x prepared for the projections of one weight dtype: its vector-loop layout and (int4) block sums.
+// x prepared for the projections of one weight dtype: its vector-loop layout and (int4) block sums, or its
+// int8 codes (quantised activations).
 struct XPrep {
   std::vector<float> vbuf, sbuf;
+  Q8Buf q8;
   XView xs{};
 };
 
-// Fills p.xs for fp32 rows x [M, K] read against weights of dtype wt (x must outlive p.xs).
-inline void prepare_x(const float *x, int64_t M, int64_t K, DType wt, XPrep &p) {
+// Fills p.xs for fp32 rows x [M, K] read against weights of dtype wt (x must outlive p.xs); with q8 and int8/int4
+// weights, x is quantised to int8 codes per block of 32 (quantize_x) and the integer dot products run.
+inline void prepare_x(const float *x, int64_t M, int64_t K, DType wt, XPrep &p, bool q8 = false) {
+  if (q8 && (wt == I8 || wt == U4)) {
+    p.xs = XView{x, x, K, 0, K};
+    quantize_x(x, M, K, wt, p.q8, p.xs);
+    return;
+  }
 #if QK_SIMD
   const int64_t Kv = K - K % KS;
 #else
