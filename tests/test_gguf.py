@@ -155,9 +155,12 @@ def test_q8_0_linear_weights_stay_int8_with_the_blocks_scales(tmp_path, tiny):
     exact = q.weight.asnumpy().astype(np.float32).reshape(64, 2, 32) * q.weight_scale.asnumpy()[:, :, None]
     np.testing.assert_array_equal(exact.reshape(64, 64), deq["model.layers.0.self_attn.q_proj.weight"])
     assert model.lm_head.weight.dtype == ms.int8
-    # the embedding has no per-group int8 lookup: dequantised (exactly, in float32)
-    assert model.model.embed_tokens.weight.dtype == ms.float32
-    np.testing.assert_array_equal(model.model.embed_tokens.weight.asnumpy(), deq["model.embed_tokens.weight"])
+    # the embedding table too: int8 codes with one scale per block of 32 (the lookup kernel and the reference
+    # op apply the group scales; a tied lm_head would read the same codes)
+    emb = model.model.embed_tokens
+    assert emb.weight.dtype == ms.int8 and tuple(emb.weight_scale.shape) == (264, 64 // 32)
+    exact = emb.weight.asnumpy().astype(np.float32).reshape(264, 2, 32) * emb.weight_scale.asnumpy()[:, :, None]
+    np.testing.assert_array_equal(exact.reshape(264, 64), deq["model.embed_tokens.weight"])
     ref = reference_logits(tiny, deq)
     assert max_diff(model, ref) <= TOL
     assert max_diff(Qwen2ForCausalLM.from_gguf(path, dtype="float32", ops_backend="reference"), ref) <= TOL

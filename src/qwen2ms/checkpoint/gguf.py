@@ -615,7 +615,8 @@ def load_gguf(path: Union[str, os.PathLike], dtype: Any = None, dequantize: bool
     plus, for Qwen2-MoE, stacking the gate and up experts into ``gate_up_proj``. F32/F16/BF16 tensors are
     read as they are; Q8_0 linear weights stay int8 and Q4_0 ones int4 unless ``dequantize`` (32 int8 codes,
     or 16 bytes of nibbles, and one fp16 scale per block of 32 inputs are exactly the int8/int4 kernels'
-    per-group layouts with groups of 32: no requantisation error); other quantised tensors (and Q8_0/Q4_0
+    per-group layouts with groups of 32: no requantisation error), a Q8_0 embedding table stays int8 with
+    its per-block scales (so does the tied lm_head that shares it); other quantised tensors (and Q4_0
     embeddings and MoE experts) are dequantised
     with ``gguf.quants.dequantize``. Tensors are read one at a time straight from the file (no memory
     map whose pages would count twice), so loading peaks at about one copy of the weights plus one tensor.
@@ -658,8 +659,11 @@ def load_gguf(path: Union[str, os.PathLike], dtype: Any = None, dequantize: bool
             cell = cells.get(target.param.rsplit(".", 1)[0])
             as_int8 = (info.type in ("Q8_0", "Q4_0") and not dequantize and target.part is None
                        and len(info.shape) == 2 and cell is not None and hasattr(cell, "weight_scale")
-                       and not isinstance(cell, Embedding) and target.param.endswith(".weight"))
-            if as_int8:  # Q8_0 as int8 codes, Q4_0 as packed int4 codes: the file's blocks as they are
+                       and (info.type == "Q8_0" or not isinstance(cell, Embedding)) and target.param.endswith(".weight"))
+            # Q8_0 as int8 codes, Q4_0 as packed int4 codes: the file's blocks as they are. A Q8_0 embedding table
+            # stays int8 too (llama-quantize writes token_embd as Q8_0 in Q8_0 and Q4_0 files): read as bfloat16
+            # it was twice the bytes a tied lm_head streams per decode step.
+            if as_int8:
                 codes, scale = (_q8_0_blocks if info.type == "Q8_0" else _q4_0_blocks)(raw, info)
                 if check_finite and not np.isfinite(scale).all():
                     raise CheckpointError(f"{path}: tensor {name!r} has non-finite {info.type} scales (NaN/Inf); the "

@@ -159,7 +159,7 @@ class Embedding(nn.Cell):
         super().__init__()
         self.weight = init.param((vocab_size, hidden_size))
         self.compute_dtype = compute_dtype
-        self.weight_scale = None  # float32 [V] once the table is int8
+        self.weight_scale = None  # float32 [V] (or [V, H / 32] from a GGUF's Q8_0 blocks) once the table is int8
         self.ops_impl = init.ops
 
     def construct(self, input_ids: Tensor) -> Tensor:

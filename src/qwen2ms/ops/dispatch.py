@@ -105,11 +105,17 @@ class ReferenceOps:
         return self.act_mul(self.linear(x, *gate), self.linear(x, *up), act)
 
     def embedding(self, input_ids: Tensor, weight: Tensor, dtype, weight_scale: Optional[Tensor] = None) -> Tensor:
-        """Rows of ``weight`` (times ``weight_scale[id]`` for int8 tables); see :func:`reference.embedding`."""
+        """Rows of ``weight`` (int8 tables times ``weight_scale`` ``[V]`` per row, or ``[V, G]`` per group of
+        ``H / G`` columns); see :func:`reference.embedding`."""
         if weight_scale is None:
             return reference.embedding(input_ids, weight, dtype)
         rows = ops.gather(weight, input_ids, 0).astype(dtype)
-        return rows * ops.gather(weight_scale, input_ids, 0).astype(dtype).expand_dims(-1)
+        scale = ops.gather(weight_scale, input_ids, 0).astype(dtype)
+        if len(weight_scale.shape) == 1:
+            return rows * scale.expand_dims(-1)
+        g, h = weight_scale.shape[1], weight.shape[1]
+        grouped = rows.reshape(tuple(rows.shape[:-1]) + (g, h // g)) * scale.expand_dims(-1)
+        return grouped.reshape(rows.shape)
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         """See :func:`qwen2ms.ops.reference.rms_norm`."""
