@@ -320,3 +320,23 @@ def _bind(fn, o):
         return fn(o, x)
 
     return bound
+
+
+def test_reference_int8_linear_passes_gradients_straight_through_the_activation_rounding():
+    """The reference backend rounds x to int8 per block of 32 before an int8 layer; x must still get the gradient
+    of the unrounded product (as the CPU kernels' bprops give), else nothing below a quantised layer trains."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((24, 64)).astype(np.float32)
+    qw = quantize_int8(w)
+    q, scale = np.asarray(qw.q), np.asarray(qw.scale)
+    x = Tensor(rng.standard_normal((3, 64)).astype(np.float32))
+    ops_ref = ReferenceOps()
+    assert ops_ref.quantize_activations
+    up = Tensor(rng.standard_normal((3, 24)).astype(np.float32))
+    grad = ms.grad(lambda t: (ops_ref.linear(t, Tensor(q), None, Tensor(scale)) * up).sum())(x)
+    want = up.asnumpy() @ (q.astype(np.float32) * scale[:, None])
+    np.testing.assert_allclose(grad.asnumpy(), want, rtol=1e-5, atol=1e-5)
+    # the forward value is still exactly the rounded activations' product
+    rounded = reference.quantize_activations(x)
+    np.testing.assert_array_equal(ops_ref.linear(x, Tensor(q), None, Tensor(scale)).asnumpy(),
+                                  ops_ref.dequantized_linear(rounded, Tensor(q), None, Tensor(scale)).asnumpy())

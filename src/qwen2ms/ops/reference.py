@@ -182,7 +182,11 @@ def quantize_activations(x: Tensor) -> Tensor:
     out = out.reshape(xf.shape[0], k + pad)
     if pad:
         out = out[:, :k]
-    return out.reshape(shape).astype(x.dtype)
+    out = out.reshape(shape).astype(x.dtype)
+    # Straight-through, as the kernels' bprops: the rounding counts as the identity for gradients (ops.round's
+    # own gradient is zero, which froze everything below an int8/int4 layer, e.g. LoRA on a quantised base).
+    # out + (x - x) is exactly out for the finite x that reach this point.
+    return ops.stop_gradient(out) + (x - ops.stop_gradient(x))
 
 
 def embedding(input_ids: Tensor, weight: Tensor, dtype) -> Tensor:
