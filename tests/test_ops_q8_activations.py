@@ -195,6 +195,7 @@ def test_other_builds_compute_the_same_values(kernel_library, build):
             close(run(k, kind, x, qw), fake_quant(x) @ dense.T)
 
 
+@pytest.mark.slow  # one more build of the library each (~50 s on 2 busy cores)
 @pytest.mark.parametrize("isa", ["avx512_vnni", "avx_vnni"])
 def test_vnni_builds_compile_with_dpbusd(kernel_library, isa):
     """The VNNI variants cannot run on a CPU without VNNI; they must at least compile and use vpdpbusd."""
