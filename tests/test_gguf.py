@@ -16,7 +16,7 @@ gguf = pytest.importorskip("gguf")
 from qwen2ms import Qwen2ForCausalLM  # noqa: E402
 from qwen2ms.checkpoint import convert_gguf  # noqa: E402
 from qwen2ms.checkpoint.gguf import gguf_config, gguf_tokenizer  # noqa: E402
-from qwen2ms.modeling.quantize import set_activations  # noqa: E402
+from qwen2ms import set_activations  # noqa: E402
 from test_modeling import BASE, MOE, hf_logits, make_hf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))

@@ -272,10 +272,10 @@ def test_int4_avx512_build_compiles(kernel_library):
     """The 512-bit path runs only where the CPU has AVX-512 (then the default build above tested it); here it
     must at least compile, so an AVX-512 machine never meets a build error first."""
     flags = cpu.compiler_flags({"avx2", "fma", "f16c", "avx512f", "avx512bw"})
-    lib = kernel_library(flags)
-    assert lib.is_file()
     if {"avx512f", "avx512bw"} <= cpu._cpu_flags():
-        _check_build(CpuKernels(lib))
+        _check_build(CpuKernels(kernel_library(flags)))
+    else:  # a compile check only: -O0 compiles ~3x faster and still emits the AVX-512 intrinsics
+        assert kernel_library(flags + ["-O0"]).is_file()
 
 
 # --------------------------------------------------------------------------------------------------------

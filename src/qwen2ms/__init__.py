@@ -8,7 +8,7 @@ _EXPORTS = {
     ".config": ("PRESETS", "ConfigError", "Qwen2Config"),
     ".hub": ("HubError",),
     ".modeling": ("CausalLMOutput", "KVCache", "Qwen2ForCausalLM", "Qwen2Model", "quantize_int8_weights",
-                  "quantize_weights"),
+                  "quantize_weights", "set_activations"),
     ".checkpoint": ("CheckpointError",),
     ".tokenization": ("IncrementalDetokenizer", "Qwen2Tokenizer", "TokenizerError"),
     ".generation": ("GenerationConfig", "GenerationConfigError", "TextStreamer"),
@@ -49,7 +49,8 @@ if TYPE_CHECKING:  # static analysers read the names from here
     from .errors import Qwen2msError
     from .config import PRESETS, ConfigError, Qwen2Config
     from .hub import HubError
-    from .modeling import CausalLMOutput, KVCache, Qwen2ForCausalLM, Qwen2Model, quantize_int8_weights, quantize_weights
+    from .modeling import (CausalLMOutput, KVCache, Qwen2ForCausalLM, Qwen2Model, quantize_int8_weights,
+                           quantize_weights, set_activations)
     from .checkpoint import CheckpointError
     from .tokenization import IncrementalDetokenizer, Qwen2Tokenizer, TokenizerError
     from .generation import GenerationConfig, GenerationConfigError, TextStreamer
