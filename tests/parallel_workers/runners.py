@@ -5,6 +5,7 @@ from mindspore import Tensor, nn
 import cases
 from qwen2ms.generation.generate import generate
 from qwen2ms.modeling.model import Qwen2ForCausalLM
+from qwen2ms.modeling.quantize import set_activations
 from qwen2ms.parallel.apply import parallelize
 from qwen2ms.parallel.optimizer import make_optimizer
 
@@ -61,6 +62,7 @@ def run_layout(name, rank, out):
 def run_int8_generation(name, out):
     """Logits and greedy generation of the int8 model after parallelize (codes and scales sharded together)."""
     pm = parallelize(cases.int8_model(name), cases.layout(name))
+    set_activations(pm, "float32")  # as cases.int8_model, also for any cell parallelize built
     ids, _ = cases.batch(name)
     out[f"int8/{name}/logits"] = pm(ids).logits.asnumpy()
     out[f"int8/{name}/generate"] = generate(pm, ids[:2, :cases.PROMPT], max_new_tokens=cases.NEW_TOKENS,
