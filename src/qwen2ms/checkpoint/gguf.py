@@ -659,7 +659,8 @@ def load_gguf(path: Union[str, os.PathLike], dtype: Any = None, dequantize: bool
             cell = cells.get(target.param.rsplit(".", 1)[0])
             as_int8 = (info.type in ("Q8_0", "Q4_0") and not dequantize and target.part is None
                        and len(info.shape) == 2 and cell is not None and hasattr(cell, "weight_scale")
-                       and (info.type == "Q8_0" or not isinstance(cell, Embedding)) and target.param.endswith(".weight"))
+                       and (info.type == "Q8_0" or not isinstance(cell, Embedding))
+                       and target.param.endswith(".weight"))
             # Q8_0 as int8 codes, Q4_0 as packed int4 codes: the file's blocks as they are. A Q8_0 embedding table
             # stays int8 too (llama-quantize writes token_embd as Q8_0 in Q8_0 and Q4_0 files): read as bfloat16
             # it was twice the bytes a tied lm_head streams per decode step.

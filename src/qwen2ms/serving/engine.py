@@ -69,10 +69,10 @@ class LLMEngine:
 
     Each :meth:`step` is one scheduling round. Waiting sequences are admitted first come first served while
     ``max_num_seqs`` and the KV pool allow and the step's prefills stay under ``max_num_batched_tokens``; each
-    is prefilled (only the tokens after its prefix-cache hit) and samples its first token. Then every running sequence decodes one token in one batched call. Sequences
-    leave the batch the step they finish and free their blocks at once. When a running sequence needs a
-    block and none is free, the latest-arrived running sequence is preempted: its blocks are freed and it
-    re-enters the queue at the front, later recomputing its prompt and generated tokens in one prefill (so
+    is prefilled (only the tokens after its prefix-cache hit) and samples its first token. Then every running
+    sequence decodes one token in one batched call. Sequences leave the batch the step they finish and free
+    their blocks at once. When a running sequence needs a block and none is free, the latest-arrived running
+    sequence is preempted: its blocks are freed and it re-enters the queue at the front, later recomputing its prompt and generated tokens in one prefill (so
     a full pool slows requests down but never fails them). Full blocks of prompts and replies stay cached
     after their sequence ends (until the pool needs them), so a later prompt that starts with the same
     tokens (a system prompt, the earlier turns of a chat) skips their prefill.
@@ -117,8 +117,8 @@ class LLMEngine:
 
     def __init__(self, model: Any, tokenizer: Any = None, *, block_size: int = 16, num_blocks: Optional[int] = None,
                  kv_cache_memory: Optional[int] = None, max_num_seqs: int = 16, max_model_len: Optional[int] = None,
-                 max_num_batched_tokens: Optional[int] = DEFAULT_MAX_NUM_BATCHED_TOKENS, enable_prefix_caching: bool = True,
-                 verbose: bool = True, runner: Any = None):
+                 max_num_batched_tokens: Optional[int] = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                 enable_prefix_caching: bool = True, verbose: bool = True, runner: Any = None):
         config = model.config
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("num_blocks", num_blocks), ("kv_cache_memory", kv_cache_memory),

@@ -623,7 +623,8 @@ class Trainer:
         """
         if not rows:
             return batch
-        moe_aux = bool(getattr(self.model, "is_moe", False)) and bool(getattr(self.model, "default_router_logits", False))
+        model = self.model
+        moe_aux = bool(getattr(model, "is_moe", False)) and bool(getattr(model, "default_router_logits", False))
         if moe_aux and "attention_mask" not in batch:
             return batch
         return _pad_rows(batch, rows)
